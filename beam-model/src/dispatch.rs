@@ -1,0 +1,276 @@
+//! Step 3 — dispatch: group the kept (token, expert) pairs by expert so each expert runs only on
+//! its own tokens, and masked slots cost nothing.
+//!
+//! The grouped expert computation is a burn *backend extension* ([`MoeBackend`]): its default
+//! method is a reference built from plain tensor ops, valid on every backend (ndarray, and any
+//! `Autodiff<B>`, where the plain ops give exact gradients). GPU backends override it with a
+//! fused kernel (`beam-kernels`) without any change to the layer.
+//!
+//! A masked slot is marked by the **sentinel expert id `E`** (any id `>= E`): the grouping step
+//! drops it before any expert work, so it reads no weights and costs no FLOPs.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+
+use crate::combine::scatter_add_rows;
+use crate::experts::swiglu;
+
+/// Backend extension running the routed experts on grouped (token, expert) pairs.
+///
+/// Implemented for `NdArray` (feature `ndarray`) and for `Autodiff<B>` over any implementing `B`
+/// (feature `autodiff`) with the reference; `beam-kernels` provides cubecl kernels for the
+/// CUDA / wgpu backends. A custom backend opts in with an empty `impl MoeBackend for MyBackend {}`.
+pub trait MoeBackend: Backend {
+    /// `out[t] = Σ_k weights[t, k] · Expert_{ids[t, k]}(x[t])`, skipping every slot whose id is
+    /// the sentinel (`>= E`).
+    ///
+    /// `Expert_e(x) = down[e] · (silu(gate[e] · x) ⊙ up[e] · x)` with `gate_up[e] = [gate; up]`.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, H]`, `expert_ids`: `[T, K]` (int), `weights`: `[T, K]`
+    /// - `gate_up`: `[E, 2I, H]` (gate rows first), `down`: `[E, H, I]`
+    /// - output: `[T, H]`
+    fn moe_grouped_experts(
+        x: FloatTensor<Self>,
+        expert_ids: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        gate_up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        grouped_experts_reference::<Self>(
+            float(x),
+            Tensor::from_primitive(expert_ids),
+            float(weights),
+            float(gate_up),
+            float(down),
+        )
+        .into_primitive()
+        .tensor()
+    }
+}
+
+fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+#[cfg(feature = "ndarray")]
+impl<E, I, Q> MoeBackend for burn::backend::NdArray<E, I, Q>
+where
+    E: burn::backend::ndarray::FloatNdArrayElement,
+    I: burn::backend::ndarray::IntNdArrayElement,
+    Q: burn::backend::ndarray::QuantElement,
+    burn::backend::ndarray::NdArrayTensor:
+        From<burn::backend::ndarray::SharedArray<E>> + From<burn::backend::ndarray::SharedArray<I>>,
+{
+}
+
+#[cfg(feature = "autodiff")]
+impl<B: MoeBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> MoeBackend
+    for burn::backend::Autodiff<B, C>
+{
+}
+
+/// Calls [`MoeBackend::moe_grouped_experts`] on tensors. Shapes as documented there.
+pub fn grouped_experts<B: MoeBackend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    gate_up: Tensor<B, 3>,
+    down: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    float(B::moe_grouped_experts(
+        x.into_primitive().tensor(),
+        expert_ids.into_primitive(),
+        weights.into_primitive().tensor(),
+        gate_up.into_primitive().tensor(),
+        down.into_primitive().tensor(),
+    ))
+}
+
+/// Replaces the ids of masked slots (`mask == 0`) by the sentinel `num_experts`.
+///
+/// # Shapes
+/// - `expert_ids`: `[T, K]`, `mask`: `[T, K]` (0.0 / 1.0); output `[T, K]`
+pub fn drop_masked_slots<B: Backend>(
+    expert_ids: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+    num_experts: usize,
+) -> Tensor<B, 2, Int> {
+    expert_ids.mask_fill(mask.lower_elem(0.5), num_experts as i64)
+}
+
+/// Kept (token, slot) pairs grouped by expert: a counting sort of the routing table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatchPlan {
+    /// `offsets[e]..offsets[e + 1]` is expert `e`'s range in [`pairs`](Self::pairs); length E + 1.
+    pub offsets: Vec<usize>,
+    /// Flat slot indices `t * K + k` of kept pairs, grouped by expert, tokens ascending.
+    pub pairs: Vec<usize>,
+    /// K.
+    pub top_k: usize,
+}
+
+impl DispatchPlan {
+    /// Groups a row-major `[T, K]` id table; ids `>= num_experts` (the sentinel) are dropped.
+    pub fn from_ids(expert_ids: &[i64], top_k: usize, num_experts: usize) -> Self {
+        let expert_of = |id: i64| usize::try_from(id).ok().filter(|&e| e < num_experts);
+        let mut offsets = vec![0usize; num_experts + 1];
+        for e in expert_ids.iter().filter_map(|&id| expert_of(id)) {
+            offsets[e + 1] += 1;
+        }
+        for e in 0..num_experts {
+            offsets[e + 1] += offsets[e];
+        }
+        let mut cursor = offsets.clone();
+        let mut pairs = vec![0usize; offsets[num_experts]];
+        for (slot, e) in expert_ids
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, &id)| Some((slot, expert_of(id)?)))
+        {
+            pairs[cursor[e]] = slot;
+            cursor[e] += 1;
+        }
+        Self {
+            offsets,
+            pairs,
+            top_k,
+        }
+    }
+
+    /// Number of kept (token, expert) pairs.
+    pub fn kept(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Tokens per expert.
+    pub fn counts(&self) -> Vec<usize> {
+        self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// `(expert, start, len)` for every expert with at least one token.
+    pub fn groups(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        self.offsets
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| w[1] > w[0])
+            .map(|(e, w)| (e, w[0], w[1] - w[0]))
+    }
+
+    /// The token of each kept pair, in plan order.
+    pub fn tokens(&self) -> Vec<usize> {
+        self.pairs.iter().map(|slot| slot / self.top_k).collect()
+    }
+}
+
+/// Reference for [`MoeBackend::moe_grouped_experts`]: reads the id table back to the host, groups
+/// kept pairs by expert ([`DispatchPlan`]), runs each expert once on the rows of its tokens
+/// (touching only that expert's weights), weights the rows and scatter-adds them back.
+pub fn grouped_experts_reference<B: Backend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    gate_up: Tensor<B, 3>,
+    down: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    let [tokens, hidden] = x.dims();
+    let [_, top_k] = expert_ids.dims();
+    let [experts, _, _] = gate_up.dims();
+    let device = x.device();
+    let ids = expert_ids
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("int tensor data converts to i64");
+    let plan = DispatchPlan::from_ids(&ids, top_k, experts);
+    if plan.kept() == 0 {
+        return Tensor::zeros([tokens, hidden], &device);
+    }
+    let index = |values: Vec<usize>| {
+        let len = values.len();
+        let values: Vec<i64> = values.into_iter().map(|v| v as i64).collect();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(values, [len]), &device)
+    };
+    let token_index = index(plan.tokens());
+    let rows = x.select(0, token_index.clone());
+    let pair_weights = weights
+        .reshape([tokens * top_k])
+        .select(0, index(plan.pairs.clone()));
+    let outputs: Vec<Tensor<B, 2>> = plan
+        .groups()
+        .map(|(expert, start, len)| {
+            swiglu(
+                rows.clone().narrow(0, start, len),
+                expert_weights(gate_up.clone(), expert),
+                expert_weights(down.clone(), expert),
+            )
+        })
+        .collect();
+    scatter_add_rows(
+        Tensor::cat(outputs, 0),
+        pair_weights,
+        token_index,
+        tokens,
+    )
+}
+
+/// An independent dense formulation used to check the grouped paths: every expert runs on every
+/// token, then a `[T, E]` coefficient matrix picks and weights the outputs. `O(T · E)` expert work.
+pub fn dense_experts_reference<B: Backend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    gate_up: Tensor<B, 3>,
+    down: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    let [tokens, hidden] = x.dims();
+    let [experts, two_i, _] = gate_up.dims();
+    let inter = two_i / 2;
+    // coefficient[t, e] = Σ_k weights[t, k] · 1[ids[t, k] == e]; the sentinel column E is dropped.
+    let one_hot: Tensor<B, 3> = expert_ids.one_hot(experts + 1).float();
+    let coefficient = (one_hot * weights.unsqueeze_dim::<3>(2))
+        .sum_dim(1)
+        .reshape([tokens, experts + 1])
+        .narrow(1, 0, experts);
+    let xs = x.unsqueeze_dim::<3>(0).repeat_dim(0, experts); // [E, T, H]
+    let gu = xs.matmul(gate_up.swap_dims(1, 2)); // [E, T, 2I]
+    let h = burn::tensor::activation::silu(gu.clone().narrow(2, 0, inter)) * gu.narrow(2, inter, inter);
+    let y = h.matmul(down.swap_dims(1, 2)); // [E, T, H]
+    (y * coefficient.transpose().unsqueeze_dim::<3>(2))
+        .sum_dim(0)
+        .reshape([tokens, hidden])
+}
+
+/// Expert `e`'s slice of a stacked `[E, R, C]` weight, as `[R, C]`.
+fn expert_weights<B: Backend>(stacked: Tensor<B, 3>, expert: usize) -> Tensor<B, 2> {
+    let [_, rows, cols] = stacked.dims();
+    stacked.narrow(0, expert, 1).reshape([rows, cols])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_groups_by_expert_and_drops_sentinels() {
+        // T = 3, K = 2, E = 3; sentinel 3 at (1, 0).
+        let plan = DispatchPlan::from_ids(&[2, 0, 3, 2, 0, 1], 2, 3);
+        assert_eq!(plan.offsets, vec![0, 2, 3, 5]);
+        assert_eq!(plan.pairs, vec![1, 4, 5, 0, 3]);
+        assert_eq!(plan.tokens(), vec![0, 2, 2, 0, 1]);
+        assert_eq!(plan.counts(), vec![2, 1, 2]);
+        assert_eq!(plan.kept(), 5);
+        let groups: Vec<_> = plan.groups().collect();
+        assert_eq!(groups, vec![(0, 0, 2), (1, 2, 1), (2, 3, 2)]);
+    }
+
+    #[test]
+    fn plan_of_all_masked_is_empty_and_skips_idle_experts() {
+        let plan = DispatchPlan::from_ids(&[4, 4, 9, 4], 2, 4);
+        assert_eq!(plan.kept(), 0);
+        assert_eq!(plan.groups().count(), 0);
+        let plan = DispatchPlan::from_ids(&[3, 3], 1, 4);
+        assert_eq!(plan.groups().collect::<Vec<_>>(), vec![(3, 0, 2)]);
+    }
+}

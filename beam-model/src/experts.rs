@@ -1,0 +1,113 @@
+//! Step 4 — the experts: E routed SwiGLU experts stored stacked, and the optional shared expert.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+use crate::config::{BeamMoeConfig, SharedExpertConfig};
+use crate::dispatch::{grouped_experts, MoeBackend};
+use crate::init::normal_param;
+
+/// `down · (silu(gate · x) ⊙ up · x)` on rows `x` (`[N, H]`), with `gate_up` `[2I, H]` (gate rows
+/// first) and `down` `[H, I]`. Output `[N, H]`.
+pub fn swiglu<B: Backend>(x: Tensor<B, 2>, gate_up: Tensor<B, 2>, down: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [two_i, _] = gate_up.dims();
+    let inter = two_i / 2;
+    let gu = x.matmul(gate_up.transpose());
+    let h = silu(gu.clone().narrow(1, 0, inter)) * gu.narrow(1, inter, inter);
+    h.matmul(down.transpose())
+}
+
+/// The E routed experts, stacked in the layout the kernels read.
+///
+/// # Shapes
+/// - `gate_up`: `[E, 2I, H]` — rows `0..I` are expert `e`'s gate projection, `I..2I` its up
+///   projection (transformers' fused `experts.gate_up_proj`)
+/// - `down`: `[E, H, I]`
+#[derive(Module, Debug)]
+pub struct Experts<B: Backend> {
+    /// Stacked gate+up projections `[E, 2I, H]`.
+    pub gate_up: Param<Tensor<B, 3>>,
+    /// Stacked down projections `[E, H, I]`.
+    pub down: Param<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Experts<B> {
+    /// Normally initialised experts.
+    pub fn new(config: &BeamMoeConfig, device: &B::Device) -> Self {
+        let (e, h, i) = (
+            config.num_experts,
+            config.hidden_size,
+            config.intermediate_size,
+        );
+        Self {
+            gate_up: normal_param([e, 2 * i, h], config.init_std, device),
+            down: normal_param([e, h, i], config.init_std, device),
+        }
+    }
+
+    /// `[E, H, I]` → `(E, H, I)`.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        let [e, h, i] = self.down.dims();
+        (e, h, i)
+    }
+}
+
+impl<B: MoeBackend> Experts<B> {
+    /// `Σ_k weights[t, k] · Expert_{ids[t, k]}(x[t])`; slots with the sentinel id `E` are skipped.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, H]`, `expert_ids`: `[T, K]`, `weights`: `[T, K]`; output `[T, H]`
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        expert_ids: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
+        grouped_experts(x, expert_ids, weights, self.gate_up.val(), self.down.val())
+    }
+}
+
+/// An always-active SwiGLU expert (Qwen2-MoE `shared_expert`, DeepSeek `shared_experts`).
+///
+/// # Shapes
+/// - `gate_up`: `[2I_s, H]`, `down`: `[H, I_s]` (same layout as one routed expert)
+/// - `gate`: `[1, H]` when gated (Qwen2-MoE `shared_expert_gate`)
+#[derive(Module, Debug)]
+pub struct SharedExpert<B: Backend> {
+    /// Gate+up projection `[2I_s, H]`.
+    pub gate_up: Param<Tensor<B, 2>>,
+    /// Down projection `[H, I_s]`.
+    pub down: Param<Tensor<B, 2>>,
+    /// Sigmoid output gate `[1, H]`, if any.
+    pub gate: Option<Param<Tensor<B, 2>>>,
+}
+
+impl<B: Backend> SharedExpert<B> {
+    /// A normally initialised shared expert.
+    pub fn new(
+        shared: &SharedExpertConfig,
+        hidden_size: usize,
+        init_std: f64,
+        device: &B::Device,
+    ) -> Self {
+        let i = shared.intermediate_size;
+        Self {
+            gate_up: normal_param([2 * i, hidden_size], init_std, device),
+            down: normal_param([hidden_size, i], init_std, device),
+            gate: shared
+                .gated
+                .then(|| normal_param([1, hidden_size], init_std, device)),
+        }
+    }
+
+    /// `[T, H]` → `[T, H]`.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let y = swiglu(x.clone(), self.gate_up.val(), self.down.val());
+        match &self.gate {
+            Some(gate) => y * sigmoid(x.matmul(gate.val().transpose())),
+            None => y,
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The BEAM Mixture-of-Experts layer: router → mask → dispatch → experts → combine.
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Int, Tensor};
+
+use crate::combine::masked_weights;
+use crate::config::{BeamMoeConfig, ConfigError};
+use crate::dispatch::{drop_masked_slots, MoeBackend};
+use crate::experts::{Experts, SharedExpert};
+use crate::flops::{moe_layer_flops, FlopsReport};
+use crate::loss::{load_balance_loss, sparsity_loss};
+use crate::mask::MaskRouter;
+use crate::router::Router;
+
+/// A Mixture-of-Experts layer with BEAM binary expert activation masking.
+///
+/// The unchanged base [`Router`] picks K experts per token; the [`MaskRouter`] switches some of
+/// them off (`m_k = 1[sigmoid(z_k) > τ]`); only kept (token, expert) pairs are dispatched to the
+/// [`Experts`]; their outputs are weighted by `m_k · w_k` and summed, plus the shared expert.
+///
+/// Outside autodiff (inference) masked slots are dropped before dispatch and cost nothing. Under
+/// an autodiff backend the experts of masked slots are still evaluated with weight exactly 0, so
+/// the straight-through gradient `∂L/∂m_k` (which needs `Expert_{i_k}(x)`) reaches the mask
+/// router; the output value is the same.
+///
+/// # Shapes
+/// - input: `[batch, seq, H]`
+/// - output: `[batch, seq, H]` plus [`RoutingFacts`]
+///
+/// # Example
+/// ```
+/// use beam_model::{BeamMoeConfig, backend::NdArray};
+/// use burn::tensor::{Distribution, Tensor};
+///
+/// let device = Default::default();
+/// let layer = BeamMoeConfig::new(32, 16, 8, 2).init::<NdArray>(&device);
+/// let x = Tensor::<NdArray, 3>::random([2, 5, 32], Distribution::Normal(0.0, 1.0), &device);
+/// let out = layer.forward(x);
+/// assert_eq!(out.output.dims(), [2, 5, 32]);
+/// assert_eq!(out.facts.kept_pairs(), 2 * 5 * 2); // masks start at 1: top-K exactly
+/// ```
+#[derive(Module, Debug)]
+pub struct BeamMoe<B: Backend> {
+    /// Base top-K router.
+    pub router: Router<B>,
+    /// BEAM mask router (`None` when BEAM is disabled).
+    pub mask_router: Option<MaskRouter<B>>,
+    /// The routed experts.
+    pub experts: Experts<B>,
+    /// The shared expert, if any.
+    pub shared_expert: Option<SharedExpert<B>>,
+    #[module(skip)]
+    config: BeamMoeConfig,
+}
+
+/// Where a forward takes its mask from.
+#[derive(Debug, Clone)]
+pub enum MaskSource<B: Backend> {
+    /// The layer's learned mask router (plain top-K if it has none).
+    Learned,
+    /// No mask: the base top-K layer.
+    TopK,
+    /// A given 0/1 mask `[batch, seq, K]` aligned with the router's slots (e.g. a training-free
+    /// rule). No gradient flows through it.
+    External(Tensor<B, 3>),
+}
+
+/// Output of [`BeamMoe::forward`].
+#[derive(Debug, Clone)]
+pub struct BeamMoeOutput<B: Backend> {
+    /// Layer output `[batch, seq, H]`.
+    pub output: Tensor<B, 3>,
+    /// What the routing did.
+    pub facts: RoutingFacts<B>,
+}
+
+/// Routing facts of one forward. Slot tensors are `[batch, seq, K]`.
+#[derive(Debug, Clone)]
+pub struct RoutingFacts<B: Backend> {
+    /// Experts chosen by the base router.
+    pub expert_ids: Tensor<B, 3, Int>,
+    /// Their routing weights before the mask.
+    pub topk_weights: Tensor<B, 3>,
+    /// The binary mask (1.0 kept, 0.0 masked).
+    pub mask: Tensor<B, 3>,
+    /// Mask probabilities `sigmoid(z)` (learned masks only).
+    pub mask_probs: Option<Tensor<B, 3>>,
+    /// Routing weights actually applied: masked (and renormalised if configured).
+    pub weights: Tensor<B, 3>,
+    /// Router logits `[batch, seq, E]`.
+    pub router_logits: Tensor<B, 3>,
+    /// The auxiliary sparsity term `[1]` (mean active fraction for non-learned masks, no grad).
+    pub sparsity_loss: Tensor<B, 1>,
+    /// The load-balance term `[1]` (transformers' formula).
+    pub load_balance_loss: Tensor<B, 1>,
+}
+
+impl<B: Backend> RoutingFacts<B> {
+    /// Number of kept (token, expert) pairs. Reads the mask back to the host.
+    pub fn kept_pairs(&self) -> usize {
+        self.mask.clone().sum().into_scalar().elem::<f64>().round() as usize
+    }
+
+    /// Number of tokens.
+    pub fn tokens(&self) -> usize {
+        let [b, s, _] = self.mask.dims();
+        b * s
+    }
+
+    /// Mean experts run per token.
+    pub fn mean_active_experts(&self) -> f64 {
+        self.kept_pairs() as f64 / self.tokens() as f64
+    }
+
+    /// The kept `(flat token index, expert)` pairs, token-major. Reads back to the host.
+    pub fn kept_pair_list(&self) -> Vec<(usize, usize)> {
+        let [_, _, k] = self.mask.dims();
+        let mask = self.mask.to_data().convert::<f32>().to_vec::<f32>().unwrap();
+        let ids = self.expert_ids.to_data().convert::<i64>().to_vec::<i64>().unwrap();
+        mask.iter()
+            .zip(ids)
+            .enumerate()
+            .filter(|(_, (m, _))| **m > 0.5)
+            .map(|(slot, (_, id))| (slot / k, id as usize))
+            .collect()
+    }
+
+    /// Top-K vs BEAM FLOPs of this forward for a layer configured by `config`.
+    pub fn flops(&self, config: &BeamMoeConfig) -> FlopsReport {
+        moe_layer_flops(config, self.tokens(), self.kept_pairs())
+    }
+}
+
+impl BeamMoeConfig {
+    /// Validates the config and builds the layer.
+    pub fn try_init<B: Backend>(&self, device: &B::Device) -> Result<BeamMoe<B>, ConfigError> {
+        self.validate()?;
+        Ok(BeamMoe {
+            router: Router::new(self, device),
+            mask_router: self
+                .beam
+                .enabled
+                .then(|| MaskRouter::new(self, device)),
+            experts: Experts::new(self, device),
+            shared_expert: self
+                .shared_expert
+                .as_ref()
+                .map(|s| SharedExpert::new(s, self.hidden_size, self.init_std, device)),
+            config: self.clone(),
+        })
+    }
+
+    /// Builds the layer.
+    ///
+    /// # Panics
+    /// If the config is invalid; use [`try_init`](Self::try_init) to get the [`ConfigError`].
+    pub fn init<B: Backend>(&self, device: &B::Device) -> BeamMoe<B> {
+        self.try_init(device)
+            .unwrap_or_else(|err| panic!("invalid BeamMoeConfig: {err}"))
+    }
+}
+
+impl<B: Backend> BeamMoe<B> {
+    /// The configuration the layer was built from.
+    pub fn config(&self) -> &BeamMoeConfig {
+        &self.config
+    }
+
+    /// Same layer with another mask threshold τ.
+    ///
+    /// # Panics
+    /// If `threshold` is not in `(0, 1)`, or the layer has no mask router.
+    pub fn with_threshold(mut self, threshold: f64) -> Self {
+        let mask_router = self
+            .mask_router
+            .take()
+            .expect("with_threshold needs a layer with a BEAM mask router");
+        self.mask_router = Some(mask_router.with_threshold(threshold));
+        self.config.beam.threshold = threshold;
+        self
+    }
+}
+
+impl<B: MoeBackend> BeamMoe<B> {
+    /// Runs the layer with its learned mask (or plain top-K if BEAM is disabled).
+    pub fn forward(&self, x: Tensor<B, 3>) -> BeamMoeOutput<B> {
+        self.forward_with(x, MaskSource::Learned)
+    }
+
+    /// Runs the layer with the mask from `source`.
+    ///
+    /// # Panics
+    /// If an external mask is not `[batch, seq, K]`.
+    pub fn forward_with(&self, x: Tensor<B, 3>, source: MaskSource<B>) -> BeamMoeOutput<B> {
+        let [batch, seq, hidden] = x.dims();
+        let tokens = batch * seq;
+        let (num_experts, top_k) = (self.config.num_experts, self.config.top_k);
+        let device = x.device();
+        let x = x.reshape([tokens, hidden]);
+
+        // 1. router
+        let routing = self.router.forward(x.clone());
+
+        // 2. mask
+        let learned = match (&source, &self.mask_router) {
+            (MaskSource::Learned, Some(mask_router)) => {
+                Some(mask_router.forward(x.clone(), routing.expert_ids.clone()))
+            }
+            _ => None,
+        };
+        let (hard, ste, probs) = match (learned, source) {
+            (Some(decision), _) => (decision.hard, decision.ste, Some(decision.probs)),
+            (None, MaskSource::External(mask)) => {
+                assert_eq!(
+                    mask.dims(),
+                    [batch, seq, top_k],
+                    "external mask must be [batch, seq, top_k]"
+                );
+                let mask = mask.reshape([tokens, top_k]).detach();
+                (mask.clone(), mask, None)
+            }
+            (None, _) => {
+                let ones = Tensor::ones([tokens, top_k], &device);
+                (ones.clone(), ones, None)
+            }
+        };
+        let weights = masked_weights(routing.weights.clone(), ste.clone(), self.config.beam.renormalize);
+
+        // 3. dispatch: drop masked slots unless the straight-through gradient needs their experts.
+        let needs_masked_experts = probs.is_some() && B::ad_enabled(&device);
+        let dispatch_ids = if needs_masked_experts {
+            routing.expert_ids.clone()
+        } else {
+            drop_masked_slots(routing.expert_ids.clone(), hard.clone(), num_experts)
+        };
+
+        // 4. experts, 5. combine (weighted scatter-add inside the grouped op) + shared expert
+        let mut output = self.experts.forward(x.clone(), dispatch_ids, weights.clone());
+        if let Some(shared) = &self.shared_expert {
+            output = output + shared.forward(x);
+        }
+
+        let sparsity = match &probs {
+            Some(p) => sparsity_loss(p.clone(), ste, &self.config.beam.sparsity),
+            None => hard.clone().mean(),
+        };
+        let slots = |t: Tensor<B, 2>| t.reshape([batch, seq, top_k]);
+        BeamMoeOutput {
+            output: output.reshape([batch, seq, hidden]),
+            facts: RoutingFacts {
+                load_balance_loss: load_balance_loss(
+                    routing.logits.clone(),
+                    routing.expert_ids.clone(),
+                ),
+                expert_ids: routing.expert_ids.reshape([batch, seq, top_k]),
+                topk_weights: slots(routing.weights),
+                mask: slots(hard),
+                mask_probs: probs.map(slots),
+                weights: slots(weights),
+                router_logits: routing.logits.reshape([batch, seq, num_experts]),
+                sparsity_loss: sparsity,
+            },
+        }
+    }
+}
