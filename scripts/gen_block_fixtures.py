@@ -59,7 +59,7 @@ def cases():
         **common, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True
     ), dict(family="qwen3_moe", norm_topk_prob=True, fused=False)
     yield "olmoe", OlmoeSparseMoeBlock, OlmoeConfig(
-        **common, num_experts=8, num_experts_per_tok=4, norm_topk_prob=False
+        **{**common, "intermediate_size": I}, num_experts=8, num_experts_per_tok=4, norm_topk_prob=False
     ), dict(family="olmoe", norm_topk_prob=False, fused=True)
     yield "mixtral", MixtralSparseMoeBlock, MixtralConfig(
         hidden_size=H, intermediate_size=I, num_local_experts=8, num_experts_per_tok=2,
@@ -103,14 +103,15 @@ def disk_tensors(name, block, meta):
     sd = {k: v.detach().clone().contiguous() for k, v in block.state_dict().items()}
     out = {}
     gate_up, down = sd.pop("experts.gate_up_proj"), sd.pop("experts.down_proj")
+    inter = down.shape[-1]
     if meta["fused"]:
         out[prefix + "experts.gate_up_proj"] = gate_up
         out[prefix + "experts.down_proj"] = down
     else:
         names = ("w1", "w3", "w2") if meta["family"] == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         for e in range(gate_up.shape[0]):
-            out[f"{prefix}experts.{e}.{names[0]}.weight"] = gate_up[e, :I].contiguous()
-            out[f"{prefix}experts.{e}.{names[1]}.weight"] = gate_up[e, I:].contiguous()
+            out[f"{prefix}experts.{e}.{names[0]}.weight"] = gate_up[e, :inter].contiguous()
+            out[f"{prefix}experts.{e}.{names[1]}.weight"] = gate_up[e, inter:].contiguous()
             out[f"{prefix}experts.{e}.{names[2]}.weight"] = down[e].contiguous()
     for k, v in sd.items():
         out[prefix + k] = v
@@ -168,7 +169,9 @@ def main():
             out_masked_renorm=out_masked_renorm.view(BATCH, SEQ, H).contiguous(),
         )
         save_file(tensors, os.path.join(out_dir, f"{name}.safetensors"))
-        case = dict(name=name, prefix=prefix, hidden_size=H, intermediate_size=I, num_experts=E, top_k=K)
+        inter = block.experts.down_proj.shape[-1]
+        assert inter == I, f"{name}: expert intermediate size {inter} != {I}"
+        case = dict(name=name, prefix=prefix, hidden_size=H, intermediate_size=inter, num_experts=E, top_k=K)
         case.update(meta)
         index["cases"].append(case)
         print(f"{name}: E={E} K={K} |out|max={out.abs().max():.3f}")

@@ -27,6 +27,7 @@
 //! autodiff; cubecl kernels for CUDA and wgpu in `beam-kernels`).
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod combine;
 pub mod config;
 pub mod dispatch;

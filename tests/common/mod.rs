@@ -1,0 +1,98 @@
+//! Helpers shared by the integration tests: deterministic random data and tolerant comparisons.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+
+/// Repository root (the facade package's manifest directory).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A small deterministic generator (splitmix64), so every test sees the same data on every run.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(1e-12);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    pub fn normals(&mut self, n: usize, std: f64) -> Vec<f64> {
+        (0..n).map(|_| self.normal() * std).collect()
+    }
+
+    /// A normal tensor of the given shape.
+    pub fn tensor<B: Backend, const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        std: f64,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        let n = shape.iter().product();
+        Tensor::from_data(TensorData::new(self.normals(n, std), shape), device)
+    }
+}
+
+/// An int tensor from values.
+pub fn ints<B: Backend, const D: usize>(
+    values: Vec<i64>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D, Int> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+pub fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().to_vec::<f64>().unwrap()
+}
+
+pub fn int_values<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
+    t.into_data().convert::<i64>().to_vec::<i64>().unwrap()
+}
+
+/// Largest absolute difference; panics on length mismatch or any NaN.
+pub fn max_abs_diff(actual: &[f64], expected: &[f64]) -> f64 {
+    assert_eq!(actual.len(), expected.len(), "length mismatch");
+    actual
+        .iter()
+        .zip(expected)
+        .map(|(a, e)| {
+            assert!(a.is_finite() && e.is_finite(), "non-finite value: {a} vs {e}");
+            (a - e).abs()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Asserts `|actual − expected| ≤ tol` elementwise and that the data is not trivially zero.
+pub fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
+    let diff = max_abs_diff(actual, expected);
+    let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "{what}: reference is all zeros, the test would prove nothing");
+    assert!(diff <= tol, "{what}: max |diff| = {diff:e} > {tol:e} (max |ref| = {scale})");
+}
