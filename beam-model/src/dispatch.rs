@@ -235,7 +235,7 @@ pub fn dense_experts_reference<B: Backend>(
         .narrow(1, 0, experts);
     let xs = x.unsqueeze_dim::<3>(0).repeat_dim(0, experts); // [E, T, H]
     let gu = xs.matmul(gate_up.swap_dims(1, 2)); // [E, T, 2I]
-    let h = burn::tensor::activation::silu(gu.clone().narrow(2, 0, inter)) * gu.narrow(2, inter, inter);
+    let h = crate::activation::silu(gu.clone().narrow(2, 0, inter)) * gu.narrow(2, inter, inter);
     let y = h.matmul(down.swap_dims(1, 2)); // [E, T, H]
     (y * coefficient.transpose().unsqueeze_dim::<3>(2))
         .sum_dim(0)

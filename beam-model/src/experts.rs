@@ -1,7 +1,7 @@
 //! Step 4 — the experts: E routed SwiGLU experts stored stacked, and the optional shared expert.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{sigmoid, silu};
+use crate::activation::{sigmoid, silu};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 

@@ -264,3 +264,161 @@ impl<B: MoeBackend> BeamMoe<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BeamMaskConfig, SharedExpertConfig};
+    use burn::backend::NdArray;
+    use burn::module::Param;
+    use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder};
+    use burn::tensor::{Distribution, TensorData};
+
+    type B = NdArray<f32>;
+
+    fn config() -> BeamMoeConfig {
+        BeamMoeConfig::new(12, 6, 6, 3)
+            .with_init_std(0.3)
+            .with_shared_expert(Some(SharedExpertConfig::new(4).with_gated(true)))
+    }
+
+    /// A layer whose mask router keeps roughly half the slots.
+    fn partially_masking(config: &BeamMoeConfig) -> BeamMoe<B> {
+        let device = Default::default();
+        let mut layer = config.init::<B>(&device);
+        let router = layer.mask_router.as_mut().unwrap();
+        router.proj.weight = Param::from_tensor(Tensor::random(
+            [12, 6],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        ));
+        router.proj.bias = Some(Param::from_tensor(Tensor::zeros([6], &device)));
+        layer
+    }
+
+    fn input() -> Tensor<B, 3> {
+        Tensor::random([2, 8, 12], Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    fn to_vec(t: Tensor<B, 3>) -> Vec<f32> {
+        t.into_data().to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn record_round_trip_restores_every_parameter() {
+        let config = config();
+        let layer = partially_masking(&config);
+        let x = input();
+        let expected = layer.forward(x.clone());
+
+        let path = std::env::temp_dir().join(format!("beam-layer-record-{}", std::process::id()));
+        let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
+        layer.clone().save_file(&path, &recorder).unwrap();
+        let fresh = config.init::<B>(&Default::default());
+        assert_ne!(to_vec(fresh.forward(x.clone()).output), to_vec(expected.output.clone()));
+        let loaded = fresh
+            .load_file(&path, &recorder, &Default::default())
+            .unwrap();
+        std::fs::remove_file(path.with_extension("mpk")).ok();
+
+        let got = loaded.forward(x);
+        assert_eq!(to_vec(got.output), to_vec(expected.output));
+        assert_eq!(got.facts.kept_pairs(), expected.facts.kept_pairs());
+    }
+
+    #[test]
+    fn higher_threshold_keeps_fewer_experts() {
+        let config = config();
+        let layer = partially_masking(&config);
+        let x = input();
+        let mut kept = Vec::new();
+        for threshold in [0.1, 0.3, 0.5, 0.7, 0.9] {
+            let layer = layer.clone().with_threshold(threshold);
+            assert_eq!(layer.config().beam.threshold, threshold);
+            kept.push(layer.forward(x.clone()).facts.kept_pairs());
+        }
+        assert!(kept.windows(2).all(|w| w[0] >= w[1]), "{kept:?}");
+        assert!(kept[0] > kept[4], "{kept:?}");
+    }
+
+    #[test]
+    fn all_masked_tokens_get_the_shared_expert_only_never_nan() {
+        for renormalize in [false, true] {
+            let config = config().with_beam(
+                BeamMaskConfig::new()
+                    .with_renormalize(renormalize)
+                    .with_init_bias(-5.0),
+            );
+            let layer = config.init::<B>(&Default::default());
+            let x = input();
+            let out = layer.forward(x.clone());
+            assert_eq!(out.facts.kept_pairs(), 0);
+            let shared = layer
+                .shared_expert
+                .as_ref()
+                .unwrap()
+                .forward(x.reshape([16, 12]))
+                .reshape([2, 8, 12]);
+            assert_eq!(to_vec(out.output), to_vec(shared));
+            let weights = out.facts.weights.into_data().to_vec::<f32>().unwrap();
+            assert!(weights.iter().all(|w| *w == 0.0));
+        }
+    }
+
+    #[test]
+    fn renormalisation_restores_the_top_k_weight_sum_of_kept_tokens() {
+        let config = config().with_beam(BeamMaskConfig::new().with_renormalize(true));
+        let layer = partially_masking(&config);
+        let out = layer.forward(input());
+        let sum = |t: Tensor<B, 3>| t.sum_dim(2).into_data().to_vec::<f32>().unwrap();
+        let kept_per_token = sum(out.facts.mask.clone());
+        let before = sum(out.facts.topk_weights.clone());
+        let after = sum(out.facts.weights.clone());
+        assert!(kept_per_token.iter().any(|k| *k > 0.0 && *k < 3.0));
+        for ((k, b), a) in kept_per_token.iter().zip(before).zip(after) {
+            let expected = if *k > 0.0 { b } else { 0.0 };
+            assert!((a - expected).abs() < 1e-6, "kept {k}: {a} vs {expected}");
+        }
+    }
+
+    #[test]
+    fn per_slot_mask_router_has_k_outputs() {
+        let config = config().with_beam(
+            BeamMaskConfig::new().with_shape(crate::config::MaskRouterShape::PerSlot),
+        );
+        let mut layer = config.init::<B>(&Default::default());
+        let router = layer.mask_router.as_mut().unwrap();
+        assert_eq!(router.proj.weight.dims(), [12, 3]);
+        // Keep slot 0 only: bias (+4, −4, −4).
+        router.proj.bias = Some(Param::from_tensor(Tensor::from_data(
+            TensorData::new(vec![4.0f32, -4.0, -4.0], [3]),
+            &Default::default(),
+        )));
+        let out = layer.forward(input());
+        assert_eq!(out.facts.mean_active_experts(), 1.0);
+        let mask = out.facts.mask.into_data().to_vec::<f32>().unwrap();
+        assert!(mask.chunks(3).all(|m| m == [1.0, 0.0, 0.0]));
+    }
+
+    #[test]
+    fn sparsity_and_load_balance_terms_are_sane() {
+        let config = config();
+        let layer = config.init::<B>(&Default::default());
+        let out = layer.forward(input());
+        // Fresh mask router: p = sigmoid(2) everywhere.
+        let sparsity = out.facts.sparsity_loss.into_scalar();
+        assert!((sparsity - 1.0 / (1.0 + (-2.0f32).exp())).abs() < 1e-6);
+        // E · Σ f_e P_e ≥ K for any routing (equality when perfectly balanced); here K = 3.
+        let balance = out.facts.load_balance_loss.into_scalar();
+        assert!(balance.is_finite() && balance > 0.0);
+        let target = config.with_beam(
+            BeamMaskConfig::new().with_sparsity(
+                crate::config::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
+            ),
+        );
+        let layer = target.init::<B>(&Default::default());
+        let out = layer.forward(input());
+        let p = 1.0 / (1.0 + (-2.0f32).exp());
+        assert!((out.facts.sparsity_loss.into_scalar() - (p - 0.25).powi(2)).abs() < 1e-6);
+    }
+}

@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod activation;
 pub mod combine;
 pub mod config;
 pub mod dispatch;

@@ -3,7 +3,7 @@
 
 use burn::module::{Initializer, Module};
 use burn::nn::Linear;
-use burn::tensor::activation::sigmoid;
+use crate::activation::sigmoid;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 

@@ -2,7 +2,9 @@
 //! with the family's exact rule ([`RoutingRule`]).
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::{sigmoid, softmax};
+use burn::tensor::activation::softmax;
+
+use crate::activation::sigmoid;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
