@@ -31,7 +31,9 @@ fn problem(
 ) -> Problem {
     let device = Default::default();
     let mut rng = Rng::new(seed);
-    let ids: Vec<i64> = (0..t * k).map(|s| route(&mut rng, s / k, s % k) as i64).collect();
+    let ids: Vec<i64> = (0..t * k)
+        .map(|s| route(&mut rng, s / k, s % k) as i64)
+        .collect();
     Problem {
         x: rng.tensor([t, h], 1.0, &device),
         ids: ints(ids, [t, k], &device),
@@ -59,7 +61,10 @@ fn check(p: &Problem, what: &str) {
     let (g, d) = (values(grouped), values(dense));
     if d.iter().all(|v| *v == 0.0) {
         // Everything masked: exactly zero, and no NaN.
-        assert!(g.iter().all(|v| *v == 0.0), "{what}: all-masked output must be 0");
+        assert!(
+            g.iter().all(|v| *v == 0.0),
+            "{what}: all-masked output must be 0"
+        );
     } else {
         assert_close(&g, &d, 1e-5, what);
     }
@@ -69,7 +74,11 @@ fn check(p: &Problem, what: &str) {
 fn grouped_equals_dense_with_masked_slots() {
     // ~40% of slots masked (sentinel E = 8).
     let p = problem(1, [33, 4, 8, 24, 16], |rng, _, _| {
-        if rng.uniform() < 0.4 { 8 } else { rng.below(8) }
+        if rng.uniform() < 0.4 {
+            8
+        } else {
+            rng.below(8)
+        }
     });
     check(&p, "random routing with sentinels");
 }
@@ -77,7 +86,11 @@ fn grouped_equals_dense_with_masked_slots() {
 #[test]
 fn grouped_equals_dense_with_imbalanced_routing_and_idle_experts() {
     // Every token on expert 2 in slot 0, experts 5..8 never used, slot 1 spread over 0..3.
-    let p = problem(2, [40, 2, 8, 16, 8], |rng, _, k| if k == 0 { 2 } else { rng.below(3) });
+    let p = problem(
+        2,
+        [40, 2, 8, 16, 8],
+        |rng, _, k| if k == 0 { 2 } else { rng.below(3) },
+    );
     check(&p, "imbalanced");
     // A single token, a single slot.
     let p = problem(3, [1, 1, 4, 8, 4], |_, _, _| 3);
@@ -99,7 +112,10 @@ fn masked_experts_read_no_weights() {
     let (t, k, e, h, i) = (12, 3, 8, 8, 6);
     let mut rng = Rng::new(5);
     let ids: Vec<i64> = (0..t * k).map(|_| rng.below(e) as i64).collect();
-    let mask: Vec<f32> = ids.iter().map(|&id| if id < 4 { 1.0 } else { 0.0 }).collect();
+    let mask: Vec<f32> = ids
+        .iter()
+        .map(|&id| if id < 4 { 1.0 } else { 0.0 })
+        .collect();
     let ids = ints::<B, 2>(ids, [t, k], &device);
     let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [t, k]), &device);
     let x = rng.tensor::<B, 2>([t, h], 1.0, &device);
@@ -120,7 +136,12 @@ fn masked_experts_read_no_weights() {
         poison(clean_down.clone()),
     );
     let expected = dense_experts_reference(x, ids, weights, clean_gate_up, clean_down);
-    assert_close(&values(out), &values(expected), 1e-5, "poisoned masked experts");
+    assert_close(
+        &values(out),
+        &values(expected),
+        1e-5,
+        "poisoned masked experts",
+    );
 }
 
 #[test]
@@ -147,9 +168,10 @@ fn layer_skip_path_equals_autodiff_evaluate_all_path() {
         1e-6,
         "skip vs evaluate-all",
     );
-    let external = layer
-        .valid()
-        .forward_with(x.inner(), MaskSource::External(inference.facts.mask.clone()));
+    let external = layer.valid().forward_with(
+        x.inner(),
+        MaskSource::External(inference.facts.mask.clone()),
+    );
     assert_eq!(values(external.output), values(inference.output));
 }
 

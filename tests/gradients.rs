@@ -12,7 +12,9 @@ mod common;
 
 use beam_model::dispatch::{dense_experts_reference, grouped_experts};
 use beam_model::experts::swiglu;
-use beam_model::{BeamMaskConfig, BeamMoe, BeamMoeConfig, MaskSource, RoutingRule, SharedExpertConfig};
+use beam_model::{
+    BeamMaskConfig, BeamMoe, BeamMoeConfig, MaskSource, RoutingRule, SharedExpertConfig,
+};
 use burn::backend::{Autodiff, NdArray};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
@@ -41,10 +43,22 @@ fn ste_gradient_reaches_mask_router_in_analytic_form() {
 
     let out = layer.forward(x.clone());
     let mask = values(out.facts.mask.clone());
-    assert!(mask.contains(&0.0) && mask.contains(&1.0), "need kept and masked slots");
+    assert!(
+        mask.contains(&0.0) && mask.contains(&1.0),
+        "need kept and masked slots"
+    );
     let grads = weighted_sum(out.output, g.clone()).backward();
     let mask_router = layer.mask_router.as_ref().unwrap();
-    let bias_grad = values(mask_router.proj.bias.as_ref().unwrap().val().grad(&grads).unwrap());
+    let bias_grad = values(
+        mask_router
+            .proj
+            .bias
+            .as_ref()
+            .unwrap()
+            .val()
+            .grad(&grads)
+            .unwrap(),
+    );
     let weight_grad = values(mask_router.proj.weight.val().grad(&grads).unwrap());
 
     // Analytic: D[t, e] = ⟨g_t, Expert_e(x_t)⟩ for every expert, then the chain rule by hand.
@@ -76,8 +90,18 @@ fn ste_gradient_reaches_mask_router_in_analytic_form() {
             expected_weight[d * e + expert] += xs[token * h + d] * dz;
         }
     }
-    assert_close(&bias_grad, &expected_bias, 1e-10, "mask-router bias gradient");
-    assert_close(&weight_grad, &expected_weight, 1e-10, "mask-router weight gradient");
+    assert_close(
+        &bias_grad,
+        &expected_bias,
+        1e-10,
+        "mask-router bias gradient",
+    );
+    assert_close(
+        &weight_grad,
+        &expected_weight,
+        1e-10,
+        "mask-router weight gradient",
+    );
 }
 
 #[test]
@@ -88,11 +112,17 @@ fn ste_mask_is_exactly_hard_forward_and_sigmoid_backward() {
         &device,
     )
     .require_grad();
-    let c = Tensor::<AD, 2>::from_data(TensorData::new(vec![1.0, -2.0, 0.5, 3.0, -1.0, 2.0], [2, 3]), &device);
+    let c = Tensor::<AD, 2>::from_data(
+        TensorData::new(vec![1.0, -2.0, 0.5, 3.0, -1.0, 2.0], [2, 3]),
+        &device,
+    );
     let p = burn::tensor::activation::sigmoid(z.clone());
     let hard = p.clone().detach().greater_elem(0.5).float();
     let ste = beam_model::mask::straight_through(hard, p.clone());
-    assert_eq!(values(ste.clone().inner()), vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+    assert_eq!(
+        values(ste.clone().inner()),
+        vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    );
     let grads = (ste * c.clone()).sum().backward();
     let pv = values(p.inner());
     let expected: Vec<f64> = values(c.inner())
@@ -111,7 +141,15 @@ fn ste_gradient_is_absent_when_masks_are_external_or_top_k() {
     let x = rng.tensor::<AD, 3>([1, 5, 8], 1.0, &device);
     let out = layer.forward_with(x, MaskSource::TopK);
     let grads = out.output.sum().backward();
-    assert!(layer.mask_router.as_ref().unwrap().proj.weight.val().grad(&grads).is_none());
+    assert!(layer
+        .mask_router
+        .as_ref()
+        .unwrap()
+        .proj
+        .weight
+        .val()
+        .grad(&grads)
+        .is_none());
     assert!(layer.experts.gate_up.val().grad(&grads).is_some());
 }
 
@@ -126,7 +164,13 @@ enum Target {
     Input,
 }
 
-fn perturb(layer: &BeamMoe<Inner>, x: &Tensor<Inner, 3>, target: Target, index: usize, eps: f64) -> (BeamMoe<Inner>, Tensor<Inner, 3>) {
+fn perturb(
+    layer: &BeamMoe<Inner>,
+    x: &Tensor<Inner, 3>,
+    target: Target,
+    index: usize,
+    eps: f64,
+) -> (BeamMoe<Inner>, Tensor<Inner, 3>) {
     fn bump<const D: usize>(t: Tensor<Inner, D>, index: usize, eps: f64) -> Tensor<Inner, D> {
         let shape = t.shape();
         let mut v = values(t.clone());
@@ -136,16 +180,27 @@ fn perturb(layer: &BeamMoe<Inner>, x: &Tensor<Inner, 3>, target: Target, index: 
     let mut layer = layer.clone();
     let mut x = x.clone();
     match target {
-        Target::GateUp => layer.experts.gate_up = Param::from_tensor(bump(layer.experts.gate_up.val(), index, eps)),
-        Target::Down => layer.experts.down = Param::from_tensor(bump(layer.experts.down.val(), index, eps)),
-        Target::Router => layer.router.weight = Param::from_tensor(bump(layer.router.weight.val(), index, eps)),
+        Target::GateUp => {
+            layer.experts.gate_up =
+                Param::from_tensor(bump(layer.experts.gate_up.val(), index, eps))
+        }
+        Target::Down => {
+            layer.experts.down = Param::from_tensor(bump(layer.experts.down.val(), index, eps))
+        }
+        Target::Router => {
+            layer.router.weight = Param::from_tensor(bump(layer.router.weight.val(), index, eps))
+        }
         Target::SharedGateUp => {
             let shared = layer.shared_expert.as_mut().unwrap();
             shared.gate_up = Param::from_tensor(bump(shared.gate_up.val(), index, eps));
         }
         Target::SharedGate => {
             let shared = layer.shared_expert.as_mut().unwrap();
-            shared.gate = Some(Param::from_tensor(bump(shared.gate.as_ref().unwrap().val(), index, eps)));
+            shared.gate = Some(Param::from_tensor(bump(
+                shared.gate.as_ref().unwrap().val(),
+                index,
+                eps,
+            )));
         }
         Target::Input => x = bump(x, index, eps),
     }
@@ -157,11 +212,14 @@ fn gradients_match_finite_differences() {
     for (renormalize, routing) in [
         (true, RoutingRule::softmax(false)),
         (false, RoutingRule::mixtral()),
-        (true, RoutingRule::DeepSeekV3 {
-            group: beam_model::GroupLimit::new(2, 1),
-            normalize_top_k: true,
-            routed_scaling_factor: 2.0,
-        }),
+        (
+            true,
+            RoutingRule::DeepSeekV3 {
+                group: beam_model::GroupLimit::new(2, 1),
+                normalize_top_k: true,
+                routed_scaling_factor: 2.0,
+            },
+        ),
     ] {
         let device = Default::default();
         let (h, i, e, k) = (6, 4, 6, 3);
@@ -176,7 +234,15 @@ fn gradients_match_finite_differences() {
         let g = rng.tensor::<AD, 3>([1, 6, h], 1.0, &device);
         // A fixed partial mask (one token fully masked): a hard mask has no derivative, so the
         // finite differences see exactly the function autodiff differentiates.
-        let mask: Vec<f64> = (0..6 * k).map(|s| if s < k { 0.0 } else { (rng.uniform() < 0.6) as u8 as f64 }).collect();
+        let mask: Vec<f64> = (0..6 * k)
+            .map(|s| {
+                if s < k {
+                    0.0
+                } else {
+                    (rng.uniform() < 0.6) as u8 as f64
+                }
+            })
+            .collect();
         let mask = Tensor::<AD, 3>::from_data(TensorData::new(mask, [1, 6, k]), &device);
         let out = layer.forward_with(x.clone(), MaskSource::External(mask.clone()));
         let grads = weighted_sum(out.output, g.clone()).backward();
@@ -187,18 +253,41 @@ fn gradients_match_finite_differences() {
         };
         let (x_in, g_in, mask_in) = (x.clone().inner(), g.inner(), mask.inner());
         let loss = |layer: &BeamMoe<Inner>, x: Tensor<Inner, 3>| {
-            values(weighted_sum(layer.forward_with(x, MaskSource::External(mask_in.clone())).output, g_in.clone()))[0]
+            values(weighted_sum(
+                layer
+                    .forward_with(x, MaskSource::External(mask_in.clone()))
+                    .output,
+                g_in.clone(),
+            ))[0]
         };
         let shared = layer.shared_expert.as_ref().unwrap();
         for (target, grad) in [
-            (Target::GateUp, values(layer.experts.gate_up.val().grad(&grads).unwrap())),
-            (Target::Down, values(layer.experts.down.val().grad(&grads).unwrap())),
-            (Target::Router, values(layer.router.weight.val().grad(&grads).unwrap())),
-            (Target::SharedGateUp, values(shared.gate_up.val().grad(&grads).unwrap())),
-            (Target::SharedGate, values(shared.gate.as_ref().unwrap().val().grad(&grads).unwrap())),
+            (
+                Target::GateUp,
+                values(layer.experts.gate_up.val().grad(&grads).unwrap()),
+            ),
+            (
+                Target::Down,
+                values(layer.experts.down.val().grad(&grads).unwrap()),
+            ),
+            (
+                Target::Router,
+                values(layer.router.weight.val().grad(&grads).unwrap()),
+            ),
+            (
+                Target::SharedGateUp,
+                values(shared.gate_up.val().grad(&grads).unwrap()),
+            ),
+            (
+                Target::SharedGate,
+                values(shared.gate.as_ref().unwrap().val().grad(&grads).unwrap()),
+            ),
             (Target::Input, values(x.grad(&grads).unwrap())),
         ] {
-            assert!(grad.iter().any(|v| *v != 0.0), "{target:?}: gradient is all zero");
+            assert!(
+                grad.iter().any(|v| *v != 0.0),
+                "{target:?}: gradient is all zero"
+            );
             let eps = 1e-6;
             for _ in 0..8 {
                 let index = rng.below(grad.len());
@@ -220,11 +309,21 @@ fn grouped_dispatch_gradients_equal_dense_formulation() {
     let device = Default::default();
     let (t, k, e, h, i) = (9, 2, 5, 6, 4);
     let mut rng = Rng::new(8);
-    let ids: Vec<i64> = (0..t * k).map(|_| if rng.uniform() < 0.3 { e as i64 } else { rng.below(e) as i64 }).collect();
+    let ids: Vec<i64> = (0..t * k)
+        .map(|_| {
+            if rng.uniform() < 0.3 {
+                e as i64
+            } else {
+                rng.below(e) as i64
+            }
+        })
+        .collect();
     let ids = ints::<AD, 2>(ids, [t, k], &device);
     let x = rng.tensor::<AD, 2>([t, h], 1.0, &device).require_grad();
     let w = rng.tensor::<AD, 2>([t, k], 0.5, &device).require_grad();
-    let gate_up = rng.tensor::<AD, 3>([e, 2 * i, h], 0.4, &device).require_grad();
+    let gate_up = rng
+        .tensor::<AD, 3>([e, 2 * i, h], 0.4, &device)
+        .require_grad();
     let down = rng.tensor::<AD, 3>([e, h, i], 0.4, &device).require_grad();
     let c = rng.tensor::<AD, 2>([t, h], 1.0, &device);
     let grads_of = |y: Tensor<AD, 2>| {
@@ -236,9 +335,24 @@ fn grouped_dispatch_gradients_equal_dense_formulation() {
             values(down.grad(&grads).unwrap()),
         ]
     };
-    let grouped = grads_of(grouped_experts(x.clone(), ids.clone(), w.clone(), gate_up.clone(), down.clone()));
-    let dense = grads_of(dense_experts_reference(x.clone(), ids, w.clone(), gate_up.clone(), down.clone()));
-    for (name, (a, b)) in ["x", "weights", "gate_up", "down"].iter().zip(grouped.iter().zip(&dense)) {
+    let grouped = grads_of(grouped_experts(
+        x.clone(),
+        ids.clone(),
+        w.clone(),
+        gate_up.clone(),
+        down.clone(),
+    ));
+    let dense = grads_of(dense_experts_reference(
+        x.clone(),
+        ids,
+        w.clone(),
+        gate_up.clone(),
+        down.clone(),
+    ));
+    for (name, (a, b)) in ["x", "weights", "gate_up", "down"]
+        .iter()
+        .zip(grouped.iter().zip(&dense))
+    {
         assert_close(a, b, 1e-12, name);
     }
 }
@@ -247,13 +361,19 @@ fn grouped_dispatch_gradients_equal_dense_formulation() {
 fn precise_activations_match_the_closed_form_in_f64() {
     use beam_model::activation::{sigmoid, silu};
     let xs: [f64; 7] = [-40.0, -3.0, -0.5, 0.0, 1e-3, 2.5, 40.0];
-    let t = Tensor::<Inner, 1>::from_data(TensorData::new(xs.to_vec(), [xs.len()]), &Default::default());
+    let t = Tensor::<Inner, 1>::from_data(
+        TensorData::new(xs.to_vec(), [xs.len()]),
+        &Default::default(),
+    );
     assert_eq!(t.dtype(), burn::tensor::DType::F64);
     let s = values(sigmoid(t.clone()));
     let y = values(silu(t));
     for ((x, s), y) in xs.iter().zip(s).zip(y) {
         let exact = 1.0 / (1.0 + (-x).exp());
-        assert!((s - exact).abs() < 1e-15, "sigmoid({x}) = {s}, expected {exact}");
+        assert!(
+            (s - exact).abs() < 1e-15,
+            "sigmoid({x}) = {s}, expected {exact}"
+        );
         assert!((y - x * exact).abs() < 1e-13, "silu({x})");
     }
 }

@@ -10,8 +10,7 @@ use std::collections::BTreeMap;
 
 use beam_model::checkpoint::{load_moe_block, TensorFile};
 use beam_model::{
-    BeamMaskConfig, BeamMoe, BeamMoeConfig, GroupLimit, MaskSource, RoutingRule,
-    SharedExpertConfig,
+    BeamMaskConfig, BeamMoe, BeamMoeConfig, GroupLimit, MaskSource, RoutingRule, SharedExpertConfig,
 };
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -112,15 +111,25 @@ fn cases() -> Vec<Case> {
         .unwrap()
         .iter()
         .map(|meta| Case {
-            file: TensorFile::open(dir.join(format!("{}.safetensors", meta["name"].as_str().unwrap())))
-                .unwrap(),
+            file: TensorFile::open(
+                dir.join(format!("{}.safetensors", meta["name"].as_str().unwrap())),
+            )
+            .unwrap(),
             meta: meta.clone(),
         })
         .collect();
-    let families: std::collections::BTreeSet<_> = cases.iter().map(|c| c.family().to_string()).collect();
+    let families: std::collections::BTreeSet<_> =
+        cases.iter().map(|c| c.family().to_string()).collect();
     assert_eq!(
         families.into_iter().collect::<Vec<_>>(),
-        ["deepseek_v2", "deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"],
+        [
+            "deepseek_v2",
+            "deepseek_v3",
+            "mixtral",
+            "olmoe",
+            "qwen2_moe",
+            "qwen3_moe"
+        ],
         "every routing family has fixtures"
     );
     assert_eq!(cases.len(), 9);
@@ -142,7 +151,12 @@ fn each_routing_rule_matches_transformers() {
         let layer = case.layer(false);
         let x = case.tensor::<3>("x");
         let out = layer.forward_with(x, MaskSource::TopK);
-        assert_close(&values(out.output), &case.expected("out"), TOL, &format!("{name}: block output"));
+        assert_close(
+            &values(out.output),
+            &case.expected("out"),
+            TOL,
+            &format!("{name}: block output"),
+        );
         assert_close(
             &values(out.facts.router_logits.clone()),
             &case.expected("router_logits"),
@@ -160,14 +174,30 @@ fn each_routing_rule_matches_transformers() {
             let ours = routing_by_token(&ids, &weights, k);
             let theirs = routing_by_token(&hf_ids, &hf_weights, k);
             for (t, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-                assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{name}: token {t} experts");
+                assert_eq!(
+                    a.keys().collect::<Vec<_>>(),
+                    b.keys().collect::<Vec<_>>(),
+                    "{name}: token {t} experts"
+                );
                 for (e, w) in a {
-                    assert!((w - b[e]).abs() <= TOL, "{name}: token {t} expert {e}: {w} vs {}", b[e]);
+                    assert!(
+                        (w - b[e]).abs() <= TOL,
+                        "{name}: token {t} expert {e}: {w} vs {}",
+                        b[e]
+                    );
                 }
             }
         } else {
-            assert_eq!(ids, hf_ids, "{name}: chosen experts (sorted by probability)");
-            assert_close(&weights, &hf_weights, TOL, &format!("{name}: routing weights"));
+            assert_eq!(
+                ids, hf_ids,
+                "{name}: chosen experts (sorted by probability)"
+            );
+            assert_close(
+                &weights,
+                &hf_weights,
+                TOL,
+                &format!("{name}: routing weights"),
+            );
         }
 
         // transformers' load-balance loss re-derives the top-k from softmax(logits): comparable
@@ -203,12 +233,21 @@ fn fixed_masks_match_transformers_with_masked_weights_zeroed() {
             // Token 0 has every slot masked: exactly the shared expert's output (or zero).
             let hidden = case.usize("hidden_size");
             let shared = match &layer.shared_expert {
-                Some(shared) => values(shared.forward(x.reshape([-1, hidden as i32]).narrow(0, 0, 1))),
+                Some(shared) => {
+                    values(shared.forward(x.reshape([-1, hidden as i32]).narrow(0, 0, 1)))
+                }
                 None => vec![0.0; hidden],
             };
-            assert_eq!(values(mask.narrow(0, 0, 1).narrow(1, 0, 1).sum()), vec![0.0], "{name}: token 0 fully masked");
+            assert_eq!(
+                values(mask.narrow(0, 0, 1).narrow(1, 0, 1).sum()),
+                vec![0.0],
+                "{name}: token 0 fully masked"
+            );
             assert_eq!(&got[..hidden], &shared[..], "{name}: all-masked token");
-            assert_eq!(out.facts.kept_pairs(), values(out.facts.mask.clone().sum())[0] as usize);
+            assert_eq!(
+                out.facts.kept_pairs(),
+                values(out.facts.mask.clone().sum())[0] as usize
+            );
         }
     }
 }
@@ -223,8 +262,18 @@ fn fresh_mask_router_keeps_everything_and_reproduces_top_k_exactly() {
             let top_k = layer.forward_with(x, MaskSource::TopK);
             let tokens = learned.facts.tokens();
             assert_eq!(learned.facts.kept_pairs(), tokens * case.usize("top_k"));
-            assert_eq!(values(learned.output.clone()), values(top_k.output), "{}", case.name());
-            assert_close(&values(learned.output), &case.expected("out"), TOL, case.name());
+            assert_eq!(
+                values(learned.output.clone()),
+                values(top_k.output),
+                "{}",
+                case.name()
+            );
+            assert_close(
+                &values(learned.output),
+                &case.expected("out"),
+                TOL,
+                case.name(),
+            );
         }
     }
 }
@@ -236,7 +285,9 @@ fn learned_mask_equals_the_same_mask_given_externally() {
     for case in cases() {
         let mut layer = case.layer(true);
         let experts = case.usize("num_experts");
-        let bias: Vec<f32> = (0..experts).map(|e| if e % 2 == 0 { 3.0 } else { -3.0 }).collect();
+        let bias: Vec<f32> = (0..experts)
+            .map(|e| if e % 2 == 0 { 3.0 } else { -3.0 })
+            .collect();
         let mask_router = layer.mask_router.as_mut().unwrap();
         mask_router.proj.bias = Some(burn::module::Param::from_tensor(Tensor::from_data(
             TensorData::new(bias, [experts]),
@@ -245,10 +296,23 @@ fn learned_mask_equals_the_same_mask_given_externally() {
         let x = case.tensor::<3>("x");
         let learned = layer.forward(x.clone());
         let ids = int_values(learned.facts.expert_ids.clone());
-        let expected_mask: Vec<f64> = ids.iter().map(|e| if e % 2 == 0 { 1.0 } else { 0.0 }).collect();
-        assert_eq!(values(learned.facts.mask.clone()), expected_mask, "{}", case.name());
+        let expected_mask: Vec<f64> = ids
+            .iter()
+            .map(|e| if e % 2 == 0 { 1.0 } else { 0.0 })
+            .collect();
+        assert_eq!(
+            values(learned.facts.mask.clone()),
+            expected_mask,
+            "{}",
+            case.name()
+        );
         let external = layer.forward_with(x, MaskSource::External(learned.facts.mask.clone()));
-        assert_eq!(values(learned.output), values(external.output), "{}", case.name());
+        assert_eq!(
+            values(learned.output),
+            values(external.output),
+            "{}",
+            case.name()
+        );
         let kept = expected_mask.iter().sum::<f64>() as usize;
         assert_eq!(learned.facts.kept_pairs(), kept);
         assert_eq!(learned.facts.kept_pair_list().len(), kept);

@@ -128,7 +128,12 @@ impl TensorFile {
         }
     }
 
-    fn check_shape(&self, name: &str, actual: &[usize], expected: &[usize]) -> Result<(), LoadError> {
+    fn check_shape(
+        &self,
+        name: &str,
+        actual: &[usize],
+        expected: &[usize],
+    ) -> Result<(), LoadError> {
         if actual == expected {
             Ok(())
         } else {
@@ -279,7 +284,8 @@ pub fn load_moe_block<B: Backend>(
         } else {
             ["gate_proj", "up_proj", "down_proj"]
         };
-        let name = |proj: &'static str| move |e: usize| format!("{prefix}experts.{e}.{proj}.weight");
+        let name =
+            |proj: &'static str| move |e: usize| format!("{prefix}experts.{e}.{proj}.weight");
         let gates = file.stacked(name(gate), e, [i, h])?;
         let ups = file.stacked(name(up), e, [i, h])?;
         let mut gate_up = Vec::with_capacity(2 * gates.len());
@@ -296,7 +302,8 @@ pub fn load_moe_block<B: Backend>(
     layer.experts.gate_up = Param::from_tensor(gate_up);
     layer.experts.down = Param::from_tensor(down);
 
-    if let (Some(shared), Some(shared_config)) = (layer.shared_expert.take(), &config.shared_expert) {
+    if let (Some(shared), Some(shared_config)) = (layer.shared_expert.take(), &config.shared_expert)
+    {
         let base = if file.contains(&format!("{prefix}shared_experts.gate_proj.weight")) {
             format!("{prefix}shared_experts.")
         } else {
@@ -306,7 +313,11 @@ pub fn load_moe_block<B: Backend>(
         let gate = file.tensor::<B, 2>(&format!("{base}gate_proj.weight"), [si, h], &device)?;
         let up = file.tensor::<B, 2>(&format!("{base}up_proj.weight"), [si, h], &device)?;
         let gate_weight = match shared.gate {
-            Some(_) => Some(file.param(&format!("{prefix}shared_expert_gate.weight"), [1, h], &device)?),
+            Some(_) => Some(file.param(
+                &format!("{prefix}shared_expert_gate.weight"),
+                [1, h],
+                &device,
+            )?),
             None => None,
         };
         layer.shared_expert = Some(SharedExpert {

@@ -292,7 +292,7 @@ impl BeamMoeConfig {
     }
 
     fn validate_group(&self, group: &GroupLimit) -> Result<(), ConfigError> {
-        if group.n_group == 0 || self.num_experts % group.n_group != 0 {
+        if group.n_group == 0 || !self.num_experts.is_multiple_of(group.n_group) {
             return Err(ConfigError::GroupsDoNotDivide {
                 n_group: group.n_group,
                 num_experts: self.num_experts,

@@ -207,12 +207,7 @@ pub fn grouped_experts_reference<B: Backend>(
             )
         })
         .collect();
-    scatter_add_rows(
-        Tensor::cat(outputs, 0),
-        pair_weights,
-        token_index,
-        tokens,
-    )
+    scatter_add_rows(Tensor::cat(outputs, 0), pair_weights, token_index, tokens)
 }
 
 /// An independent dense formulation used to check the grouped paths: every expert runs on every

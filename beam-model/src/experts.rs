@@ -1,7 +1,7 @@
 //! Step 4 — the experts: E routed SwiGLU experts stored stacked, and the optional shared expert.
 
-use burn::module::{Module, Param};
 use crate::activation::{sigmoid, silu};
+use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
@@ -11,7 +11,11 @@ use crate::init::normal_param;
 
 /// `down · (silu(gate · x) ⊙ up · x)` on rows `x` (`[N, H]`), with `gate_up` `[2I, H]` (gate rows
 /// first) and `down` `[H, I]`. Output `[N, H]`.
-pub fn swiglu<B: Backend>(x: Tensor<B, 2>, gate_up: Tensor<B, 2>, down: Tensor<B, 2>) -> Tensor<B, 2> {
+pub fn swiglu<B: Backend>(
+    x: Tensor<B, 2>,
+    gate_up: Tensor<B, 2>,
+    down: Tensor<B, 2>,
+) -> Tensor<B, 2> {
     let [two_i, _] = gate_up.dims();
     let inter = two_i / 2;
     let gu = x.matmul(gate_up.transpose());

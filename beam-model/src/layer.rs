@@ -116,8 +116,18 @@ impl<B: Backend> RoutingFacts<B> {
     /// The kept `(flat token index, expert)` pairs, token-major. Reads back to the host.
     pub fn kept_pair_list(&self) -> Vec<(usize, usize)> {
         let [_, _, k] = self.mask.dims();
-        let mask = self.mask.to_data().convert::<f32>().to_vec::<f32>().unwrap();
-        let ids = self.expert_ids.to_data().convert::<i64>().to_vec::<i64>().unwrap();
+        let mask = self
+            .mask
+            .to_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap();
+        let ids = self
+            .expert_ids
+            .to_data()
+            .convert::<i64>()
+            .to_vec::<i64>()
+            .unwrap();
         mask.iter()
             .zip(ids)
             .enumerate()
@@ -138,10 +148,7 @@ impl BeamMoeConfig {
         self.validate()?;
         Ok(BeamMoe {
             router: Router::new(self, device),
-            mask_router: self
-                .beam
-                .enabled
-                .then(|| MaskRouter::new(self, device)),
+            mask_router: self.beam.enabled.then(|| MaskRouter::new(self, device)),
             experts: Experts::new(self, device),
             shared_expert: self
                 .shared_expert
@@ -165,6 +172,15 @@ impl<B: Backend> BeamMoe<B> {
     /// The configuration the layer was built from.
     pub fn config(&self) -> &BeamMoeConfig {
         &self.config
+    }
+
+    /// Stops gradients to the base model (router, experts, shared expert), so only the mask router
+    /// trains: BEAM's default, cheap and safe setting.
+    pub fn freeze_base(mut self) -> Self {
+        self.router = self.router.no_grad();
+        self.experts = self.experts.no_grad();
+        self.shared_expert = self.shared_expert.map(Module::no_grad);
+        self
     }
 
     /// Same layer with another mask threshold τ.
@@ -225,7 +241,11 @@ impl<B: MoeBackend> BeamMoe<B> {
                 (ones.clone(), ones, None)
             }
         };
-        let weights = masked_weights(routing.weights.clone(), ste.clone(), self.config.beam.renormalize);
+        let weights = masked_weights(
+            routing.weights.clone(),
+            ste.clone(),
+            self.config.beam.renormalize,
+        );
 
         // 3. dispatch: drop masked slots unless the straight-through gradient needs their experts.
         let needs_masked_experts = probs.is_some() && B::ad_enabled(&device);
@@ -236,7 +256,9 @@ impl<B: MoeBackend> BeamMoe<B> {
         };
 
         // 4. experts, 5. combine (weighted scatter-add inside the grouped op) + shared expert
-        let mut output = self.experts.forward(x.clone(), dispatch_ids, weights.clone());
+        let mut output = self
+            .experts
+            .forward(x.clone(), dispatch_ids, weights.clone());
         if let Some(shared) = &self.shared_expert {
             output = output + shared.forward(x);
         }
@@ -297,7 +319,11 @@ mod tests {
     }
 
     fn input() -> Tensor<B, 3> {
-        Tensor::random([2, 8, 12], Distribution::Normal(0.0, 1.0), &Default::default())
+        Tensor::random(
+            [2, 8, 12],
+            Distribution::Normal(0.0, 1.0),
+            &Default::default(),
+        )
     }
 
     fn to_vec(t: Tensor<B, 3>) -> Vec<f32> {
@@ -315,7 +341,10 @@ mod tests {
         let recorder = NamedMpkFileRecorder::<FullPrecisionSettings>::new();
         layer.clone().save_file(&path, &recorder).unwrap();
         let fresh = config.init::<B>(&Default::default());
-        assert_ne!(to_vec(fresh.forward(x.clone()).output), to_vec(expected.output.clone()));
+        assert_ne!(
+            to_vec(fresh.forward(x.clone()).output),
+            to_vec(expected.output.clone())
+        );
         let loaded = fresh
             .load_file(&path, &recorder, &Default::default())
             .unwrap();
@@ -383,9 +412,8 @@ mod tests {
 
     #[test]
     fn per_slot_mask_router_has_k_outputs() {
-        let config = config().with_beam(
-            BeamMaskConfig::new().with_shape(crate::config::MaskRouterShape::PerSlot),
-        );
+        let config = config()
+            .with_beam(BeamMaskConfig::new().with_shape(crate::config::MaskRouterShape::PerSlot));
         let mut layer = config.init::<B>(&Default::default());
         let router = layer.mask_router.as_mut().unwrap();
         assert_eq!(router.proj.weight.dims(), [12, 3]);
@@ -411,11 +439,9 @@ mod tests {
         // E · Σ f_e P_e ≥ K for any routing (equality when perfectly balanced); here K = 3.
         let balance = out.facts.load_balance_loss.into_scalar();
         assert!(balance.is_finite() && balance > 0.0);
-        let target = config.with_beam(
-            BeamMaskConfig::new().with_sparsity(
-                crate::config::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
-            ),
-        );
+        let target = config.with_beam(BeamMaskConfig::new().with_sparsity(
+            crate::config::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
+        ));
         let layer = target.init::<B>(&Default::default());
         let out = layer.forward(input());
         let p = 1.0 / (1.0 + (-2.0f32).exp());

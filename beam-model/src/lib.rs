@@ -27,8 +27,8 @@
 //! autodiff; cubecl kernels for CUDA and wgpu in `beam-kernels`).
 #![warn(missing_docs)]
 
-pub mod checkpoint;
 pub mod activation;
+pub mod checkpoint;
 pub mod combine;
 pub mod config;
 pub mod dispatch;

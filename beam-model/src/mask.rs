@@ -1,9 +1,9 @@
 //! Step 2 — the BEAM mask router: a lightweight linear layer that switches off some of the K
 //! experts the base router picked, with a straight-through estimator (STE) for training.
 
+use crate::activation::sigmoid;
 use burn::module::{Initializer, Module};
 use burn::nn::Linear;
-use crate::activation::sigmoid;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 

@@ -154,7 +154,10 @@ fn restrict_to_groups<B: Backend>(
 ) -> Tensor<B, 2> {
     let [tokens, experts] = scores.dims();
     let group_scores = group_scores.detach().reshape([tokens, group.n_group]);
-    let best_groups = group_scores.clone().topk_with_indices(group.topk_group, 1).1;
+    let best_groups = group_scores
+        .clone()
+        .topk_with_indices(group.topk_group, 1)
+        .1;
     let chosen = group_scores
         .zeros_like()
         .scatter(

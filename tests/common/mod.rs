@@ -83,7 +83,10 @@ pub fn max_abs_diff(actual: &[f64], expected: &[f64]) -> f64 {
         .iter()
         .zip(expected)
         .map(|(a, e)| {
-            assert!(a.is_finite() && e.is_finite(), "non-finite value: {a} vs {e}");
+            assert!(
+                a.is_finite() && e.is_finite(),
+                "non-finite value: {a} vs {e}"
+            );
             (a - e).abs()
         })
         .fold(0.0, f64::max)
@@ -93,6 +96,12 @@ pub fn max_abs_diff(actual: &[f64], expected: &[f64]) -> f64 {
 pub fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
     let diff = max_abs_diff(actual, expected);
     let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    assert!(scale > 0.0, "{what}: reference is all zeros, the test would prove nothing");
-    assert!(diff <= tol, "{what}: max |diff| = {diff:e} > {tol:e} (max |ref| = {scale})");
+    assert!(
+        scale > 0.0,
+        "{what}: reference is all zeros, the test would prove nothing"
+    );
+    assert!(
+        diff <= tol,
+        "{what}: max |diff| = {diff:e} > {tol:e} (max |ref| = {scale})"
+    );
 }
