@@ -104,4 +104,5 @@ pub fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
         diff <= tol,
         "{what}: max |diff| = {diff:e} > {tol:e} (max |ref| = {scale})"
     );
+    eprintln!("{what}: max |diff| = {diff:.2e} (tol {tol:.0e}, max |ref| = {scale:.3})");
 }
