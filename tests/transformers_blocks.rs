@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use beam_model::checkpoint::{load_moe_block, TensorFile};
+use beam_model::checkpoint::{load_moe_block, TensorStore};
 use beam_model::{
     BeamMaskConfig, BeamMoe, BeamMoeConfig, GroupLimit, MaskSource, RoutingRule, SharedExpertConfig,
 };
@@ -22,7 +22,7 @@ const TOL: f64 = 1e-5;
 
 struct Case {
     meta: Value,
-    file: TensorFile,
+    file: TensorStore,
 }
 
 impl Case {
@@ -111,7 +111,7 @@ fn cases() -> Vec<Case> {
         .unwrap()
         .iter()
         .map(|meta| Case {
-            file: TensorFile::open(
+            file: TensorStore::open(
                 dir.join(format!("{}.safetensors", meta["name"].as_str().unwrap())),
             )
             .unwrap(),

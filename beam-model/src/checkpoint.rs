@@ -4,6 +4,8 @@
 //! Only safetensors is read (never pickles). Tensors stored as f32, f16, bf16 or f64 are converted
 //! to the backend's float type.
 
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
@@ -53,6 +55,22 @@ pub enum LoadError {
         /// Shape on disk.
         actual: Vec<usize>,
     },
+    /// A tensor the model does not use (a different architecture or a corrupted index).
+    #[error("{}: unexpected tensor `{name}` (not part of this model)", path.display())]
+    Unexpected {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+    },
+    /// `model.safetensors.index.json` is malformed or names a shard that does not exist.
+    #[error("{}: {reason}", path.display())]
+    Index {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A tensor has a dtype that is not a float (or, for integer reads, not an integer).
     #[error("{}: tensor `{name}` has dtype {actual}, expected {expected}", path.display())]
     Dtype {
@@ -67,29 +85,25 @@ pub enum LoadError {
     },
 }
 
-/// A safetensors file held in memory.
-#[derive(Debug, Clone)]
-pub struct TensorFile {
+/// One safetensors file held in memory.
+#[derive(Debug)]
+struct Shard {
     path: PathBuf,
     bytes: Vec<u8>,
 }
 
-impl TensorFile {
-    /// Reads and validates the file's header.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, LoadError> {
-        let path = path.as_ref().to_path_buf();
-        let bytes = std::fs::read(&path).map_err(|source| LoadError::Io {
-            path: path.clone(),
+impl Shard {
+    fn open(path: &Path) -> Result<Self, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+            path: path.to_path_buf(),
             source,
         })?;
-        let file = Self { path, bytes };
-        file.parse()?;
-        Ok(file)
-    }
-
-    /// The file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
+        let shard = Self {
+            path: path.to_path_buf(),
+            bytes,
+        };
+        shard.parse()?;
+        Ok(shard)
     }
 
     fn parse(&self) -> Result<SafeTensors<'_>, LoadError> {
@@ -98,113 +112,221 @@ impl TensorFile {
             reason: err.to_string(),
         })
     }
+}
+
+/// The tensors of a checkpoint: one safetensors file, or the shards listed by
+/// `model.safetensors.index.json`. Remembers which tensors were read, so a loader can report the
+/// ones it did not expect.
+#[derive(Debug)]
+pub struct TensorStore {
+    shards: Vec<Shard>,
+    /// Tensor name → shard.
+    index: BTreeMap<String, usize>,
+    used: RefCell<BTreeSet<String>>,
+}
+
+impl TensorStore {
+    /// A single safetensors file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, LoadError> {
+        Self::from_shards(vec![Shard::open(path.as_ref())?])
+    }
+
+    /// The checkpoint in a Hugging Face folder: `model.safetensors.index.json` and its shards if
+    /// present, else `model.safetensors`.
+    pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self, LoadError> {
+        let dir = dir.as_ref();
+        let index_path = dir.join("model.safetensors.index.json");
+        if !index_path.exists() {
+            return Self::open(dir.join("model.safetensors"));
+        }
+        let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io {
+            path: index_path.clone(),
+            source,
+        })?;
+        let bad = |reason: String| LoadError::Index {
+            path: index_path.clone(),
+            reason,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| bad("no `weight_map` object".into()))?;
+        let mut files: BTreeSet<String> = BTreeSet::new();
+        for (name, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("`{name}` maps to a non-string")))?;
+            if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                return Err(bad(format!(
+                    "shard name `{file}` must be a plain file name"
+                )));
+            }
+            files.insert(file.to_string());
+        }
+        let shards = files
+            .iter()
+            .map(|file| Shard::open(&dir.join(file)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let store = Self::from_shards(shards)?;
+        // Every tensor the index names must be in the shard it names.
+        for (name, file) in map {
+            let shard = store.index.get(name).map(|&i| &store.shards[i].path);
+            if shard.and_then(|p| p.file_name()).and_then(|f| f.to_str()) != file.as_str() {
+                return Err(bad(format!(
+                    "tensor `{name}` is not in shard `{}`",
+                    file.as_str().unwrap_or("")
+                )));
+            }
+        }
+        Ok(store)
+    }
+
+    fn from_shards(shards: Vec<Shard>) -> Result<Self, LoadError> {
+        let mut index = BTreeMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            for name in shard.parse()?.names() {
+                index.insert(name.to_string(), i);
+            }
+        }
+        Ok(Self {
+            shards,
+            index,
+            used: RefCell::new(BTreeSet::new()),
+        })
+    }
 
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .parse()
-            .map(|st| st.names().into_iter().map(str::to_string).collect())
-            .unwrap_or_default();
-        names.sort();
-        names
+        self.index.keys().cloned().collect()
     }
 
     /// Whether a tensor of that name exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.parse().is_ok_and(|st| st.tensor(name).is_ok())
+        self.index.contains_key(name)
+    }
+
+    /// The file a tensor lives in (the first file if it does not exist).
+    pub fn path_of(&self, name: &str) -> &Path {
+        let shard = self.index.get(name).copied().unwrap_or(0);
+        &self.shards[shard].path
+    }
+
+    /// Tensors never read so far, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.borrow();
+        self.index
+            .keys()
+            .filter(|name| !used.contains(*name))
+            .cloned()
+            .collect()
+    }
+
+    /// Fails with [`LoadError::Unexpected`] naming the first tensor never read, ignoring names
+    /// that match `ignore`.
+    pub fn check_all_used(&self, ignore: impl Fn(&str) -> bool) -> Result<(), LoadError> {
+        match self.unused().into_iter().find(|name| !ignore(name)) {
+            Some(name) => Err(LoadError::Unexpected {
+                path: self.path_of(&name).to_path_buf(),
+                name,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn view<T>(
+        &self,
+        name: &str,
+        read: impl FnOnce(&Path, safetensors::tensor::TensorView<'_>) -> Result<T, LoadError>,
+    ) -> Result<T, LoadError> {
+        let shard = self
+            .index
+            .get(name)
+            .map(|&i| &self.shards[i])
+            .ok_or_else(|| LoadError::Missing {
+                path: self.path_of(name).to_path_buf(),
+                name: name.to_string(),
+            })?;
+        let st = shard.parse()?;
+        let view = st.tensor(name).map_err(|err| LoadError::Format {
+            path: shard.path.clone(),
+            reason: err.to_string(),
+        })?;
+        self.used.borrow_mut().insert(name.to_string());
+        read(&shard.path, view)
     }
 
     /// Shape of a tensor.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
-        let st = self.parse()?;
-        let view = st.tensor(name).map_err(|_| self.missing(name))?;
-        Ok(view.shape().to_vec())
-    }
-
-    fn missing(&self, name: &str) -> LoadError {
-        LoadError::Missing {
-            path: self.path.clone(),
-            name: name.to_string(),
-        }
-    }
-
-    fn check_shape(
-        &self,
-        name: &str,
-        actual: &[usize],
-        expected: &[usize],
-    ) -> Result<(), LoadError> {
-        if actual == expected {
-            Ok(())
-        } else {
-            Err(LoadError::Shape {
-                path: self.path.clone(),
-                name: name.to_string(),
-                expected: expected.to_vec(),
-                actual: actual.to_vec(),
-            })
-        }
+        self.view(name, |_, view| Ok(view.shape().to_vec()))
     }
 
     /// A float tensor as f32 values, checked against `expected` shape.
     pub fn f32_values(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
-        let st = self.parse()?;
-        let view = st.tensor(name).map_err(|_| self.missing(name))?;
-        self.check_shape(name, view.shape(), expected)?;
-        let bytes = view.data();
-        let values = match view.dtype() {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F64 => bytes
-                .chunks_exact(8)
-                .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
-                .collect(),
-            other => {
-                return Err(LoadError::Dtype {
-                    path: self.path.clone(),
+        self.view(name, |path, view| {
+            if view.shape() != expected {
+                return Err(LoadError::Shape {
+                    path: path.to_path_buf(),
                     name: name.to_string(),
-                    expected: "F32, F16, BF16 or F64",
-                    actual: format!("{other:?}"),
-                })
+                    expected: expected.to_vec(),
+                    actual: view.shape().to_vec(),
+                });
             }
-        };
-        Ok(values)
+            let bytes = view.data();
+            Ok(match view.dtype() {
+                Dtype::F32 => bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                Dtype::F16 => bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                Dtype::BF16 => bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                Dtype::F64 => bytes
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
+                    .collect(),
+                other => {
+                    return Err(LoadError::Dtype {
+                        path: path.to_path_buf(),
+                        name: name.to_string(),
+                        expected: "F32, F16, BF16 or F64",
+                        actual: format!("{other:?}"),
+                    })
+                }
+            })
+        })
     }
 
     /// An integer tensor (I64 or I32) as i64 values, with its shape.
     pub fn i64_values(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>), LoadError> {
-        let st = self.parse()?;
-        let view = st.tensor(name).map_err(|_| self.missing(name))?;
-        let bytes = view.data();
-        let values = match view.dtype() {
-            Dtype::I64 => bytes
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")))
-                .collect(),
-            Dtype::I32 => bytes
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes(b.try_into().expect("4-byte chunk")) as i64)
-                .collect(),
-            other => {
-                return Err(LoadError::Dtype {
-                    path: self.path.clone(),
-                    name: name.to_string(),
-                    expected: "I64 or I32",
-                    actual: format!("{other:?}"),
-                })
-            }
-        };
-        Ok((values, view.shape().to_vec()))
+        self.view(name, |path, view| {
+            let bytes = view.data();
+            let values = match view.dtype() {
+                Dtype::I64 => bytes
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")))
+                    .collect(),
+                Dtype::I32 => bytes
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes(b.try_into().expect("4-byte chunk")) as i64)
+                    .collect(),
+                other => {
+                    return Err(LoadError::Dtype {
+                        path: path.to_path_buf(),
+                        name: name.to_string(),
+                        expected: "I64 or I32",
+                        actual: format!("{other:?}"),
+                    })
+                }
+            };
+            Ok((values, view.shape().to_vec()))
+        })
     }
 
     /// A float tensor of shape `expected` on `device`.
@@ -218,7 +340,8 @@ impl TensorFile {
         Ok(Tensor::from_data(TensorData::new(values, expected), device))
     }
 
-    fn param<B: Backend, const D: usize>(
+    /// A float parameter of shape `expected` on `device`.
+    pub fn param<B: Backend, const D: usize>(
         &self,
         name: &str,
         expected: [usize; D],
@@ -253,7 +376,7 @@ impl TensorFile {
 ///   `shared_experts.*` (DeepSeek).
 pub fn load_moe_block<B: Backend>(
     mut layer: BeamMoe<B>,
-    file: &TensorFile,
+    file: &TensorStore,
     prefix: &str,
 ) -> Result<BeamMoe<B>, LoadError> {
     let config = layer.config().clone();
@@ -309,22 +432,40 @@ pub fn load_moe_block<B: Backend>(
         } else {
             format!("{prefix}shared_expert.")
         };
-        let si = shared_config.intermediate_size;
-        let gate = file.tensor::<B, 2>(&format!("{base}gate_proj.weight"), [si, h], &device)?;
-        let up = file.tensor::<B, 2>(&format!("{base}up_proj.weight"), [si, h], &device)?;
-        let gate_weight = match shared.gate {
-            Some(_) => Some(file.param(
-                &format!("{prefix}shared_expert_gate.weight"),
-                [1, h],
-                &device,
-            )?),
-            None => None,
-        };
-        layer.shared_expert = Some(SharedExpert {
-            gate_up: Param::from_tensor(Tensor::cat(vec![gate, up], 0)),
-            down: file.param(&format!("{base}down_proj.weight"), [h, si], &device)?,
-            gate: gate_weight,
-        });
+        let gate = shared
+            .gate
+            .is_some()
+            .then(|| format!("{prefix}shared_expert_gate.weight"));
+        layer.shared_expert = Some(load_swiglu(
+            file,
+            &base,
+            h,
+            shared_config.intermediate_size,
+            gate.as_deref(),
+            &device,
+        )?);
     }
     Ok(layer)
+}
+
+/// Loads a SwiGLU MLP stored as `{base}gate_proj.weight`, `{base}up_proj.weight` (`[I, H]`) and
+/// `{base}down_proj.weight` (`[H, I]`), with an optional `[1, H]` sigmoid output gate.
+pub fn load_swiglu<B: Backend>(
+    file: &TensorStore,
+    base: &str,
+    hidden: usize,
+    intermediate: usize,
+    gate: Option<&str>,
+    device: &B::Device,
+) -> Result<SharedExpert<B>, LoadError> {
+    let (h, i) = (hidden, intermediate);
+    let gate_proj = file.tensor::<B, 2>(&format!("{base}gate_proj.weight"), [i, h], device)?;
+    let up_proj = file.tensor::<B, 2>(&format!("{base}up_proj.weight"), [i, h], device)?;
+    Ok(SharedExpert {
+        gate_up: Param::from_tensor(Tensor::cat(vec![gate_proj, up_proj], 0)),
+        down: file.param(&format!("{base}down_proj.weight"), [h, i], device)?,
+        gate: gate
+            .map(|name| file.param(name, [1, h], device))
+            .transpose()?,
+    })
 }

@@ -5,7 +5,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 
 use crate::combine::masked_weights;
-use crate::config::{BeamMoeConfig, ConfigError};
+use crate::config::{BeamMaskConfig, BeamMoeConfig, ConfigError};
 use crate::dispatch::{drop_masked_slots, MoeBackend};
 use crate::experts::{Experts, SharedExpert};
 use crate::flops::{moe_layer_flops, FlopsReport};
@@ -180,6 +180,33 @@ impl<B: Backend> BeamMoe<B> {
         self.router = self.router.no_grad();
         self.experts = self.experts.no_grad();
         self.shared_expert = self.shared_expert.map(Module::no_grad);
+        self
+    }
+
+    /// Adds a fresh BEAM mask router (all masks 1: the layer still computes top-K exactly) with
+    /// the given settings, replacing any existing one. Use it to put BEAM on a base checkpoint.
+    ///
+    /// # Errors
+    /// If `beam` is invalid for this layer (e.g. threshold outside `(0, 1)`).
+    pub fn enable_beam(
+        mut self,
+        beam: BeamMaskConfig,
+        device: &B::Device,
+    ) -> Result<Self, ConfigError> {
+        let config = BeamMoeConfig {
+            beam: beam.with_enabled(true),
+            ..self.config.clone()
+        };
+        config.validate()?;
+        self.mask_router = Some(MaskRouter::new(&config, device));
+        self.config = config;
+        Ok(self)
+    }
+
+    /// Removes the mask router: the plain top-K layer.
+    pub fn disable_beam(mut self) -> Self {
+        self.mask_router = None;
+        self.config.beam.enabled = false;
         self
     }
 

@@ -38,6 +38,7 @@ mod init;
 pub mod layer;
 pub mod loss;
 pub mod mask;
+pub mod model;
 pub mod router;
 
 pub use config::{

@@ -1,0 +1,242 @@
+//! BEAM adapters: the trained mask routers of a model, stored apart from the base checkpoint in
+//! their own safetensors file so the base stays untouched.
+//!
+//! Tensors: `model.layers.{l}.{mlp|block_sparse_moe}.mask_router.weight` `[E or K, H]` (the
+//! `[out, in]` layout of a Hugging Face linear layer) and `….mask_router.bias` `[E or K]`, one pair
+//! per MoE layer. Metadata: `format = "beam-adapter"`, `threshold`, `shape`
+//! (`per_expert` / `per_slot`), `renormalize`, `model_type`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use burn::module::Param;
+use burn::tensor::backend::Backend;
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
+
+use super::{ModelError, MoeLm};
+use crate::checkpoint::TensorStore;
+use crate::config::{BeamMaskConfig, MaskRouterShape};
+
+fn router_prefix<B: Backend>(model: &MoeLm<B>, layer: usize) -> String {
+    format!(
+        "model.layers.{layer}.{}.mask_router.",
+        model.config().family.moe_block_name()
+    )
+}
+
+fn moe_layer_indices<B: Backend>(model: &MoeLm<B>) -> Vec<usize> {
+    (0..model.layers.len())
+        .filter(|&l| model.layers[l].feed_forward.moe.is_some())
+        .collect()
+}
+
+impl<B: Backend> MoeLm<B> {
+    /// Puts a fresh BEAM mask router (all masks 1) on every MoE layer.
+    pub fn enable_beam(
+        mut self,
+        beam: BeamMaskConfig,
+        device: &B::Device,
+    ) -> Result<Self, crate::ConfigError> {
+        for layer in &mut self.layers {
+            if let Some(moe) = layer.feed_forward.moe.take() {
+                layer.feed_forward.moe = Some(moe.enable_beam(beam.clone(), device)?);
+            }
+        }
+        Ok(self)
+    }
+
+    /// Sets the mask threshold τ of every mask router.
+    ///
+    /// # Errors
+    /// If `threshold` is not in `(0, 1)` or the model has no adapter.
+    pub fn with_threshold(mut self, threshold: f64) -> Result<Self, String> {
+        if !(threshold > 0.0 && threshold < 1.0) {
+            return Err(format!(
+                "threshold {threshold} must lie strictly between 0 and 1"
+            ));
+        }
+        if !self.has_beam() {
+            return Err("the model has no BEAM adapter to apply a threshold to".into());
+        }
+        for layer in &mut self.layers {
+            if let Some(moe) = layer.feed_forward.moe.take() {
+                let moe = if moe.mask_router.is_some() {
+                    moe.with_threshold(threshold)
+                } else {
+                    moe
+                };
+                layer.feed_forward.moe = Some(moe);
+            }
+        }
+        Ok(self)
+    }
+
+    /// Loads a BEAM adapter written by [`save_beam_adapter`](Self::save_beam_adapter).
+    pub fn load_beam_adapter(
+        self,
+        path: impl AsRef<Path>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let path = path.as_ref();
+        let bad = |reason: String| ModelError::Adapter {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let meta = header.metadata().clone().unwrap_or_default();
+        if meta.get("format").map(String::as_str) != Some("beam-adapter") {
+            return Err(bad(
+                "not a BEAM adapter (metadata `format` is not `beam-adapter`)".into(),
+            ));
+        }
+        let family = self.config().family.model_type();
+        if let Some(model_type) = meta.get("model_type").filter(|t| t.as_str() != family) {
+            return Err(bad(format!(
+                "adapter was trained for `{model_type}`, the model is `{family}`"
+            )));
+        }
+        let shape = match meta.get("shape").map(String::as_str) {
+            Some("per_expert") | None => MaskRouterShape::PerExpert,
+            Some("per_slot") => MaskRouterShape::PerSlot,
+            Some(other) => return Err(bad(format!("unknown mask-router shape `{other}`"))),
+        };
+        let number = |key: &str, default: f64| -> Result<f64, ModelError> {
+            meta.get(key).map_or(Ok(default), |v| {
+                v.parse()
+                    .map_err(|_| bad(format!("metadata `{key}` = `{v}` is not a number")))
+            })
+        };
+        let beam = BeamMaskConfig::new()
+            .with_shape(shape)
+            .with_threshold(number("threshold", 0.5)?)
+            .with_renormalize(meta.get("renormalize").is_some_and(|v| v == "true"));
+        let store = TensorStore::open(path)?;
+        let mut model = self
+            .enable_beam(beam, device)
+            .map_err(|e| bad(e.to_string()))?;
+        let h = model.config().hidden_size;
+        for l in moe_layer_indices(&model) {
+            let prefix = router_prefix(&model, l);
+            let moe = model.layers[l]
+                .feed_forward
+                .moe
+                .as_mut()
+                .expect("MoE layer");
+            let outputs = moe.config().mask_router_outputs();
+            let weight = store.tensor::<B, 2>(&format!("{prefix}weight"), [outputs, h], device)?;
+            let bias = store.param(&format!("{prefix}bias"), [outputs], device)?;
+            let router = moe.mask_router.as_mut().expect("mask router just enabled");
+            router.proj.weight = Param::from_tensor(weight.transpose());
+            router.proj.bias = Some(bias);
+        }
+        store.check_all_used(|_| false)?;
+        Ok(model)
+    }
+
+    /// Writes the mask routers of every MoE layer as a BEAM adapter, atomically (a temporary file
+    /// in the same folder, then a rename), so an interrupted save never leaves a broken file.
+    pub fn save_beam_adapter(&self, path: impl AsRef<Path>) -> Result<(), ModelError> {
+        let path = path.as_ref();
+        let bad = |reason: String| ModelError::Adapter {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+        let mut beam = None;
+        for l in moe_layer_indices(self) {
+            let moe = self.layers[l].feed_forward.moe.as_ref().expect("MoE layer");
+            let router = moe
+                .mask_router
+                .as_ref()
+                .ok_or_else(|| bad(format!("MoE layer {l} has no mask router")))?;
+            beam = Some(moe.config().beam.clone());
+            let prefix = router_prefix(self, l);
+            let weight = router.proj.weight.val().transpose();
+            let shape = weight.dims().to_vec();
+            tensors.push((
+                format!("{prefix}weight"),
+                f32_bytes(weight.into_data()),
+                shape,
+            ));
+            let bias = router
+                .proj
+                .bias
+                .as_ref()
+                .ok_or_else(|| bad("mask router without bias".into()))?
+                .val();
+            let shape = bias.dims().to_vec();
+            tensors.push((format!("{prefix}bias"), f32_bytes(bias.into_data()), shape));
+        }
+        let beam = beam.ok_or_else(|| bad("the model has no MoE layer".into()))?;
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, bytes, shape)| {
+                let view =
+                    TensorView::new(Dtype::F32, shape.clone(), bytes).expect("consistent view");
+                (name.clone(), view)
+            })
+            .collect();
+        let shape = match beam.shape {
+            MaskRouterShape::PerExpert => "per_expert",
+            MaskRouterShape::PerSlot => "per_slot",
+        };
+        let metadata: HashMap<String, String> = [
+            ("format", "beam-adapter".to_string()),
+            ("threshold", beam.threshold.to_string()),
+            ("shape", shape.to_string()),
+            ("renormalize", beam.renormalize.to_string()),
+            ("model_type", self.config().family.model_type().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let bytes =
+            safetensors::serialize(views, Some(metadata)).map_err(|e| bad(e.to_string()))?;
+        write_atomically(path, &bytes)
+    }
+}
+
+fn f32_bytes(data: burn::tensor::TensorData) -> Vec<u8> {
+    data.convert::<f32>()
+        .to_vec::<f32>()
+        .expect("float data")
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect()
+}
+
+/// Writes `bytes` to a temporary sibling of `path`, syncs it, then renames it over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
+    use std::io::Write;
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_name = path.file_name().ok_or_else(|| {
+        io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file path",
+        ))
+    })?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        std::fs::remove_file(&tmp).ok();
+    }
+    result.map_err(io)
+}

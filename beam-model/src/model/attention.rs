@@ -1,0 +1,173 @@
+//! Grouped-query self-attention with rotary embeddings and the families' variations
+//! (q/k/v bias, per-head or whole-projection q/k norm, `clip_qkv`, sliding window).
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::softmax;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+use super::cache::KvCache;
+use super::config::{AttentionOptions, ModelConfig, QkNorm};
+use super::norm::RmsNorm;
+use super::rope::apply_rope;
+
+/// A linear projection stored as on disk: weight `[out, in]`, optional bias `[out]`.
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend> {
+    /// Weight `[out, in]`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// Bias `[out]`.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Projection<B> {
+    /// `x · Wᵀ + b` on `[B, T, in]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, tokens, input] = x.dims();
+        let y = x
+            .reshape([batch * tokens, input])
+            .matmul(self.weight.val().transpose());
+        let y = match &self.bias {
+            Some(b) => y + b.val().unsqueeze::<2>(),
+            None => y,
+        };
+        let [_, out] = y.dims();
+        y.reshape([batch, tokens, out])
+    }
+}
+
+/// Self-attention of one decoder layer.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// `q_proj`: `[heads·head_dim, H]`.
+    pub q_proj: Projection<B>,
+    /// `k_proj`: `[kv_heads·head_dim, H]`.
+    pub k_proj: Projection<B>,
+    /// `v_proj`: `[kv_heads·head_dim, H]`.
+    pub v_proj: Projection<B>,
+    /// `o_proj`: `[H, heads·head_dim]`.
+    pub o_proj: Projection<B>,
+    /// q norm (Qwen3: `[head_dim]`, OLMoE: `[heads·head_dim]`).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// k norm (Qwen3: `[head_dim]`, OLMoE: `[kv_heads·head_dim]`).
+    pub k_norm: Option<RmsNorm<B>>,
+    #[module(skip)]
+    options: AttentionOptions,
+    #[module(skip)]
+    heads: usize,
+    #[module(skip)]
+    kv_heads: usize,
+    #[module(skip)]
+    head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    /// Assembles an attention layer from its parts.
+    pub fn new(
+        config: &ModelConfig,
+        [q_proj, k_proj, v_proj, o_proj]: [Projection<B>; 4],
+        q_norm: Option<RmsNorm<B>>,
+        k_norm: Option<RmsNorm<B>>,
+    ) -> Self {
+        Self {
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            q_norm,
+            k_norm,
+            options: config.attention.clone(),
+            heads: config.num_heads,
+            kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+        }
+    }
+
+    /// `[B, T, H]` → `[B, T, H]`. `rope`: cos/sin tables for the T new positions; `cache` holds
+    /// the previous positions of this layer (`layer`), if any.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: (Tensor<B, 2>, Tensor<B, 2>),
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        let [batch, tokens, _] = x.dims();
+        let (mut q, mut k, mut v) = (
+            self.q_proj.forward(x.clone()),
+            self.k_proj.forward(x.clone()),
+            self.v_proj.forward(x),
+        );
+        if self.options.qk_norm == QkNorm::Whole {
+            q = self.q_norm.as_ref().expect("q_norm").forward(q);
+            k = self.k_norm.as_ref().expect("k_norm").forward(k);
+        }
+        if let Some(c) = self.options.clip_qkv {
+            q = q.clamp(-c, c);
+            k = k.clamp(-c, c);
+            v = v.clamp(-c, c);
+        }
+        let heads = |t: Tensor<B, 3>, n: usize| {
+            t.reshape([batch, tokens, n, self.head_dim]).swap_dims(1, 2)
+        };
+        let (mut q, mut k, v) = (
+            heads(q, self.heads),
+            heads(k, self.kv_heads),
+            heads(v, self.kv_heads),
+        );
+        if self.options.qk_norm == QkNorm::PerHead {
+            q = self.q_norm.as_ref().expect("q_norm").forward(q);
+            k = self.k_norm.as_ref().expect("k_norm").forward(k);
+        }
+        let (cos, sin) = rope;
+        let q = apply_rope(q, cos.clone(), sin.clone());
+        let k = apply_rope(k, cos, sin);
+        let (past, k, v) = match cache {
+            Some((cache, layer)) => {
+                let past = cache.len();
+                let (k, v) = cache.append(layer, k, v);
+                (past, k, v)
+            }
+            None => (0, k, v),
+        };
+        let keys = k.dims()[2];
+        let group = self.heads / self.kv_heads;
+        // GQA: query head h reads kv head h / group.
+        let repeat = |t: Tensor<B, 4>| {
+            t.unsqueeze_dim::<5>(2).repeat_dim(2, group).reshape([
+                batch,
+                self.heads,
+                keys,
+                self.head_dim,
+            ])
+        };
+        let scores = q.matmul(repeat(k).swap_dims(2, 3)) * (self.head_dim as f64).powf(-0.5);
+        let mask = self.mask(past, tokens, keys, &scores.device());
+        let probs = softmax(scores + mask, 3);
+        let out = probs.matmul(repeat(v)).swap_dims(1, 2).reshape([
+            batch,
+            tokens,
+            self.heads * self.head_dim,
+        ]);
+        self.o_proj.forward(out)
+    }
+
+    /// Additive mask `[1, 1, T, S]`: query `past + t` sees key `j` iff `j <= past + t` and, with
+    /// a sliding window `w`, `j > past + t − w`.
+    fn mask(&self, past: usize, tokens: usize, keys: usize, device: &B::Device) -> Tensor<B, 4> {
+        let window = self.options.sliding_window;
+        let values: Vec<f32> = (0..tokens)
+            .flat_map(|t| {
+                let query = past + t;
+                (0..keys).map(move |j| {
+                    let visible = j <= query && window.is_none_or(|w| j + w > query);
+                    if visible {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        Tensor::from_data(TensorData::new(values, [1, 1, tokens, keys]), device)
+    }
+}

@@ -1,0 +1,55 @@
+//! Key/value cache for incremental decoding.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+
+/// Keys and values of every attention layer for the tokens seen so far.
+///
+/// # Shapes
+/// - per layer: keys and values `[B, kv_heads, S, head_dim]`
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
+    }
+
+    /// Tokens cached so far (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `k`, `v` (`[B, kv_heads, T, head_dim]`) to layer `layer` and returns all keys and
+    /// values of that layer.
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let merged = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        self.layers[layer] = Some(merged.clone());
+        merged
+    }
+
+    /// Marks `tokens` more tokens as cached (after every layer appended them).
+    pub(crate) fn advance(&mut self, tokens: usize) {
+        self.len += tokens;
+    }
+}

@@ -1,0 +1,188 @@
+//! Text generation with the KV cache: greedy or sampled (temperature, top-p, seed), stopping on EOS.
+
+use std::time::{Duration, Instant};
+
+use burn::tensor::{Int, Tensor, TensorData};
+
+use super::{MaskMode, MoeLm};
+use crate::dispatch::MoeBackend;
+
+/// Generation settings.
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    /// Tokens to generate at most.
+    pub max_new_tokens: usize,
+    /// 0 = greedy (default); otherwise logits are divided by it before sampling.
+    pub temperature: f64,
+    /// Nucleus sampling: sample from the fewest tokens whose probabilities sum to ≥ `top_p`.
+    pub top_p: f64,
+    /// Seed of the sampler.
+    pub seed: u64,
+    /// Stop after any of these ids (included in the output).
+    pub eos_token_ids: Vec<u32>,
+    /// Learned BEAM masks or plain top-K.
+    pub mask: MaskMode,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 32,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            eos_token_ids: Vec::new(),
+            mask: MaskMode::Learned,
+        }
+    }
+}
+
+/// What a generation produced and what it cost.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// New token ids only.
+    pub ids: Vec<u32>,
+    /// Time of the prompt's forward.
+    pub prefill_time: Duration,
+    /// Time of the token-by-token decode.
+    pub decode_time: Duration,
+    /// (token, expert) pairs run, over all MoE layers and processed tokens.
+    pub kept_pairs: usize,
+    /// (token, MoE layer) pairs processed: `kept_pairs / routed_tokens` is the mean experts per
+    /// token per MoE layer.
+    pub routed_tokens: usize,
+}
+
+impl Generation {
+    /// Mean experts run per token and MoE layer.
+    pub fn mean_active_experts(&self) -> f64 {
+        self.kept_pairs as f64 / self.routed_tokens.max(1) as f64
+    }
+
+    /// Decoded tokens per second (after the first generated token).
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        let steps = self.ids.len().saturating_sub(1);
+        steps as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Generates up to `config.max_new_tokens` tokens after `prompt` (at least one token).
+///
+/// # Panics
+/// If `prompt` is empty.
+pub fn generate<B: MoeBackend>(
+    model: &MoeLm<B>,
+    prompt: &[u32],
+    config: &GenerateConfig,
+) -> Generation {
+    assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
+    let device = model.embed.weight.device();
+    let mut cache = model.new_cache();
+    let mut sampler = Sampler::new(config);
+    let moe_layers = model.config().num_moe_layers();
+    let ids = |tokens: &[u32]| {
+        let values: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(values, [1, tokens.len()]), &device)
+    };
+    let mut generation = Generation {
+        ids: Vec::new(),
+        prefill_time: Duration::ZERO,
+        decode_time: Duration::ZERO,
+        kept_pairs: 0,
+        routed_tokens: 0,
+    };
+    let mut input = prompt.to_vec();
+    while generation.ids.len() < config.max_new_tokens {
+        let start = Instant::now();
+        let out = model.forward(ids(&input), Some(&mut cache), config.mask, false);
+        let [_, t, v] = out.logits.dims();
+        let last = out.logits.clone().narrow(1, t - 1, 1).reshape([v]);
+        let logits = last
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("float logits");
+        let next = sampler.next(&logits);
+        generation.kept_pairs += out.kept_pairs();
+        generation.routed_tokens += t * moe_layers;
+        if generation.ids.is_empty() {
+            generation.prefill_time += start.elapsed();
+        } else {
+            generation.decode_time += start.elapsed();
+        }
+        generation.ids.push(next);
+        if config.eos_token_ids.contains(&next) {
+            break;
+        }
+        input = vec![next];
+    }
+    generation
+}
+
+/// Greedy or temperature / top-p sampling with a seeded generator (splitmix64).
+struct Sampler {
+    temperature: f64,
+    top_p: f64,
+    state: u64,
+}
+
+impl Sampler {
+    fn new(config: &GenerateConfig) -> Self {
+        Self {
+            temperature: config.temperature,
+            top_p: config.top_p,
+            state: config.seed ^ 0x9E37_79B9_7F4A_7C15,
+        }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn next(&mut self, logits: &[f32]) -> u32 {
+        let argmax = || {
+            // First maximum, as torch.argmax.
+            let mut best = 0;
+            for (i, &l) in logits.iter().enumerate() {
+                if l > logits[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        };
+        if self.temperature <= 0.0 {
+            return argmax();
+        }
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut probs: Vec<(usize, f64)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i, ((l as f64 - max) / self.temperature).exp()))
+            .collect();
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        probs.iter_mut().for_each(|p| p.1 /= total);
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut kept = 0;
+        let mut mass = 0.0;
+        for p in &probs {
+            kept += 1;
+            mass += p.1;
+            if mass >= self.top_p {
+                break;
+            }
+        }
+        let probs = &probs[..kept];
+        let mut r = self.uniform() * mass;
+        for &(i, p) in probs {
+            if r < p {
+                return i as u32;
+            }
+            r -= p;
+        }
+        probs[kept - 1].0 as u32
+    }
+}

@@ -1,0 +1,258 @@
+//! Mixture-of-Experts language models (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral) built on the BEAM
+//! layer, loadable from Hugging Face checkpoint folders.
+//!
+//! Shared parts ([`attention`], [`norm`], [`rope`], [`cache`], the decoder here) serve every
+//! family; what differs per family lives in [`family`].
+
+pub mod adapter;
+pub mod attention;
+pub mod cache;
+pub mod config;
+pub mod family;
+pub mod generate;
+pub mod load;
+pub mod norm;
+pub mod rope;
+
+use std::path::PathBuf;
+
+use burn::module::{Module, Param};
+use burn::nn::Embedding;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+use crate::checkpoint::LoadError;
+use crate::dispatch::MoeBackend;
+use crate::experts::SharedExpert;
+use crate::layer::{BeamMoe, MaskSource, RoutingFacts};
+use attention::Attention;
+use cache::KvCache;
+use config::ModelConfig;
+use norm::RmsNorm;
+use rope::rope_tables;
+
+/// Why a model could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// `config.json` is malformed or inconsistent.
+    #[error("{}: {reason}", path.display())]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// `model_type` names a family this crate does not support.
+    #[error("{}: unsupported model_type `{model_type}` (supported: qwen2_moe, qwen3_moe, olmoe, mixtral)", path.display())]
+    UnknownModelType {
+        /// The config file.
+        path: PathBuf,
+        /// The model type found.
+        model_type: String,
+    },
+    /// A tensor file problem.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A BEAM adapter does not fit the model.
+    #[error("{}: {reason}", path.display())]
+    Adapter {
+        /// The adapter file.
+        path: PathBuf,
+        /// What does not fit.
+        reason: String,
+    },
+}
+
+/// The feed-forward part of a decoder layer.
+#[derive(Module, Debug)]
+pub struct FeedForward<B: Backend> {
+    /// MoE block (MoE layers).
+    pub moe: Option<BeamMoe<B>>,
+    /// Dense SwiGLU MLP (dense layers).
+    pub dense: Option<SharedExpert<B>>,
+}
+
+/// One pre-norm decoder layer: `h += attn(norm(h)); h += ffn(norm(h))`.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// `input_layernorm`.
+    pub input_norm: RmsNorm<B>,
+    /// `self_attn`.
+    pub attention: Attention<B>,
+    /// `post_attention_layernorm`.
+    pub post_attention_norm: RmsNorm<B>,
+    /// `mlp` / `block_sparse_moe`.
+    pub feed_forward: FeedForward<B>,
+}
+
+/// Which mask the MoE layers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaskMode {
+    /// The BEAM adapter's learned masks where loaded, plain top-K elsewhere.
+    #[default]
+    Learned,
+    /// Plain top-K everywhere (the base model).
+    TopK,
+}
+
+/// What [`MoeLm::forward`] returns.
+#[derive(Debug, Clone)]
+pub struct LmOutput<B: Backend> {
+    /// Logits `[B, T, V]`.
+    pub logits: Tensor<B, 3>,
+    /// With `hidden_states`: the embeddings, then each layer's output, the last after the final
+    /// norm (transformers' `output_hidden_states` convention), `L + 1` tensors `[B, T, H]`.
+    pub hidden_states: Vec<Tensor<B, 3>>,
+    /// Routing facts of every MoE layer, in layer order.
+    pub routing: Vec<RoutingFacts<B>>,
+}
+
+impl<B: Backend> LmOutput<B> {
+    /// Kept (token, expert) pairs summed over MoE layers (reads back to the host).
+    pub fn kept_pairs(&self) -> usize {
+        self.routing.iter().map(RoutingFacts::kept_pairs).sum()
+    }
+}
+
+/// A decoder-only MoE language model.
+///
+/// # Shapes
+/// - input ids `[B, T]` → logits `[B, T, V]`
+#[derive(Module, Debug)]
+pub struct MoeLm<B: Backend> {
+    /// `model.embed_tokens`: `[V, H]`.
+    pub embed: Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// `model.norm`.
+    pub norm: RmsNorm<B>,
+    /// `lm_head.weight` `[V, H]`; `None` when tied to the embeddings.
+    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    #[module(skip)]
+    config: ModelConfig,
+}
+
+impl<B: Backend> MoeLm<B> {
+    pub(crate) fn from_parts(
+        config: ModelConfig,
+        embed: Embedding<B>,
+        layers: Vec<DecoderLayer<B>>,
+        norm: RmsNorm<B>,
+        lm_head: Option<Param<Tensor<B, 2>>>,
+    ) -> Self {
+        Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            config,
+        }
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Whether any MoE layer has a BEAM mask router.
+    pub fn has_beam(&self) -> bool {
+        self.moe_layers().any(|moe| moe.mask_router.is_some())
+    }
+
+    /// The MoE blocks, in layer order.
+    pub fn moe_layers(&self) -> impl Iterator<Item = &BeamMoe<B>> {
+        self.layers
+            .iter()
+            .filter_map(|l| l.feed_forward.moe.as_ref())
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.layers.len())
+    }
+}
+
+impl<B: MoeBackend> MoeLm<B> {
+    /// Runs `ids` (`[B, T]`) after the tokens already in `cache` (if any), appending to it.
+    pub fn forward(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+        mask: MaskMode,
+        hidden_states: bool,
+    ) -> LmOutput<B> {
+        let [_, tokens] = ids.dims();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let mut h = self.embed.forward(ids);
+        let device = h.device();
+        let rope = rope_tables::<B>(
+            self.config.rope_theta,
+            self.config.head_dim,
+            past,
+            tokens,
+            &device,
+        );
+        let mut states = Vec::new();
+        let mut routing = Vec::new();
+        for (index, layer) in self.layers.iter().enumerate() {
+            if hidden_states {
+                states.push(h.clone());
+            }
+            let attn = layer.attention.forward(
+                layer.input_norm.forward(h.clone()),
+                rope.clone(),
+                cache.as_deref_mut().map(|c| (c, index)),
+            );
+            h = h + attn;
+            let x = layer.post_attention_norm.forward(h.clone());
+            let ff = match (&layer.feed_forward.moe, &layer.feed_forward.dense) {
+                (Some(moe), _) => {
+                    let source = match mask {
+                        MaskMode::Learned => MaskSource::Learned,
+                        MaskMode::TopK => MaskSource::TopK,
+                    };
+                    let out = moe.forward_with(x, source);
+                    routing.push(out.facts);
+                    out.output
+                }
+                (None, Some(dense)) => {
+                    let [b, t, hidden] = x.dims();
+                    dense
+                        .forward(x.reshape([b * t, hidden]))
+                        .reshape([b, t, hidden])
+                }
+                (None, None) => unreachable!("every layer has a feed-forward"),
+            };
+            h = h + ff;
+        }
+        if let Some(cache) = cache {
+            cache.advance(tokens);
+        }
+        let h = self.norm.forward(h);
+        if hidden_states {
+            states.push(h.clone());
+        }
+        let head = match &self.lm_head {
+            Some(w) => w.val(),
+            None => self.embed.weight.val(),
+        };
+        let [b, t, hidden] = h.dims();
+        let logits = h
+            .reshape([b * t, hidden])
+            .matmul(head.transpose())
+            .reshape([b, t, self.config.vocab_size]);
+        LmOutput {
+            logits,
+            hidden_states: states,
+            routing,
+        }
+    }
+}
