@@ -65,6 +65,18 @@ where
 {
 }
 
+#[cfg(feature = "cubecl-backends")]
+impl<R, F, I, BT> MoeBackend for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: burn_cubecl::CubeRuntime,
+    R::Server: burn_cubecl::cubecl::server::ComputeServer,
+    R::Device: burn::tensor::backend::DeviceOps,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+}
+
 #[cfg(feature = "autodiff")]
 impl<B: MoeBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> MoeBackend
     for burn::backend::Autodiff<B, C>

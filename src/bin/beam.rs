@@ -1,0 +1,304 @@
+//! `beam`: inspect, run and generate with Hugging Face MoE checkpoints, with or without BEAM.
+//!
+//! ```text
+//! beam info     --model DIR [--beam-adapter FILE]
+//! beam logits   --model DIR --ids 72,101,108
+//! beam generate --model DIR (--prompt TEXT | --ids 1,2,3) --max-new-tokens N [--temperature T]
+//!               [--top-p P] [--seed S] [--json] [--beam-adapter FILE [--threshold τ]]
+//! ```
+//! Every command takes `--backend ndarray|wgpu|cuda` (ndarray default; the others need the cargo
+//! features of the same name). Errors print one line and exit with status 1.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use beam_model::model::generate::{generate, GenerateConfig};
+use beam_model::model::load::load_model;
+use beam_model::model::{MaskMode, MoeLm};
+use beam_model::MoeBackend;
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "beam",
+    version,
+    about = "BEAM Mixture-of-Experts models on burn"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendChoice {
+    Ndarray,
+    Wgpu,
+    Cuda,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value = "ndarray")]
+    backend: BackendChoice,
+    /// BEAM adapter (mask routers, safetensors) to turn BEAM on.
+    #[arg(long)]
+    beam_adapter: Option<PathBuf>,
+    /// Mask threshold τ in (0, 1) (needs --beam-adapter; default: the adapter's).
+    #[arg(long)]
+    threshold: Option<f64>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Family, layers, experts, top-K, parameters, BEAM adapter.
+    Info {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Logits of one sequence as JSON: {"logits": [[V floats] × T]}.
+    Logits {
+        #[command(flatten)]
+        common: Common,
+        /// Comma-separated token ids.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ids: Vec<u32>,
+    },
+    /// Generate text.
+    Generate {
+        #[command(flatten)]
+        common: Common,
+        /// Prompt text (tokenised with DIR/tokenizer.json).
+        #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+        prompt: Option<String>,
+        /// Prompt token ids, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        ids: Option<Vec<u32>>,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// 0 (default) is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Sampler seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print {"ids": [...new ids...], "text": "..."} instead of the text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl Command {
+    fn common(&self) -> &Common {
+        match self {
+            Command::Info { common }
+            | Command::Logits { common, .. }
+            | Command::Generate { common, .. } => common,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.common().backend {
+        BackendChoice::Ndarray => run::<burn::backend::NdArray>(&cli.command, &Default::default()),
+        BackendChoice::Wgpu => run_wgpu(&cli.command),
+        BackendChoice::Cuda => run_cuda(&cli.command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn run_wgpu(command: &Command) -> Result<(), String> {
+    run::<burn::backend::Wgpu>(command, &Default::default())
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn run_wgpu(_: &Command) -> Result<(), String> {
+    Err("this binary was built without wgpu: rebuild with `--features wgpu`".into())
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(command: &Command) -> Result<(), String> {
+    beam::cuda_device().and_then(|device| run::<burn::backend::Cuda>(command, &device))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &Command) -> Result<(), String> {
+    Err("this binary was built without CUDA: rebuild with `--features cuda`".into())
+}
+
+fn load<B: MoeBackend>(common: &Common, device: &B::Device) -> Result<MoeLm<B>, String> {
+    let mut model = load_model::<B>(&common.model, device).map_err(|e| e.to_string())?;
+    if let Some(adapter) = &common.beam_adapter {
+        model = model
+            .load_beam_adapter(adapter, device)
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(threshold) = common.threshold {
+        if common.beam_adapter.is_none() {
+            return Err("--threshold needs --beam-adapter".into());
+        }
+        model = model.with_threshold(threshold)?;
+    }
+    Ok(model)
+}
+
+fn tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, String> {
+    let path = dir.join("tokenizer.json");
+    tokenizers::Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn check_ids(ids: &[u32], vocab: usize) -> Result<(), String> {
+    if ids.is_empty() {
+        return Err("no token ids given".into());
+    }
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(id) => Err(format!(
+            "token id {id} is outside the vocabulary (size {vocab})"
+        )),
+        None => Ok(()),
+    }
+}
+
+fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), String> {
+    let common = command.common();
+    let model = load::<B>(common, device)?;
+    let config = model.config();
+    match command {
+        Command::Info { .. } => {
+            let moe = &config.moe;
+            println!("family:      {}", config.family);
+            println!(
+                "layers:      {} ({} MoE)",
+                config.num_layers,
+                config.num_moe_layers()
+            );
+            println!(
+                "experts:     {} routed, top-{}{}",
+                moe.num_experts,
+                moe.top_k,
+                moe.shared_expert
+                    .as_ref()
+                    .map_or(String::new(), |s| format!(
+                        ", shared expert of size {}",
+                        s.intermediate_size
+                    ))
+            );
+            println!(
+                "hidden:      {} (expert intermediate {}), heads {}/{} kv, head_dim {}",
+                config.hidden_size,
+                moe.intermediate_size,
+                config.num_heads,
+                config.num_kv_heads,
+                config.head_dim
+            );
+            println!("vocabulary:  {}", config.vocab_size);
+            println!("parameters:  {}", config.parameters());
+            match (
+                &common.beam_adapter,
+                model.moe_layers().find_map(|m| m.mask_router.as_ref()),
+            ) {
+                (Some(path), Some(router)) => println!(
+                    "BEAM:        adapter {} (threshold {})",
+                    path.display(),
+                    router.threshold()
+                ),
+                _ => println!("BEAM:        no adapter (plain top-{})", moe.top_k),
+            }
+        }
+        Command::Logits { ids, .. } => {
+            check_ids(ids, config.vocab_size)?;
+            let out = model.forward(id_tensor::<B>(ids, device), None, MaskMode::Learned, false);
+            let [_, t, v] = out.logits.dims();
+            let values = out
+                .logits
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .map_err(|e| format!("{e:?}"))?;
+            let rows: Vec<&[f32]> = values.chunks(v).take(t).collect();
+            println!("{}", serde_json::json!({ "logits": rows }));
+        }
+        Command::Generate {
+            prompt,
+            ids,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+            json,
+            ..
+        } => {
+            if !(*top_p > 0.0 && *top_p <= 1.0) || *temperature < 0.0 {
+                return Err("--top-p must be in (0, 1] and --temperature ≥ 0".into());
+            }
+            let tokenizer = tokenizer(&common.model);
+            let prompt_ids = match (prompt, ids) {
+                (Some(text), _) => tokenizer
+                    .as_ref()
+                    .map_err(Clone::clone)?
+                    .encode(text.as_str(), false)
+                    .map_err(|e| format!("cannot tokenise the prompt: {e}"))?
+                    .get_ids()
+                    .to_vec(),
+                (None, Some(ids)) => ids.clone(),
+                (None, None) => unreachable!("clap requires --prompt or --ids"),
+            };
+            check_ids(&prompt_ids, config.vocab_size)?;
+            let settings = GenerateConfig {
+                max_new_tokens: *max_new_tokens,
+                temperature: *temperature,
+                top_p: *top_p,
+                seed: *seed,
+                eos_token_ids: config.eos_token_ids.clone(),
+                mask: MaskMode::Learned,
+            };
+            let generation = generate(&model, &prompt_ids, &settings);
+            let text = match &tokenizer {
+                Ok(tok) => tok
+                    .decode(&generation.ids, true)
+                    .map_err(|e| format!("cannot decode: {e}"))?,
+                Err(_) if *json || ids.is_some() => String::new(),
+                Err(err) => return Err(err.clone()),
+            };
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ids": generation.ids, "text": text })
+                );
+            } else {
+                println!("{text}");
+            }
+            eprintln!(
+                "[beam] {} new tokens, {:.1} tokens/s decode, {:.2} ms/token, {:.2} of {} experts kept per token per MoE layer{}",
+                generation.ids.len(),
+                generation.decode_tokens_per_second(),
+                1000.0 / generation.decode_tokens_per_second().max(1e-9),
+                generation.mean_active_experts(),
+                config.moe.top_k,
+                if model.has_beam() { " (BEAM)" } else { " (top-K)" },
+            );
+        }
+    }
+    Ok(())
+}
+
+fn id_tensor<B: MoeBackend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+    let values: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+    Tensor::from_data(TensorData::new(values, [1, ids.len()]), device)
+}

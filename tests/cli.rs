@@ -1,0 +1,185 @@
+//! The `beam` binary end to end on the shipped tiny checkpoints.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use beam_model::checkpoint::TensorStore;
+use common::{assert_close, repo_root};
+
+fn beam(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_beam"))
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .expect("run beam")
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "beam failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn reference_ids(family: &str, name: &str) -> Vec<i64> {
+    let store =
+        TensorStore::open(repo_root().join(format!("assets/fixtures/models/{family}.safetensors")))
+            .unwrap();
+    store.i64_values(name).unwrap().0
+}
+
+fn join(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn info_describes_each_family() {
+    for (family, needle) in [
+        ("qwen2_moe", "3 (2 MoE)"),
+        ("qwen3_moe", "top-2"),
+        ("olmoe", "top-3"),
+        ("mixtral", "6 routed"),
+    ] {
+        let out = stdout(&beam(&[
+            "info",
+            "--model",
+            &format!("assets/models/tiny-{family}"),
+        ]));
+        assert!(out.contains(&format!("family:      {family}")), "{out}");
+        assert!(out.contains(needle), "{family}: {out}");
+        assert!(out.contains("no adapter"), "{out}");
+    }
+}
+
+#[test]
+fn logits_json_matches_transformers() {
+    let ids = reference_ids("olmoe", "input_ids");
+    let out = stdout(&beam(&[
+        "logits",
+        "--model",
+        "assets/models/tiny-olmoe",
+        "--ids",
+        &join(&ids),
+    ]));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rows = json["logits"].as_array().unwrap();
+    assert_eq!(rows.len(), ids.len());
+    let ours: Vec<f64> = rows
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+        .collect();
+    let store =
+        TensorStore::open(repo_root().join("assets/fixtures/models/olmoe.safetensors")).unwrap();
+    let shape = store.shape("logits").unwrap();
+    let reference: Vec<f64> = store
+        .f32_values("logits", &shape)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    assert_close(&ours, &reference, 1e-4, "beam logits vs transformers");
+}
+
+#[test]
+fn generate_greedy_json_matches_transformers() {
+    let ids = reference_ids("mixtral", "input_ids");
+    let out = beam(&[
+        "generate",
+        "--model",
+        "assets/models/tiny-mixtral",
+        "--ids",
+        &join(&ids),
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let generated: Vec<i64> = json["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(generated, reference_ids("mixtral", "generated"));
+    assert!(json["text"].is_string());
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        summary.contains("tokens/s") && summary.contains("2.00 of 2 experts kept"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn generate_from_a_text_prompt() {
+    let out = beam(&[
+        "generate",
+        "--model",
+        "assets/models/tiny-qwen3_moe",
+        "--prompt",
+        "And God said",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+    ]);
+    let text = stdout(&out);
+    assert!(!text.trim().is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(top-K)"));
+}
+
+#[test]
+fn errors_are_one_line_and_non_zero() {
+    for args in [
+        vec!["info", "--model", "/nonexistent/model"],
+        vec![
+            "logits",
+            "--model",
+            "assets/models/tiny-olmoe",
+            "--ids",
+            "1,99999",
+        ],
+        vec![
+            "info",
+            "--model",
+            "assets/models/tiny-olmoe",
+            "--threshold",
+            "0.5",
+        ],
+        vec![
+            "info",
+            "--model",
+            "assets/models/tiny-olmoe",
+            "--beam-adapter",
+            "/nonexistent.safetensors",
+        ],
+        vec![
+            "generate",
+            "--model",
+            "assets/models/tiny-olmoe",
+            "--ids",
+            "1",
+            "--top-p",
+            "0",
+        ],
+        #[cfg(not(feature = "cuda"))]
+        vec![
+            "info",
+            "--model",
+            "assets/models/tiny-olmoe",
+            "--backend",
+            "cuda",
+        ],
+    ] {
+        let out = beam(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

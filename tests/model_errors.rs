@@ -1,0 +1,355 @@
+//! Bad checkpoints give typed errors naming the file, the tensor and expected vs actual — never a
+//! panic. Each test copies the tiny Qwen3-MoE (or sharded Mixtral) checkpoint into a temporary
+//! folder and breaks one thing. Also: f16 / bf16 weights on disk load to the same model as their
+//! f32 values.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use beam_model::checkpoint::LoadError;
+use beam_model::model::load::load_model;
+use beam_model::model::{MaskMode, ModelError, MoeLm};
+use burn::backend::NdArray;
+use burn::tensor::{Tensor, TensorData};
+use common::{repo_root, values};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+type B = NdArray<f32>;
+
+/// A scratch copy of a shipped tiny model, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn copy_of(family: &str, tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("beam-errors-{tag}-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = repo_root().join(format!("assets/models/tiny-{family}"));
+        for entry in std::fs::read_dir(source).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+        Self(dir)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+
+    fn edit_config(&self, edit: impl FnOnce(&mut serde_json::Value)) {
+        let path = self.path("config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        edit(&mut json);
+        std::fs::write(path, serde_json::to_string(&json).unwrap()).unwrap();
+    }
+
+    /// Rewrites `model.safetensors` after `edit` changes its (dtype, shape, bytes) map.
+    fn edit_tensors(&self, edit: impl FnOnce(&mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>)) {
+        let path = self.path("model.safetensors");
+        let bytes = std::fs::read(&path).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let mut tensors: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                (
+                    name,
+                    (view.dtype(), view.shape().to_vec(), view.data().to_vec()),
+                )
+            })
+            .collect();
+        edit(&mut tensors);
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, (dtype, shape, data))| {
+                (
+                    name.clone(),
+                    TensorView::new(*dtype, shape.clone(), data).unwrap(),
+                )
+            })
+            .collect();
+        std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+
+    fn load(&self) -> Result<MoeLm<B>, ModelError> {
+        load_model::<B>(&self.0, &Default::default())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+fn load_error(err: Result<MoeLm<B>, ModelError>) -> ModelError {
+    match err {
+        Ok(_) => panic!("loading should fail"),
+        Err(err) => err,
+    }
+}
+
+const ROUTER: &str = "model.layers.1.mlp.gate.weight";
+
+#[test]
+fn missing_folder_and_config() {
+    let err = load_error(load_model::<B>(
+        Path::new("/nonexistent/beam-model"),
+        &Default::default(),
+    ));
+    assert!(matches!(err, ModelError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("/nonexistent/beam-model"));
+
+    let scratch = Scratch::copy_of("qwen3_moe", "noconfig");
+    std::fs::remove_file(scratch.path("config.json")).unwrap();
+    let err = load_error(scratch.load());
+    assert!(
+        matches!(&err, ModelError::Io { path, .. } if path.ends_with("config.json")),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_model_type_and_malformed_config() {
+    let scratch = Scratch::copy_of("qwen3_moe", "type");
+    scratch.edit_config(|c| c["model_type"] = "beam_unknown".into());
+    let err = load_error(scratch.load());
+    assert!(
+        matches!(&err, ModelError::UnknownModelType { model_type, .. } if model_type == "beam_unknown"),
+        "{err}"
+    );
+
+    std::fs::write(scratch.path("config.json"), "{ not json").unwrap();
+    let err = load_error(scratch.load());
+    assert!(matches!(err, ModelError::Config { .. }), "{err}");
+
+    let scratch = Scratch::copy_of("qwen3_moe", "missingfield");
+    scratch.edit_config(|c| {
+        c.as_object_mut().unwrap().remove("hidden_size");
+    });
+    let err = load_error(scratch.load());
+    assert!(err.to_string().contains("hidden_size"), "{err}");
+}
+
+#[test]
+fn inconsistent_config_fields() {
+    for (tag, field, value, needle) in [
+        (
+            "heads",
+            "num_key_value_heads",
+            3,
+            "multiple of num_key_value_heads",
+        ),
+        (
+            "topk",
+            "num_experts_per_tok",
+            9,
+            "top_k = 9 exceeds num_experts = 8",
+        ),
+        (
+            "dense",
+            "mlp_only_layers",
+            7,
+            "mlp_only_layers names layer 7",
+        ),
+    ] {
+        let scratch = Scratch::copy_of("qwen3_moe", tag);
+        scratch.edit_config(|c| {
+            c[field] = if field == "mlp_only_layers" {
+                serde_json::json!([value])
+            } else {
+                value.into()
+            };
+        });
+        let err = load_error(scratch.load());
+        assert!(matches!(err, ModelError::Config { .. }), "{tag}: {err}");
+        assert!(err.to_string().contains(needle), "{tag}: {err}");
+    }
+    // The config and the checkpoint disagree: a typed shape error, not a panic.
+    let scratch = Scratch::copy_of("qwen3_moe", "hidden");
+    scratch.edit_config(|c| c["moe_intermediate_size"] = 24.into());
+    let err = load_error(scratch.load());
+    assert!(
+        matches!(err, ModelError::Load(LoadError::Shape { .. })),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_extra_misshaped_and_non_float_tensors() {
+    let scratch = Scratch::copy_of("qwen3_moe", "missing");
+    scratch.edit_tensors(|t| {
+        t.remove(ROUTER);
+    });
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Missing { name, path }) => {
+            assert_eq!(name, ROUTER);
+            assert!(path.ends_with("model.safetensors"));
+        }
+        other => panic!("expected Missing, got {other}"),
+    }
+
+    let scratch = Scratch::copy_of("qwen3_moe", "extra");
+    scratch.edit_tensors(|t| {
+        t.insert(
+            "model.layers.9.mlp.gate.weight".into(),
+            (Dtype::F32, vec![2], vec![0; 8]),
+        );
+    });
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Unexpected { name, .. }) => {
+            assert_eq!(name, "model.layers.9.mlp.gate.weight")
+        }
+        other => panic!("expected Unexpected, got {other}"),
+    }
+
+    let scratch = Scratch::copy_of("qwen3_moe", "shape");
+    scratch.edit_tensors(|t| {
+        let entry = t.get_mut(ROUTER).unwrap();
+        entry.1 = vec![4, 64];
+    });
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Shape {
+            name,
+            expected,
+            actual,
+            ..
+        }) => {
+            assert_eq!(
+                (name.as_str(), expected, actual),
+                (ROUTER, vec![8, 32], vec![4, 64])
+            );
+        }
+        other => panic!("expected Shape, got {other}"),
+    }
+
+    let scratch = Scratch::copy_of("qwen3_moe", "dtype");
+    scratch.edit_tensors(|t| {
+        t.get_mut(ROUTER).unwrap().0 = Dtype::I32;
+    });
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Dtype { name, actual, .. }) => {
+            assert_eq!(name, ROUTER);
+            assert_eq!(actual, "I32");
+        }
+        other => panic!("expected Dtype, got {other}"),
+    }
+}
+
+#[test]
+fn truncated_and_corrupted_files() {
+    let scratch = Scratch::copy_of("qwen3_moe", "truncated");
+    let path = scratch.path("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_error(scratch.load());
+    assert!(
+        matches!(&err, ModelError::Load(LoadError::Format { path, .. }) if path.ends_with("model.safetensors")),
+        "{err}"
+    );
+
+    let mut corrupted = bytes.clone();
+    corrupted[8..40].copy_from_slice(&[b'#'; 32]);
+    std::fs::write(&path, &corrupted).unwrap();
+    assert!(matches!(
+        load_error(scratch.load()),
+        ModelError::Load(LoadError::Format { .. })
+    ));
+
+    std::fs::write(&path, [0u8; 3]).unwrap();
+    assert!(matches!(
+        load_error(scratch.load()),
+        ModelError::Load(LoadError::Format { .. })
+    ));
+}
+
+#[test]
+fn broken_shard_index() {
+    let scratch = Scratch::copy_of("mixtral", "shards");
+    assert!(scratch.load().is_ok(), "sharded checkpoint loads");
+    std::fs::remove_file(scratch.path("model-00003-of-00005.safetensors")).unwrap();
+    let err = load_error(scratch.load());
+    assert!(
+        matches!(&err, ModelError::Load(LoadError::Io { path, .. }) if path.ends_with("model-00003-of-00005.safetensors")),
+        "{err}"
+    );
+
+    std::fs::write(
+        scratch.path("model.safetensors.index.json"),
+        r#"{"weight_map": {"x": "../evil.safetensors"}}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        load_error(scratch.load()),
+        ModelError::Load(LoadError::Index { .. })
+    ));
+    std::fs::write(scratch.path("model.safetensors.index.json"), "[]").unwrap();
+    assert!(matches!(
+        load_error(scratch.load()),
+        ModelError::Load(LoadError::Index { .. })
+    ));
+}
+
+#[test]
+fn half_precision_weights_load_to_their_f32_values() {
+    // Round every weight to bf16 / f16, store it once as f32 and once in the half type: the two
+    // checkpoints must give identical logits.
+    for (tag, dtype) in [("bf16", Dtype::BF16), ("f16", Dtype::F16)] {
+        let rounded = Scratch::copy_of("qwen3_moe", &format!("{tag}-f32"));
+        let half = Scratch::copy_of("qwen3_moe", tag);
+        let convert = |keep_f32: bool| {
+            move |t: &mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>| {
+                for (d, _, bytes) in t.values_mut() {
+                    let floats = bytes
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()));
+                    let (new_dtype, new_bytes): (Dtype, Vec<u8>) = match dtype {
+                        Dtype::BF16 => {
+                            let h: Vec<half::bf16> = floats.map(half::bf16::from_f32).collect();
+                            if keep_f32 {
+                                (
+                                    Dtype::F32,
+                                    h.iter().flat_map(|v| v.to_f32().to_le_bytes()).collect(),
+                                )
+                            } else {
+                                (
+                                    Dtype::BF16,
+                                    h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                                )
+                            }
+                        }
+                        _ => {
+                            let h: Vec<half::f16> = floats.map(half::f16::from_f32).collect();
+                            if keep_f32 {
+                                (
+                                    Dtype::F32,
+                                    h.iter().flat_map(|v| v.to_f32().to_le_bytes()).collect(),
+                                )
+                            } else {
+                                (Dtype::F16, h.iter().flat_map(|v| v.to_le_bytes()).collect())
+                            }
+                        }
+                    };
+                    *d = new_dtype;
+                    *bytes = new_bytes;
+                }
+            }
+        };
+        rounded.edit_tensors(convert(true));
+        half.edit_tensors(convert(false));
+        let ids = Tensor::<B, 2, burn::tensor::Int>::from_data(
+            TensorData::new(vec![5i64, 17, 42, 7], [1, 4]),
+            &Default::default(),
+        );
+        let logits =
+            |m: MoeLm<B>| values(m.forward(ids.clone(), None, MaskMode::TopK, false).logits);
+        let a = logits(rounded.load().unwrap());
+        let b = logits(half.load().unwrap());
+        assert!(a.iter().any(|v| *v != 0.0));
+        assert_eq!(a, b, "{tag}");
+    }
+}
