@@ -131,6 +131,16 @@ impl TensorStore {
         Self::from_shards(vec![Shard::open(path.as_ref())?])
     }
 
+    /// A safetensors file already in memory; `path` names it in errors.
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self, LoadError> {
+        let shard = Shard {
+            path: path.into(),
+            bytes,
+        };
+        shard.parse()?;
+        Self::from_shards(vec![shard])
+    }
+
     /// The checkpoint in a Hugging Face folder: `model.safetensors.index.json` and its shards if
     /// present, else `model.safetensors`.
     pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self, LoadError> {

@@ -205,7 +205,7 @@ impl ModelConfig {
             return Err("sliding_window must be > 0".into());
         }
         if let Some(c) = self.attention.clip_qkv {
-            if !(c > 0.0) {
+            if c.is_nan() || c <= 0.0 {
                 return Err(format!("clip_qkv = {c} must be > 0"));
             }
         }
