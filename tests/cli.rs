@@ -183,3 +183,75 @@ fn errors_are_one_line_and_non_zero() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn generate_with_a_beam_adapter_keeps_fewer_experts() {
+    use beam_model::model::load::load_model;
+    use burn::backend::NdArray;
+    use burn::module::Param;
+    use burn::tensor::Tensor;
+
+    // An adapter with random mask-router weights: about half of the slots are masked.
+    let device = Default::default();
+    let model =
+        load_model::<NdArray>(repo_root().join("assets/models/tiny-qwen3_moe"), &device).unwrap();
+    let mut model = model
+        .enable_beam(beam_model::BeamMaskConfig::new(), &device)
+        .unwrap();
+    let mut rng = common::Rng::new(9);
+    for layer in &mut model.layers {
+        let router = layer
+            .feed_forward
+            .moe
+            .as_mut()
+            .unwrap()
+            .mask_router
+            .as_mut()
+            .unwrap();
+        let dims = router.proj.weight.dims();
+        router.proj.weight = Param::from_tensor(rng.tensor(dims, 1.0, &device));
+        router.proj.bias = Some(Param::from_tensor(Tensor::zeros([dims[1]], &device)));
+    }
+    let path = std::env::temp_dir().join(format!(
+        "beam-cli-adapter-{}.safetensors",
+        std::process::id()
+    ));
+    model.save_beam_adapter(&path).unwrap();
+    let adapter = path.to_str().unwrap();
+
+    let info = stdout(&beam(&[
+        "info",
+        "--model",
+        "assets/models/tiny-qwen3_moe",
+        "--beam-adapter",
+        adapter,
+        "--threshold",
+        "0.6",
+    ]));
+    assert!(info.contains("threshold 0.6"), "{info}");
+    let out = beam(&[
+        "generate",
+        "--model",
+        "assets/models/tiny-qwen3_moe",
+        "--ids",
+        "5,17,42",
+        "--max-new-tokens",
+        "6",
+        "--beam-adapter",
+        adapter,
+    ]);
+    stdout(&out);
+    let summary = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(summary.contains("(BEAM)"), "{summary}");
+    let kept: f64 = summary
+        .split(" of 2 experts kept")
+        .next()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(kept > 0.0 && kept < 2.0, "{summary}");
+    std::fs::remove_file(path).ok();
+}

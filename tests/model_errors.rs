@@ -353,3 +353,23 @@ fn half_precision_weights_load_to_their_f32_values() {
         assert_eq!(a, b, "{tag}");
     }
 }
+
+#[test]
+fn implausible_sizes_are_rejected_before_allocating() {
+    // Found by the config_json fuzz target: a huge layer count used to abort in an allocation.
+    let scratch = Scratch::copy_of("olmoe", "huge");
+    scratch.edit_config(|c| c["num_hidden_layers"] = 777_777_777_777_772u64.into());
+    let err = load_error(scratch.load());
+    assert!(
+        err.to_string()
+            .contains("num_hidden_layers = 777777777777772 exceeds"),
+        "{err}"
+    );
+    scratch.edit_config(|c| {
+        c["num_hidden_layers"] = 2.into();
+        c["vocab_size"] = (1u64 << 40).into();
+    });
+    assert!(load_error(scratch.load())
+        .to_string()
+        .contains("vocab_size"));
+}

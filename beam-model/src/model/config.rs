@@ -226,10 +226,12 @@ impl ModelConfig {
     }
 
     /// Parameter count of the base model (no BEAM mask routers).
-    pub fn parameters(&self) -> usize {
-        let (h, v) = (self.hidden_size, self.vocab_size);
-        let q = self.num_heads * self.head_dim;
-        let kv = self.num_kv_heads * self.head_dim;
+    pub fn parameters(&self) -> u64 {
+        // u128: a corrupted config must not overflow (sizes are bounded, products may not be).
+        let n = |v: usize| v as u128;
+        let (h, v) = (n(self.hidden_size), n(self.vocab_size));
+        let q = n(self.num_heads) * n(self.head_dim);
+        let kv = n(self.num_kv_heads) * n(self.head_dim);
         let bias = if self.attention.qkv_bias {
             q + 2 * kv
         } else {
@@ -237,23 +239,23 @@ impl ModelConfig {
         };
         let qk_norm = match self.attention.qk_norm {
             QkNorm::None => 0,
-            QkNorm::PerHead => 2 * self.head_dim,
+            QkNorm::PerHead => 2 * n(self.head_dim),
             QkNorm::Whole => q + kv,
         };
         let attention = h * q + 2 * h * kv + q * h + bias + qk_norm + 2 * h;
         let moe = &self.moe;
-        let moe_block = moe.num_experts * 3 * h * moe.intermediate_size
-            + moe.num_experts * h
+        let moe_block = n(moe.num_experts) * 3 * h * n(moe.intermediate_size)
+            + n(moe.num_experts) * h
             + moe.shared_expert.as_ref().map_or(0, |s| {
-                3 * h * s.intermediate_size + if s.gated { h } else { 0 }
+                3 * h * n(s.intermediate_size) + if s.gated { h } else { 0 }
             });
-        let dense = 3 * h * self.dense_intermediate_size;
-        let layers: usize = self
+        let dense = 3 * h * n(self.dense_intermediate_size);
+        let layers: u128 = self
             .moe_layers
             .iter()
             .map(|&m| attention + if m { moe_block } else { dense })
             .sum();
         let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + layers + h + head
+        u64::try_from(v * h + layers + h + head).unwrap_or(u64::MAX)
     }
 }

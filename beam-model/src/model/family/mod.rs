@@ -56,6 +56,7 @@ impl Family {
     }
 
     pub(crate) fn config(self, hf: &HfConfig) -> Result<ModelConfig, String> {
+        check_sizes(hf)?;
         match self {
             Self::Qwen2Moe => qwen2_moe::config(hf),
             Self::Qwen3Moe => qwen3_moe::config(hf),
@@ -73,6 +74,43 @@ impl std::fmt::Display for Family {
 
 fn required(value: Option<usize>, field: &str) -> Result<usize, String> {
     value.ok_or_else(|| format!("missing `{field}`"))
+}
+
+/// Upper bounds that no real checkpoint reaches; they stop a corrupted `config.json` from making
+/// the loader allocate absurd amounts before any tensor is read.
+const MAX_LAYERS: usize = 4096;
+const MAX_SIZE: usize = 1 << 24;
+
+/// Rejects implausibly large sizes (checked before anything is allocated from them).
+fn check_sizes(hf: &HfConfig) -> Result<(), String> {
+    if hf.num_hidden_layers > MAX_LAYERS {
+        return Err(format!(
+            "num_hidden_layers = {} exceeds the limit of {MAX_LAYERS}",
+            hf.num_hidden_layers
+        ));
+    }
+    let sizes = [
+        ("vocab_size", Some(hf.vocab_size)),
+        ("hidden_size", Some(hf.hidden_size)),
+        ("num_attention_heads", Some(hf.num_attention_heads)),
+        ("num_key_value_heads", hf.num_key_value_heads),
+        ("head_dim", hf.head_dim),
+        ("intermediate_size", hf.intermediate_size),
+        ("moe_intermediate_size", hf.moe_intermediate_size),
+        (
+            "shared_expert_intermediate_size",
+            hf.shared_expert_intermediate_size,
+        ),
+        ("num_experts", hf.experts()),
+        ("num_experts_per_tok", hf.num_experts_per_tok),
+        ("sliding_window", hf.sliding_window),
+    ];
+    match sizes.iter().find(|(_, v)| v.is_some_and(|v| v > MAX_SIZE)) {
+        Some((field, Some(value))) => {
+            Err(format!("{field} = {value} exceeds the limit of {MAX_SIZE}"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The parts every family shares; `moe_intermediate` and `routing` differ per family.
