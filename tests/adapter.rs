@@ -8,9 +8,8 @@ use beam_model::model::load::load_model;
 use beam_model::model::{MaskMode, ModelError, MoeLm};
 use beam_model::BeamMaskConfig;
 use burn::backend::NdArray;
-use burn::module::Param;
 use burn::tensor::{Int, Tensor, TensorData};
-use common::{repo_root, values, Rng};
+use common::{random_adapter, repo_root, values};
 
 type B = NdArray<f32>;
 
@@ -20,22 +19,6 @@ fn model(family: &str) -> MoeLm<B> {
         &Default::default(),
     )
     .unwrap()
-}
-
-/// Random mask-router weights: roughly half of the slots masked.
-fn randomised_adapter(model: MoeLm<B>, seed: u64) -> MoeLm<B> {
-    let device = Default::default();
-    let mut model = model.enable_beam(BeamMaskConfig::new(), &device).unwrap();
-    let mut rng = Rng::new(seed);
-    for layer in &mut model.layers {
-        if let Some(moe) = layer.feed_forward.moe.as_mut() {
-            let router = moe.mask_router.as_mut().unwrap();
-            let dims = router.proj.weight.dims();
-            router.proj.weight = Param::from_tensor(rng.tensor(dims, 1.0, &device));
-            router.proj.bias = Some(Param::from_tensor(Tensor::zeros([dims[1]], &device)));
-        }
-    }
-    model
 }
 
 fn ids(tokens: &[i64]) -> Tensor<B, 2, Int> {
@@ -71,7 +54,7 @@ fn fresh_adapter_is_exactly_top_k() {
 #[test]
 fn adapter_round_trips_and_skips_experts() {
     let path = temp("roundtrip");
-    let beam = randomised_adapter(model("qwen2_moe"), 3);
+    let beam = random_adapter(model("qwen2_moe"), 3);
     beam.save_beam_adapter(&path).unwrap();
     let dir = path.parent().unwrap();
     let stray: Vec<_> = std::fs::read_dir(dir)
@@ -122,7 +105,7 @@ fn adapter_round_trips_and_skips_experts() {
 #[test]
 fn mismatched_adapters_are_typed_errors() {
     let path = temp("mismatch");
-    randomised_adapter(model("qwen3_moe"), 4)
+    random_adapter(model("qwen3_moe"), 4)
         .save_beam_adapter(&path)
         .unwrap();
     // Wrong family.

@@ -188,30 +188,14 @@ fn errors_are_one_line_and_non_zero() {
 fn generate_with_a_beam_adapter_keeps_fewer_experts() {
     use beam_model::model::load::load_model;
     use burn::backend::NdArray;
-    use burn::module::Param;
-    use burn::tensor::Tensor;
 
     // An adapter with random mask-router weights: about half of the slots are masked.
-    let device = Default::default();
-    let model =
-        load_model::<NdArray>(repo_root().join("assets/models/tiny-qwen3_moe"), &device).unwrap();
-    let mut model = model
-        .enable_beam(beam_model::BeamMaskConfig::new(), &device)
-        .unwrap();
-    let mut rng = common::Rng::new(9);
-    for layer in &mut model.layers {
-        let router = layer
-            .feed_forward
-            .moe
-            .as_mut()
-            .unwrap()
-            .mask_router
-            .as_mut()
-            .unwrap();
-        let dims = router.proj.weight.dims();
-        router.proj.weight = Param::from_tensor(rng.tensor(dims, 1.0, &device));
-        router.proj.bias = Some(Param::from_tensor(Tensor::zeros([dims[1]], &device)));
-    }
+    let model = load_model::<NdArray>(
+        repo_root().join("assets/models/tiny-qwen3_moe"),
+        &Default::default(),
+    )
+    .unwrap();
+    let model = common::random_adapter(model, 9);
     let path = std::env::temp_dir().join(format!(
         "beam-cli-adapter-{}.safetensors",
         std::process::id()

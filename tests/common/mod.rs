@@ -106,3 +106,26 @@ pub fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
     );
     eprintln!("{what}: max |diff| = {diff:.2e} (tol {tol:.0e}, max |ref| = {scale:.3})");
 }
+
+/// Puts a BEAM adapter with random mask-router weights (zero bias) on every MoE layer: roughly half
+/// of the slots end up masked.
+pub fn random_adapter<B: Backend>(
+    model: beam_model::model::MoeLm<B>,
+    seed: u64,
+) -> beam_model::model::MoeLm<B> {
+    use burn::module::Param;
+    let device = model.embed.weight.device();
+    let mut model = model
+        .enable_beam(beam_model::BeamMaskConfig::new(), &device)
+        .unwrap();
+    let mut rng = Rng::new(seed);
+    for layer in &mut model.layers {
+        if let Some(moe) = layer.feed_forward.moe.as_mut() {
+            let router = moe.mask_router.as_mut().unwrap();
+            let dims = router.proj.weight.dims();
+            router.proj.weight = Param::from_tensor(rng.tensor(dims, 1.0, &device));
+            router.proj.bias = Some(Param::from_tensor(Tensor::zeros([dims[1]], &device)));
+        }
+    }
+    model
+}
