@@ -7,7 +7,7 @@ use burn::tensor::{Int, Tensor};
 
 use crate::config::{BeamMoeConfig, SharedExpertConfig};
 use crate::dispatch::{grouped_experts, MoeBackend};
-use crate::init::normal_param;
+use crate::init::{normal_param, Init};
 
 /// `down · (silu(gate · x) ⊙ up · x)` on rows `x` (`[N, H]`), with `gate_up` `[2I, H]` (gate rows
 /// first) and `down` `[H, I]`. Output `[N, H]`.
@@ -40,14 +40,18 @@ pub struct Experts<B: Backend> {
 impl<B: Backend> Experts<B> {
     /// Normally initialised experts.
     pub fn new(config: &BeamMoeConfig, device: &B::Device) -> Self {
+        Self::build(config, Init::Normal(config.init_std), device)
+    }
+
+    pub(crate) fn build(config: &BeamMoeConfig, init: Init, device: &B::Device) -> Self {
         let (e, h, i) = (
             config.num_experts,
             config.hidden_size,
             config.intermediate_size,
         );
         Self {
-            gate_up: normal_param([e, 2 * i, h], config.init_std, device),
-            down: normal_param([e, h, i], config.init_std, device),
+            gate_up: normal_param([e, 2 * i, h], init, device),
+            down: normal_param([e, h, i], init, device),
         }
     }
 
@@ -96,13 +100,22 @@ impl<B: Backend> SharedExpert<B> {
         init_std: f64,
         device: &B::Device,
     ) -> Self {
+        Self::build(shared, hidden_size, Init::Normal(init_std), device)
+    }
+
+    pub(crate) fn build(
+        shared: &SharedExpertConfig,
+        hidden_size: usize,
+        init: Init,
+        device: &B::Device,
+    ) -> Self {
         let i = shared.intermediate_size;
         Self {
-            gate_up: normal_param([2 * i, hidden_size], init_std, device),
-            down: normal_param([hidden_size, i], init_std, device),
+            gate_up: normal_param([2 * i, hidden_size], init, device),
+            down: normal_param([hidden_size, i], init, device),
             gate: shared
                 .gated
-                .then(|| normal_param([1, hidden_size], init_std, device)),
+                .then(|| normal_param([1, hidden_size], init, device)),
         }
     }
 

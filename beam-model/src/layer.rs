@@ -9,6 +9,7 @@ use crate::config::{BeamMaskConfig, BeamMoeConfig, ConfigError};
 use crate::dispatch::{drop_masked_slots, MoeBackend};
 use crate::experts::{Experts, SharedExpert};
 use crate::flops::{moe_layer_flops, FlopsReport};
+use crate::init::Init;
 use crate::loss::{load_balance_loss, sparsity_loss};
 use crate::mask::MaskRouter;
 use crate::router::Router;
@@ -146,16 +147,30 @@ impl BeamMoeConfig {
     /// Validates the config and builds the layer.
     pub fn try_init<B: Backend>(&self, device: &B::Device) -> Result<BeamMoe<B>, ConfigError> {
         self.validate()?;
-        Ok(BeamMoe {
-            router: Router::new(self, device),
+        Ok(self.build(Init::Normal(self.init_std), device))
+    }
+
+    /// A layer whose router, experts and shared expert are uninitialised placeholders, for a
+    /// loader that overwrites them at once (no random draws for billions of expert weights).
+    pub(crate) fn init_placeholder<B: Backend>(
+        &self,
+        device: &B::Device,
+    ) -> Result<BeamMoe<B>, ConfigError> {
+        self.validate()?;
+        Ok(self.build(Init::Placeholder, device))
+    }
+
+    fn build<B: Backend>(&self, init: Init, device: &B::Device) -> BeamMoe<B> {
+        BeamMoe {
+            router: Router::build(self, init, device),
             mask_router: self.beam.enabled.then(|| MaskRouter::new(self, device)),
-            experts: Experts::new(self, device),
+            experts: Experts::build(self, init, device),
             shared_expert: self
                 .shared_expert
                 .as_ref()
-                .map(|s| SharedExpert::new(s, self.hidden_size, self.init_std, device)),
+                .map(|s| SharedExpert::build(s, self.hidden_size, init, device)),
             config: self.clone(),
-        })
+        }
     }
 
     /// Builds the layer.
@@ -380,6 +395,19 @@ mod tests {
         let got = loaded.forward(x);
         assert_eq!(to_vec(got.output), to_vec(expected.output));
         assert_eq!(got.facts.kept_pairs(), expected.facts.kept_pairs());
+    }
+
+    #[test]
+    fn a_clone_of_a_fresh_layer_is_an_exact_copy() {
+        // burn's lazy parameters would give each clone of an unused layer its own random draw.
+        let config = config();
+        let layer = config.init::<B>(&Default::default());
+        let (a, b) = (layer.clone(), layer.clone());
+        let x = input();
+        assert_eq!(
+            to_vec(a.forward(x.clone()).output),
+            to_vec(b.forward(x).output)
+        );
     }
 
     #[test]

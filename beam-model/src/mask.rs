@@ -2,7 +2,7 @@
 //! experts the base router picked, with a straight-through estimator (STE) for training.
 
 use crate::activation::sigmoid;
-use burn::module::{Initializer, Module};
+use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
@@ -45,11 +45,9 @@ impl<B: Backend> MaskRouter<B> {
     /// A mask router for `config` whose masks all start at 1.
     pub fn new(config: &BeamMoeConfig, device: &B::Device) -> Self {
         let outputs = config.mask_router_outputs();
-        let weight = Initializer::Zeros.init([config.hidden_size, outputs], device);
-        let bias = Initializer::Constant {
-            value: config.beam.init_bias,
-        }
-        .init([outputs], device);
+        // Eager (not burn's lazy `Initializer`), so clones share the same values; see `init.rs`.
+        let weight = Param::from_tensor(Tensor::zeros([config.hidden_size, outputs], device));
+        let bias = Param::from_tensor(Tensor::full([outputs], config.beam.init_bias, device));
         Self {
             proj: Linear {
                 weight,

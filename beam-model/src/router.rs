@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::config::{BeamMoeConfig, GroupLimit, RoutingRule};
-use crate::init::normal_param;
+use crate::init::{normal_param, Init};
 
 /// The base router: `logits = x · W_gᵀ`, then the family's selection rule.
 ///
@@ -47,14 +47,14 @@ pub struct RouterOutput<B: Backend> {
 impl<B: Backend> Router<B> {
     /// A router with normally initialised weights (std `config.init_std`).
     pub fn new(config: &BeamMoeConfig, device: &B::Device) -> Self {
+        Self::build(config, Init::Normal(config.init_std), device)
+    }
+
+    pub(crate) fn build(config: &BeamMoeConfig, init: Init, device: &B::Device) -> Self {
         let score_correction_bias = matches!(config.routing, RoutingRule::DeepSeekV3 { .. })
             .then(|| Param::from_tensor(Tensor::zeros([config.num_experts], device)));
         Self {
-            weight: normal_param(
-                [config.num_experts, config.hidden_size],
-                config.init_std,
-                device,
-            ),
+            weight: normal_param([config.num_experts, config.hidden_size], init, device),
             score_correction_bias,
             rule: config.routing.clone(),
             top_k: config.top_k,

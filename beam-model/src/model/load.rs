@@ -92,7 +92,11 @@ fn build<B: MoeBackend>(
         );
         let block = format!("{p}{}.", config.family.moe_block_name());
         let feed_forward = if is_moe {
-            let moe = config.moe.init::<B>(device);
+            // Placeholders: every routed weight is overwritten from the checkpoint right away.
+            let moe = config
+                .moe
+                .init_placeholder::<B>(device)
+                .expect("validated with the model config");
             FeedForward {
                 moe: Some(load_moe_block(moe, store, &block)?),
                 dense: None,
