@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::experts::SharedExpert;
@@ -90,6 +91,8 @@ pub enum LoadError {
 struct Shard {
     path: PathBuf,
     bytes: Vec<u8>,
+    /// Offset of the data section (after the 8-byte length and the JSON header).
+    data_start: usize,
 }
 
 impl Shard {
@@ -98,19 +101,33 @@ impl Shard {
             path: path.to_path_buf(),
             source,
         })?;
-        let shard = Self {
+        Ok(Self {
             path: path.to_path_buf(),
             bytes,
-        };
-        shard.parse()?;
-        Ok(shard)
+            data_start: 0,
+        })
     }
 
-    fn parse(&self) -> Result<SafeTensors<'_>, LoadError> {
-        SafeTensors::deserialize(&self.bytes).map_err(|err| LoadError::Format {
-            path: self.path.clone(),
-            reason: err.to_string(),
-        })
+    /// Parses and validates the header (offsets and sizes are checked against the buffer) and
+    /// returns its tensors; sets where the data section starts.
+    fn read_header(&mut self) -> Result<Vec<(String, TensorInfo)>, LoadError> {
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&self.bytes).map_err(|err| LoadError::Format {
+                path: self.path.clone(),
+                reason: err.to_string(),
+            })?;
+        self.data_start = 8 + header_len;
+        Ok(metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| (name, info.clone()))
+            .collect())
+    }
+
+    /// The bytes of a tensor described by this shard's header.
+    fn data(&self, info: &TensorInfo) -> &[u8] {
+        let (start, end) = info.data_offsets;
+        &self.bytes[self.data_start + start..self.data_start + end]
     }
 }
 
@@ -120,8 +137,8 @@ impl Shard {
 #[derive(Debug)]
 pub struct TensorStore {
     shards: Vec<Shard>,
-    /// Tensor name → shard.
-    index: BTreeMap<String, usize>,
+    /// Tensor name → (shard, header entry); each header is parsed once, when the store is built.
+    index: BTreeMap<String, (usize, TensorInfo)>,
     used: RefCell<BTreeSet<String>>,
 }
 
@@ -133,12 +150,11 @@ impl TensorStore {
 
     /// A safetensors file already in memory; `path` names it in errors.
     pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self, LoadError> {
-        let shard = Shard {
+        Self::from_shards(vec![Shard {
             path: path.into(),
             bytes,
-        };
-        shard.parse()?;
-        Self::from_shards(vec![shard])
+            data_start: 0,
+        }])
     }
 
     /// The checkpoint in a Hugging Face folder: `model.safetensors.index.json` and its shards if
@@ -182,7 +198,7 @@ impl TensorStore {
         let store = Self::from_shards(shards)?;
         // Every tensor the index names must be in the shard it names.
         for (name, file) in map {
-            let shard = store.index.get(name).map(|&i| &store.shards[i].path);
+            let shard = store.index.get(name).map(|(i, _)| &store.shards[*i].path);
             if shard.and_then(|p| p.file_name()).and_then(|f| f.to_str()) != file.as_str() {
                 return Err(bad(format!(
                     "tensor `{name}` is not in shard `{}`",
@@ -193,11 +209,11 @@ impl TensorStore {
         Ok(store)
     }
 
-    fn from_shards(shards: Vec<Shard>) -> Result<Self, LoadError> {
+    fn from_shards(mut shards: Vec<Shard>) -> Result<Self, LoadError> {
         let mut index = BTreeMap::new();
-        for (i, shard) in shards.iter().enumerate() {
-            for name in shard.parse()?.names() {
-                index.insert(name.to_string(), i);
+        for (i, shard) in shards.iter_mut().enumerate() {
+            for (name, info) in shard.read_header()? {
+                index.insert(name, (i, info));
             }
         }
         Ok(Self {
@@ -219,7 +235,7 @@ impl TensorStore {
 
     /// The file a tensor lives in (the first file if it does not exist).
     pub fn path_of(&self, name: &str) -> &Path {
-        let shard = self.index.get(name).copied().unwrap_or(0);
+        let shard = self.index.get(name).map_or(0, |(i, _)| *i);
         &self.shards[shard].path
     }
 
@@ -248,43 +264,34 @@ impl TensorStore {
     fn view<T>(
         &self,
         name: &str,
-        read: impl FnOnce(&Path, safetensors::tensor::TensorView<'_>) -> Result<T, LoadError>,
+        read: impl FnOnce(&Path, &TensorInfo, &[u8]) -> Result<T, LoadError>,
     ) -> Result<T, LoadError> {
-        let shard = self
-            .index
-            .get(name)
-            .map(|&i| &self.shards[i])
-            .ok_or_else(|| LoadError::Missing {
-                path: self.path_of(name).to_path_buf(),
-                name: name.to_string(),
-            })?;
-        let st = shard.parse()?;
-        let view = st.tensor(name).map_err(|err| LoadError::Format {
-            path: shard.path.clone(),
-            reason: err.to_string(),
+        let (shard, info) = self.index.get(name).ok_or_else(|| LoadError::Missing {
+            path: self.path_of(name).to_path_buf(),
+            name: name.to_string(),
         })?;
+        let shard = &self.shards[*shard];
         self.used.borrow_mut().insert(name.to_string());
-        read(&shard.path, view)
+        read(&shard.path, info, shard.data(info))
     }
 
     /// Shape of a tensor.
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
-        self.view(name, |_, view| Ok(view.shape().to_vec()))
+        self.view(name, |_, info, _| Ok(info.shape.clone()))
     }
 
     /// A float tensor as f32 values, checked against `expected` shape.
     pub fn f32_values(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
-        self.view(name, |path, view| {
-            if view.shape() != expected {
+        self.view(name, |path, info, bytes| {
+            if info.shape != expected {
                 return Err(LoadError::Shape {
                     path: path.to_path_buf(),
                     name: name.to_string(),
                     expected: expected.to_vec(),
-                    actual: view.shape().to_vec(),
+                    actual: info.shape.clone(),
                 });
             }
-            let bytes = view.data();
-            Ok(match view.dtype() {
+            Ok(match info.dtype {
                 Dtype::F32 => bytes
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -315,9 +322,8 @@ impl TensorStore {
 
     /// An integer tensor (I64 or I32) as i64 values, with its shape.
     pub fn i64_values(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>), LoadError> {
-        self.view(name, |path, view| {
-            let bytes = view.data();
-            let values = match view.dtype() {
+        self.view(name, |path, info, bytes| {
+            let values = match info.dtype {
                 Dtype::I64 => bytes
                     .chunks_exact(8)
                     .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")))
@@ -335,7 +341,7 @@ impl TensorStore {
                     })
                 }
             };
-            Ok((values, view.shape().to_vec()))
+            Ok((values, info.shape.clone()))
         })
     }
 

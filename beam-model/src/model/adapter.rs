@@ -116,7 +116,7 @@ impl<B: Backend> MoeLm<B> {
             .with_shape(shape)
             .with_threshold(number("threshold", 0.5)?)
             .with_renormalize(meta.get("renormalize").is_some_and(|v| v == "true"));
-        let store = TensorStore::open(path)?;
+        let store = TensorStore::from_bytes(path, bytes)?;
         let mut model = self
             .enable_beam(beam, device)
             .map_err(|e| bad(e.to_string()))?;
