@@ -83,12 +83,14 @@ impl<B: Backend> Attention<B> {
         }
     }
 
-    /// `[B, T, H]` → `[B, T, H]`. `rope`: cos/sin tables for the T new positions; `cache` holds
-    /// the previous positions of this layer (`layer`), if any.
+    /// `[B, T, H]` → `[B, T, H]`. `rope`: cos/sin tables for the T new positions; `mask`: from
+    /// [`attention_mask`] for the same positions; `cache` holds the previous positions of this
+    /// layer (`layer`), if any.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: (Tensor<B, 2>, Tensor<B, 2>),
+        mask: Tensor<B, 4>,
         cache: Option<(&mut KvCache<B>, usize)>,
     ) -> Tensor<B, 3> {
         let [batch, tokens, _] = x.dims();
@@ -121,13 +123,9 @@ impl<B: Backend> Attention<B> {
         let (cos, sin) = rope;
         let q = apply_rope(q, cos.clone(), sin.clone());
         let k = apply_rope(k, cos, sin);
-        let (past, k, v) = match cache {
-            Some((cache, layer)) => {
-                let past = cache.len();
-                let (k, v) = cache.append(layer, k, v);
-                (past, k, v)
-            }
-            None => (0, k, v),
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, k, v),
+            None => (k, v),
         };
         let keys = k.dims()[2];
         let group = self.heads / self.kv_heads;
@@ -141,7 +139,6 @@ impl<B: Backend> Attention<B> {
             ])
         };
         let scores = q.matmul(repeat(k).swap_dims(2, 3)) * (self.head_dim as f64).powf(-0.5);
-        let mask = self.mask(past, tokens, keys, &scores.device());
         let probs = softmax(scores + mask, 3);
         let out = probs.matmul(repeat(v)).swap_dims(1, 2).reshape([
             batch,
@@ -150,24 +147,29 @@ impl<B: Backend> Attention<B> {
         ]);
         self.o_proj.forward(out)
     }
+}
 
-    /// Additive mask `[1, 1, T, S]`: query `past + t` sees key `j` iff `j <= past + t` and, with
-    /// a sliding window `w`, `j > past + t − w`.
-    fn mask(&self, past: usize, tokens: usize, keys: usize, device: &B::Device) -> Tensor<B, 4> {
-        let window = self.options.sliding_window;
-        let values: Vec<f32> = (0..tokens)
-            .flat_map(|t| {
-                let query = past + t;
-                (0..keys).map(move |j| {
-                    let visible = j <= query && window.is_none_or(|w| j + w > query);
-                    if visible {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
+/// Additive attention mask `[1, 1, T, past + T]` shared by every layer of one forward: query
+/// `past + t` sees key `j` iff `j <= past + t` and, with a sliding window `w`, `j > past + t − w`.
+pub fn attention_mask<B: Backend>(
+    past: usize,
+    tokens: usize,
+    sliding_window: Option<usize>,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let keys = past + tokens;
+    let values: Vec<f32> = (0..tokens)
+        .flat_map(|t| {
+            let query = past + t;
+            (0..keys).map(move |j| {
+                let visible = j <= query && sliding_window.is_none_or(|w| j + w > query);
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
             })
-            .collect();
-        Tensor::from_data(TensorData::new(values, [1, 1, tokens, keys]), device)
-    }
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, [1, 1, tokens, keys]), device)
 }

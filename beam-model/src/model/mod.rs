@@ -25,7 +25,7 @@ use crate::checkpoint::LoadError;
 use crate::dispatch::MoeBackend;
 use crate::experts::SharedExpert;
 use crate::layer::{BeamMoe, MaskSource, RoutingFacts};
-use attention::Attention;
+use attention::{attention_mask, Attention};
 use cache::KvCache;
 use config::ModelConfig;
 use norm::RmsNorm;
@@ -200,6 +200,9 @@ impl<B: MoeBackend> MoeLm<B> {
             tokens,
             &device,
         );
+        // Positions are the same for every layer: build the tables and the mask once.
+        let causal_mask =
+            attention_mask::<B>(past, tokens, self.config.attention.sliding_window, &device);
         let mut states = Vec::new();
         let mut routing = Vec::new();
         for (index, layer) in self.layers.iter().enumerate() {
@@ -209,6 +212,7 @@ impl<B: MoeBackend> MoeLm<B> {
             let attn = layer.attention.forward(
                 layer.input_norm.forward(h.clone()),
                 rope.clone(),
+                causal_mask.clone(),
                 cache.as_deref_mut().map(|c| (c, index)),
             );
             h = h + attn;
