@@ -12,6 +12,7 @@ use crate::flops::{moe_layer_flops, FlopsReport};
 use crate::init::Init;
 use crate::loss::{load_balance_loss, sparsity_loss};
 use crate::mask::MaskRouter;
+use crate::peers::MaskRule;
 use crate::router::Router;
 
 /// A Mixture-of-Experts layer with BEAM binary expert activation masking.
@@ -65,6 +66,8 @@ pub enum MaskSource<B: Backend> {
     /// A given 0/1 mask `[batch, seq, K]` aligned with the router's slots (e.g. a training-free
     /// rule). No gradient flows through it.
     External(Tensor<B, 3>),
+    /// A training-free peer rule computed from the router's outputs (no gradient).
+    Rule(MaskRule),
 }
 
 /// Output of [`BeamMoe::forward`].
@@ -276,6 +279,14 @@ impl<B: MoeBackend> BeamMoe<B> {
                     "external mask must be [batch, seq, top_k]"
                 );
                 let mask = mask.reshape([tokens, top_k]).detach();
+                (mask.clone(), mask, None)
+            }
+            (None, MaskSource::Rule(rule)) => {
+                let mask = rule.mask(
+                    routing.scores.clone(),
+                    routing.expert_ids.clone(),
+                    routing.weights.clone().detach(),
+                );
                 (mask.clone(), mask, None)
             }
             (None, _) => {

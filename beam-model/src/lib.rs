@@ -39,6 +39,7 @@ pub mod layer;
 pub mod loss;
 pub mod mask;
 pub mod model;
+pub mod peers;
 pub mod router;
 
 pub use config::{
@@ -48,6 +49,7 @@ pub use config::{
 pub use dispatch::MoeBackend;
 pub use flops::{moe_layer_flops, FlopsReport, MoeFlops};
 pub use layer::{BeamMoe, BeamMoeOutput, MaskSource, RoutingFacts};
+pub use peers::MaskRule;
 
 /// Backends this crate implements [`MoeBackend`] for, re-exported for convenience.
 pub mod backend {

@@ -1,6 +1,32 @@
 //! # beam-train
 //!
-//! Training BEAM mask routers end-to-end on a text corpus and evaluating quality kept against
-//! MoE FLOPs cut. Not implemented yet (tracked by the training issue); the layer-level training
-//! path (straight-through estimator, sparsity loss, `BeamMoe::freeze_base`) is in `beam-model`
-//! and shown by the workspace example `beam_layer`.
+//! Train BEAM mask routers end-to-end on a text corpus and measure the quality kept at each cut
+//! of MoE FLOPs.
+//!
+//! - [`data`]: a corpus encoded with the model's `tokenizer.json`; random training windows drawn
+//!   from `(seed, step)` alone, fixed evaluation windows.
+//! - [`trainer`]: the loop. Mask routers are added to a loaded checkpoint; the loss is the task
+//!   loss (cross-entropy and/or distillation KL to the frozen top-K model) + λ · sparsity, the
+//!   mask goes through the straight-through estimator (hard 0/1 forward, sigmoid gradient), and
+//!   by default only the mask routers train. Checkpoints are atomic and a killed run resumes to
+//!   the same result as an uninterrupted one.
+//! - [`eval`]: held-out loss, perplexity, next-token accuracy, experts per token (per layer too)
+//!   and MoE FLOPs cut, for top-K, BEAM and the training-free peers ([`beam_model::MaskRule`]).
+//! - [`plot`]: quality-vs-FLOPs and experts-per-layer charts (PNG).
+//!
+//! The `beam train` and `beam eval` commands of the `beam` CLI drive this crate.
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod plot;
+pub mod trainer;
+
+pub use config::{TaskLoss, TrainConfig, Trainable};
+pub use data::{Batch, TokenData};
+pub use error::TrainError;
+pub use eval::{evaluate, EvalOptions, EvalReport};
+pub use trainer::{train, StepMetrics, TrainSummary, ADAPTER_FILE};

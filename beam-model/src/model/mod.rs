@@ -25,6 +25,7 @@ use crate::checkpoint::LoadError;
 use crate::dispatch::MoeBackend;
 use crate::experts::SharedExpert;
 use crate::layer::{BeamMoe, MaskSource, RoutingFacts};
+use crate::peers::MaskRule;
 use attention::{attention_mask, Attention};
 use cache::KvCache;
 use config::ModelConfig;
@@ -94,13 +95,15 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 /// Which mask the MoE layers use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum MaskMode {
     /// The BEAM adapter's learned masks where loaded, plain top-K elsewhere.
     #[default]
     Learned,
     /// Plain top-K everywhere (the base model).
     TopK,
+    /// A training-free peer rule on every MoE layer (any adapter is ignored).
+    Rule(MaskRule),
 }
 
 /// What [`MoeLm::forward`] returns.
@@ -222,6 +225,7 @@ impl<B: MoeBackend> MoeLm<B> {
                     let source = match mask {
                         MaskMode::Learned => MaskSource::Learned,
                         MaskMode::TopK => MaskSource::TopK,
+                        MaskMode::Rule(rule) => MaskSource::Rule(rule),
                     };
                     let out = moe.forward_with(x, source);
                     routing.push(out.facts);

@@ -5,6 +5,10 @@
 //! beam logits   --model DIR --ids 72,101,108
 //! beam generate --model DIR (--prompt TEXT | --ids 1,2,3) --max-new-tokens N [--temperature T]
 //!               [--top-p P] [--seed S] [--json] [--beam-adapter FILE [--threshold τ]]
+//! beam train    --model DIR --data FILE --out DIR [--steps N] [--lambda λ] [--loss distill|cross-entropy|both]
+//!               [--train mask-routers|routers|all] [--target-active-fraction F] ...
+//! beam eval     --model DIR --data FILE [--adapter LABEL=FILE]... [--peers] [--max-tokens N]
+//!               [--json FILE] [--plot FILE.png] [--layer-plot FILE.png]
 //! ```
 //! Every command takes `--backend ndarray|wgpu|cuda` (ndarray default; the others need the cargo
 //! features of the same name). Errors print one line and exit with status 1.
@@ -19,6 +23,8 @@ use beam_model::MoeBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod train;
+
 #[derive(Parser)]
 #[command(
     name = "beam",
@@ -31,7 +37,7 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum BackendChoice {
+pub enum BackendChoice {
     Ndarray,
     Wgpu,
     Cuda,
@@ -94,6 +100,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Train BEAM mask routers on a text corpus; writes OUT/adapter.safetensors.
+    Train(train::TrainArgs),
+    /// Held-out loss, perplexity, accuracy, experts per token and MoE FLOPs cut of top-K, BEAM
+    /// adapters and the training-free peers.
+    Eval(train::EvalArgs),
 }
 
 impl Command {
@@ -102,13 +113,24 @@ impl Command {
             Command::Info { common }
             | Command::Logits { common, .. }
             | Command::Generate { common, .. } => common,
+            Command::Train(_) | Command::Eval(_) => {
+                unreachable!("train and eval have their own options")
+            }
+        }
+    }
+
+    fn backend(&self) -> BackendChoice {
+        match self {
+            Command::Train(args) => args.backend(),
+            Command::Eval(args) => args.backend(),
+            _ => self.common().backend,
         }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.common().backend {
+    let result = match cli.command.backend() {
         BackendChoice::Ndarray => run::<burn::backend::NdArray>(&cli.command, &Default::default()),
         BackendChoice::Wgpu => run_wgpu(&cli.command),
         BackendChoice::Cuda => run_cuda(&cli.command),
@@ -176,6 +198,11 @@ fn check_ids(ids: &[u32], vocab: usize) -> Result<(), String> {
 }
 
 fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), String> {
+    match command {
+        Command::Train(args) => return train::train::<burn::backend::Autodiff<B>>(args, device),
+        Command::Eval(args) => return train::eval::<B>(args, device),
+        _ => {}
+    }
     let common = command.common();
     let model = load::<B>(common, device)?;
     let config = model.config();
@@ -234,6 +261,7 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
             let rows: Vec<&[f32]> = values.chunks(v).take(t).collect();
             println!("{}", serde_json::json!({ "logits": rows }));
         }
+        Command::Train(_) | Command::Eval(_) => unreachable!("handled above"),
         Command::Generate {
             prompt,
             ids,

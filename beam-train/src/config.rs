@@ -1,0 +1,111 @@
+//! Training settings, serialisable (`train_config.json` beside every run).
+
+use beam_model::BeamMaskConfig;
+use burn::config::Config;
+
+use crate::error::TrainError;
+
+/// The task part of the training loss.
+#[derive(Config, Debug, PartialEq, Copy)]
+pub enum TaskLoss {
+    /// Next-token cross-entropy on the corpus.
+    CrossEntropy,
+    /// KL divergence from the frozen top-K teacher's next-token distribution (the base model
+    /// itself), so the masked model learns to imitate the model it replaces.
+    Distill,
+    /// The sum of both.
+    Both,
+}
+
+/// Which parameters the optimiser updates.
+#[derive(Config, Debug, PartialEq, Copy)]
+pub enum Trainable {
+    /// Only the BEAM mask routers; the base model is frozen (default: cheap, and the base model
+    /// stays exactly the checkpoint that was loaded).
+    MaskRouters,
+    /// The mask routers and the base top-K routers.
+    MaskAndBaseRouters,
+    /// Everything (experts, attention, embeddings too); the load-balance term is added.
+    All,
+}
+
+/// Settings of a BEAM training run.
+#[derive(Config, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// The mask routers added to every MoE layer (shape, threshold, initial bias, sparsity form).
+    #[config(default = "BeamMaskConfig::new()")]
+    pub beam: BeamMaskConfig,
+    /// Optimiser steps.
+    #[config(default = 300)]
+    pub steps: usize,
+    /// Windows per batch.
+    #[config(default = 8)]
+    pub batch_size: usize,
+    /// Tokens per window.
+    #[config(default = 128)]
+    pub seq_len: usize,
+    /// Adam learning rate (constant).
+    #[config(default = 5e-3)]
+    pub learning_rate: f64,
+    /// λ: weight of the sparsity term.
+    #[config(default = 0.1)]
+    pub lambda: f64,
+    /// Task loss.
+    #[config(default = "TaskLoss::Distill")]
+    pub task_loss: TaskLoss,
+    /// Distillation temperature.
+    #[config(default = 1.0)]
+    pub temperature: f64,
+    /// Which parameters train.
+    #[config(default = "Trainable::MaskRouters")]
+    pub trainable: Trainable,
+    /// Weight of the base model's load-balance loss when base routers train.
+    #[config(default = 0.01)]
+    pub load_balance_coef: f64,
+    /// Seed of the batch sampler and of the mask-router initialisation.
+    #[config(default = 42)]
+    pub seed: u64,
+    /// Write a checkpoint every this many steps (and at the end).
+    #[config(default = 50)]
+    pub checkpoint_every: usize,
+}
+
+impl TrainConfig {
+    /// Checks ranges before any work is done.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        if self.steps == 0 || self.batch_size == 0 || self.seq_len == 0 {
+            return bad(format!(
+                "steps ({}), batch_size ({}) and seq_len ({}) must be positive",
+                self.steps, self.batch_size, self.seq_len
+            ));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return bad(format!(
+                "learning_rate {} must be positive",
+                self.learning_rate
+            ));
+        }
+        if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
+            return bad(format!("lambda {} must be >= 0", self.lambda));
+        }
+        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad(format!("temperature {} must be positive", self.temperature));
+        }
+        if self.checkpoint_every == 0 {
+            return bad("checkpoint_every must be positive".into());
+        }
+        if let Some(t) = self.beam.sparsity.target_active_fraction {
+            if !(0.0..=1.0).contains(&t) {
+                return bad(format!("target active fraction {t} must lie in [0, 1]"));
+            }
+        }
+        if !(self.beam.threshold > 0.0 && self.beam.threshold < 1.0) {
+            return bad(format!(
+                "threshold {} must lie strictly between 0 and 1",
+                self.beam.threshold
+            ));
+        }
+        Ok(())
+    }
+}

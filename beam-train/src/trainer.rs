@@ -1,0 +1,289 @@
+//! The BEAM training loop: mask routers on a loaded checkpoint, trained through the
+//! straight-through estimator with task loss + λ · sparsity, Adam, atomic checkpoints, exact
+//! resumption.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use beam_model::model::load::load_model;
+use beam_model::model::{MaskMode, MoeLm};
+use beam_model::MoeBackend;
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::optim::{AdamConfig, GradientsParams, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, CheckpointFiles, CheckpointState};
+use crate::config::{TaskLoss, TrainConfig, Trainable};
+use crate::data::TokenData;
+use crate::error::{io_error, TrainError};
+use crate::eval::token_losses;
+
+/// File name of the trained adapter in the output folder.
+pub const ADAPTER_FILE: &str = "adapter.safetensors";
+
+/// Metrics of one optimiser step (on its training batch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Step index (0-based).
+    pub step: usize,
+    /// Total loss: task + λ · sparsity (+ load balance).
+    pub loss: f64,
+    /// The task part (cross-entropy and/or distillation KL).
+    pub task_loss: f64,
+    /// Next-token cross-entropy of the masked model (nats).
+    pub cross_entropy: f64,
+    /// `exp(cross_entropy)`.
+    pub perplexity: f64,
+    /// The sparsity term, averaged over MoE layers.
+    pub sparsity: f64,
+    /// Experts kept per token (hard mask), averaged over MoE layers.
+    pub mean_active_experts: f64,
+    /// MoE FLOPs cut of the hard mask vs top-K.
+    pub moe_flops_reduction: f64,
+}
+
+/// What a finished run returns.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// The adapter file written.
+    pub adapter: PathBuf,
+    /// Step at which this invocation started (non-zero after a resume).
+    pub resumed_from: usize,
+    /// Metrics of every step, including those before a resume.
+    pub history: Vec<StepMetrics>,
+    /// Wall time of this invocation.
+    pub seconds: f64,
+}
+
+/// Sets `require_grad` on every float parameter it visits.
+struct RequireGrad(bool);
+
+impl<B: Backend> ModuleMapper<B> for RequireGrad {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        param.set_require_grad(self.0)
+    }
+}
+
+/// Freezes everything but the parameters `trainable` names. Mask routers always train.
+pub fn select_trainable<B: AutodiffBackend>(model: MoeLm<B>, trainable: Trainable) -> MoeLm<B> {
+    if trainable == Trainable::All {
+        return model.map(&mut RequireGrad(true));
+    }
+    let mut model = model.no_grad();
+    for layer in &mut model.layers {
+        if let Some(moe) = layer.feed_forward.moe.as_mut() {
+            moe.mask_router = moe
+                .mask_router
+                .take()
+                .map(|m| m.map(&mut RequireGrad(true)));
+            if trainable == Trainable::MaskAndBaseRouters {
+                moe.router = moe.router.clone().map(&mut RequireGrad(true));
+            }
+        }
+    }
+    model
+}
+
+fn recorder() -> NamedMpkBytesRecorder<FullPrecisionSettings> {
+    NamedMpkBytesRecorder::<FullPrecisionSettings>::default()
+}
+
+/// Trains BEAM mask routers on the checkpoint in `model_dir` and writes
+/// `out_dir/adapter.safetensors`. If `out_dir` holds a checkpoint of the same settings, training
+/// resumes from it and ends exactly as an uninterrupted run would.
+///
+/// `on_step` sees every step's metrics (for progress output).
+pub fn train<B>(
+    model_dir: &Path,
+    data: &TokenData,
+    config: &TrainConfig,
+    out_dir: &Path,
+    device: &B::Device,
+    on_step: &mut dyn FnMut(&StepMetrics, &TrainConfig),
+) -> Result<TrainSummary, TrainError>
+where
+    B: AutodiffBackend + MoeBackend,
+    B::InnerBackend: MoeBackend,
+{
+    config.validate()?;
+    let start = Instant::now();
+    std::fs::create_dir_all(out_dir).map_err(io_error(out_dir))?;
+    let config_json = serde_json::to_value(config).expect("config serialises");
+    beam_model::model::adapter::write_atomically(
+        &out_dir.join("train_config.json"),
+        serde_json::to_string_pretty(&config_json)
+            .expect("json")
+            .as_bytes(),
+    )?;
+
+    B::seed(device, config.seed);
+    let base = load_model::<B>(model_dir, device)?;
+    // The frozen top-K teacher is the base model itself, without autodiff.
+    let teacher =
+        matches!(config.task_loss, TaskLoss::Distill | TaskLoss::Both).then(|| base.valid());
+    let mut model = base
+        .enable_beam(config.beam.clone(), device)
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+    let mut optimizer = AdamConfig::new().init::<B, MoeLm<B>>();
+    let mut history = Vec::new();
+    let mut first_step = 0;
+    if let Some(files) = checkpoint::load_latest(out_dir)? {
+        checkpoint::check_config(out_dir, &files.state, config)?;
+        let bad = |what: &str, e: burn::record::RecorderError| TrainError::Checkpoint {
+            path: out_dir.join(checkpoint::LATEST),
+            reason: format!("{what}: {e}"),
+        };
+        let record = recorder()
+            .load(files.model, device)
+            .map_err(|e| bad("model.mpk", e))?;
+        model = model.load_record(record);
+        let record = recorder()
+            .load(files.optimizer, device)
+            .map_err(|e| bad("optimizer.mpk", e))?;
+        optimizer = optimizer.load_record(record);
+        first_step = files.state.step;
+        history = files.state.history;
+    }
+    let mut model = select_trainable(model, config.trainable);
+
+    for step in first_step..config.steps {
+        let batch = data.train_batch(config.seed, step, config.batch_size, config.seq_len)?;
+        let (inputs, targets) = batch.tensors::<B>(device);
+        let out = model.forward(inputs.clone(), None, MaskMode::Learned, false);
+        let (nll, _) = token_losses(out.logits.clone(), targets);
+        let cross_entropy = nll.mean();
+        let distill = teacher.as_ref().map(|teacher| {
+            let teacher_logits = teacher
+                .forward(inputs.inner(), None, MaskMode::TopK, false)
+                .logits;
+            distillation_kl(
+                out.logits.clone(),
+                Tensor::from_inner(teacher_logits),
+                config.temperature,
+            )
+        });
+        let task = match (config.task_loss, distill) {
+            (TaskLoss::CrossEntropy, _) | (_, None) => cross_entropy.clone(),
+            (TaskLoss::Distill, Some(kl)) => kl,
+            (TaskLoss::Both, Some(kl)) => cross_entropy.clone() + kl,
+        };
+        let layers = out.routing.len().max(1) as f64;
+        let sparsity = out
+            .routing
+            .iter()
+            .map(|f| f.sparsity_loss.clone())
+            .reduce(|a, b| a + b)
+            .map(|s| s.div_scalar(layers));
+        let mut loss = task.clone();
+        if let Some(s) = &sparsity {
+            loss = loss + s.clone().mul_scalar(config.lambda);
+        }
+        if config.trainable != Trainable::MaskRouters && config.load_balance_coef > 0.0 {
+            if let Some(lb) = out
+                .routing
+                .iter()
+                .map(|f| f.load_balance_loss.clone())
+                .reduce(|a, b| a + b)
+            {
+                loss = loss + lb.mul_scalar(config.load_balance_coef / layers);
+            }
+        }
+
+        // Metrics of the hard mask, as inference will run it.
+        let tokens = batch.batch_size * batch.seq_len;
+        let (mut kept, mut topk_flops, mut flops) = (0usize, 0.0, 0.0);
+        for (facts, moe) in out.routing.iter().zip(model.moe_layers()) {
+            let pairs = facts.kept_pairs();
+            kept += pairs;
+            let report = beam_model::moe_layer_flops(moe.config(), tokens, pairs);
+            topk_flops += report.topk.total() as f64;
+            flops += report.beam.total() as f64;
+        }
+        let scalar = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
+        let loss_value = scalar(loss.clone());
+        if !loss_value.is_finite() {
+            return Err(TrainError::Diverged {
+                step,
+                loss: loss_value,
+            });
+        }
+        let ce = scalar(cross_entropy);
+        let metrics = StepMetrics {
+            step,
+            loss: loss_value,
+            task_loss: scalar(task),
+            cross_entropy: ce,
+            perplexity: ce.exp(),
+            sparsity: sparsity.map_or(0.0, scalar),
+            mean_active_experts: kept as f64 / (tokens as f64 * layers),
+            moe_flops_reduction: if topk_flops > 0.0 {
+                1.0 - flops / topk_flops
+            } else {
+                0.0
+            },
+        };
+
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = optimizer.step(config.learning_rate, model, grads);
+        on_step(&metrics, config);
+        history.push(metrics);
+
+        let done = step + 1;
+        if done % config.checkpoint_every == 0 || done == config.steps {
+            let bytes = |e: burn::record::RecorderError| TrainError::Checkpoint {
+                path: out_dir.to_path_buf(),
+                reason: e.to_string(),
+            };
+            let files = CheckpointFiles {
+                model: recorder()
+                    .record(model.clone().into_record(), ())
+                    .map_err(bytes)?,
+                optimizer: recorder()
+                    .record(optimizer.to_record(), ())
+                    .map_err(bytes)?,
+                state: CheckpointState {
+                    step: done,
+                    config: config_json.clone(),
+                    history: history.clone(),
+                },
+            };
+            checkpoint::save(out_dir, &files)?;
+            // The adapter is usable at every checkpoint, not only at the end.
+            model
+                .valid()
+                .save_beam_adapter(out_dir.join(ADAPTER_FILE))?;
+        }
+    }
+    let adapter = out_dir.join(ADAPTER_FILE);
+    if first_step >= config.steps {
+        // Nothing left to train: make sure the adapter of the finished run is there.
+        model.valid().save_beam_adapter(&adapter)?;
+    }
+    Ok(TrainSummary {
+        adapter,
+        resumed_from: first_step,
+        history,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// `T² · KL(teacher ‖ student)` per token, averaged: the distillation term.
+///
+/// # Shapes
+/// - `student`, `teacher`: logits `[B, T, V]`; output `[1]`
+pub fn distillation_kl<B: Backend>(
+    student: Tensor<B, 3>,
+    teacher: Tensor<B, 3>,
+    temperature: f64,
+) -> Tensor<B, 1> {
+    let log_teacher = log_softmax(teacher.div_scalar(temperature), 2).detach();
+    let log_student = log_softmax(student.div_scalar(temperature), 2);
+    (log_teacher.clone().exp() * (log_teacher - log_student))
+        .sum_dim(2)
+        .mean()
+        .mul_scalar(temperature * temperature)
+}

@@ -1,0 +1,412 @@
+//! `beam train` and `beam eval`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use beam_model::model::config::ModelConfig;
+use beam_model::model::load::load_model;
+use beam_model::model::MaskMode;
+use beam_model::{BeamMaskConfig, MaskRouterShape, MaskRule, MoeBackend, SparsityLossConfig};
+use beam_train::eval::{interpolate_accuracy, EvalOptions, EvalReport};
+use beam_train::{evaluate, plot, StepMetrics, TaskLoss, TokenData, TrainConfig, Trainable};
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Args, ValueEnum};
+
+use crate::BackendChoice;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LossChoice {
+    /// KL to the frozen top-K model's next-token distribution.
+    Distill,
+    /// Next-token cross-entropy on the corpus.
+    CrossEntropy,
+    /// Both summed.
+    Both,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum TrainableChoice {
+    /// Only the mask routers (base model frozen).
+    MaskRouters,
+    /// Mask routers and the base top-K routers.
+    Routers,
+    /// Every parameter.
+    All,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ShapeChoice {
+    /// Linear(H → E) gathered at the chosen experts.
+    PerExpert,
+    /// Linear(H → K), one logit per rank slot.
+    PerSlot,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Backend (training runs under burn's autodiff on it).
+    #[arg(long, value_enum, default_value = "ndarray")]
+    backend: BackendChoice,
+    /// Training text, plain or .gz, tokenised with MODEL/tokenizer.json.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder: adapter.safetensors, checkpoints, train_config.json. A run resumes from the
+    /// checkpoint it finds here.
+    #[arg(long)]
+    out: PathBuf,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    /// Windows per batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 5e-3)]
+    lr: f64,
+    /// λ, the weight of the sparsity term.
+    #[arg(long, default_value_t = 0.1)]
+    lambda: f64,
+    /// Steer the kept fraction of the K slots to this value instead of pushing it down.
+    #[arg(long)]
+    target_active_fraction: Option<f64>,
+    /// Task loss.
+    #[arg(long, value_enum, default_value = "distill")]
+    loss: LossChoice,
+    /// Which parameters train.
+    #[arg(long = "train", value_enum, default_value = "mask-routers")]
+    trainable: TrainableChoice,
+    /// Mask router shape.
+    #[arg(long, value_enum, default_value = "per-expert")]
+    mask_shape: ShapeChoice,
+    /// Mask threshold τ.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f64,
+    /// Initial mask-router bias (positive: every mask starts at 1).
+    #[arg(long, default_value_t = 2.0)]
+    init_bias: f64,
+    /// Renormalise the kept routing weights to their top-K sum.
+    #[arg(long)]
+    renormalize: bool,
+    /// Seed of batches and initialisation.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Checkpoint interval in steps.
+    #[arg(long, default_value_t = 50)]
+    checkpoint_every: usize,
+    /// Print a metrics line every this many steps (when the output is not a terminal).
+    #[arg(long, default_value_t = 10)]
+    log_every: usize,
+}
+
+impl TrainArgs {
+    pub fn backend(&self) -> BackendChoice {
+        self.backend
+    }
+
+    fn config(&self) -> TrainConfig {
+        let beam = BeamMaskConfig::new()
+            .with_shape(match self.mask_shape {
+                ShapeChoice::PerExpert => MaskRouterShape::PerExpert,
+                ShapeChoice::PerSlot => MaskRouterShape::PerSlot,
+            })
+            .with_threshold(self.threshold)
+            .with_init_bias(self.init_bias)
+            .with_renormalize(self.renormalize)
+            .with_sparsity(
+                SparsityLossConfig::new().with_target_active_fraction(self.target_active_fraction),
+            );
+        TrainConfig::new()
+            .with_beam(beam)
+            .with_steps(self.steps)
+            .with_batch_size(self.batch_size)
+            .with_seq_len(self.seq_len)
+            .with_learning_rate(self.lr)
+            .with_lambda(self.lambda)
+            .with_task_loss(match self.loss {
+                LossChoice::Distill => TaskLoss::Distill,
+                LossChoice::CrossEntropy => TaskLoss::CrossEntropy,
+                LossChoice::Both => TaskLoss::Both,
+            })
+            .with_trainable(match self.trainable {
+                TrainableChoice::MaskRouters => Trainable::MaskRouters,
+                TrainableChoice::Routers => Trainable::MaskAndBaseRouters,
+                TrainableChoice::All => Trainable::All,
+            })
+            .with_seed(self.seed)
+            .with_checkpoint_every(self.checkpoint_every)
+    }
+}
+
+fn corpus(model: &Path, data: &Path) -> Result<TokenData, String> {
+    let config = ModelConfig::from_dir(model).map_err(|e| e.to_string())?;
+    TokenData::from_file(data, &model.join("tokenizer.json"), config.vocab_size)
+        .map_err(|e| e.to_string())
+}
+
+fn progress_line(m: &StepMetrics, steps: usize) -> String {
+    format!(
+        "step {:>5}/{steps}  loss {:.4}  ce {:.4}  ppl {:.2}  sparsity {:.3}  experts/token {:.2}  MoE FLOPs cut {:.1}%",
+        m.step + 1,
+        m.loss,
+        m.cross_entropy,
+        m.perplexity,
+        m.sparsity,
+        m.mean_active_experts,
+        100.0 * m.moe_flops_reduction
+    )
+}
+
+pub fn train<B>(args: &TrainArgs, device: &B::Device) -> Result<(), String>
+where
+    B: AutodiffBackend + MoeBackend,
+    B::InnerBackend: MoeBackend,
+{
+    let config = args.config();
+    config.validate().map_err(|e| e.to_string())?;
+    let data = corpus(&args.model, &args.data)?;
+    eprintln!(
+        "[beam train] {} tokens from {}, {} steps of {}×{} tokens, λ = {}",
+        data.tokens.len(),
+        args.data.display(),
+        config.steps,
+        config.batch_size,
+        config.seq_len,
+        config.lambda
+    );
+    let tty = std::io::stderr().is_terminal();
+    let log_every = args.log_every.max(1);
+    let mut on_step = |m: &StepMetrics, c: &TrainConfig| {
+        let line = progress_line(m, c.steps);
+        if tty {
+            let width = 24;
+            let filled = (m.step + 1) * width / c.steps.max(1);
+            eprint!(
+                "\r[{}{}] {line}",
+                "#".repeat(filled),
+                "-".repeat(width - filled)
+            );
+            if m.step + 1 == c.steps {
+                eprintln!();
+            }
+        } else if (m.step + 1) % log_every == 0 || m.step + 1 == c.steps || m.step == 0 {
+            eprintln!("{line}");
+        }
+    };
+    let summary =
+        beam_train::train::<B>(&args.model, &data, &config, &args.out, device, &mut on_step)
+            .map_err(|e| e.to_string())?;
+    if summary.resumed_from > 0 {
+        eprintln!("[beam train] resumed from step {}", summary.resumed_from);
+    }
+    let last = summary.history.last();
+    println!(
+        "adapter: {} ({:.1} s{})",
+        summary.adapter.display(),
+        summary.seconds,
+        last.map_or(String::new(), |m| format!(
+            "; last step: {:.2} experts/token, {:.1}% MoE FLOPs cut",
+            m.mean_active_experts,
+            100.0 * m.moe_flops_reduction
+        ))
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Hugging Face checkpoint folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "ndarray")]
+    backend: BackendChoice,
+    /// Held-out text, plain or .gz.
+    #[arg(long)]
+    data: PathBuf,
+    /// BEAM adapters to evaluate, as FILE or LABEL=FILE (repeatable).
+    #[arg(long = "adapter")]
+    adapters: Vec<String>,
+    /// Also sweep the training-free peers (dynamic skipping, top-p, entropy-adaptive K).
+    #[arg(long)]
+    peers: bool,
+    /// Evaluate at most this many tokens (default: all).
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    /// Windows per forward.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Write all reports as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw quality vs MoE FLOPs cut (PNG) here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Draw experts per token in each layer (PNG) here.
+    #[arg(long)]
+    layer_plot: Option<PathBuf>,
+}
+
+impl EvalArgs {
+    pub fn backend(&self) -> BackendChoice {
+        self.backend
+    }
+}
+
+/// Parameter grids of the peers: from keeping almost all K to keeping about one expert.
+pub fn peer_rules() -> Vec<MaskRule> {
+    let mut rules = Vec::new();
+    for beta in [0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 0.95] {
+        rules.push(MaskRule::DynamicSkip { beta });
+    }
+    for p in [0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3] {
+        rules.push(MaskRule::TopP { p });
+    }
+    for alpha in [1.2, 1.0, 0.8, 0.6, 0.45, 0.3, 0.15] {
+        rules.push(MaskRule::EntropyK { alpha });
+    }
+    rules
+}
+
+pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), String> {
+    let data = corpus(&args.model, &args.data)?;
+    let options = EvalOptions {
+        seq_len: args.seq_len,
+        batch_size: args.batch_size,
+        max_tokens: args.max_tokens,
+    };
+    let base = load_model::<B>(&args.model, device).map_err(|e| e.to_string())?;
+    let mut reports = Vec::new();
+    let mut run = |report: Result<EvalReport, beam_train::TrainError>| -> Result<(), String> {
+        let report = report.map_err(|e| e.to_string())?;
+        eprintln!(
+            "[beam eval] {:<22} loss {:.4}  accuracy {:.4}  experts/token {:.2}  MoE FLOPs cut {:.1}%",
+            report.label,
+            report.loss,
+            report.next_token_accuracy,
+            report.mean_active_experts,
+            100.0 * report.moe_flops_reduction
+        );
+        reports.push(report);
+        Ok(())
+    };
+    run(evaluate(&base, &data, MaskMode::TopK, &options, "top-k"))?;
+    for spec in &args.adapters {
+        let (label, file) = match spec.split_once('=') {
+            Some((label, file)) => (label.to_string(), PathBuf::from(file)),
+            None => (
+                Path::new(spec)
+                    .file_stem()
+                    .map_or(spec.clone(), |s| s.to_string_lossy().into_owned()),
+                PathBuf::from(spec),
+            ),
+        };
+        let model = base
+            .clone()
+            .load_beam_adapter(&file, device)
+            .map_err(|e| e.to_string())?;
+        run(evaluate(
+            &model,
+            &data,
+            MaskMode::Learned,
+            &options,
+            &format!("beam {label}"),
+        ))?;
+    }
+    if args.peers {
+        for rule in peer_rules() {
+            let label = format!("{} {}", rule.name(), rule.parameter());
+            run(evaluate(
+                &base,
+                &data,
+                MaskMode::Rule(rule),
+                &options,
+                &label,
+            ))?;
+        }
+    }
+    print_table(&reports);
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&reports).expect("reports serialise");
+        beam_model::model::adapter::write_atomically(path, json.as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(path) = &args.plot {
+        plot::quality_vs_flops(path, &reports, "Quality kept vs MoE FLOPs cut")
+            .map_err(|e| e.to_string())?;
+    }
+    if let Some(path) = &args.layer_plot {
+        let chosen = reports
+            .iter()
+            .filter(|r| r.method == "top-k" || r.method == "beam")
+            .cloned()
+            .collect::<Vec<_>>();
+        plot::experts_per_layer(path, &chosen, "Experts run per token, by layer")
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn print_table(reports: &[EvalReport]) {
+    let Some(base) = reports.iter().find(|r| r.method == "top-k") else {
+        return;
+    };
+    println!(
+        "| variant | loss | perplexity | next-token acc. | acc. kept | experts/token | MoE FLOPs cut |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for r in reports {
+        println!(
+            "| {} | {:.4} | {:.2} | {:.4} | {:.1}% | {:.2} / {} | {:.1}% |",
+            r.label,
+            r.loss,
+            r.perplexity,
+            r.next_token_accuracy,
+            100.0 * r.next_token_accuracy / base.next_token_accuracy,
+            r.mean_active_experts,
+            r.top_k,
+            100.0 * r.moe_flops_reduction
+        );
+    }
+    let beams = reports
+        .iter()
+        .filter(|r| r.method == "beam")
+        .collect::<Vec<_>>();
+    let peers = ["dynamic-skip", "top-p", "entropy-k"]
+        .into_iter()
+        .filter(|p| reports.iter().any(|r| r.method == *p))
+        .collect::<Vec<_>>();
+    if beams.is_empty() || peers.is_empty() {
+        return;
+    }
+    println!();
+    print!("| BEAM adapter | MoE FLOPs cut | BEAM acc. kept |");
+    for p in &peers {
+        print!(" {p} acc. kept |");
+    }
+    println!();
+    println!("|---|---|---|{}", "---|".repeat(peers.len()));
+    for b in beams {
+        print!(
+            "| {} | {:.1}% | {:.1}% |",
+            b.label,
+            100.0 * b.moe_flops_reduction,
+            100.0 * b.next_token_accuracy / base.next_token_accuracy
+        );
+        for p in &peers {
+            match interpolate_accuracy(reports, p, b.moe_flops_reduction) {
+                Some(acc) => print!(" {:.1}% |", 100.0 * acc / base.next_token_accuracy),
+                None => print!(" out of reach |"),
+            }
+        }
+        println!();
+    }
+}

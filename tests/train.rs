@@ -1,0 +1,427 @@
+//! BEAM training and evaluation (`beam-train`) on the shipped tiny Qwen3-MoE checkpoint and the
+//! shipped King James Bible validation text.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use beam_model::checkpoint::TensorStore;
+use beam_model::model::load::load_model;
+use beam_model::model::{MaskMode, MoeLm};
+use beam_model::{BeamMaskConfig, MaskRule};
+use beam_train::eval::{evaluate, interpolate_accuracy, EvalOptions};
+use beam_train::trainer::{select_trainable, StepMetrics};
+use beam_train::{train, TaskLoss, TokenData, TrainConfig, TrainError, Trainable};
+use burn::backend::{Autodiff, NdArray};
+use burn::tensor::{Int, Tensor, TensorData};
+use common::repo_root;
+
+type B = NdArray<f32>;
+type AB = Autodiff<B>;
+
+fn tiny_model() -> PathBuf {
+    repo_root().join("assets/models/tiny-qwen3_moe")
+}
+
+fn corpus() -> TokenData {
+    let dir = tiny_model();
+    TokenData::from_file(
+        &repo_root().join("assets/corpus/kjv-valid.txt.gz"),
+        &dir.join("tokenizer.json"),
+        300,
+    )
+    .unwrap()
+}
+
+fn small_config(steps: usize) -> TrainConfig {
+    TrainConfig::new()
+        .with_steps(steps)
+        .with_batch_size(4)
+        .with_seq_len(32)
+        .with_learning_rate(0.05)
+        .with_lambda(1.0)
+        .with_checkpoint_every(5)
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("beam-train-test-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    dir
+}
+
+fn adapter_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let store = TensorStore::open(path).unwrap();
+    let mut names = store.names();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let shape = store.shape(&n).unwrap();
+            let v = store.f32_values(&n, &shape).unwrap();
+            (n, v)
+        })
+        .collect()
+}
+
+#[test]
+fn a_short_run_cuts_active_experts_and_the_sparsity_term_with_finite_loss() {
+    let out = temp_dir("short");
+    let summary = train::<AB>(
+        &tiny_model(),
+        &corpus(),
+        &small_config(30),
+        &out,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let h = &summary.history;
+    assert_eq!(h.len(), 30);
+    assert!(h
+        .iter()
+        .all(|m| m.loss.is_finite() && m.cross_entropy.is_finite()));
+    // The mask starts fully open (bias 2 → p = 0.88): all K = 2 experts run.
+    assert_eq!(h[0].mean_active_experts, 2.0);
+    let (first, last) = (&h[0], h.last().unwrap());
+    assert!(
+        last.mean_active_experts < 0.5 * first.mean_active_experts,
+        "experts/token {} → {}",
+        first.mean_active_experts,
+        last.mean_active_experts
+    );
+    assert!(
+        last.sparsity < 0.5 * first.sparsity,
+        "{} → {}",
+        first.sparsity,
+        last.sparsity
+    );
+    assert!(last.moe_flops_reduction > 0.3);
+    // The adapter loads back and the evaluated model runs fewer experts than top-K.
+    let device = Default::default();
+    let model = load_model::<B>(tiny_model(), &device)
+        .unwrap()
+        .load_beam_adapter(&summary.adapter, &device)
+        .unwrap();
+    let options = EvalOptions {
+        seq_len: 32,
+        batch_size: 4,
+        max_tokens: Some(256),
+    };
+    let beam = evaluate(&model, &corpus(), MaskMode::Learned, &options, "beam").unwrap();
+    let top_k = evaluate(&model, &corpus(), MaskMode::TopK, &options, "top-k").unwrap();
+    assert_eq!(top_k.mean_active_experts, 2.0);
+    assert!(
+        beam.mean_active_experts < 1.0,
+        "{}",
+        beam.mean_active_experts
+    );
+    assert_eq!(beam.method, "beam");
+    std::fs::remove_dir_all(out).ok();
+}
+
+fn mask_router_only_gradients(trainable: Trainable) -> (bool, bool, bool, bool) {
+    let device = Default::default();
+    let model: MoeLm<AB> = load_model::<AB>(tiny_model(), &device)
+        .unwrap()
+        .enable_beam(BeamMaskConfig::new(), &device)
+        .unwrap();
+    let model = select_trainable(model, trainable);
+    let batch = corpus().train_batch(1, 0, 2, 16).unwrap();
+    let (inputs, targets) = batch.tensors::<AB>(&device);
+    // Task loss only: the mask router can get a gradient only through the straight-through mask.
+    let out = model.forward(inputs, None, MaskMode::Learned, false);
+    let (nll, _) = beam_train::eval::token_losses(out.logits, targets);
+    let grads = nll.mean().backward();
+    let moe = model.layers[0].feed_forward.moe.as_ref().unwrap();
+    let mask_grad = moe
+        .mask_router
+        .as_ref()
+        .unwrap()
+        .proj
+        .weight
+        .grad(&grads)
+        .map(|g| g.abs().sum().into_scalar());
+    let mask_flows = mask_grad.is_some_and(|g| g > 0.0);
+    (
+        mask_flows,
+        moe.router.weight.grad(&grads).is_some(),
+        moe.experts.gate_up.grad(&grads).is_some(),
+        model.embed.weight.grad(&grads).is_some(),
+    )
+}
+
+#[test]
+fn straight_through_gradients_reach_the_mask_router_and_only_the_configured_parameters() {
+    assert_eq!(
+        mask_router_only_gradients(Trainable::MaskRouters),
+        (true, false, false, false)
+    );
+    assert_eq!(
+        mask_router_only_gradients(Trainable::MaskAndBaseRouters),
+        (true, true, false, false)
+    );
+    assert_eq!(
+        mask_router_only_gradients(Trainable::All),
+        (true, true, true, true)
+    );
+}
+
+#[test]
+fn resuming_gives_the_same_adapter_and_metrics_as_an_uninterrupted_run() {
+    let config = small_config(20).with_task_loss(TaskLoss::Both);
+    let whole = temp_dir("whole");
+    let run = |dir: &Path, config: &TrainConfig| {
+        train::<AB>(
+            &tiny_model(),
+            &corpus(),
+            config,
+            dir,
+            &Default::default(),
+            &mut |_, _| {},
+        )
+        .unwrap()
+    };
+    let uninterrupted = run(&whole, &config);
+    let split = temp_dir("split");
+    run(&split, &config.clone().with_steps(10));
+    let resumed = run(&split, &config);
+    assert_eq!(resumed.resumed_from, 10);
+    assert_eq!(resumed.history, uninterrupted.history);
+    assert_eq!(
+        adapter_tensors(&resumed.adapter),
+        adapter_tensors(&uninterrupted.adapter)
+    );
+    // Other settings in the same folder are refused, naming the checkpoint.
+    let err = train::<AB>(
+        &tiny_model(),
+        &corpus(),
+        &config.clone().with_lambda(0.5),
+        &split,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, TrainError::Checkpoint { .. }), "{err}");
+    assert!(err.to_string().contains("other settings"), "{err}");
+    std::fs::remove_dir_all(whole).ok();
+    std::fs::remove_dir_all(split).ok();
+}
+
+fn train_args(out: &Path) -> Vec<String> {
+    let root = repo_root();
+    [
+        "train",
+        "--model",
+        tiny_model().to_str().unwrap(),
+        "--data",
+        root.join("assets/corpus/kjv-valid.txt.gz")
+            .to_str()
+            .unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "60",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "32",
+        "--lr",
+        "0.05",
+        "--lambda",
+        "1",
+        "--checkpoint-every",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn a_killed_cli_run_resumes_to_the_uninterrupted_result() {
+    let beam = env!("CARGO_BIN_EXE_beam");
+    let whole = temp_dir("cli-whole");
+    let status = Command::new(beam)
+        .args(train_args(&whole))
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+
+    let killed = temp_dir("cli-killed");
+    let mut child = Command::new(beam)
+        .args(train_args(&killed))
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !killed.join("latest").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint written"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            killed
+                .join(
+                    std::fs::read_to_string(killed.join("latest"))
+                        .unwrap()
+                        .trim(),
+                )
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let killed_at = state["step"].as_u64().unwrap();
+    assert!(killed_at < 60, "the run finished before it could be killed");
+
+    let out = Command::new(beam)
+        .args(train_args(&killed))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("resumed from step"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        adapter_tensors(&killed.join("adapter.safetensors")),
+        adapter_tensors(&whole.join("adapter.safetensors"))
+    );
+    let history = |dir: &Path| -> Vec<StepMetrics> {
+        let latest = std::fs::read_to_string(dir.join("latest")).unwrap();
+        let state: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(dir.join(latest.trim()).join("state.json")).unwrap(),
+        )
+        .unwrap();
+        serde_json::from_value(state["history"].clone()).unwrap()
+    };
+    assert_eq!(history(&killed), history(&whole));
+    // The trained adapter drives `beam generate`, which reports fewer than K experts per token.
+    let gen = Command::new(beam)
+        .args([
+            "generate",
+            "--model",
+            tiny_model().to_str().unwrap(),
+            "--beam-adapter",
+            killed.join("adapter.safetensors").to_str().unwrap(),
+            "--prompt",
+            "And God said",
+            "--max-new-tokens",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&gen.stderr);
+    assert!(gen.status.success(), "{stderr}");
+    assert!(stderr.contains("(BEAM)"), "{stderr}");
+    std::fs::remove_dir_all(whole).ok();
+    std::fs::remove_dir_all(killed).ok();
+}
+
+#[test]
+fn evaluation_matches_a_float64_computation_from_the_logits() {
+    let device = Default::default();
+    let model = load_model::<B>(tiny_model(), &device).unwrap();
+    let data = corpus();
+    let options = EvalOptions {
+        seq_len: 24,
+        batch_size: 2,
+        max_tokens: Some(96),
+    };
+    let report = evaluate(&model, &data, MaskMode::TopK, &options, "top-k").unwrap();
+    assert_eq!(report.tokens, 96);
+    let (mut nll, mut hits) = (0.0f64, 0usize);
+    for window in 0..4 {
+        let ids: Vec<i64> = data.tokens[window * 24..window * 24 + 25]
+            .iter()
+            .map(|&t| t as i64)
+            .collect();
+        let input =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(ids[..24].to_vec(), [1, 24]), &device);
+        let logits = common::values(model.forward(input, None, MaskMode::TopK, false).logits);
+        for (t, row) in logits.chunks(300).enumerate() {
+            let max = row.iter().cloned().fold(f64::MIN, f64::max);
+            let log_sum = row.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;
+            let target = ids[t + 1] as usize;
+            nll += log_sum - row[target];
+            let argmax = (0..300).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+            hits += usize::from(argmax == target);
+        }
+    }
+    let expected_loss = nll / 96.0;
+    assert!(
+        (report.loss - expected_loss).abs() < 1e-5,
+        "loss {} vs {expected_loss}",
+        report.loss
+    );
+    assert!((report.perplexity - expected_loss.exp()).abs() < 1e-3);
+    assert_eq!(report.next_token_accuracy, hits as f64 / 96.0);
+    assert_eq!(report.moe_flops_reduction, 0.0);
+    assert_eq!(report.per_layer_active_experts, vec![2.0, 2.0]);
+}
+
+#[test]
+fn peers_reduce_experts_monotonically_and_never_below_one() {
+    let device = Default::default();
+    let model = load_model::<B>(tiny_model(), &device).unwrap();
+    let data = corpus();
+    let options = EvalOptions {
+        seq_len: 32,
+        batch_size: 4,
+        max_tokens: Some(128),
+    };
+    let mut reports = vec![evaluate(&model, &data, MaskMode::TopK, &options, "top-k").unwrap()];
+    let mut last = f64::INFINITY;
+    for beta in [0.0, 0.5, 0.9, 1.0] {
+        let r = evaluate(
+            &model,
+            &data,
+            MaskMode::Rule(MaskRule::DynamicSkip { beta }),
+            &options,
+            "skip",
+        )
+        .unwrap();
+        assert!(r.mean_active_experts <= last && r.mean_active_experts >= 1.0);
+        last = r.mean_active_experts;
+        reports.push(r);
+    }
+    assert_eq!(reports[1].mean_active_experts, 2.0);
+    assert!(reports[4].mean_active_experts < 1.1);
+    // Interpolation stays within the evaluated range of the method.
+    let mid = 0.5 * (reports[2].moe_flops_reduction + reports[3].moe_flops_reduction);
+    let acc = interpolate_accuracy(&reports, "dynamic-skip", mid).unwrap();
+    let (lo, hi) = (
+        reports[2]
+            .next_token_accuracy
+            .min(reports[3].next_token_accuracy),
+        reports[2]
+            .next_token_accuracy
+            .max(reports[3].next_token_accuracy),
+    );
+    assert!(acc >= lo - 1e-12 && acc <= hi + 1e-12);
+    assert_eq!(interpolate_accuracy(&reports, "dynamic-skip", 0.99), None);
+
+    // The charts are written as PNG files.
+    let dir = temp_dir("plots");
+    std::fs::create_dir_all(&dir).unwrap();
+    beam_train::plot::quality_vs_flops(&dir.join("q.png"), &reports, "test").unwrap();
+    beam_train::plot::experts_per_layer(&dir.join("l.png"), &reports[..2], "test").unwrap();
+    for f in ["q.png", "l.png"] {
+        let bytes = std::fs::read(dir.join(f)).unwrap();
+        assert!(bytes.len() > 1000 && bytes.starts_with(b"\x89PNG"), "{f}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
