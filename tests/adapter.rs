@@ -82,6 +82,26 @@ fn adapter_round_trips_and_skips_experts() {
         "kept {kept} of {top_k_pairs}"
     );
 
+    // Adapters without the routing-weight input (as written before it existed) load without it.
+    let device = Default::default();
+    let plain = model("qwen2_moe")
+        .enable_beam(BeamMaskConfig::new().with_weight_feature(false), &device)
+        .unwrap();
+    let plain_path = dir.join(format!(
+        "beam-adapter-plain-{}.safetensors",
+        std::process::id()
+    ));
+    plain.save_beam_adapter(&plain_path).unwrap();
+    let reloaded = model("qwen2_moe")
+        .load_beam_adapter(&plain_path, &device)
+        .unwrap();
+    let routers: Vec<_> = reloaded
+        .moe_layers()
+        .map(|m| m.mask_router.as_ref().unwrap().weight_scale.is_none())
+        .collect();
+    assert_eq!(routers, vec![true, true]);
+    std::fs::remove_file(plain_path).ok();
+
     // A higher threshold keeps fewer; generation reports fewer experts per token than K.
     let strict = loaded.with_threshold(0.8).unwrap();
     assert!(

@@ -189,3 +189,32 @@ fn sampling_is_seeded_and_respects_max_tokens() {
         .iter()
         .all(|&t| (t as usize) < model.config().vocab_size));
 }
+
+/// The trained KJV model shipped for the demo and training (`scripts/train_base_model.py`) loads
+/// and computes transformers' logits on a validation snippet. Tolerance 1e-4 absolute.
+#[test]
+fn the_shipped_trained_model_matches_transformers() {
+    let model = load_model::<B>(
+        repo_root().join("assets/models/kjv-moe"),
+        &Default::default(),
+    )
+    .unwrap();
+    let store =
+        TensorStore::open(repo_root().join("assets/fixtures/models/kjv-moe.safetensors")).unwrap();
+    let tokens: Vec<u32> = store
+        .i64_values("input_ids")
+        .unwrap()
+        .0
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    let shape = store.shape("logits").unwrap();
+    let expected: Vec<f64> = store
+        .f32_values("logits", &shape)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let out = model.forward(ids(&tokens), None, MaskMode::TopK, false);
+    assert_close(&values(out.logits), &expected, 1e-4, "kjv-moe logits");
+}

@@ -79,6 +79,7 @@ fn a_short_run_cuts_active_experts_and_the_sparsity_term_with_finite_loss() {
     .unwrap();
     let h = &summary.history;
     assert_eq!(h.len(), 30);
+    assert!(summary.trained_model.is_none());
     assert!(h
         .iter()
         .all(|m| m.loss.is_finite() && m.cross_entropy.is_finite()));

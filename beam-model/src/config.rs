@@ -129,6 +129,13 @@ pub struct BeamMaskConfig {
     /// The auxiliary sparsity loss.
     #[config(default = "SparsityLossConfig::new()")]
     pub sparsity: SparsityLossConfig,
+    /// Also feed the mask router each slot's relative routing weight: `z_k += a_e · ln(w_k / w_max)`
+    /// with a learned scale `a_e` per mask-router output (initialised to 0, so training still
+    /// starts from top-K). The linear part alone sees only the hidden state and cannot tell how
+    /// confident the base router is *for this token*; this one input gives it that (**choice**;
+    /// `false` is the plain linear mask router).
+    #[config(default = true)]
+    pub weight_feature: bool,
 }
 
 /// Configuration of a [`BeamMoe`](crate::BeamMoe) layer.

@@ -265,9 +265,11 @@ impl<B: MoeBackend> BeamMoe<B> {
 
         // 2. mask
         let learned = match (&source, &self.mask_router) {
-            (MaskSource::Learned, Some(mask_router)) => {
-                Some(mask_router.forward(x.clone(), routing.expert_ids.clone()))
-            }
+            (MaskSource::Learned, Some(mask_router)) => Some(mask_router.forward(
+                x.clone(),
+                routing.expert_ids.clone(),
+                routing.weights.clone(),
+            )),
             _ => None,
         };
         let (hard, ste, probs) = match (learned, source) {

@@ -22,6 +22,9 @@ use crate::config::{BeamMoeConfig, MaskRouterShape};
 pub struct MaskRouter<B: Backend> {
     /// The projection producing the mask logits.
     pub proj: Linear<B>,
+    /// Per-output scale `a` of the relative log routing weight (`[E]` or `[K]`), when
+    /// `beam.weight_feature` is on.
+    pub weight_scale: Option<Param<Tensor<B, 1>>>,
     #[module(skip)]
     shape: MaskRouterShape,
     #[module(skip)]
@@ -48,11 +51,16 @@ impl<B: Backend> MaskRouter<B> {
         // Eager (not burn's lazy `Initializer`), so clones share the same values; see `init.rs`.
         let weight = Param::from_tensor(Tensor::zeros([config.hidden_size, outputs], device));
         let bias = Param::from_tensor(Tensor::full([outputs], config.beam.init_bias, device));
+        let weight_scale = config
+            .beam
+            .weight_feature
+            .then(|| Param::from_tensor(Tensor::zeros([outputs], device)));
         Self {
             proj: Linear {
                 weight,
                 bias: Some(bias),
             },
+            weight_scale,
             shape: config.beam.shape,
             threshold: config.beam.threshold,
         }
@@ -81,18 +89,42 @@ impl<B: Backend> MaskRouter<B> {
         self
     }
 
-    /// Mask logits `[T, K]` for tokens `x` (`[T, H]`) routed to `expert_ids` (`[T, K]`).
-    pub fn logits(&self, x: Tensor<B, 2>, expert_ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+    /// Mask logits `[T, K]` for tokens `x` (`[T, H]`) routed to `expert_ids` with routing
+    /// weights `weights` (both `[T, K]`; the weights are only read with `weight_feature`, and no
+    /// gradient flows back into them).
+    pub fn logits(
+        &self,
+        x: Tensor<B, 2>,
+        expert_ids: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+    ) -> Tensor<B, 2> {
         let z = self.proj.forward(x);
-        match self.shape {
-            MaskRouterShape::PerExpert => z.gather(1, expert_ids),
-            MaskRouterShape::PerSlot => z,
+        let per_slot = |t: Tensor<B, 2>| match self.shape {
+            MaskRouterShape::PerExpert => t.gather(1, expert_ids.clone()),
+            MaskRouterShape::PerSlot => t,
+        };
+        let z = per_slot(z);
+        match &self.weight_scale {
+            Some(scale) => {
+                let [tokens, _] = weights.dims();
+                let weights = weights.detach().clamp_min(1e-30);
+                let relative = weights.clone().log() - weights.max_dim(1).log();
+                let outputs = scale.dims()[0];
+                let scale = per_slot(scale.val().unsqueeze_dim::<2>(0).expand([tokens, outputs]));
+                z + scale * relative
+            }
+            None => z,
         }
     }
 
-    /// Decides the mask for tokens `x` routed to `expert_ids`.
-    pub fn forward(&self, x: Tensor<B, 2>, expert_ids: Tensor<B, 2, Int>) -> MaskDecision<B> {
-        let logits = self.logits(x, expert_ids);
+    /// Decides the mask for tokens `x` routed to `expert_ids` with routing weights `weights`.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        expert_ids: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+    ) -> MaskDecision<B> {
+        let logits = self.logits(x, expert_ids, weights);
         let probs = sigmoid(logits.clone());
         let hard = probs.clone().detach().greater_elem(self.threshold).float();
         let ste = straight_through(hard.clone(), probs.clone());
@@ -112,4 +144,54 @@ pub fn straight_through<B: Backend, const D: usize>(
     probs: Tensor<B, D>,
 ) -> Tensor<B, D> {
     hard + (probs.clone() - probs.detach())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BeamMaskConfig;
+    use burn::backend::NdArray;
+    use burn::tensor::TensorData;
+
+    // f32: NdArray<f32> and <f64> share device settings within one test binary.
+    type B = NdArray<f32>;
+
+    #[test]
+    fn routing_weight_input_adds_scale_times_relative_log_weight() {
+        let device = Default::default();
+        let config =
+            BeamMoeConfig::new(2, 3, 4, 2).with_beam(BeamMaskConfig::new().with_init_bias(1.0));
+        let mut router = MaskRouter::<B>::new(&config, &device);
+        router.weight_scale = Some(Param::from_tensor(Tensor::from_floats(
+            [0.5, 1.0, 2.0, 4.0],
+            &device,
+        )));
+        let x = Tensor::<B, 2>::from_floats([[0.3, -0.7], [1.0, 2.0]], &device);
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::from([[2i64, 0], [1, 3]]), &device);
+        let w = Tensor::<B, 2>::from_floats([[0.6, 0.2], [0.25, 0.5]], &device);
+        let z: Vec<f64> = router
+            .logits(x.clone(), ids.clone(), w.clone())
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .unwrap();
+        let expected = [
+            1.0,
+            1.0 + 0.5 * (0.2f64 / 0.6).ln(),
+            1.0 + 1.0 * (0.25f64 / 0.5).ln(),
+            1.0,
+        ];
+        for (a, b) in z.iter().zip(expected) {
+            assert!((a - b).abs() < 1e-6, "{z:?} vs {expected:?}");
+        }
+        // Without the input the logits are the linear part only.
+        router.weight_scale = None;
+        let z: Vec<f32> = router
+            .logits(x, ids, w)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .unwrap();
+        assert_eq!(z, vec![1.0; 4]);
+    }
 }

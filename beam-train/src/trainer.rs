@@ -25,6 +25,11 @@ use crate::eval::token_losses;
 /// File name of the trained adapter in the output folder.
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
 
+/// File name of the whole trained model (burn record, full precision) in the output folder,
+/// written only when base parameters train: the adapter alone then does not reproduce the model.
+/// Load it with `load_model(dir)?.enable_beam(config.beam, device)?.load_record(..)`.
+pub const TRAINED_MODEL_FILE: &str = "trained_model.mpk";
+
 /// Metrics of one optimiser step (on its training batch).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepMetrics {
@@ -51,6 +56,8 @@ pub struct StepMetrics {
 pub struct TrainSummary {
     /// The adapter file written.
     pub adapter: PathBuf,
+    /// The whole trained model, when base parameters trained ([`TRAINED_MODEL_FILE`]).
+    pub trained_model: Option<PathBuf>,
     /// Step at which this invocation started (non-zero after a resume).
     pub resumed_from: usize,
     /// Metrics of every step, including those before a resume.
@@ -256,6 +263,12 @@ where
             model
                 .valid()
                 .save_beam_adapter(out_dir.join(ADAPTER_FILE))?;
+            if config.trainable != Trainable::MaskRouters {
+                beam_model::model::adapter::write_atomically(
+                    &out_dir.join(TRAINED_MODEL_FILE),
+                    &files.model,
+                )?;
+            }
         }
     }
     let adapter = out_dir.join(ADAPTER_FILE);
@@ -265,6 +278,8 @@ where
     }
     Ok(TrainSummary {
         adapter,
+        trained_model: (config.trainable != Trainable::MaskRouters)
+            .then(|| out_dir.join(TRAINED_MODEL_FILE)),
         resumed_from: first_step,
         history,
         seconds: start.elapsed().as_secs_f64(),

@@ -125,6 +125,7 @@ pub fn random_adapter<B: Backend>(
             let dims = router.proj.weight.dims();
             router.proj.weight = Param::from_tensor(rng.tensor(dims, 1.0, &device));
             router.proj.bias = Some(Param::from_tensor(Tensor::zeros([dims[1]], &device)));
+            router.weight_scale = Some(Param::from_tensor(rng.tensor([dims[1]], 1.0, &device)));
         }
     }
     model

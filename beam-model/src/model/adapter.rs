@@ -2,9 +2,10 @@
 //! their own safetensors file so the base stays untouched.
 //!
 //! Tensors: `model.layers.{l}.{mlp|block_sparse_moe}.mask_router.weight` `[E or K, H]` (the
-//! `[out, in]` layout of a Hugging Face linear layer) and `….mask_router.bias` `[E or K]`, one pair
-//! per MoE layer. Metadata: `format = "beam-adapter"`, `threshold`, `shape`
-//! (`per_expert` / `per_slot`), `renormalize`, `model_type`.
+//! `[out, in]` layout of a Hugging Face linear layer), `….mask_router.bias` `[E or K]` and, with
+//! the routing-weight input, `….mask_router.weight_scale` `[E or K]`, per MoE layer. Metadata:
+//! `format = "beam-adapter"`, `threshold`, `shape` (`per_expert` / `per_slot`), `renormalize`,
+//! `weight_feature`, `model_type`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -115,7 +116,9 @@ impl<B: Backend> MoeLm<B> {
         let beam = BeamMaskConfig::new()
             .with_shape(shape)
             .with_threshold(number("threshold", 0.5)?)
-            .with_renormalize(meta.get("renormalize").is_some_and(|v| v == "true"));
+            .with_renormalize(meta.get("renormalize").is_some_and(|v| v == "true"))
+            // Adapters written before the routing-weight input existed have no such key.
+            .with_weight_feature(meta.get("weight_feature").is_some_and(|v| v == "true"));
         let store = TensorStore::from_bytes(path, bytes)?;
         let mut model = self
             .enable_beam(beam, device)
@@ -134,6 +137,10 @@ impl<B: Backend> MoeLm<B> {
             let router = moe.mask_router.as_mut().expect("mask router just enabled");
             router.proj.weight = Param::from_tensor(weight.transpose());
             router.proj.bias = Some(bias);
+            if router.weight_scale.is_some() {
+                router.weight_scale =
+                    Some(store.param(&format!("{prefix}weight_scale"), [outputs], device)?);
+            }
         }
         store.check_all_used(|_| false)?;
         Ok(model)
@@ -172,6 +179,15 @@ impl<B: Backend> MoeLm<B> {
                 .val();
             let shape = bias.dims().to_vec();
             tensors.push((format!("{prefix}bias"), f32_bytes(bias.into_data()), shape));
+            if let Some(scale) = &router.weight_scale {
+                let scale = scale.val();
+                let shape = scale.dims().to_vec();
+                tensors.push((
+                    format!("{prefix}weight_scale"),
+                    f32_bytes(scale.into_data()),
+                    shape,
+                ));
+            }
         }
         let beam = beam.ok_or_else(|| bad("the model has no MoE layer".into()))?;
         let views: Vec<(String, TensorView<'_>)> = tensors
@@ -191,6 +207,7 @@ impl<B: Backend> MoeLm<B> {
             ("threshold", beam.threshold.to_string()),
             ("shape", shape.to_string()),
             ("renormalize", beam.renormalize.to_string()),
+            ("weight_feature", beam.weight_feature.to_string()),
             ("model_type", self.config().family.model_type().to_string()),
         ]
         .into_iter()

@@ -201,6 +201,13 @@ where
     let summary =
         beam_train::train::<B>(&args.model, &data, &config, &args.out, device, &mut on_step)
             .map_err(|e| e.to_string())?;
+    if let Some(record) = &summary.trained_model {
+        eprintln!(
+            "[beam train] base parameters trained too: the adapter only fits the trained model saved in {} \
+             (a burn record), not the original checkpoint",
+            record.display()
+        );
+    }
     if summary.resumed_from > 0 {
         eprintln!("[beam train] resumed from step {}", summary.resumed_from);
     }
@@ -229,7 +236,7 @@ pub struct EvalArgs {
     /// Held-out text, plain or .gz.
     #[arg(long)]
     data: PathBuf,
-    /// BEAM adapters to evaluate, as FILE or LABEL=FILE (repeatable).
+    /// BEAM adapters to evaluate, as FILE or LABEL=FILE (repeatable; the last `=` splits).
     #[arg(long = "adapter")]
     adapters: Vec<String>,
     /// Also sweep the training-free peers (dynamic skipping, top-p, entropy-adaptive K).
@@ -300,7 +307,7 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
     };
     run(evaluate(&base, &data, MaskMode::TopK, &options, "top-k"))?;
     for spec in &args.adapters {
-        let (label, file) = match spec.split_once('=') {
+        let (label, file) = match spec.rsplit_once('=') {
             Some((label, file)) => (label.to_string(), PathBuf::from(file)),
             None => (
                 Path::new(spec)
