@@ -113,7 +113,7 @@ fn run(args: Args) -> Result<(), String> {
             &out,
             &device,
             &mut |m, c| {
-                if (m.step + 1) % 10 == 0 || m.step + 1 == c.steps {
+                if (m.step + 1).is_multiple_of(10) || m.step + 1 == c.steps {
                     println!(
                         "  step {:>4}/{}  loss {:.4}  experts/token {:.2}  MoE FLOPs cut {:.1}%",
                         m.step + 1,

@@ -240,7 +240,7 @@ where
         history.push(metrics);
 
         let done = step + 1;
-        if done % config.checkpoint_every == 0 || done == config.steps {
+        if done.is_multiple_of(config.checkpoint_every) || done == config.steps {
             let bytes = |e: burn::record::RecorderError| TrainError::Checkpoint {
                 path: out_dir.to_path_buf(),
                 reason: e.to_string(),

@@ -194,7 +194,7 @@ where
             if m.step + 1 == c.steps {
                 eprintln!();
             }
-        } else if (m.step + 1) % log_every == 0 || m.step + 1 == c.steps || m.step == 0 {
+        } else if (m.step + 1).is_multiple_of(log_every) || m.step + 1 == c.steps || m.step == 0 {
             eprintln!("{line}");
         }
     };
