@@ -5,7 +5,7 @@
 //! and a sample continuation from each, and optionally trains a fresh adapter for a few steps.
 //!
 //! ```text
-//! cargo run --release --example beam_demo [-- --max-tokens 16384 --train-steps 0 --report out.json]
+//! cargo run --release --example beam_demo [-- --max-tokens N --train-steps 0 --report out.json]
 //! ```
 //! `--report FILE` writes JSON with `k, topk_eval_loss, beam_eval_loss, topk_next_token_accuracy,
 //! beam_next_token_accuracy, moe_flops_reduction, mean_active_experts` (BEAM's numbers are those of
@@ -36,9 +36,9 @@ struct Args {
     /// Held-out text.
     #[arg(long, default_value = "assets/corpus/kjv-valid.txt.gz")]
     data: PathBuf,
-    /// Validation tokens to evaluate (the whole split has about 66 000).
-    #[arg(long, default_value_t = 16384)]
-    max_tokens: usize,
+    /// Evaluate at most this many validation tokens (default: the whole split, 66 560 tokens).
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// Also train a fresh adapter for this many steps on the training split and evaluate it.
     #[arg(long, default_value_t = 0)]
     train_steps: usize,
@@ -71,14 +71,16 @@ fn run(args: Args) -> Result<(), String> {
     let options = EvalOptions {
         seq_len: 256,
         batch_size: 8,
-        max_tokens: Some(args.max_tokens),
+        max_tokens: args.max_tokens,
     };
     println!(
         "model {} ({} layers, {} experts, top-{k}); {} validation tokens",
         args.model.display(),
         base.config().num_layers,
         base.config().moe.num_experts,
-        args.max_tokens.min(data.tokens.len() - 1)
+        args.max_tokens
+            .unwrap_or(usize::MAX)
+            .min((data.tokens.len() - 1) / 256 * 256)
     );
     let timed = |model: &MoeLm<B>, mode, label: &str| -> Result<(EvalReport, f64), String> {
         let start = Instant::now();
