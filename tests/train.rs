@@ -170,6 +170,24 @@ fn straight_through_gradients_reach_the_mask_router_and_only_the_configured_para
 }
 
 #[test]
+fn training_base_parameters_also_writes_the_whole_trained_model() {
+    let out = temp_dir("all");
+    let config = small_config(2).with_trainable(Trainable::All);
+    let summary = train::<AB>(
+        &tiny_model(),
+        &corpus(),
+        &config,
+        &out,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let record = summary.trained_model.expect("a trained-model record");
+    assert!(std::fs::metadata(&record).unwrap().len() > 10_000);
+    std::fs::remove_dir_all(out).ok();
+}
+
+#[test]
 fn resuming_gives_the_same_adapter_and_metrics_as_an_uninterrupted_run() {
     let config = small_config(20).with_task_loss(TaskLoss::Both);
     let whole = temp_dir("whole");
