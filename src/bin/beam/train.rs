@@ -42,17 +42,25 @@ pub enum ShapeChoice {
     PerSlot,
 }
 
+/// The model, backend and text every train / eval run needs.
 #[derive(Args)]
-pub struct TrainArgs {
+pub struct ModelAndText {
     /// Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
     /// Backend (training runs under burn's autodiff on it).
     #[arg(long, value_enum, default_value = "ndarray")]
     backend: BackendChoice,
-    /// Training text, plain or .gz, tokenised with MODEL/tokenizer.json.
+    /// Text, plain or .gz, tokenised with MODEL/tokenizer.json (train: training text; eval:
+    /// held-out text).
     #[arg(long)]
     data: PathBuf,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    input: ModelAndText,
     /// Output folder: adapter.safetensors, checkpoints, train_config.json. A run resumes from the
     /// checkpoint it finds here.
     #[arg(long)]
@@ -106,7 +114,7 @@ pub struct TrainArgs {
 
 impl TrainArgs {
     pub fn backend(&self) -> BackendChoice {
-        self.backend
+        self.input.backend
     }
 
     fn config(&self) -> TrainConfig {
@@ -143,7 +151,8 @@ impl TrainArgs {
     }
 }
 
-fn corpus(model: &Path, data: &Path) -> Result<TokenData, String> {
+fn corpus(input: &ModelAndText) -> Result<TokenData, String> {
+    let (model, data) = (&input.model, &input.data);
     let config = ModelConfig::from_dir(model).map_err(|e| e.to_string())?;
     TokenData::from_file(data, &model.join("tokenizer.json"), config.vocab_size)
         .map_err(|e| e.to_string())
@@ -169,11 +178,11 @@ where
 {
     let config = args.config();
     config.validate().map_err(|e| e.to_string())?;
-    let data = corpus(&args.model, &args.data)?;
+    let data = corpus(&args.input)?;
     eprintln!(
         "[beam train] {} tokens from {}, {} steps of {}×{} tokens, λ = {}",
         data.tokens.len(),
-        args.data.display(),
+        args.input.data.display(),
         config.steps,
         config.batch_size,
         config.seq_len,
@@ -198,9 +207,15 @@ where
             eprintln!("{line}");
         }
     };
-    let summary =
-        beam_train::train::<B>(&args.model, &data, &config, &args.out, device, &mut on_step)
-            .map_err(|e| e.to_string())?;
+    let summary = beam_train::train::<B>(
+        &args.input.model,
+        &data,
+        &config,
+        &args.out,
+        device,
+        &mut on_step,
+    )
+    .map_err(|e| e.to_string())?;
     if let Some(record) = &summary.trained_model {
         eprintln!(
             "[beam train] base parameters trained too: the adapter only fits the trained model saved in {} \
@@ -227,15 +242,8 @@ where
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Hugging Face checkpoint folder.
-    #[arg(long)]
-    model: PathBuf,
-    /// Backend.
-    #[arg(long, value_enum, default_value = "ndarray")]
-    backend: BackendChoice,
-    /// Held-out text, plain or .gz.
-    #[arg(long)]
-    data: PathBuf,
+    #[command(flatten)]
+    input: ModelAndText,
     /// BEAM adapters to evaluate, as FILE or LABEL=FILE (repeatable; the last `=` splits).
     #[arg(long = "adapter")]
     adapters: Vec<String>,
@@ -264,7 +272,7 @@ pub struct EvalArgs {
 
 impl EvalArgs {
     pub fn backend(&self) -> BackendChoice {
-        self.backend
+        self.input.backend
     }
 }
 
@@ -284,13 +292,13 @@ pub fn peer_rules() -> Vec<MaskRule> {
 }
 
 pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), String> {
-    let data = corpus(&args.model, &args.data)?;
+    let data = corpus(&args.input)?;
     let options = EvalOptions {
         seq_len: args.seq_len,
         batch_size: args.batch_size,
         max_tokens: args.max_tokens,
     };
-    let base = load_model::<B>(&args.model, device).map_err(|e| e.to_string())?;
+    let base = load_model::<B>(&args.input.model, device).map_err(|e| e.to_string())?;
     let mut reports = Vec::new();
     let mut run = |report: Result<EvalReport, beam_train::TrainError>| -> Result<(), String> {
         let report = report.map_err(|e| e.to_string())?;
