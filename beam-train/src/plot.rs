@@ -138,7 +138,7 @@ pub fn experts_per_layer(
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(60)
-        .build_cartesian_2d(-0.5f64..layers as f64 - 0.5, 0.0f64..top_k * 1.08)
+        .build_cartesian_2d(-0.5f64..layers as f64 - 0.5, 0.0f64..top_k * 1.45)
         .map_err(|e| plot_error(path, e))?;
     chart
         .configure_mesh()
