@@ -11,6 +11,11 @@ use crate::init::{normal_param, Init};
 
 /// `down · (silu(gate · x) ⊙ up · x)` on rows `x` (`[N, H]`), with `gate_up` `[2I, H]` (gate rows
 /// first) and `down` `[H, I]`. Output `[N, H]`.
+///
+/// Computed column-wise (`W · xᵀ`) so the weights are read in their stored `[out, in]` layout: a
+/// transposed weight operand makes burn's ndarray matmul copy the whole weight matrix first, which
+/// cost more than the product itself at decode (measured in docs/BENCHMARKS.md). Only the small
+/// activations are transposed.
 pub fn swiglu<B: Backend>(
     x: Tensor<B, 2>,
     gate_up: Tensor<B, 2>,
@@ -18,9 +23,9 @@ pub fn swiglu<B: Backend>(
 ) -> Tensor<B, 2> {
     let [two_i, _] = gate_up.dims();
     let inter = two_i / 2;
-    let gu = x.matmul(gate_up.transpose());
-    let h = silu(gu.clone().narrow(1, 0, inter)) * gu.narrow(1, inter, inter);
-    h.matmul(down.transpose())
+    let gu = gate_up.matmul(x.transpose()); // [2I, N]
+    let h = silu(gu.clone().narrow(0, 0, inter)) * gu.narrow(0, inter, inter); // [I, N]
+    down.matmul(h).transpose() // [N, H]
 }
 
 /// The E routed experts, stacked in the layout the kernels read.
