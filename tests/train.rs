@@ -11,8 +11,9 @@ use beam_model::checkpoint::TensorStore;
 use beam_model::model::load::load_model;
 use beam_model::model::{MaskMode, MoeLm};
 use beam_model::{BeamMaskConfig, MaskRule};
+use beam_train::checkpoint;
 use beam_train::eval::{evaluate, interpolate_accuracy, EvalOptions};
-use beam_train::trainer::{select_trainable, StepMetrics};
+use beam_train::trainer::select_trainable;
 use beam_train::{train, TaskLoss, TokenData, TrainConfig, TrainError, Trainable};
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -285,20 +286,13 @@ fn a_killed_cli_run_resumes_to_the_uninterrupted_result() {
     }
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            killed
-                .join(
-                    std::fs::read_to_string(killed.join("latest"))
-                        .unwrap()
-                        .trim(),
-                )
-                .join("state.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
-    let killed_at = state["step"].as_u64().unwrap();
+    let latest_state = |dir: &Path| {
+        checkpoint::load_latest(dir)
+            .unwrap()
+            .expect("a checkpoint")
+            .state
+    };
+    let killed_at = latest_state(&killed).step;
     assert!(killed_at < 60, "the run finished before it could be killed");
 
     let out = Command::new(beam)
@@ -319,15 +313,7 @@ fn a_killed_cli_run_resumes_to_the_uninterrupted_result() {
         adapter_tensors(&killed.join("adapter.safetensors")),
         adapter_tensors(&whole.join("adapter.safetensors"))
     );
-    let history = |dir: &Path| -> Vec<StepMetrics> {
-        let latest = std::fs::read_to_string(dir.join("latest")).unwrap();
-        let state: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(dir.join(latest.trim()).join("state.json")).unwrap(),
-        )
-        .unwrap();
-        serde_json::from_value(state["history"].clone()).unwrap()
-    };
-    assert_eq!(history(&killed), history(&whole));
+    assert_eq!(latest_state(&killed).history, latest_state(&whole).history);
     // The trained adapter drives `beam generate`, which reports fewer than K experts per token.
     let gen = Command::new(beam)
         .args([

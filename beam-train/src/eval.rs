@@ -2,7 +2,7 @@
 //! and per layer) and the MoE FLOPs cut, for any mask mode (top-K, a BEAM adapter, a peer rule).
 
 use beam_model::model::{MaskMode, MoeLm};
-use beam_model::MoeBackend;
+use beam_model::{BeamMoeConfig, MoeBackend};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{ElementConversion, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -87,12 +87,8 @@ pub fn evaluate<B: MoeBackend>(
             *k += facts.kept_pairs();
         }
     }
-    let (mut topk_flops, mut flops) = (0.0, 0.0);
-    for (config, &pairs) in moe_configs.iter().zip(&kept) {
-        let report = beam_model::moe_layer_flops(config, tokens, pairs);
-        topk_flops += report.topk.total() as f64;
-        flops += report.beam.total() as f64;
-    }
+    let moe_flops_reduction =
+        model_flops_reduction(moe_configs.iter().zip(kept.iter().copied()), tokens);
     let per_layer = kept
         .iter()
         .map(|&k| k as f64 / tokens as f64)
@@ -114,13 +110,28 @@ pub fn evaluate<B: MoeBackend>(
         next_token_accuracy: correct as f64 / tokens as f64,
         mean_active_experts: per_layer.iter().sum::<f64>() / per_layer.len().max(1) as f64,
         per_layer_active_experts: per_layer,
-        moe_flops_reduction: if topk_flops > 0.0 {
-            1.0 - flops / topk_flops
-        } else {
-            0.0
-        },
+        moe_flops_reduction,
         top_k: moe_configs.first().map_or(0, |c| c.top_k),
     })
+}
+
+/// `1 − FLOPs / top-K FLOPs` summed over MoE layers, each given as (its config, kept pairs) over
+/// `tokens` tokens: the one aggregation every report (evaluation and training metrics) uses.
+pub fn model_flops_reduction<'a>(
+    layers: impl IntoIterator<Item = (&'a BeamMoeConfig, usize)>,
+    tokens: usize,
+) -> f64 {
+    let (mut topk, mut beam) = (0.0, 0.0);
+    for (config, kept_pairs) in layers {
+        let report = beam_model::moe_layer_flops(config, tokens, kept_pairs);
+        topk += report.topk.total() as f64;
+        beam += report.beam.total() as f64;
+    }
+    if topk > 0.0 {
+        1.0 - beam / topk
+    } else {
+        0.0
+    }
 }
 
 fn batch_tokens(batch: &Batch) -> usize {

@@ -20,7 +20,7 @@ use crate::checkpoint::{self, CheckpointFiles, CheckpointState};
 use crate::config::{TaskLoss, TrainConfig, Trainable};
 use crate::data::TokenData;
 use crate::error::{io_error, TrainError};
-use crate::eval::token_losses;
+use crate::eval::{model_flops_reduction, token_losses};
 
 /// File name of the trained adapter in the output folder.
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
@@ -202,14 +202,19 @@ where
 
         // Metrics of the hard mask, as inference will run it.
         let tokens = batch.batch_size * batch.seq_len;
-        let (mut kept, mut topk_flops, mut flops) = (0usize, 0.0, 0.0);
-        for (facts, moe) in out.routing.iter().zip(model.moe_layers()) {
-            let pairs = facts.kept_pairs();
-            kept += pairs;
-            let report = beam_model::moe_layer_flops(moe.config(), tokens, pairs);
-            topk_flops += report.topk.total() as f64;
-            flops += report.beam.total() as f64;
-        }
+        let kept_per_layer = out
+            .routing
+            .iter()
+            .map(|facts| facts.kept_pairs())
+            .collect::<Vec<_>>();
+        let kept: usize = kept_per_layer.iter().sum();
+        let moe_flops_reduction = model_flops_reduction(
+            model
+                .moe_layers()
+                .map(|moe| moe.config())
+                .zip(kept_per_layer),
+            tokens,
+        );
         let scalar = |t: Tensor<B, 1>| t.into_scalar().elem::<f64>();
         let loss_value = scalar(loss.clone());
         if !loss_value.is_finite() {
@@ -227,11 +232,7 @@ where
             perplexity: ce.exp(),
             sparsity: sparsity.map_or(0.0, scalar),
             mean_active_experts: kept as f64 / (tokens as f64 * layers),
-            moe_flops_reduction: if topk_flops > 0.0 {
-                1.0 - flops / topk_flops
-            } else {
-                0.0
-            },
+            moe_flops_reduction,
         };
 
         let grads = GradientsParams::from_grads(loss.backward(), &model);
