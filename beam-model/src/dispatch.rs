@@ -15,12 +15,18 @@ use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 
 use crate::combine::scatter_add_rows;
 use crate::experts::swiglu;
+pub use beam_kernels::reference::DispatchPlan;
 
 /// Backend extension running the routed experts on grouped (token, expert) pairs.
 ///
-/// Implemented for `NdArray` (feature `ndarray`) and for `Autodiff<B>` over any implementing `B`
-/// (feature `autodiff`) with the reference; `beam-kernels` provides cubecl kernels for the
-/// CUDA / wgpu backends. A custom backend opts in with an empty `impl MoeBackend for MyBackend {}`.
+/// | backend | implementation |
+/// |---|---|
+/// | `NdArray` (feature `ndarray`) | the reference ([`grouped_experts_reference`]) |
+/// | burn's `CubeBackend` — `Cuda`, `Wgpu` (features `cuda`, `wgpu`) | `beam-kernels`' cubecl kernels: routing compaction on the device, grouped SwiGLU GEMMs, deterministic combine |
+/// | `Fusion<B>` — `Cuda`/`Wgpu` with burn's `fusion` feature (feature `fusion`) | `B`'s implementation, registered as a custom fusion operation |
+/// | `Autodiff<B>` (feature `autodiff`) | the reference, built from burn tensor ops on `Autodiff<B>`: exact gradients for training |
+///
+/// A custom backend opts in to the reference with an empty `impl MoeBackend for MyBackend {}`.
 pub trait MoeBackend: Backend {
     /// `out[t] = Σ_k weights[t, k] · Expert_{ids[t, k]}(x[t])`, skipping every slot whose id is
     /// the sentinel (`>= E`).
@@ -75,6 +81,92 @@ where
     I: burn_cubecl::IntElement,
     BT: burn_cubecl::BoolElement,
 {
+    fn moe_grouped_experts(
+        x: FloatTensor<Self>,
+        expert_ids: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        gate_up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        beam_kernels::masked_moe(x, expert_ids, weights, gate_up, down, Default::default())
+    }
+}
+
+#[cfg(feature = "fusion")]
+mod fusion {
+    use super::MoeBackend;
+    use burn::tensor::ops::{FloatTensor, IntTensor};
+    use burn::tensor::Shape;
+    use burn_fusion::stream::{Operation, OperationStreams};
+    use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
+
+    /// The grouped experts as one custom operation in the fusion stream: fusion executes the
+    /// operations queued before it, then runs the inner backend's implementation (the kernels).
+    impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
+        fn moe_grouped_experts(
+            x: FloatTensor<Self>,
+            expert_ids: IntTensor<Self>,
+            weights: FloatTensor<Self>,
+            gate_up: FloatTensor<Self>,
+            down: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            #[derive(Clone, Debug)]
+            struct GroupedExperts<B> {
+                desc: CustomOpIr,
+                _backend: core::marker::PhantomData<B>,
+            }
+
+            impl<B1: FusionBackend + MoeBackend> Operation<B1::FusionRuntime> for GroupedExperts<B1> {
+                fn execute(
+                    &self,
+                    handles: &mut HandleContainer<
+                        <B1::FusionRuntime as FusionRuntime>::FusionHandle,
+                    >,
+                ) {
+                    let ([x, ids, weights, gate_up, down], [out]) = self.desc.as_fixed();
+                    let output = B1::moe_grouped_experts(
+                        handles.get_float_tensor::<B1>(x),
+                        handles.get_int_tensor::<B1>(ids),
+                        handles.get_float_tensor::<B1>(weights),
+                        handles.get_float_tensor::<B1>(gate_up),
+                        handles.get_float_tensor::<B1>(down),
+                    );
+                    handles.register_float_tensor::<B1>(&out.id, output);
+                }
+            }
+
+            let client = x.client.clone();
+            let streams =
+                OperationStreams::with_inputs([&x, &expert_ids, &weights, &gate_up, &down]);
+            let out = TensorIr::uninit(
+                client.create_empty_handle(),
+                Shape::new([x.shape[0], x.shape[1]]),
+                x.dtype,
+            );
+            let desc = CustomOpIr::new(
+                "beam_moe_grouped_experts",
+                &[
+                    x.into_ir(),
+                    expert_ids.into_ir(),
+                    weights.into_ir(),
+                    gate_up.into_ir(),
+                    down.into_ir(),
+                ],
+                &[out],
+            );
+            client
+                .register(
+                    streams,
+                    OperationIr::Custom(desc.clone()),
+                    GroupedExperts::<B> {
+                        desc,
+                        _backend: core::marker::PhantomData,
+                    },
+                )
+                .output()
+        }
+    }
 }
 
 #[cfg(feature = "autodiff")]
@@ -110,70 +202,6 @@ pub fn drop_masked_slots<B: Backend>(
     num_experts: usize,
 ) -> Tensor<B, 2, Int> {
     expert_ids.mask_fill(mask.lower_elem(0.5), num_experts as i64)
-}
-
-/// Kept (token, slot) pairs grouped by expert: a counting sort of the routing table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DispatchPlan {
-    /// `offsets[e]..offsets[e + 1]` is expert `e`'s range in [`pairs`](Self::pairs); length E + 1.
-    pub offsets: Vec<usize>,
-    /// Flat slot indices `t * K + k` of kept pairs, grouped by expert, tokens ascending.
-    pub pairs: Vec<usize>,
-    /// K.
-    pub top_k: usize,
-}
-
-impl DispatchPlan {
-    /// Groups a row-major `[T, K]` id table; ids `>= num_experts` (the sentinel) are dropped.
-    pub fn from_ids(expert_ids: &[i64], top_k: usize, num_experts: usize) -> Self {
-        let expert_of = |id: i64| usize::try_from(id).ok().filter(|&e| e < num_experts);
-        let mut offsets = vec![0usize; num_experts + 1];
-        for e in expert_ids.iter().filter_map(|&id| expert_of(id)) {
-            offsets[e + 1] += 1;
-        }
-        for e in 0..num_experts {
-            offsets[e + 1] += offsets[e];
-        }
-        let mut cursor = offsets.clone();
-        let mut pairs = vec![0usize; offsets[num_experts]];
-        for (slot, e) in expert_ids
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, &id)| Some((slot, expert_of(id)?)))
-        {
-            pairs[cursor[e]] = slot;
-            cursor[e] += 1;
-        }
-        Self {
-            offsets,
-            pairs,
-            top_k,
-        }
-    }
-
-    /// Number of kept (token, expert) pairs.
-    pub fn kept(&self) -> usize {
-        self.pairs.len()
-    }
-
-    /// Tokens per expert.
-    pub fn counts(&self) -> Vec<usize> {
-        self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
-    }
-
-    /// `(expert, start, len)` for every expert with at least one token.
-    pub fn groups(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-        self.offsets
-            .windows(2)
-            .enumerate()
-            .filter(|(_, w)| w[1] > w[0])
-            .map(|(e, w)| (e, w[0], w[1] - w[0]))
-    }
-
-    /// The token of each kept pair, in plan order.
-    pub fn tokens(&self) -> Vec<usize> {
-        self.pairs.iter().map(|slot| slot / self.top_k).collect()
-    }
 }
 
 /// Reference for [`MoeBackend::moe_grouped_experts`]: reads the id table back to the host, groups
@@ -253,31 +281,4 @@ pub fn dense_experts_reference<B: Backend>(
 fn expert_weights<B: Backend>(stacked: Tensor<B, 3>, expert: usize) -> Tensor<B, 2> {
     let [_, rows, cols] = stacked.dims();
     stacked.narrow(0, expert, 1).reshape([rows, cols])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plan_groups_by_expert_and_drops_sentinels() {
-        // T = 3, K = 2, E = 3; sentinel 3 at (1, 0).
-        let plan = DispatchPlan::from_ids(&[2, 0, 3, 2, 0, 1], 2, 3);
-        assert_eq!(plan.offsets, vec![0, 2, 3, 5]);
-        assert_eq!(plan.pairs, vec![1, 4, 5, 0, 3]);
-        assert_eq!(plan.tokens(), vec![0, 2, 2, 0, 1]);
-        assert_eq!(plan.counts(), vec![2, 1, 2]);
-        assert_eq!(plan.kept(), 5);
-        let groups: Vec<_> = plan.groups().collect();
-        assert_eq!(groups, vec![(0, 0, 2), (1, 2, 1), (2, 3, 2)]);
-    }
-
-    #[test]
-    fn plan_of_all_masked_is_empty_and_skips_idle_experts() {
-        let plan = DispatchPlan::from_ids(&[4, 4, 9, 4], 2, 4);
-        assert_eq!(plan.kept(), 0);
-        assert_eq!(plan.groups().count(), 0);
-        let plan = DispatchPlan::from_ids(&[3, 3], 1, 4);
-        assert_eq!(plan.groups().collect::<Vec<_>>(), vec![(3, 0, 2)]);
-    }
 }
