@@ -7,8 +7,10 @@
 //! Each row times one layer forward (router + mask + dispatch + experts + combine) with the plain
 //! top-K mask and with a BEAM mask that keeps exactly `round((1 − sparsity) · T · K)` random
 //! (token, expert) pairs. `flop_limit` = top-K pairs / kept pairs is the speed-up bound if expert
-//! work were all that counted; `gbps` (decode rows, T ≤ 16) is the expert weight bytes of the
-//! distinct experts BEAM touched, per second. Shapes: `small` = H 128, I 64, E 16, K 4 (the shipped
+//! work were all that counted; `weight_limit` = distinct experts top-K touched / distinct experts
+//! BEAM touched is the bound when reading expert weights is all that counts (decode: weights are
+//! read once per expert however many of its tokens there are); `gbps` / `topk_gbps` (decode rows,
+//! T ≤ 16) are the expert weight bytes of the distinct experts touched, per second. Shapes: `small` = H 128, I 64, E 16, K 4 (the shipped
 //! KJV model); `olmoe` = H 2048, I 1024, E 64, K 8 (OLMoE-1B-7B). Timing: median of `--reps`
 //! runs after one warm-up, each ending with a read-back of the output so asynchronous backends
 //! are measured to completion.
@@ -100,6 +102,17 @@ fn mask<B: MoeBackend>(
     Tensor::from_data(TensorData::new(values, [1, tokens, top_k]), device)
 }
 
+/// Experts with at least one kept slot.
+fn distinct_experts(ids: &[i64], kept: impl Fn(usize) -> bool, experts: usize) -> usize {
+    let mut seen = vec![false; experts];
+    for (slot, &id) in ids.iter().enumerate() {
+        if kept(slot) {
+            seen[id as usize] = true;
+        }
+    }
+    seen.iter().filter(|&&s| s).count()
+}
+
 fn median_ms<B: MoeBackend>(
     layer: &BeamMoe<B>,
     x: &Tensor<B, 3>,
@@ -142,36 +155,35 @@ fn bench<B: MoeBackend>(args: &Args, device: &B::Device) -> Result<(), String> {
                 .facts
                 .expert_ids;
             let ids: Vec<i64> = ids.into_data().convert::<i64>().to_vec().unwrap();
+            let topk_distinct = distinct_experts(&ids, |_| true, e);
             for &sparsity in &args.sparsity {
                 let kept = ((1.0 - sparsity) * (tokens * k) as f64).round() as usize;
                 let m = mask::<B>(tokens, k, kept, device);
                 let kept_flags: Vec<f32> = m.clone().into_data().to_vec().unwrap();
-                let distinct = {
-                    let mut seen = vec![false; e];
-                    for (slot, &f) in kept_flags.iter().enumerate() {
-                        if f > 0.5 {
-                            seen[ids[slot] as usize] = true;
-                        }
-                    }
-                    seen.iter().filter(|&&s| s).count()
-                };
+                let distinct = distinct_experts(&ids, |slot| kept_flags[slot] > 0.5, e);
                 let beam_ms = median_ms(&layer, &x, &MaskSource::External(m), args.reps);
                 let flop_limit = (tokens * k) as f64 / kept.max(1) as f64;
                 let gbps =
                     (tokens <= 16).then(|| distinct as f64 * expert_bytes / (beam_ms * 1e-3) / 1e9);
+                let topk_gbps = (tokens <= 16)
+                    .then(|| topk_distinct as f64 * expert_bytes / (topk_ms * 1e-3) / 1e9);
+                // Weight-bandwidth bound: expert weights read once per distinct expert.
+                let weight_limit = topk_distinct as f64 / distinct.max(1) as f64;
                 let row = serde_json::json!({
                     "backend": args.backend, "shape": name, "tokens": tokens, "experts": e, "top_k": k,
                     "hidden": h, "intermediate": i, "sparsity": sparsity, "kept_pairs": kept,
-                    "distinct_experts": distinct, "topk_ms": topk_ms, "beam_ms": beam_ms,
+                    "distinct_experts": distinct, "topk_distinct_experts": topk_distinct,
+                    "topk_ms": topk_ms, "beam_ms": beam_ms,
                     "speedup": topk_ms / beam_ms, "flop_limit": if kept == 0 { f64::INFINITY } else { flop_limit },
-                    "gbps": gbps,
+                    "weight_limit": if distinct == 0 { f64::INFINITY } else { weight_limit },
+                    "gbps": gbps, "topk_gbps": topk_gbps,
                 });
                 if args.json {
                     println!("{row}");
                 } else {
                     println!(
-                        "{:<6} {:<6} T={:<5} sparsity {:.2}: top-K {:>9.3} ms  BEAM {:>9.3} ms  speed-up {:>5.2}x  (FLOP limit {:>5.2}x){}",
-                        args.backend, name, tokens, sparsity, topk_ms, beam_ms, topk_ms / beam_ms, flop_limit,
+                        "{:<6} {:<6} T={:<5} sparsity {:.2}: top-K {:>9.3} ms  BEAM {:>9.3} ms  speed-up {:>5.2}x  (FLOP limit {:>5.2}x, weight limit {:>5.2}x){}",
+                        args.backend, name, tokens, sparsity, topk_ms, beam_ms, topk_ms / beam_ms, flop_limit, weight_limit,
                         gbps.map_or(String::new(), |g| format!("  {g:.1} GB/s"))
                     );
                 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: every test, wgpu ones included (on the CPU through Mesa's lavapipe
-# when there is no GPU). Installs the Vulkan driver and loader if they are missing.
+# when there is no GPU). burn's `fusion` is on, as burn's default features give its users; the
+# kernel tests use the plain CubeBackend. Installs the Vulkan driver and loader if they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,4 +17,4 @@ if ! ldconfig -p 2>/dev/null | grep -q libvulkan.so.1 || ! ls /usr/share/vulkan/
 fi
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
-cargo test --workspace --features wgpu "$@"
+cargo test --workspace --features wgpu,fusion "$@"

@@ -12,7 +12,7 @@ mod common;
 use beam_kernels::reference::{masked_moe_f64, DispatchPlan, MoeDims};
 use beam_kernels::{compact_routes, masked_moe, MaskedMoeOptions, Regime};
 use burn::tensor::ops::FloatTensorOps;
-use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime};
 use common::Rng;
@@ -253,6 +253,59 @@ fn repeated_ids_match_the_reference<R: CubeRuntime>(device: &R::Device) {
     }
 }
 
+/// f16 / bf16 storage with f32 accumulation: inputs are rounded to the storage type first, so the
+/// f64 reference sees the same inputs and only accumulation and the output rounding differ.
+fn half_precision_matches_the_reference<R: CubeRuntime>(dtype: FloatDType, device: &R::Device) {
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        match dtype {
+            FloatDType::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+            FloatDType::BF16 => v
+                .iter()
+                .map(|&x| half::bf16::from_f32(x).to_f32())
+                .collect(),
+            _ => v,
+        }
+    };
+    let cast = |t: CubeTensor<R>| Cube::<R>::float_cast(t, dtype);
+    let mut rng = Rng::new(19);
+    for (tokens, regime) in [(3, Regime::Decode), (64, Regime::Prefill)] {
+        let dims = MoeDims {
+            tokens,
+            top_k: 2,
+            experts: 8,
+            hidden: 32,
+            intermediate: 16,
+        };
+        let ids = routing(&mut rng, tokens, 2, 8, 0.5);
+        let x = round(uniform(&mut rng, tokens * 32, -1.0, 1.0));
+        let weights = round(uniform(&mut rng, tokens * 2, 0.05, 1.0));
+        let gate_up = round(uniform(&mut rng, 8 * 32 * 32, -0.5, 0.5));
+        let down = round(uniform(&mut rng, 8 * 32 * 16, -0.5, 0.5));
+        let expected = masked_moe_f64(&x, &ids, &weights, &gate_up, &down, dims);
+        let out = masked_moe::<R>(
+            cast(float(x, vec![tokens, 32], device)),
+            ints(ids, [tokens, 2], device),
+            cast(float(weights, vec![tokens, 2], device)),
+            cast(float(gate_up, vec![8, 32, 32], device)),
+            cast(float(down, vec![8, 32, 16], device)),
+            MaskedMoeOptions {
+                regime: Some(regime),
+                poison: true,
+            },
+        );
+        assert_eq!(out.dtype, dtype.into(), "output keeps the storage type");
+        let actual = float_values(Cube::<R>::float_cast(out, FloatDType::F32));
+        // The hidden activations and the output are stored in 16 bits: ~3 significant digits.
+        let tolerance = |want: f64| 1e-2 + 1e-2 * want.abs();
+        for (got, want) in actual.iter().zip(&expected) {
+            assert!(
+                (*got as f64 - want).abs() <= tolerance(*want),
+                "{dtype:?} {regime:?}: {got} vs {want}"
+            );
+        }
+    }
+}
+
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use super::*;
@@ -296,6 +349,11 @@ mod wgpu {
     fn repeated_ids() {
         repeated_ids_match_the_reference::<WgpuRuntime>(&device());
     }
+
+    #[test]
+    fn f16_storage() {
+        half_precision_matches_the_reference::<WgpuRuntime>(FloatDType::F16, &device());
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -326,5 +384,12 @@ mod cuda {
     #[test]
     fn repeated_ids() {
         repeated_ids_match_the_reference::<CudaRuntime>(&CudaDevice::default());
+    }
+
+    #[test]
+    fn f16_and_bf16_storage() {
+        for dtype in [FloatDType::F16, FloatDType::BF16] {
+            half_precision_matches_the_reference::<CudaRuntime>(dtype, &CudaDevice::default());
+        }
     }
 }

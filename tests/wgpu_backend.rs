@@ -93,3 +93,75 @@ fn cached_greedy_generation_agrees_with_ndarray() {
     assert_eq!(gpu.ids, cpu.ids);
     assert_eq!(gpu.kept_pairs, cpu.kept_pairs);
 }
+
+/// A BEAM layer with the same seeded weights on any backend.
+fn seeded_layer<B: MoeBackend>(device: &B::Device) -> beam_model::BeamMoe<B> {
+    use burn::module::Param;
+    let (h, i, e, k) = (16, 12, 8, 3);
+    let mut layer = beam_model::BeamMoeConfig::new(h, i, e, k).init::<B>(device);
+    let mut rng = common::Rng::new(23);
+    layer.router.weight = Param::from_tensor(rng.tensor([e, h], 0.5, device));
+    layer.experts.gate_up = Param::from_tensor(rng.tensor([e, 2 * i, h], 0.4, device));
+    layer.experts.down = Param::from_tensor(rng.tensor([e, h, i], 0.4, device));
+    let mask_router = layer.mask_router.as_mut().unwrap();
+    mask_router.proj.weight = Param::from_tensor(rng.tensor([h, e], 1.0, device));
+    mask_router.proj.bias = Some(Param::from_tensor(rng.tensor([e], 0.5, device)));
+    layer
+}
+
+/// Training on wgpu: under `Autodiff` the grouped experts run beam-model's reference path (burn
+/// tensor ops; see `MoeBackend`), so every gradient — input, experts, base router and the mask
+/// router's straight-through gradient — must equal ndarray's.
+#[test]
+fn layer_gradients_on_autodiff_wgpu_match_ndarray() {
+    use burn::backend::Autodiff;
+    fn grads<B: burn::tensor::backend::AutodiffBackend + MoeBackend>(
+        device: &B::Device,
+    ) -> Vec<(&'static str, Vec<f64>)> {
+        let layer = seeded_layer::<B>(device);
+        let mut rng = common::Rng::new(29);
+        let x = rng.tensor::<B, 3>([2, 9, 16], 1.0, device).require_grad();
+        let upstream = rng.tensor::<B, 3>([2, 9, 16], 1.0, device);
+        let out = layer.forward(x.clone());
+        let mask = values(out.facts.mask.clone());
+        assert!(
+            mask.contains(&0.0) && mask.contains(&1.0),
+            "kept and masked slots"
+        );
+        let grads = (out.output * upstream).sum().backward();
+        let mask_router = layer.mask_router.as_ref().unwrap();
+        vec![
+            ("x", values(x.grad(&grads).unwrap())),
+            (
+                "gate_up",
+                values(layer.experts.gate_up.val().grad(&grads).unwrap()),
+            ),
+            (
+                "down",
+                values(layer.experts.down.val().grad(&grads).unwrap()),
+            ),
+            (
+                "router",
+                values(layer.router.weight.val().grad(&grads).unwrap()),
+            ),
+            (
+                "mask_router",
+                values(mask_router.proj.weight.val().grad(&grads).unwrap()),
+            ),
+        ]
+    }
+    let expected = grads::<Autodiff<NdArray>>(&Default::default());
+    let actual = grads::<Autodiff<Wgpu>>(&wgpu_device());
+    for ((name, want), (_, got)) in expected.iter().zip(&actual) {
+        assert!(
+            want.iter().any(|v| v.abs() > 1e-3),
+            "{name}: a gradient with signal"
+        );
+        assert_close(
+            got,
+            want,
+            1e-4,
+            &format!("{name} gradient, wgpu vs ndarray"),
+        );
+    }
+}
