@@ -359,7 +359,8 @@ mod wgpu {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
-    use burn::backend::cuda::{CudaDevice, CudaRuntime};
+    use burn::backend::cuda::CudaDevice;
+    use burn_cubecl::cubecl::cuda::CudaRuntime;
 
     #[test]
     fn compaction() {

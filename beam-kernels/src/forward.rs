@@ -216,7 +216,7 @@ impl<R: CubeRuntime> Phase<'_, R> {
         // Widest vector load the backend likes that divides the reduction length.
         let vector_size = client
             .io_optimized_vector_sizes(self.input.dtype.size())
-            .filter(|&size| self.inner % size == 0)
+            .filter(|&size| self.inner.is_multiple_of(size))
             .max()
             .unwrap_or(1);
         expert_gemv_kernel::launch::<R>(
