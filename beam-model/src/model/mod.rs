@@ -121,7 +121,14 @@ pub struct LmOutput<B: Backend> {
 impl<B: Backend> LmOutput<B> {
     /// Kept (token, expert) pairs summed over MoE layers (reads back to the host).
     pub fn kept_pairs(&self) -> usize {
-        self.routing.iter().map(RoutingFacts::kept_pairs).sum()
+        // Summed on the device: one read-back for all layers, not one per layer.
+        let per_layer: Vec<Tensor<B, 1>> =
+            self.routing.iter().map(|f| f.mask.clone().sum()).collect();
+        if per_layer.is_empty() {
+            return 0;
+        }
+        burn::tensor::ElementConversion::elem::<f64>(Tensor::cat(per_layer, 0).sum().into_scalar())
+            .round() as usize
     }
 }
 
