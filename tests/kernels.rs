@@ -114,6 +114,41 @@ fn compaction_matches_the_plan<R: CubeRuntime>(device: &R::Device) {
     assert_eq!(checked, 96);
 }
 
+/// Uploads one problem in the layouts `masked_moe` takes (floats through `storage`, e.g. a cast)
+/// and runs the kernels in `regime` with every buffer poisoned first.
+#[allow(clippy::too_many_arguments)]
+fn run_masked_moe<R: CubeRuntime>(
+    ids: &[i64],
+    x: &[f32],
+    weights: &[f32],
+    gate_up: &[f32],
+    down: &[f32],
+    dims: MoeDims,
+    regime: Regime,
+    storage: impl Fn(CubeTensor<R>) -> CubeTensor<R>,
+    device: &R::Device,
+) -> CubeTensor<R> {
+    let MoeDims {
+        tokens,
+        top_k,
+        experts,
+        hidden,
+        intermediate,
+    } = dims;
+    let upload = |values: &[f32], shape: Vec<usize>| storage(float(values.to_vec(), shape, device));
+    masked_moe::<R>(
+        upload(x, vec![tokens, hidden]),
+        ints(ids.to_vec(), [tokens, top_k], device),
+        upload(weights, vec![tokens, top_k]),
+        upload(gate_up, vec![experts, 2 * intermediate, hidden]),
+        upload(down, vec![experts, hidden, intermediate]),
+        MaskedMoeOptions {
+            regime: Some(regime),
+            poison: true,
+        },
+    )
+}
+
 /// Runs the kernels on one random problem and compares with the f64 reference.
 fn check_case<R: CubeRuntime>(
     rng: &mut Rng,
@@ -137,16 +172,16 @@ fn check_case<R: CubeRuntime>(
     let expected = masked_moe_f64(&x, &ids, &weights, &gate_up, &down, dims);
     let kept = ids.iter().filter(|&&id| id < experts as i64).count();
 
-    let out = masked_moe::<R>(
-        float(x, vec![tokens, hidden], device),
-        ints(ids, [tokens, top_k], device),
-        float(weights, vec![tokens, top_k], device),
-        float(gate_up, vec![experts, 2 * intermediate, hidden], device),
-        float(down, vec![experts, hidden, intermediate], device),
-        MaskedMoeOptions {
-            regime: Some(regime),
-            poison: true,
-        },
+    let out = run_masked_moe::<R>(
+        &ids,
+        &x,
+        &weights,
+        &gate_up,
+        &down,
+        dims,
+        regime,
+        |t| t,
+        device,
     );
     let actual = float_values(out);
     assert_eq!(actual.len(), expected.len());
@@ -233,16 +268,16 @@ fn repeated_ids_match_the_reference<R: CubeRuntime>(device: &R::Device) {
     let ids = vec![1i64; tokens * top_k];
     let expected = masked_moe_f64(&x, &ids, &weights, &gate_up, &down, dims);
     for regime in [Regime::Decode, Regime::Prefill] {
-        let out = masked_moe::<R>(
-            float(x.clone(), vec![tokens, 8], device),
-            ints(ids.clone(), [tokens, top_k], device),
-            float(weights.clone(), vec![tokens, top_k], device),
-            float(gate_up.clone(), vec![4, 16, 8], device),
-            float(down.clone(), vec![4, 8, 8], device),
-            MaskedMoeOptions {
-                regime: Some(regime),
-                poison: true,
-            },
+        let out = run_masked_moe::<R>(
+            &ids,
+            &x,
+            &weights,
+            &gate_up,
+            &down,
+            dims,
+            regime,
+            |t| t,
+            device,
         );
         for (got, want) in float_values(out).iter().zip(&expected) {
             assert!(
@@ -282,16 +317,8 @@ fn half_precision_matches_the_reference<R: CubeRuntime>(dtype: FloatDType, devic
         let gate_up = round(uniform(&mut rng, 8 * 32 * 32, -0.5, 0.5));
         let down = round(uniform(&mut rng, 8 * 32 * 16, -0.5, 0.5));
         let expected = masked_moe_f64(&x, &ids, &weights, &gate_up, &down, dims);
-        let out = masked_moe::<R>(
-            cast(float(x, vec![tokens, 32], device)),
-            ints(ids, [tokens, 2], device),
-            cast(float(weights, vec![tokens, 2], device)),
-            cast(float(gate_up, vec![8, 32, 32], device)),
-            cast(float(down, vec![8, 32, 16], device)),
-            MaskedMoeOptions {
-                regime: Some(regime),
-                poison: true,
-            },
+        let out = run_masked_moe::<R>(
+            &ids, &x, &weights, &gate_up, &down, dims, regime, cast, device,
         );
         assert_eq!(out.dtype, dtype.into(), "output keeps the storage type");
         let actual = float_values(Cube::<R>::float_cast(out, FloatDType::F32));
