@@ -106,10 +106,17 @@ fn all_masked_gives_exact_zero() {
 
 #[test]
 fn masked_experts_read_no_weights() {
+    // T · K = 24 ≤ 4E: decode regime (ndarray's host GEMV); 36 > 4E: prefill (the reference).
+    for t in [8, 12] {
+        masked_experts_read_no_weights_at(t);
+    }
+}
+
+fn masked_experts_read_no_weights_at(t: usize) {
     // Experts 4..8 are only ever reached through masked slots; poison their weights with NaN.
     // If dispatch touched them (even multiplied by a zero weight), NaN would leak into the output.
     let device = Default::default();
-    let (t, k, e, h, i) = (12, 3, 8, 8, 6);
+    let (k, e, h, i) = (3, 8, 8, 6);
     let mut rng = Rng::new(5);
     let ids: Vec<i64> = (0..t * k).map(|_| rng.below(e) as i64).collect();
     let mask: Vec<f32> = ids
@@ -197,9 +204,15 @@ proptest! {
             else { rng.below(e) }
         });
         check(&p, &format!("T={t} K={k} E={e} H={h} I={i}"));
-        // The public entry point is the reference on ndarray.
+        // The public entry point on ndarray (host GEMV for decode shapes, the reference for
+        // prefill) equals the reference.
         let a = grouped_experts(p.x.clone(), p.ids.clone(), p.weights.clone(), p.gate_up.clone(), p.down.clone());
         let b = grouped_experts_reference(p.x, p.ids, p.weights, p.gate_up, p.down);
-        prop_assert_eq!(values(a), values(b));
+        let (a, b) = (values(a), values(b));
+        if b.iter().all(|v| *v == 0.0) {
+            prop_assert!(a.iter().all(|v| *v == 0.0), "all masked: exactly 0");
+        } else {
+            assert_close(&a, &b, 1e-5, "entry point vs reference");
+        }
     }
 }

@@ -24,6 +24,7 @@
 //!
 //! Without the `cubecl` feature only the host references ([`reference`]) build.
 
+pub mod host;
 pub mod reference;
 
 #[cfg(feature = "cubecl")]

@@ -21,7 +21,7 @@ pub use beam_kernels::reference::DispatchPlan;
 ///
 /// | backend | implementation |
 /// |---|---|
-/// | `NdArray` (feature `ndarray`) | the reference ([`grouped_experts_reference`]) |
+/// | `NdArray` (feature `ndarray`) | decode shapes: `beam-kernels`' host GEMV (`beam_kernels::host`) on the weight storage in place; prefill: the reference ([`grouped_experts_reference`]) |
 /// | burn's `CubeBackend` — `Cuda`, `Wgpu` (features `cuda`, `wgpu`) | `beam-kernels`' cubecl kernels: routing compaction on the device, grouped SwiGLU GEMMs, deterministic combine |
 /// | `Fusion<B>` — `Cuda`/`Wgpu` with burn's `fusion` feature (feature `fusion`) | `B`'s implementation, registered as a custom fusion operation |
 /// | `Autodiff<B>` (feature `autodiff`) | the reference, built from burn tensor ops on `Autodiff<B>`: exact gradients for training |
@@ -69,6 +69,111 @@ where
     burn::backend::ndarray::NdArrayTensor:
         From<burn::backend::ndarray::SharedArray<E>> + From<burn::backend::ndarray::SharedArray<I>>,
 {
+    fn moe_grouped_experts(
+        x: FloatTensor<Self>,
+        expert_ids: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        gate_up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match ndarray_decode::run::<Self>(&x, &expert_ids, &weights, &gate_up, &down) {
+            Some(out) => out,
+            None => grouped_experts_reference::<Self>(
+                float(x),
+                Tensor::from_primitive(expert_ids),
+                float(weights),
+                float(gate_up),
+                float(down),
+            )
+            .into_primitive()
+            .tensor(),
+        }
+    }
+}
+
+/// The decode regime on burn's ndarray backend: `beam_kernels::host` on the tensors' storage,
+/// borrowed in place (expert weights are never copied).
+#[cfg(feature = "ndarray")]
+mod ndarray_decode {
+    use beam_kernels::host::{masked_moe_decode, HostFloat};
+    use beam_kernels::reference::MoeDims;
+    use beam_kernels::Regime;
+    use burn::backend::ndarray::NdArrayTensor;
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{Int, Tensor, TensorData, TensorMetadata};
+
+    /// `Some(output)` when the shapes are in the decode regime and the four float tensors share an
+    /// `f32` or `f64` dtype in contiguous row-major storage; `None` sends the call to the reference
+    /// (prefill, where ndarray's blocked `matmul` wins, or unusual layouts).
+    pub(super) fn run<B>(
+        x: &NdArrayTensor,
+        expert_ids: &NdArrayTensor,
+        weights: &NdArrayTensor,
+        gate_up: &NdArrayTensor,
+        down: &NdArrayTensor,
+    ) -> Option<NdArrayTensor>
+    where
+        B: Backend<IntTensorPrimitive = NdArrayTensor>,
+    {
+        let [tokens, hidden] = x.shape().dims();
+        let [_, top_k] = expert_ids.shape().dims();
+        let [experts, two_i, _] = gate_up.shape().dims();
+        if Regime::from_shape(tokens, top_k, experts) != Regime::Decode {
+            return None;
+        }
+        let dims = MoeDims {
+            tokens,
+            top_k,
+            experts,
+            hidden,
+            intermediate: two_i / 2,
+        };
+        // The id table is `[T, K]`: small, converted rather than borrowed.
+        let ids = Tensor::<B, 2, Int>::from_primitive(expert_ids.clone())
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .ok()?;
+        macro_rules! decode {
+            ($variant:ident) => {
+                match (x, weights, gate_up, down) {
+                    (
+                        NdArrayTensor::$variant(x),
+                        NdArrayTensor::$variant(weights),
+                        NdArrayTensor::$variant(gate_up),
+                        NdArrayTensor::$variant(down),
+                    ) => {
+                        let (x, weights) = (x.view(), weights.view());
+                        let (gate_up, down) = (gate_up.view(), down.view());
+                        Some(output(
+                            masked_moe_decode(
+                                x.as_slice()?,
+                                &ids,
+                                weights.as_slice()?,
+                                gate_up.as_slice()?,
+                                down.as_slice()?,
+                                dims,
+                            ),
+                            dims,
+                        ))
+                    }
+                    _ => None,
+                }
+            };
+        }
+        match x {
+            NdArrayTensor::F32(_) => decode!(F32),
+            NdArrayTensor::F64(_) => decode!(F64),
+            _ => None,
+        }
+    }
+
+    fn output<F: HostFloat + burn::tensor::Element>(
+        values: Vec<F>,
+        dims: MoeDims,
+    ) -> NdArrayTensor {
+        NdArrayTensor::from_data(TensorData::new(values, [dims.tokens, dims.hidden]))
+    }
 }
 
 #[cfg(feature = "cubecl-backends")]
@@ -281,4 +386,98 @@ pub fn dense_experts_reference<B: Backend>(
 fn expert_weights<B: Backend>(stacked: Tensor<B, 3>, expert: usize) -> Tensor<B, 2> {
     let [_, rows, cols] = stacked.dims();
     stacked.narrow(0, expert, 1).reshape([rows, cols])
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use super::ndarray_decode;
+    use beam_kernels::reference::{masked_moe_f64, MoeDims};
+    use burn::backend::ndarray::NdArrayTensor;
+    use burn::backend::NdArray;
+    use burn::tensor::{Tensor, TensorData};
+
+    /// Deterministic O(1) values, none zero.
+    fn values(len: usize, seed: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5 + 0.01)
+            .collect()
+    }
+
+    fn tensor<E: burn::tensor::Element>(values: Vec<E>, shape: Vec<usize>) -> NdArrayTensor {
+        // Built from data directly: keeps the element type whatever the device default is.
+        NdArrayTensor::from_data(TensorData::new(values, shape))
+    }
+
+    fn output_values(out: NdArrayTensor) -> Vec<f64> {
+        Tensor::<NdArray<f64>, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(out))
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .unwrap()
+    }
+
+    /// Runs the ndarray decode path in `f32` and `f64` storage on one problem (`None` if it
+    /// declined the shapes).
+    fn decode(dims: MoeDims, ids: &[i64]) -> Option<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+        let MoeDims {
+            tokens: t,
+            top_k: k,
+            experts: e,
+            hidden: h,
+            intermediate: i,
+        } = dims;
+        let (x, w) = (values(t * h, 0.1), values(t * k, 0.7));
+        let (gate_up, down) = (values(e * 2 * i * h, 1.3), values(e * h * i, 2.9));
+        let want = masked_moe_f64(&x, ids, &w, &gate_up, &down, dims);
+        let ids_tensor = tensor(ids.to_vec(), vec![t, k]);
+        let f32_out = ndarray_decode::run::<NdArray<f32>>(
+            &tensor(x.clone(), vec![t, h]),
+            &ids_tensor,
+            &tensor(w.clone(), vec![t, k]),
+            &tensor(gate_up.clone(), vec![e, 2 * i, h]),
+            &tensor(down.clone(), vec![e, h, i]),
+        )?;
+        let wide = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        let f64_out = ndarray_decode::run::<NdArray<f64>>(
+            &tensor(wide(&x), vec![t, h]),
+            &ids_tensor,
+            &tensor(wide(&w), vec![t, k]),
+            &tensor(wide(&gate_up), vec![e, 2 * i, h]),
+            &tensor(wide(&down), vec![e, h, i]),
+        )?;
+        Some((output_values(f32_out), output_values(f64_out), want))
+    }
+
+    #[test]
+    fn ndarray_decode_shapes_run_the_host_gemv_in_both_precisions() {
+        // T · K = 6 ≤ 4E: decode. Slot (1, 0) masked (sentinel 4); expert 3 never routed.
+        let dims = MoeDims {
+            tokens: 3,
+            top_k: 2,
+            experts: 4,
+            hidden: 20,
+            intermediate: 9,
+        };
+        let (f32_out, f64_out, want) =
+            decode(dims, &[2, 0, 4, 1, 0, 2]).expect("decode shapes take the host path");
+        assert!(want.iter().any(|v| v.abs() > 1e-2), "not a test on zeros");
+        for ((a, b), w) in f32_out.iter().zip(&f64_out).zip(&want) {
+            assert!((a - w).abs() <= 1e-5 + 1e-5 * w.abs(), "f32 {a} vs {w}");
+            assert!((b - w).abs() <= 1e-12 * (1.0 + w.abs()), "f64 {b} vs {w}");
+        }
+    }
+
+    #[test]
+    fn ndarray_prefill_shapes_go_to_the_reference() {
+        // T · K = 40 > 4E = 16: prefill, where ndarray's blocked matmul wins.
+        let dims = MoeDims {
+            tokens: 20,
+            top_k: 2,
+            experts: 4,
+            hidden: 8,
+            intermediate: 4,
+        };
+        let ids: Vec<i64> = (0..40).map(|s| s % 4).collect();
+        assert!(decode(dims, &ids).is_none());
+    }
 }

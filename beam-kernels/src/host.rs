@@ -1,0 +1,469 @@
+//! The decode-regime masked MoE on the host (CPU), for burn's ndarray backend.
+//!
+//! Same pipeline and contract as the cubecl kernels, on slices that `beam-model` borrows from the
+//! backend's storage in place (the `[E, 2I, H]` / `[E, H, I]` weights are never copied):
+//!
+//! 1. **routing compaction**: [`DispatchPlan`] groups kept (token, slot) pairs by expert; masked
+//!    slots (sentinel ids) are dropped here, so their experts' weights are never touched;
+//! 2. **gate+up GEMV** per expert: each weight row is read once and dotted with all of the expert's
+//!    tokens (up to [`TOKENS_PER_PASS`] at a time), `silu(g) · u` in the epilogue;
+//! 3. **down GEMV** per expert the same way, the routing weight in the epilogue, one row per kept
+//!    slot;
+//! 4. **combine**: each token sums its K slot rows in slot order (deterministic, independent of how
+//!    the work was split across threads).
+//!
+//! Steps 2–3 split each expert's weight rows into blocks of about [`BLOCK_WEIGHTS`] elements and run
+//! the blocks of all experts on rayon's pool. This is the decode regime (few tokens per expert), where
+//! reading the weights is the cost; with many tokens per expert a cache-blocked GEMM (ndarray's
+//! `matmul`, used by beam-model's reference path) wins.
+
+use rayon::prelude::*;
+
+use crate::reference::{DispatchPlan, MoeDims};
+
+/// Element types the host kernels run on: `f32` and `f64`, accumulated in their own precision.
+pub trait HostFloat:
+    Copy
+    + Send
+    + Sync
+    + PartialEq
+    + core::fmt::Debug
+    + core::ops::Add<Output = Self>
+    + core::ops::Mul<Output = Self>
+    + 'static
+{
+    /// 0.
+    const ZERO: Self;
+    /// `x · sigmoid(x)`.
+    fn silu(self) -> Self;
+}
+
+impl HostFloat for f32 {
+    const ZERO: Self = 0.0;
+    fn silu(self) -> Self {
+        self / (1.0 + (-self).exp())
+    }
+}
+
+impl HostFloat for f64 {
+    const ZERO: Self = 0.0;
+    fn silu(self) -> Self {
+        self / (1.0 + (-self).exp())
+    }
+}
+
+/// Tokens dotted with one weight row per pass over it: the row is loaded once for all of them.
+pub const TOKENS_PER_PASS: usize = 4;
+
+/// Weight elements per parallel work item (256 KiB of `f32`): large enough that rayon's per-task
+/// cost is noise, small enough that one OLMoE expert (6 M elements) spreads over many cores.
+pub const BLOCK_WEIGHTS: usize = 1 << 16;
+
+/// Weight elements a call must read before its blocks go to rayon's pool: waking the pool costs
+/// tens of microseconds, about what reading 1 M `f32` elements from cache costs one core.
+pub const PARALLEL_MIN_WEIGHTS: usize = 1 << 20;
+
+/// Independent accumulators per dot product: lets the compiler keep them in SIMD registers without
+/// reassociating floating-point sums.
+const LANES: usize = 8;
+
+/// `out[t] = Σ_k weights[t, k] · down[e] · (silu(gate[e] · x[t]) ⊙ up[e] · x[t])` over kept slots
+/// (`e = expert_ids[t, k] < E`); slots with any other id (the sentinel `E`) cost nothing.
+///
+/// Slices are row-major. Same result as [`masked_moe_f64`](crate::reference::masked_moe_f64) up to
+/// rounding in `F`.
+///
+/// # Shapes
+/// - `x`: `[T, H]`, `expert_ids`, `weights`: `[T, K]`
+/// - `gate_up`: `[E, 2I, H]` (gate rows first), `down`: `[E, H, I]`; output `[T, H]`
+///
+/// # Panics
+/// If a slice's length does not match `dims` (callers pass tensors whose shapes they checked).
+pub fn masked_moe_decode<F: HostFloat>(
+    x: &[F],
+    expert_ids: &[i64],
+    weights: &[F],
+    gate_up: &[F],
+    down: &[F],
+    dims: MoeDims,
+) -> Vec<F> {
+    let MoeDims {
+        tokens,
+        top_k,
+        experts,
+        hidden,
+        intermediate,
+    } = dims;
+    assert_eq!(x.len(), tokens * hidden, "x is [T, H]");
+    assert_eq!(expert_ids.len(), tokens * top_k, "expert_ids is [T, K]");
+    assert_eq!(weights.len(), tokens * top_k, "weights is [T, K]");
+    assert_eq!(
+        gate_up.len(),
+        experts * 2 * intermediate * hidden,
+        "gate_up is [E, 2I, H]"
+    );
+    assert_eq!(
+        down.len(),
+        experts * hidden * intermediate,
+        "down is [E, H, I]"
+    );
+    let plan = DispatchPlan::from_ids(expert_ids, top_k, experts);
+    let token_of = plan.tokens();
+    let mut out = vec![F::ZERO; tokens * hidden];
+    if plan.kept() == 0 || hidden == 0 {
+        return out;
+    }
+
+    // Gate+up: `act[p, i] = silu(gate_i · x_p) · (up_i · x_p)` for kept pair `p` (plan order).
+    let gate_up_blocks = row_blocks(&plan, intermediate, 2 * hidden);
+    let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block| {
+        let expert_rows = &gate_up[block.expert * 2 * intermediate * hidden..];
+        let inputs: Vec<&[F]> = token_of[block.pairs.clone()]
+            .iter()
+            .map(|&t| &x[t * hidden..(t + 1) * hidden])
+            .collect();
+        let mut act = vec![F::ZERO; block.pairs.len() * block.rows.len()];
+        let width = block.rows.len();
+        for (r, row) in block.rows.clone().enumerate() {
+            let gate = &expert_rows[row * hidden..(row + 1) * hidden];
+            let up = &expert_rows[(intermediate + row) * hidden..][..hidden];
+            for (pass, group) in inputs.chunks(TOKENS_PER_PASS).enumerate() {
+                let (g, u) = (dots_many(gate, group), dots_many(up, group));
+                for n in 0..group.len() {
+                    act[(pass * TOKENS_PER_PASS + n) * width + r] = g[n].silu() * u[n];
+                }
+            }
+        }
+        act
+    });
+    let mut act = vec![F::ZERO; plan.kept() * intermediate];
+    for (block, values) in gate_up_blocks.iter().zip(&act_blocks) {
+        let width = block.rows.len();
+        for (n, p) in block.pairs.clone().enumerate() {
+            act[p * intermediate + block.rows.start..p * intermediate + block.rows.end]
+                .copy_from_slice(&values[n * width..(n + 1) * width]);
+        }
+    }
+
+    // Down: `slot_rows[slot, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
+    let down_blocks = row_blocks(&plan, hidden, intermediate);
+    let out_blocks = map_blocks(&down_blocks, intermediate, |block| {
+        let expert_rows = &down[block.expert * hidden * intermediate..];
+        let inputs: Vec<&[F]> = block
+            .pairs
+            .clone()
+            .map(|p| &act[p * intermediate..(p + 1) * intermediate])
+            .collect();
+        let width = block.rows.len();
+        let mut rows_out = vec![F::ZERO; block.pairs.len() * width];
+        for (r, row) in block.rows.clone().enumerate() {
+            let weight_row = &expert_rows[row * intermediate..(row + 1) * intermediate];
+            for (pass, group) in inputs.chunks(TOKENS_PER_PASS).enumerate() {
+                let y = dots_many(weight_row, group);
+                for (n, &y) in y[..group.len()].iter().enumerate() {
+                    let first = pass * TOKENS_PER_PASS + n;
+                    let slot = plan.pairs[block.pairs.start + first];
+                    rows_out[first * width + r] = weights[slot] * y;
+                }
+            }
+        }
+        rows_out
+    });
+    let mut slot_rows = vec![F::ZERO; tokens * top_k * hidden];
+    let mut kept_slot = vec![false; tokens * top_k];
+    for (block, values) in down_blocks.iter().zip(&out_blocks) {
+        let width = block.rows.len();
+        for (n, p) in block.pairs.clone().enumerate() {
+            let slot = plan.pairs[p];
+            kept_slot[slot] = true;
+            slot_rows[slot * hidden + block.rows.start..slot * hidden + block.rows.end]
+                .copy_from_slice(&values[n * width..(n + 1) * width]);
+        }
+    }
+
+    // Combine in slot order.
+    for (t, out_row) in out.chunks_exact_mut(hidden).enumerate() {
+        for slot in t * top_k..(t + 1) * top_k {
+            if kept_slot[slot] {
+                let row = &slot_rows[slot * hidden..(slot + 1) * hidden];
+                for (o, &v) in out_row.iter_mut().zip(row) {
+                    *o = *o + v;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One parallel work item: a block of one expert's weight rows applied to all of its kept pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RowBlock {
+    expert: usize,
+    /// Kept pairs `start..start + len` of the plan.
+    pairs: core::ops::Range<usize>,
+    /// Output rows (of `rows_per_expert`).
+    rows: core::ops::Range<usize>,
+}
+
+/// `f` over `blocks` (of `row_len`-element weight rows), on rayon's pool when there is enough
+/// work to pay for waking it ([`PARALLEL_MIN_WEIGHTS`]).
+fn map_blocks<F: HostFloat>(
+    blocks: &[RowBlock],
+    row_len: usize,
+    f: impl Fn(&RowBlock) -> Vec<F> + Sync + Send,
+) -> Vec<Vec<F>> {
+    let weights: usize = blocks.iter().map(|b| b.rows.len() * row_len).sum();
+    if blocks.len() > 1 && weights >= PARALLEL_MIN_WEIGHTS {
+        blocks.par_iter().map(f).collect()
+    } else {
+        blocks.iter().map(f).collect()
+    }
+}
+
+/// Splits every expert that has kept pairs into row blocks of about [`BLOCK_WEIGHTS`] weight
+/// elements (`row_len` elements per output row).
+fn row_blocks(plan: &DispatchPlan, rows_per_expert: usize, row_len: usize) -> Vec<RowBlock> {
+    let block_rows = (BLOCK_WEIGHTS / row_len.max(1)).clamp(1, rows_per_expert.max(1));
+    plan.groups()
+        .flat_map(|(expert, start, len)| {
+            (0..rows_per_expert)
+                .step_by(block_rows)
+                .map(move |first| RowBlock {
+                    expert,
+                    pairs: start..start + len,
+                    rows: first..(first + block_rows).min(rows_per_expert),
+                })
+        })
+        .collect()
+}
+
+/// `row · inputs[n]` in element `n` (1 to [`TOKENS_PER_PASS`] inputs; the rest are 0), one pass
+/// over `row`.
+fn dots_many<F: HostFloat>(row: &[F], inputs: &[&[F]]) -> [F; TOKENS_PER_PASS] {
+    let mut out = [F::ZERO; TOKENS_PER_PASS];
+    match *inputs {
+        [a] => out[..1].copy_from_slice(&dots(row, [a])),
+        [a, b] => out[..2].copy_from_slice(&dots(row, [a, b])),
+        [a, b, c] => out[..3].copy_from_slice(&dots(row, [a, b, c])),
+        [a, b, c, d] => out.copy_from_slice(&dots(row, [a, b, c, d])),
+        _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+    }
+    out
+}
+
+/// `N` dot products of `row` with `inputs`, reading `row` once. [`LANES`] partial sums per dot,
+/// combined pairwise at the end.
+#[inline(always)]
+fn dots<F: HostFloat, const N: usize>(row: &[F], inputs: [&[F]; N]) -> [F; N] {
+    let len = row.len();
+    for input in &inputs {
+        assert_eq!(input.len(), len, "dot of unequal lengths");
+    }
+    let body = len - len % LANES;
+    let mut acc = [[F::ZERO; LANES]; N];
+    for start in (0..body).step_by(LANES) {
+        let w: &[F; LANES] = row[start..start + LANES].try_into().unwrap();
+        for (sums, input) in acc.iter_mut().zip(&inputs) {
+            let v: &[F; LANES] = input[start..start + LANES].try_into().unwrap();
+            for lane in 0..LANES {
+                sums[lane] = sums[lane] + w[lane] * v[lane];
+            }
+        }
+    }
+    let mut result = [F::ZERO; N];
+    for ((out, sums), input) in result.iter_mut().zip(&acc).zip(&inputs) {
+        let mut tail = F::ZERO;
+        for i in body..len {
+            tail = tail + row[i] * input[i];
+        }
+        let quads = [
+            sums[0] + sums[4],
+            sums[1] + sums[5],
+            sums[2] + sums[6],
+            sums[3] + sums[7],
+        ];
+        *out = (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail;
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::masked_moe_f64;
+
+    /// SplitMix64 in [0, 1).
+    struct Rng(u64);
+    impl Rng {
+        fn uniform(&mut self) -> f64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn values(&mut self, len: usize, scale: f64) -> Vec<f32> {
+            (0..len)
+                .map(|_| ((self.uniform() * 2.0 - 1.0) * scale) as f32)
+                .collect()
+        }
+    }
+
+    /// Random routing, skewed to the low experts (the top quarter never routed), each slot masked
+    /// with probability `sparsity`; the weights of never-routed experts are NaN.
+    fn check(dims: MoeDims, sparsity: f64, rng: &mut Rng) {
+        let MoeDims {
+            tokens,
+            top_k,
+            experts,
+            hidden,
+            intermediate,
+        } = dims;
+        let eligible = (experts * 3 / 4).max(top_k);
+        let mut ids = Vec::with_capacity(tokens * top_k);
+        for _ in 0..tokens {
+            let mut chosen: Vec<i64> = Vec::new();
+            while chosen.len() < top_k {
+                let e = ((rng.uniform().powi(2) * eligible as f64) as i64).min(eligible as i64 - 1);
+                if !chosen.contains(&e) {
+                    chosen.push(e);
+                }
+            }
+            for e in chosen {
+                ids.push(if rng.uniform() < sparsity {
+                    experts as i64
+                } else {
+                    e
+                });
+            }
+        }
+        let x = rng.values(tokens * hidden, 1.0);
+        let weights = rng.values(tokens * top_k, 1.0);
+        let mut gate_up = rng.values(experts * 2 * intermediate * hidden, 0.2);
+        let mut down = rng.values(experts * hidden * intermediate, 0.2);
+        // Experts with no kept pair must not be read: poison them.
+        let plan = DispatchPlan::from_ids(&ids, top_k, experts);
+        for (e, count) in plan.counts().into_iter().enumerate() {
+            if count == 0 {
+                let gu = 2 * intermediate * hidden;
+                gate_up[e * gu..(e + 1) * gu].fill(f32::NAN);
+                let d = hidden * intermediate;
+                down[e * d..(e + 1) * d].fill(f32::NAN);
+            }
+        }
+        let want = masked_moe_f64(&x, &ids, &weights, &gate_up, &down, dims);
+        let got = masked_moe_decode(&x, &ids, &weights, &gate_up, &down, dims);
+        assert_eq!(got.len(), want.len());
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs(),
+                "{dims:?} sparsity {sparsity}: out[{i}] = {g}, f64 reference {w}"
+            );
+        }
+        // f64 storage agrees with the f64 reference to f64 rounding.
+        let wide = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        let got64 = masked_moe_decode(
+            &wide(&x),
+            &ids,
+            &wide(&weights),
+            &wide(&gate_up),
+            &wide(&down),
+            dims,
+        );
+        for (i, (&g, &w)) in got64.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-10 * (1.0 + w.abs()),
+                "f64 {dims:?}: out[{i}] = {g}, reference {w}"
+            );
+        }
+    }
+
+    #[test]
+    fn decode_matches_the_f64_reference_across_shapes_and_sparsity() {
+        let mut rng = Rng(11);
+        let mut cases = 0;
+        for tokens in [1, 3, 64] {
+            for experts in [8, 64] {
+                for top_k in [1, 2, 8] {
+                    for sparsity in [0.0, 0.5, 0.85, 1.0] {
+                        // Odd sizes: lane tails (H = 37, I = 19) and several row blocks
+                        // (2I · H > BLOCK_WEIGHTS for the larger one).
+                        let (hidden, intermediate) =
+                            if cases % 2 == 0 { (37, 19) } else { (264, 136) };
+                        let dims = MoeDims {
+                            tokens,
+                            top_k,
+                            experts,
+                            hidden,
+                            intermediate,
+                        };
+                        check(dims, sparsity, &mut rng);
+                        cases += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 72);
+    }
+
+    #[test]
+    fn many_tokens_on_one_expert_take_several_passes() {
+        // 9 tokens all on expert 1 (passes of 4, 4, 1); blocks split the 300-row gate.
+        let dims = MoeDims {
+            tokens: 9,
+            top_k: 1,
+            experts: 2,
+            hidden: 256,
+            intermediate: 300,
+        };
+        let mut rng = Rng(5);
+        let x = rng.values(9 * 256, 1.0);
+        let ids = vec![1i64; 9];
+        let weights = rng.values(9, 1.0);
+        let gate_up = rng.values(2 * 600 * 256, 0.1);
+        let down = rng.values(2 * 256 * 300, 0.1);
+        let want = masked_moe_f64(&x, &ids, &weights, &gate_up, &down, dims);
+        let got = masked_moe_decode(&x, &ids, &weights, &gate_up, &down, dims);
+        for (&g, &w) in got.iter().zip(&want) {
+            assert!((g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs());
+        }
+        assert!(want.iter().any(|w| w.abs() > 1e-2), "not a test on zeros");
+    }
+
+    #[test]
+    fn blocks_cover_each_routed_expert_once() {
+        let plan = DispatchPlan::from_ids(&[2, 0, 3, 2], 2, 3);
+        let blocks = row_blocks(&plan, 10, BLOCK_WEIGHTS / 4);
+        // Experts 0 and 2, rows in blocks of 4: 0..4, 4..8, 8..10.
+        let covered: Vec<_> = blocks.iter().map(|b| (b.expert, b.rows.clone())).collect();
+        assert_eq!(
+            covered,
+            vec![
+                (0, 0..4),
+                (0, 4..8),
+                (0, 8..10),
+                (2, 0..4),
+                (2, 4..8),
+                (2, 8..10)
+            ]
+        );
+        assert!(blocks
+            .iter()
+            .filter(|b| b.expert == 2)
+            .all(|b| b.pairs == (1..3)));
+    }
+
+    #[test]
+    fn all_masked_is_zero_without_reading_weights() {
+        let dims = MoeDims {
+            tokens: 2,
+            top_k: 2,
+            experts: 2,
+            hidden: 3,
+            intermediate: 2,
+        };
+        let (gate_up, down) = (vec![f32::NAN; 2 * 4 * 3], vec![f32::NAN; 2 * 3 * 2]);
+        let out = masked_moe_decode(&[1.0; 6], &[2, 2, 5, 2], &[0.5; 4], &gate_up, &down, dims);
+        assert_eq!(out, vec![0.0; 6]);
+    }
+}
