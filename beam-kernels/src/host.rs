@@ -36,6 +36,9 @@ pub trait HostFloat:
     const ZERO: Self;
     /// `x · sigmoid(x)`.
     fn silu(self) -> Self;
+    /// `row · inputs[n]` in element `n` for 1 to [`TOKENS_PER_PASS`] inputs as long as `row`
+    /// (the rest are 0), reading `row` once.
+    fn dots(row: &[Self], inputs: &[&[Self]]) -> [Self; TOKENS_PER_PASS];
 }
 
 impl HostFloat for f32 {
@@ -43,12 +46,24 @@ impl HostFloat for f32 {
     fn silu(self) -> Self {
         self / (1.0 + (-self).exp())
     }
+    /// AVX2 + FMA on x86-64 CPUs that have them (checked at run time), portable otherwise.
+    fn dots(row: &[Self], inputs: &[&[Self]]) -> [Self; TOKENS_PER_PASS] {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU has AVX2 and FMA; `dots_many` checked the lengths.
+            return unsafe { avx2::dots(row, inputs) };
+        }
+        portable_dots(row, inputs)
+    }
 }
 
 impl HostFloat for f64 {
     const ZERO: Self = 0.0;
     fn silu(self) -> Self {
         self / (1.0 + (-self).exp())
+    }
+    fn dots(row: &[Self], inputs: &[&[Self]]) -> [Self; TOKENS_PER_PASS] {
+        portable_dots(row, inputs)
     }
 }
 
@@ -64,8 +79,9 @@ pub const BLOCK_WEIGHTS: usize = 1 << 16;
 pub const PARALLEL_MIN_WEIGHTS: usize = 1 << 20;
 
 /// Independent accumulators per dot product: lets the compiler keep them in SIMD registers without
-/// reassociating floating-point sums.
-const LANES: usize = 8;
+/// reassociating floating-point sums (two 8-wide `f32` registers per token, enough independent
+/// chains to hide the multiply-add latency with a few tokens per pass).
+const LANES: usize = 16;
 
 /// `out[t] = Σ_k weights[t, k] · down[e] · (silu(gate[e] · x[t]) ⊙ up[e] · x[t])` over kept slots
 /// (`e = expert_ids[t, k] < E`); slots with any other id (the sentinel `E`) cost nothing.
@@ -156,17 +172,16 @@ pub fn masked_moe_decode<F: HostFloat>(
             .collect();
         let width = block.rows.len();
         let mut rows_out = vec![F::ZERO; block.pairs.len() * width];
-        for (r, row) in block.rows.clone().enumerate() {
-            let weight_row = &expert_rows[row * intermediate..(row + 1) * intermediate];
-            for (pass, group) in inputs.chunks(TOKENS_PER_PASS).enumerate() {
-                let y = dots_many(weight_row, group);
-                for (n, &y) in y[..group.len()].iter().enumerate() {
-                    let first = pass * TOKENS_PER_PASS + n;
-                    let slot = plan.pairs[block.pairs.start + first];
-                    rows_out[first * width + r] = weights[slot] * y;
-                }
-            }
-        }
+        project(
+            expert_rows,
+            intermediate,
+            block.rows.clone(),
+            &inputs,
+            |n, r, y| {
+                let slot = plan.pairs[block.pairs.start + n];
+                rows_out[n * width + r] = weights[slot] * y;
+            },
+        );
         rows_out
     });
     let mut slot_rows = vec![F::ZERO; tokens * top_k * hidden];
@@ -220,71 +235,219 @@ fn map_blocks<F: HostFloat>(
     }
 }
 
-/// Splits every expert that has kept pairs into row blocks of about [`BLOCK_WEIGHTS`] weight
-/// elements (`row_len` elements per output row).
+/// Splits every expert that has kept pairs into row blocks (see [`blocks_of`]).
 fn row_blocks(plan: &DispatchPlan, rows_per_expert: usize, row_len: usize) -> Vec<RowBlock> {
-    let block_rows = (BLOCK_WEIGHTS / row_len.max(1)).clamp(1, rows_per_expert.max(1));
     plan.groups()
         .flat_map(|(expert, start, len)| {
-            (0..rows_per_expert)
-                .step_by(block_rows)
-                .map(move |first| RowBlock {
-                    expert,
-                    pairs: start..start + len,
-                    rows: first..(first + block_rows).min(rows_per_expert),
-                })
+            blocks_of(expert, start..start + len, rows_per_expert, row_len)
         })
         .collect()
 }
 
+/// `rows` output rows of `row_len` weight elements each, in blocks of about [`BLOCK_WEIGHTS`]
+/// elements, every block for `pairs`.
+fn blocks_of(
+    expert: usize,
+    pairs: core::ops::Range<usize>,
+    rows: usize,
+    row_len: usize,
+) -> impl Iterator<Item = RowBlock> {
+    let block_rows = (BLOCK_WEIGHTS / row_len.max(1)).clamp(1, rows.max(1));
+    (0..rows).step_by(block_rows).map(move |first| RowBlock {
+        expert,
+        pairs: pairs.clone(),
+        rows: first..(first + block_rows).min(rows),
+    })
+}
+
+/// Dots rows `rows` of the row-major `matrix` (`row_len` columns) with every input, each row read
+/// once per [`TOKENS_PER_PASS`] inputs: `emit(input, row - rows.start, dot)`.
+fn project<F: HostFloat>(
+    matrix: &[F],
+    row_len: usize,
+    rows: core::ops::Range<usize>,
+    inputs: &[&[F]],
+    mut emit: impl FnMut(usize, usize, F),
+) {
+    for (r, row) in rows.enumerate() {
+        let weight_row = &matrix[row * row_len..(row + 1) * row_len];
+        for (pass, group) in inputs.chunks(TOKENS_PER_PASS).enumerate() {
+            let dots = dots_many(weight_row, group);
+            for (n, &dot) in dots[..group.len()].iter().enumerate() {
+                emit(pass * TOKENS_PER_PASS + n, r, dot);
+            }
+        }
+    }
+}
+
+/// `x · Wᵀ` for a weight stored `[out, in]` (PyTorch / Hugging Face layout), reading each weight
+/// row once for all rows of `x` (up to [`TOKENS_PER_PASS`] per pass): the decode-time linear layer
+/// (router, attention projections, LM head). Row blocks run on rayon's pool above
+/// [`PARALLEL_MIN_WEIGHTS`].
+///
+/// # Shapes
+/// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
+///
+/// # Panics
+/// If `x` is not a whole number of `in_features` rows or `weight` is not `[out, in]`.
+pub fn linear<F: HostFloat>(
+    x: &[F],
+    weight: &[F],
+    in_features: usize,
+    out_features: usize,
+) -> Vec<F> {
+    assert_eq!(
+        weight.len(),
+        out_features * in_features,
+        "weight is [out, in]"
+    );
+    if in_features == 0 {
+        return Vec::new();
+    }
+    assert_eq!(x.len() % in_features, 0, "x is [T, in]");
+    let tokens = x.len() / in_features;
+    let mut out = vec![F::ZERO; tokens * out_features];
+    if tokens == 0 || out_features == 0 {
+        return out;
+    }
+    let inputs: Vec<&[F]> = x.chunks_exact(in_features).collect();
+    let blocks: Vec<RowBlock> = blocks_of(0, 0..tokens, out_features, in_features).collect();
+    let block_outputs = map_blocks(&blocks, in_features, |block| {
+        let width = block.rows.len();
+        let mut values = vec![F::ZERO; tokens * width];
+        project(
+            weight,
+            in_features,
+            block.rows.clone(),
+            &inputs,
+            |n, r, dot| {
+                values[n * width + r] = dot;
+            },
+        );
+        values
+    });
+    for (block, values) in blocks.iter().zip(&block_outputs) {
+        let width = block.rows.len();
+        for (n, out_row) in out.chunks_exact_mut(out_features).enumerate() {
+            out_row[block.rows.clone()].copy_from_slice(&values[n * width..(n + 1) * width]);
+        }
+    }
+    out
+}
+
 /// `row · inputs[n]` in element `n` (1 to [`TOKENS_PER_PASS`] inputs; the rest are 0), one pass
 /// over `row`.
+#[inline]
 fn dots_many<F: HostFloat>(row: &[F], inputs: &[&[F]]) -> [F; TOKENS_PER_PASS] {
+    for input in inputs {
+        assert_eq!(input.len(), row.len(), "dot of unequal lengths");
+    }
+    F::dots(row, inputs)
+}
+
+/// Portable [`HostFloat::dots`]: [`LANES`] partial sums per dot, combined pairwise at the end.
+fn portable_dots<F: HostFloat>(row: &[F], inputs: &[&[F]]) -> [F; TOKENS_PER_PASS] {
+    fn pass<F: HostFloat, const N: usize>(row: &[F], inputs: [&[F]; N]) -> [F; N] {
+        let len = row.len();
+        let body = len - len % LANES;
+        let mut acc = [[F::ZERO; LANES]; N];
+        for start in (0..body).step_by(LANES) {
+            let w: &[F; LANES] = row[start..start + LANES].try_into().unwrap();
+            for (sums, input) in acc.iter_mut().zip(&inputs) {
+                let v: &[F; LANES] = input[start..start + LANES].try_into().unwrap();
+                for lane in 0..LANES {
+                    sums[lane] = sums[lane] + w[lane] * v[lane];
+                }
+            }
+        }
+        let mut result = [F::ZERO; N];
+        for ((out, sums), input) in result.iter_mut().zip(&mut acc).zip(&inputs) {
+            let mut width = LANES;
+            while width > 1 {
+                width /= 2;
+                for lane in 0..width {
+                    sums[lane] = sums[lane] + sums[lane + width];
+                }
+            }
+            *out = (body..len).fold(sums[0], |total, i| total + row[i] * input[i]);
+        }
+        result
+    }
     let mut out = [F::ZERO; TOKENS_PER_PASS];
     match *inputs {
-        [a] => out[..1].copy_from_slice(&dots(row, [a])),
-        [a, b] => out[..2].copy_from_slice(&dots(row, [a, b])),
-        [a, b, c] => out[..3].copy_from_slice(&dots(row, [a, b, c])),
-        [a, b, c, d] => out.copy_from_slice(&dots(row, [a, b, c, d])),
+        [a] => out[..1].copy_from_slice(&pass(row, [a])),
+        [a, b] => out[..2].copy_from_slice(&pass(row, [a, b])),
+        [a, b, c] => out[..3].copy_from_slice(&pass(row, [a, b, c])),
+        [a, b, c, d] => out.copy_from_slice(&pass(row, [a, b, c, d])),
         _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
     }
     out
 }
 
-/// `N` dot products of `row` with `inputs`, reading `row` once. [`LANES`] partial sums per dot,
-/// combined pairwise at the end.
-#[inline(always)]
-fn dots<F: HostFloat, const N: usize>(row: &[F], inputs: [&[F]; N]) -> [F; N] {
-    let len = row.len();
-    for input in &inputs {
-        assert_eq!(input.len(), len, "dot of unequal lengths");
+/// `f32` dots with AVX2 + FMA: two 8-wide accumulators per input (enough independent chains to
+/// cover the FMA latency with a few inputs), unaligned loads.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::TOKENS_PER_PASS;
+    use std::arch::x86_64::*;
+
+    /// Whether this CPU runs [`dots`] (checked once per call; the check is a cached load).
+    pub(super) fn available() -> bool {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     }
-    let body = len - len % LANES;
-    let mut acc = [[F::ZERO; LANES]; N];
-    for start in (0..body).step_by(LANES) {
-        let w: &[F; LANES] = row[start..start + LANES].try_into().unwrap();
-        for (sums, input) in acc.iter_mut().zip(&inputs) {
-            let v: &[F; LANES] = input[start..start + LANES].try_into().unwrap();
-            for lane in 0..LANES {
-                sums[lane] = sums[lane] + w[lane] * v[lane];
+
+    /// # Safety
+    /// The CPU must have AVX2 and FMA ([`available`]); every input is as long as `row`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots(row: &[f32], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+        let mut out = [0.0; TOKENS_PER_PASS];
+        // SAFETY (all arms): the caller's contract.
+        match *inputs {
+            [a] => out[..1].copy_from_slice(&unsafe { pass(row, [a]) }),
+            [a, b] => out[..2].copy_from_slice(&unsafe { pass(row, [a, b]) }),
+            [a, b, c] => out[..3].copy_from_slice(&unsafe { pass(row, [a, b, c]) }),
+            [a, b, c, d] => out.copy_from_slice(&unsafe { pass(row, [a, b, c, d]) }),
+            _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pass<const N: usize>(row: &[f32], inputs: [&[f32]; N]) -> [f32; N] {
+        let len = row.len();
+        let body = len - len % 16;
+        let mut low = [_mm256_setzero_ps(); N];
+        let mut high = [_mm256_setzero_ps(); N];
+        let mut start = 0;
+        while start < body {
+            // SAFETY: start + 16 <= body <= len, and every input has len elements.
+            unsafe {
+                let w_low = _mm256_loadu_ps(row.as_ptr().add(start));
+                let w_high = _mm256_loadu_ps(row.as_ptr().add(start + 8));
+                for n in 0..N {
+                    let x = inputs[n].as_ptr().add(start);
+                    low[n] = _mm256_fmadd_ps(w_low, _mm256_loadu_ps(x), low[n]);
+                    high[n] = _mm256_fmadd_ps(w_high, _mm256_loadu_ps(x.add(8)), high[n]);
+                }
             }
+            start += 16;
         }
-    }
-    let mut result = [F::ZERO; N];
-    for ((out, sums), input) in result.iter_mut().zip(&acc).zip(&inputs) {
-        let mut tail = F::ZERO;
-        for i in body..len {
-            tail = tail + row[i] * input[i];
+        let mut result = [0.0; N];
+        for n in 0..N {
+            let mut lanes = [0.0f32; 8];
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(low[n], high[n])) };
+            let quads = [
+                lanes[0] + lanes[4],
+                lanes[1] + lanes[5],
+                lanes[2] + lanes[6],
+                lanes[3] + lanes[7],
+            ];
+            let sum = (quads[0] + quads[2]) + (quads[1] + quads[3]);
+            result[n] = (body..len).fold(sum, |total, i| total + row[i] * inputs[n][i]);
         }
-        let quads = [
-            sums[0] + sums[4],
-            sums[1] + sums[5],
-            sums[2] + sums[6],
-            sums[3] + sums[7],
-        ];
-        *out = (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail;
+        result
     }
-    result
 }
 
 #[cfg(test)]
@@ -451,6 +614,33 @@ mod tests {
             .iter()
             .filter(|b| b.expert == 2)
             .all(|b| b.pairs == (1..3)));
+    }
+
+    #[test]
+    fn linear_matches_an_f64_product() {
+        let mut rng = Rng(3);
+        // Lane tails (in = 37), several row blocks (out · in > BLOCK_WEIGHTS), 1 to 9 rows.
+        for (tokens, in_features, out_features) in
+            [(1, 37, 5), (3, 64, 40), (9, 300, 400), (5, 1, 2)]
+        {
+            let x = rng.values(tokens * in_features, 1.0);
+            let weight = rng.values(out_features * in_features, 0.3);
+            let got = linear(&x, &weight, in_features, out_features);
+            assert_eq!(got.len(), tokens * out_features);
+            for t in 0..tokens {
+                for o in 0..out_features {
+                    let want: f64 = (0..in_features)
+                        .map(|i| x[t * in_features + i] as f64 * weight[o * in_features + i] as f64)
+                        .sum();
+                    let g = got[t * out_features + o] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "[{tokens}, {in_features}] x [{out_features}, {in_features}]ᵀ at ({t}, {o}): {g} vs {want}"
+                    );
+                }
+            }
+        }
+        assert!(linear::<f32>(&[], &[0.0; 6], 3, 2).is_empty());
     }
 
     #[test]
