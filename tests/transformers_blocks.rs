@@ -208,7 +208,7 @@ fn each_routing_rule_matches_transformers() {
         );
         if softmax_choice {
             assert_close(
-                &values(out.facts.load_balance_loss),
+                &values(out.facts.load_balance_loss()),
                 &case.expected("lb_loss"),
                 TOL,
                 &format!("{name}: load-balance loss"),

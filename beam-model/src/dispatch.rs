@@ -17,11 +17,13 @@ use crate::combine::scatter_add_rows;
 use crate::experts::swiglu;
 pub use beam_kernels::reference::DispatchPlan;
 
-/// Backend extension running the routed experts on grouped (token, expert) pairs.
+/// Backend extension for the layer's hot operations: the routed experts on grouped (token,
+/// expert) pairs ([`moe_grouped_experts`](Self::moe_grouped_experts)) and linear layers with
+/// `[out, in]` weights ([`linear_out_in`](Self::linear_out_in)).
 ///
 /// | backend | implementation |
 /// |---|---|
-/// | `NdArray` (feature `ndarray`) | decode shapes: `beam-kernels`' host GEMV (`beam_kernels::host`) on the weight storage in place; prefill: the reference ([`grouped_experts_reference`]) |
+/// | `NdArray` (feature `ndarray`) | decode shapes: `beam-kernels`' host GEMVs (`beam_kernels::host`, AVX2+FMA where the CPU has them) on the weight storage in place; prefill: the reference ([`grouped_experts_reference`]) and `W · xᵀ` matmuls |
 /// | burn's `CubeBackend` — `Cuda`, `Wgpu` (features `cuda`, `wgpu`) | `beam-kernels`' cubecl kernels: routing compaction on the device, grouped SwiGLU GEMMs, deterministic combine |
 /// | `Fusion<B>` — `Cuda`/`Wgpu` with burn's `fusion` feature (feature `fusion`) | `B`'s implementation, registered as a custom fusion operation |
 /// | `Autodiff<B>` (feature `autodiff`) | the reference, built from burn tensor ops on `Autodiff<B>`: exact gradients for training |
@@ -54,6 +56,31 @@ pub trait MoeBackend: Backend {
         .into_primitive()
         .tensor()
     }
+
+    /// `x · Wᵀ` for a weight stored `[out, in]` (the PyTorch / Hugging Face layout): the router,
+    /// the attention projections, the shared expert and the LM head. The default is
+    /// `x.matmul(weight.transpose())`; ndarray overrides it with a host GEMV at decode, where its
+    /// `matmul` would first copy the transposed weight.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
+    fn linear_out_in(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        float::<Self, 2>(x)
+            .matmul(float::<Self, 2>(weight).transpose())
+            .into_primitive()
+            .tensor()
+    }
+}
+
+/// `x · Wᵀ` for a weight stored `[out, in]`, through [`MoeBackend::linear_out_in`].
+///
+/// # Shapes
+/// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
+pub fn linear_out_in<B: MoeBackend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    float(B::linear_out_in(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+    ))
 }
 
 fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
@@ -76,7 +103,7 @@ where
         gate_up: FloatTensor<Self>,
         down: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        match ndarray_decode::run::<Self>(&x, &expert_ids, &weights, &gate_up, &down) {
+        match ndarray_host::masked_moe::<Self>(&x, &expert_ids, &weights, &gate_up, &down) {
             Some(out) => out,
             None => grouped_experts_reference::<Self>(
                 float(x),
@@ -89,13 +116,25 @@ where
             .tensor(),
         }
     }
+
+    fn linear_out_in(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        ndarray_host::linear(&x, &weight).unwrap_or_else(|| {
+            // ndarray's matmul copies a transposed right operand (the whole weight) first;
+            // transposing the activations instead copies the smaller side.
+            float::<Self, 2>(weight)
+                .matmul(float::<Self, 2>(x).transpose())
+                .transpose()
+                .into_primitive()
+                .tensor()
+        })
+    }
 }
 
-/// The decode regime on burn's ndarray backend: `beam_kernels::host` on the tensors' storage,
-/// borrowed in place (expert weights are never copied).
+/// Decode-time host paths on burn's ndarray backend: `beam_kernels::host` on the tensors'
+/// storage, borrowed in place (weights are never copied).
 #[cfg(feature = "ndarray")]
-mod ndarray_decode {
-    use beam_kernels::host::{masked_moe_decode, HostFloat};
+mod ndarray_host {
+    use beam_kernels::host::{linear as host_linear, masked_moe_decode, HostFloat};
     use beam_kernels::reference::MoeDims;
     use beam_kernels::Regime;
     use burn::backend::ndarray::NdArrayTensor;
@@ -105,7 +144,7 @@ mod ndarray_decode {
     /// `Some(output)` when the shapes are in the decode regime and the four float tensors share an
     /// `f32` or `f64` dtype in contiguous row-major storage; `None` sends the call to the reference
     /// (prefill, where ndarray's blocked `matmul` wins, or unusual layouts).
-    pub(super) fn run<B>(
+    pub(super) fn masked_moe<B>(
         x: &NdArrayTensor,
         expert_ids: &NdArrayTensor,
         weights: &NdArrayTensor,
@@ -164,6 +203,45 @@ mod ndarray_decode {
         match x {
             NdArrayTensor::F32(_) => decode!(F32),
             NdArrayTensor::F64(_) => decode!(F64),
+            _ => None,
+        }
+    }
+
+    /// Rows of `x` up to which [`linear`] runs the host GEMV (each weight row read once for all
+    /// rows); above, ndarray's blocked `matmul` is faster.
+    pub(super) const LINEAR_MAX_ROWS: usize = 32;
+
+    /// `Some(x · Wᵀ)` for at most [`LINEAR_MAX_ROWS`] rows when `x` and `weight` share an `f32`
+    /// or `f64` dtype in contiguous row-major storage.
+    pub(super) fn linear(x: &NdArrayTensor, weight: &NdArrayTensor) -> Option<NdArrayTensor> {
+        let [rows, in_features] = x.shape().dims();
+        let [out_features, weight_in] = weight.shape().dims();
+        if rows > LINEAR_MAX_ROWS || weight_in != in_features {
+            return None;
+        }
+        macro_rules! linear {
+            ($variant:ident) => {
+                match (x, weight) {
+                    (NdArrayTensor::$variant(x), NdArrayTensor::$variant(weight)) => {
+                        let (x, weight) = (x.view(), weight.view());
+                        let out = host_linear(
+                            x.as_slice()?,
+                            weight.as_slice()?,
+                            in_features,
+                            out_features,
+                        );
+                        Some(NdArrayTensor::from_data(TensorData::new(
+                            out,
+                            [rows, out_features],
+                        )))
+                    }
+                    _ => None,
+                }
+            };
+        }
+        match x {
+            NdArrayTensor::F32(_) => linear!(F32),
+            NdArrayTensor::F64(_) => linear!(F64),
             _ => None,
         }
     }
@@ -390,7 +468,7 @@ fn expert_weights<B: Backend>(stacked: Tensor<B, 3>, expert: usize) -> Tensor<B,
 
 #[cfg(all(test, feature = "ndarray"))]
 mod tests {
-    use super::ndarray_decode;
+    use super::ndarray_host;
     use beam_kernels::reference::{masked_moe_f64, MoeDims};
     use burn::backend::ndarray::NdArrayTensor;
     use burn::backend::NdArray;
@@ -430,7 +508,7 @@ mod tests {
         let (gate_up, down) = (values(e * 2 * i * h, 1.3), values(e * h * i, 2.9));
         let want = masked_moe_f64(&x, ids, &w, &gate_up, &down, dims);
         let ids_tensor = tensor(ids.to_vec(), vec![t, k]);
-        let f32_out = ndarray_decode::run::<NdArray<f32>>(
+        let f32_out = ndarray_host::masked_moe::<NdArray<f32>>(
             &tensor(x.clone(), vec![t, h]),
             &ids_tensor,
             &tensor(w.clone(), vec![t, k]),
@@ -438,7 +516,7 @@ mod tests {
             &tensor(down.clone(), vec![e, h, i]),
         )?;
         let wide = |v: &[f32]| v.iter().map(|&v| v as f64).collect::<Vec<_>>();
-        let f64_out = ndarray_decode::run::<NdArray<f64>>(
+        let f64_out = ndarray_host::masked_moe::<NdArray<f64>>(
             &tensor(wide(&x), vec![t, h]),
             &ids_tensor,
             &tensor(wide(&w), vec![t, k]),
@@ -479,5 +557,45 @@ mod tests {
         };
         let ids: Vec<i64> = (0..40).map(|s| s % 4).collect();
         assert!(decode(dims, &ids).is_none());
+    }
+
+    #[test]
+    fn ndarray_linear_out_in_equals_the_plain_product_on_both_paths() {
+        use crate::dispatch::linear_out_in;
+        let device = Default::default();
+        // 3 rows: host GEMV; 40 rows (> LINEAR_MAX_ROWS): W · xᵀ matmul.
+        for rows in [3, ndarray_host::LINEAR_MAX_ROWS + 8] {
+            let x = Tensor::<NdArray, 2>::from_data(
+                TensorData::new(values(rows * 50, 0.2), [rows, 50]),
+                &device,
+            );
+            let w = Tensor::<NdArray, 2>::from_data(
+                TensorData::new(values(70 * 50, 1.1), [70, 50]),
+                &device,
+            );
+            let want: Vec<f32> = x
+                .clone()
+                .matmul(w.clone().transpose())
+                .into_data()
+                .to_vec()
+                .unwrap();
+            let host = ndarray_host::linear(
+                &x.clone().into_primitive().tensor(),
+                &w.clone().into_primitive().tensor(),
+            );
+            assert_eq!(
+                host.is_some(),
+                rows <= ndarray_host::LINEAR_MAX_ROWS,
+                "{rows} rows"
+            );
+            let got: Vec<f32> = linear_out_in(x, w).into_data().to_vec().unwrap();
+            assert_eq!(got.len(), rows * 70);
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{rows} rows: {g} vs {w}"
+                );
+            }
+        }
     }
 }

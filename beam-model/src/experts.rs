@@ -6,7 +6,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::config::{BeamMoeConfig, SharedExpertConfig};
-use crate::dispatch::{grouped_experts, MoeBackend};
+use crate::dispatch::{grouped_experts, linear_out_in, MoeBackend};
 use crate::init::{normal_param, Init};
 
 /// `down · (silu(gate · x) ⊙ up · x)` on rows `x` (`[N, H]`), with `gate_up` `[2I, H]` (gate rows
@@ -123,12 +123,18 @@ impl<B: Backend> SharedExpert<B> {
                 .then(|| normal_param([1, hidden_size], init, device)),
         }
     }
+}
 
+impl<B: MoeBackend> SharedExpert<B> {
     /// `[T, H]` → `[T, H]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let y = swiglu(x.clone(), self.gate_up.val(), self.down.val());
+        let [two_i, _] = self.gate_up.dims();
+        let inter = two_i / 2;
+        let gate_up = linear_out_in(x.clone(), self.gate_up.val()); // [T, 2I]
+        let h = silu(gate_up.clone().narrow(1, 0, inter)) * gate_up.narrow(1, inter, inter);
+        let y = linear_out_in(h, self.down.val());
         match &self.gate {
-            Some(gate) => y * sigmoid(x.matmul(gate.val().transpose())),
+            Some(gate) => y * sigmoid(linear_out_in(x, gate.val())),
             None => y,
         }
     }

@@ -96,11 +96,21 @@ pub struct RoutingFacts<B: Backend> {
     pub router_logits: Tensor<B, 3>,
     /// The auxiliary sparsity term `[1]` (mean active fraction for non-learned masks, no grad).
     pub sparsity_loss: Tensor<B, 1>,
-    /// The load-balance term `[1]` (transformers' formula).
-    pub load_balance_loss: Tensor<B, 1>,
 }
 
 impl<B: Backend> RoutingFacts<B> {
+    /// The base router's load-balance term `[1]` (transformers' formula), computed on demand from
+    /// [`router_logits`](Self::router_logits) and [`expert_ids`](Self::expert_ids), so inference
+    /// does not pay for it; differentiable with respect to the router under autodiff.
+    pub fn load_balance_loss(&self) -> Tensor<B, 1> {
+        let [batch, seq, experts] = self.router_logits.dims();
+        let [_, _, top_k] = self.expert_ids.dims();
+        load_balance_loss(
+            self.router_logits.clone().reshape([batch * seq, experts]),
+            self.expert_ids.clone().reshape([batch * seq, top_k]),
+        )
+    }
+
     /// Number of kept (token, expert) pairs. Reads the mask back to the host.
     pub fn kept_pairs(&self) -> usize {
         self.mask.clone().sum().into_scalar().elem::<f64>().round() as usize
@@ -326,10 +336,6 @@ impl<B: MoeBackend> BeamMoe<B> {
         BeamMoeOutput {
             output: output.reshape([batch, seq, hidden]),
             facts: RoutingFacts {
-                load_balance_loss: load_balance_loss(
-                    routing.logits.clone(),
-                    routing.expert_ids.clone(),
-                ),
                 expert_ids: routing.expert_ids.reshape([batch, seq, top_k]),
                 topk_weights: slots(routing.weights),
                 mask: slots(hard),
@@ -505,7 +511,7 @@ mod tests {
         let sparsity = out.facts.sparsity_loss.into_scalar();
         assert!((sparsity - 1.0 / (1.0 + (-2.0f32).exp())).abs() < 1e-6);
         // E · Σ f_e P_e ≥ K for any routing (equality when perfectly balanced); here K = 3.
-        let balance = out.facts.load_balance_loss.into_scalar();
+        let balance = out.facts.load_balance_loss().into_scalar();
         assert!(balance.is_finite() && balance > 0.0);
         let target = config.with_beam(BeamMaskConfig::new().with_sparsity(
             crate::config::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),

@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::config::{BeamMoeConfig, GroupLimit, RoutingRule};
+use crate::dispatch::{linear_out_in, MoeBackend};
 use crate::init::{normal_param, Init};
 
 /// The base router: `logits = x · W_gᵀ`, then the family's selection rule.
@@ -65,10 +66,12 @@ impl<B: Backend> Router<B> {
     pub fn rule(&self) -> &RoutingRule {
         &self.rule
     }
+}
 
+impl<B: MoeBackend> Router<B> {
     /// Routes `x` (`[T, H]`).
     pub fn forward(&self, x: Tensor<B, 2>) -> RouterOutput<B> {
-        let logits = x.matmul(self.weight.val().transpose());
+        let logits = linear_out_in(x, self.weight.val());
         let k = self.top_k;
         let (scores, expert_ids, weights) = match &self.rule {
             RoutingRule::Softmax { normalize_top_k } => {

@@ -193,7 +193,7 @@ where
             if let Some(lb) = out
                 .routing
                 .iter()
-                .map(|f| f.load_balance_loss.clone())
+                .map(|f| f.load_balance_loss())
                 .reduce(|a, b| a + b)
             {
                 loss = loss + lb.mul_scalar(config.load_balance_coef / layers);

@@ -10,6 +10,7 @@ use super::cache::KvCache;
 use super::config::{AttentionOptions, ModelConfig, QkNorm};
 use super::norm::RmsNorm;
 use super::rope::apply_rope;
+use crate::dispatch::{linear_out_in, MoeBackend};
 
 /// A linear projection stored as on disk: weight `[out, in]`, optional bias `[out]`.
 #[derive(Module, Debug)]
@@ -20,13 +21,11 @@ pub struct Projection<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
-impl<B: Backend> Projection<B> {
+impl<B: MoeBackend> Projection<B> {
     /// `x · Wᵀ + b` on `[B, T, in]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, tokens, input] = x.dims();
-        let y = x
-            .reshape([batch * tokens, input])
-            .matmul(self.weight.val().transpose());
+        let y = linear_out_in(x.reshape([batch * tokens, input]), self.weight.val());
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze::<2>(),
             None => y,
@@ -82,7 +81,9 @@ impl<B: Backend> Attention<B> {
             head_dim: config.head_dim,
         }
     }
+}
 
+impl<B: MoeBackend> Attention<B> {
     /// `[B, T, H]` → `[B, T, H]`. `rope`: cos/sin tables for the T new positions; `mask`: from
     /// [`attention_mask`] for the same positions; `cache` holds the previous positions of this
     /// layer (`layer`), if any.

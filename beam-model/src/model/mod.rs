@@ -22,7 +22,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::checkpoint::LoadError;
-use crate::dispatch::MoeBackend;
+use crate::dispatch::{linear_out_in, MoeBackend};
 use crate::experts::SharedExpert;
 use crate::layer::{BeamMoe, MaskSource, RoutingFacts};
 use crate::peers::MaskRule;
@@ -260,10 +260,8 @@ impl<B: MoeBackend> MoeLm<B> {
             None => self.embed.weight.val(),
         };
         let [b, t, hidden] = h.dims();
-        let logits = h
-            .reshape([b * t, hidden])
-            .matmul(head.transpose())
-            .reshape([b, t, self.config.vocab_size]);
+        let logits =
+            linear_out_in(h.reshape([b * t, hidden]), head).reshape([b, t, self.config.vocab_size]);
         LmOutput {
             logits,
             hidden_states: states,
