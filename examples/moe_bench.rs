@@ -9,11 +9,14 @@
 //! (token, expert) pairs. `flop_limit` = top-K pairs / kept pairs is the speed-up bound if expert
 //! work were all that counted; `weight_limit` = distinct experts top-K touched / distinct experts
 //! BEAM touched is the bound when reading expert weights is all that counts (decode: weights are
-//! read once per expert however many of its tokens there are); `gbps` / `topk_gbps` (decode rows,
-//! T ≤ 16) are the expert weight bytes of the distinct experts touched, per second. Shapes: `small` = H 128, I 64, E 16, K 4 (the shipped
+//! read once per expert however many of its tokens there are); `floor_ms` is the layer with every
+//! slot masked (router, mask and bookkeeping only) and `overhead_limit` = `topk_ms / floor_ms` the
+//! speed-up bound those fixed costs leave; `gbps` / `topk_gbps` (decode rows,
+//! T ≤ 16) are the expert weight bytes of the distinct experts touched, per second, to compare with
+//! the first line's `copy_gbps` (an elementwise pass over 256 MiB: read + write bytes per second). Shapes: `small` = H 128, I 64, E 16, K 4 (the shipped
 //! KJV model); `olmoe` = H 2048, I 1024, E 64, K 8 (OLMoE-1B-7B). Timing: median of `--reps`
-//! runs after one warm-up, each ending with a read-back of the output so asynchronous backends
-//! are measured to completion.
+//! runs after one warm-up, top-K, BEAM and the floor timed in turn within each repetition, each
+//! run ending with a read-back of the output so asynchronous backends are measured to completion.
 
 use std::time::Instant;
 
@@ -113,30 +116,99 @@ fn distinct_experts(ids: &[i64], kept: impl Fn(usize) -> bool, experts: usize) -
     seen.iter().filter(|&&s| s).count()
 }
 
+/// Median milliseconds of one layer forward for each mask source, the sources timed in turn
+/// within every repetition so that drifts of a shared machine hit them alike.
 fn median_ms<B: MoeBackend>(
     layer: &BeamMoe<B>,
     x: &Tensor<B, 3>,
-    source: &MaskSource<B>,
+    sources: &[&MaskSource<B>],
     reps: usize,
-) -> f64 {
-    let run = || {
+) -> Vec<f64> {
+    let run = |source: &MaskSource<B>| {
         let out = layer.forward_with(x.clone(), source.clone());
         // Read back one value: asynchronous backends finish the whole forward first.
         let _ = out.output.slice([0..1, 0..1, 0..1]).into_data();
     };
-    run();
-    let mut times = (0..reps)
+    let mut times = vec![Vec::with_capacity(reps); sources.len()];
+    for rep in 0..=reps {
+        for (source, times) in sources.iter().zip(&mut times) {
+            let start = Instant::now();
+            run(source);
+            if rep > 0 {
+                // Repetition 0 is the warm-up.
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
+}
+
+/// Read + write bandwidth (GB/s) of an elementwise pass over a 256 MiB `f32` tensor on the
+/// backend (`x · 1`), median of 5: the device copy bandwidth the decode rows' `gbps` compares with.
+fn device_copy_gbps<B: MoeBackend>(device: &B::Device) -> f64 {
+    let elements = 64 << 20;
+    let x = Tensor::<B, 1>::random([elements], Distribution::Default, device);
+    let pass = || {
+        let y = x.clone().mul_scalar(1.0);
+        let _ = y.slice([0..1]).into_data();
+    };
+    pass();
+    let mut times: Vec<f64> = (0..5)
         .map(|_| {
             let start = Instant::now();
-            run();
-            start.elapsed().as_secs_f64() * 1e3
+            pass();
+            start.elapsed().as_secs_f64()
         })
-        .collect::<Vec<_>>();
+        .collect();
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    2.0 * (elements * 4) as f64 / times[2] / 1e9
+}
+
+/// Read + write bandwidth (GB/s) of `copy_from_slice` over 512 MiB split across the machine's
+/// cores, median of 5.
+fn host_copy_gbps() -> f64 {
+    let elements = 128 << 20;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let source = vec![1.0f32; elements];
+    let mut target = vec![0.0f32; elements];
+    let chunk = elements.div_ceil(threads);
+    let mut times: Vec<f64> = (0..6)
+        .map(|_| {
+            let start = Instant::now();
+            std::thread::scope(|scope| {
+                for (to, from) in target.chunks_mut(chunk).zip(source.chunks(chunk)) {
+                    scope.spawn(move || to.copy_from_slice(from));
+                }
+            });
+            start.elapsed().as_secs_f64()
+        })
+        .skip(1)
+        .collect();
+    times.sort_by(f64::total_cmp);
+    2.0 * (elements * 4) as f64 / times[2] / 1e9
 }
 
 fn bench<B: MoeBackend>(args: &Args, device: &B::Device) -> Result<(), String> {
+    // ndarray's weights live in host memory, read by all cores; its elementwise ops run on one.
+    let (copy, how) = if args.backend == "ndarray" {
+        (host_copy_gbps(), "host memcpy on all cores")
+    } else {
+        (device_copy_gbps::<B>(device), "elementwise pass on the device")
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({ "backend": args.backend, "copy_gbps": copy, "copy": how })
+        );
+    } else {
+        println!("{} copy bandwidth ({how}, read + write): {copy:.1} GB/s", args.backend);
+    }
     for name in &args.shapes {
         let config = shape(name)?;
         let layer = config.init::<B>(device);
@@ -149,7 +221,6 @@ fn bench<B: MoeBackend>(args: &Args, device: &B::Device) -> Result<(), String> {
         let expert_bytes = (3 * h * i * 4) as f64;
         for &tokens in &args.tokens {
             let x = Tensor::<B, 3>::random([1, tokens, h], Distribution::Normal(0.0, 1.0), device);
-            let topk_ms = median_ms(&layer, &x, &MaskSource::TopK, args.reps);
             let ids = layer
                 .forward_with(x.clone(), MaskSource::TopK)
                 .facts
@@ -161,7 +232,15 @@ fn bench<B: MoeBackend>(args: &Args, device: &B::Device) -> Result<(), String> {
                 let m = mask::<B>(tokens, k, kept, device);
                 let kept_flags: Vec<f32> = m.clone().into_data().to_vec().unwrap();
                 let distinct = distinct_experts(&ids, |slot| kept_flags[slot] > 0.5, e);
-                let beam_ms = median_ms(&layer, &x, &MaskSource::External(m), args.reps);
+                let all_masked = MaskSource::External(Tensor::zeros([1, tokens, k], device));
+                let [topk_ms, beam_ms, floor_ms] = median_ms(
+                    &layer,
+                    &x,
+                    &[&MaskSource::TopK, &MaskSource::External(m), &all_masked],
+                    args.reps,
+                )[..] else {
+                    unreachable!("three sources, three times")
+                };
                 let flop_limit = (tokens * k) as f64 / kept.max(1) as f64;
                 let gbps =
                     (tokens <= 16).then(|| distinct as f64 * expert_bytes / (beam_ms * 1e-3) / 1e9);
@@ -177,13 +256,14 @@ fn bench<B: MoeBackend>(args: &Args, device: &B::Device) -> Result<(), String> {
                     "speedup": topk_ms / beam_ms, "flop_limit": if kept == 0 { f64::INFINITY } else { flop_limit },
                     "weight_limit": if distinct == 0 { f64::INFINITY } else { weight_limit },
                     "gbps": gbps, "topk_gbps": topk_gbps,
+                    "floor_ms": floor_ms, "overhead_limit": topk_ms / floor_ms,
                 });
                 if args.json {
                     println!("{row}");
                 } else {
                     println!(
-                        "{:<6} {:<6} T={:<5} sparsity {:.2}: top-K {:>9.3} ms  BEAM {:>9.3} ms  speed-up {:>5.2}x  (FLOP limit {:>5.2}x, weight limit {:>5.2}x){}",
-                        args.backend, name, tokens, sparsity, topk_ms, beam_ms, topk_ms / beam_ms, flop_limit, weight_limit,
+                        "{:<6} {:<6} T={:<5} sparsity {:.2}: top-K {:>9.3} ms  BEAM {:>9.3} ms  speed-up {:>5.2}x  (FLOP limit {:>5.2}x, weight limit {:>5.2}x, all-masked floor {:.3} ms){}",
+                        args.backend, name, tokens, sparsity, topk_ms, beam_ms, topk_ms / beam_ms, flop_limit, weight_limit, floor_ms,
                         gbps.map_or(String::new(), |g| format!("  {g:.1} GB/s"))
                     );
                 }
