@@ -23,7 +23,7 @@ pub use beam_kernels::reference::DispatchPlan;
 ///
 /// | backend | implementation |
 /// |---|---|
-/// | `NdArray` (feature `ndarray`) | decode shapes: `beam-kernels`' host GEMVs (`beam_kernels::host`, AVX2+FMA where the CPU has them) on the weight storage in place; prefill: the reference ([`grouped_experts_reference`]) and `W · xᵀ` matmuls |
+/// | `NdArray` (feature `ndarray`) | few kept pairs per expert (decode, or a heavily masked prefill): `beam-kernels`' host GEMVs (`beam_kernels::host`, AVX2+FMA where the CPU has them) on the weight storage in place; many: the reference ([`grouped_experts_reference`]); linear layers: host GEMV up to 32 rows, else `W · xᵀ` matmuls |
 /// | burn's `CubeBackend` — `Cuda`, `Wgpu` (features `cuda`, `wgpu`) | `beam-kernels`' cubecl kernels: routing compaction on the device, grouped SwiGLU GEMMs, deterministic combine |
 /// | `Fusion<B>` — `Cuda`/`Wgpu` with burn's `fusion` feature (feature `fusion`) | `B`'s implementation, registered as a custom fusion operation |
 /// | `Autodiff<B>` (feature `autodiff`) | the reference, built from burn tensor ops on `Autodiff<B>`: exact gradients for training |
@@ -135,15 +135,22 @@ where
 #[cfg(feature = "ndarray")]
 mod ndarray_host {
     use beam_kernels::host::{linear as host_linear, masked_moe_decode, HostFloat};
-    use beam_kernels::reference::MoeDims;
-    use beam_kernels::Regime;
+    use beam_kernels::reference::{DispatchPlan, MoeDims};
     use burn::backend::ndarray::NdArrayTensor;
     use burn::tensor::backend::Backend;
     use burn::tensor::{Int, Tensor, TensorData, TensorMetadata};
 
-    /// `Some(output)` when the shapes are in the decode regime and the four float tensors share an
-    /// `f32` or `f64` dtype in contiguous row-major storage; `None` sends the call to the reference
-    /// (prefill, where ndarray's blocked `matmul` wins, or unusual layouts).
+    /// Mean kept pairs per routed expert up to which [`masked_moe`] runs the host GEMV (each
+    /// expert's weights read once, its tokens dotted in passes of 4); above, ndarray's blocked
+    /// `matmul` (the reference) is faster. On the host the routing table is already in memory, so
+    /// the choice uses the actual kept pairs rather than the shape (a masked prefill with few
+    /// tokens left per expert is GEMV work).
+    pub(super) const HOST_MAX_PAIRS_PER_EXPERT: usize = 64;
+
+    /// `Some(output)` when the kept pairs per routed expert are few (at most
+    /// [`HOST_MAX_PAIRS_PER_EXPERT`] on average) and the four float tensors share an `f32` or
+    /// `f64` dtype in contiguous row-major storage; `None` sends the call to the reference
+    /// (many tokens per expert, where ndarray's blocked `matmul` wins, or unusual layouts).
     pub(super) fn masked_moe<B>(
         x: &NdArrayTensor,
         expert_ids: &NdArrayTensor,
@@ -157,9 +164,6 @@ mod ndarray_host {
         let [tokens, hidden] = x.shape().dims();
         let [_, top_k] = expert_ids.shape().dims();
         let [experts, two_i, _] = gate_up.shape().dims();
-        if Regime::from_shape(tokens, top_k, experts) != Regime::Decode {
-            return None;
-        }
         let dims = MoeDims {
             tokens,
             top_k,
@@ -173,6 +177,10 @@ mod ndarray_host {
             .convert::<i64>()
             .into_vec::<i64>()
             .ok()?;
+        let plan = DispatchPlan::from_ids(&ids, top_k, experts);
+        if plan.kept() > HOST_MAX_PAIRS_PER_EXPERT * plan.groups().count() {
+            return None;
+        }
         macro_rules! decode {
             ($variant:ident) => {
                 match (x, weights, gate_up, down) {
@@ -546,17 +554,26 @@ mod tests {
     }
 
     #[test]
-    fn ndarray_prefill_shapes_go_to_the_reference() {
-        // T · K = 40 > 4E = 16: prefill, where ndarray's blocked matmul wins.
+    fn ndarray_picks_the_host_gemv_from_the_kept_pairs_per_expert() {
         let dims = MoeDims {
-            tokens: 20,
+            tokens: 200,
             top_k: 2,
             experts: 4,
             hidden: 8,
             intermediate: 4,
         };
-        let ids: Vec<i64> = (0..40).map(|s| s % 4).collect();
+        // 400 pairs on 4 experts (100 each > 64): ndarray's blocked matmul (the reference).
+        let ids: Vec<i64> = (0..400).map(|s| s % 4).collect();
         assert!(decode(dims, &ids).is_none());
+        // The same prefill with 90% of the slots masked: 10 pairs per expert, host GEMV.
+        let masked: Vec<i64> = (0..400)
+            .map(|s| if s % 10 == 0 { (s / 10) % 4 } else { 4 })
+            .collect();
+        let (f32_out, f64_out, want) = decode(dims, &masked).expect("few kept pairs: host path");
+        for ((a, b), w) in f32_out.iter().zip(&f64_out).zip(&want) {
+            assert!((a - w).abs() <= 1e-5 + 1e-5 * w.abs(), "f32 {a} vs {w}");
+            assert!((b - w).abs() <= 1e-12 * (1.0 + w.abs()), "f64 {b} vs {w}");
+        }
     }
 
     #[test]

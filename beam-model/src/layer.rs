@@ -508,7 +508,7 @@ mod tests {
         let layer = config.init::<B>(&Default::default());
         let out = layer.forward(input());
         // Fresh mask router: p = sigmoid(2) everywhere.
-        let sparsity = out.facts.sparsity_loss.into_scalar();
+        let sparsity = out.facts.sparsity_loss.clone().into_scalar();
         assert!((sparsity - 1.0 / (1.0 + (-2.0f32).exp())).abs() < 1e-6);
         // E · Σ f_e P_e ≥ K for any routing (equality when perfectly balanced); here K = 3.
         let balance = out.facts.load_balance_loss().into_scalar();
