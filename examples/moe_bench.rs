@@ -156,7 +156,7 @@ fn device_copy_gbps<B: MoeBackend>(device: &B::Device) -> f64 {
     let x = Tensor::<B, 1>::random([elements], Distribution::Default, device);
     let pass = || {
         let y = x.clone().mul_scalar(1.0);
-        let _ = y.slice([0..1]).into_data();
+        let _ = y.narrow(0, 0, 1).into_data();
     };
     pass();
     let mut times: Vec<f64> = (0..5)

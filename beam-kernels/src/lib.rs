@@ -22,7 +22,12 @@
 //! model. Training (`Autodiff<…>`) uses beam-model's reference path, built from burn tensor ops,
 //! whose gradients autodiff derives exactly.
 //!
-//! Without the `cubecl` feature only the host references ([`reference`]) build.
+//! On the CPU, [`host`] runs the same pipeline as host GEMVs on borrowed weight slices (AVX2+FMA
+//! when the CPU has them, rayon over row blocks); `beam-model` uses it for burn's ndarray backend
+//! whenever few pairs per expert are kept, and [`host::linear`] for its `[out, in]` linear layers.
+//!
+//! Without the `cubecl` feature only the host code builds: [`host`] and the references
+//! ([`reference`]).
 
 pub mod host;
 pub mod reference;
