@@ -1,4 +1,4 @@
-//! The decode-regime masked MoE on the host (CPU), for burn's ndarray backend.
+//! The masked MoE on the host (CPU) for few tokens per expert, for burn's ndarray backend.
 //!
 //! Same pipeline and contract as the cubecl kernels, on slices that `beam-model` borrows from the
 //! backend's storage in place (the `[E, 2I, H]` / `[E, H, I]` weights are never copied):
@@ -8,14 +8,15 @@
 //! 2. **gate+up GEMV** per expert: each weight row is read once and dotted with all of the expert's
 //!    tokens (up to [`TOKENS_PER_PASS`] at a time), `silu(g) · u` in the epilogue;
 //! 3. **down GEMV** per expert the same way, the routing weight in the epilogue, one row per kept
-//!    slot;
-//! 4. **combine**: each token sums its K slot rows in slot order (deterministic, independent of how
-//!    the work was split across threads).
+//!    pair;
+//! 4. **combine**: each token sums its kept slots' rows in slot order (deterministic, independent
+//!    of how the work was split across threads).
 //!
 //! Steps 2–3 split each expert's weight rows into blocks of about [`BLOCK_WEIGHTS`] elements and run
-//! the blocks of all experts on rayon's pool. This is the decode regime (few tokens per expert), where
-//! reading the weights is the cost; with many tokens per expert a cache-blocked GEMM (ndarray's
-//! `matmul`, used by beam-model's reference path) wins.
+//! the blocks of all experts on rayon's pool above [`PARALLEL_MIN_WEIGHTS`]. This is the regime of
+//! few tokens per expert (decode, or a prefill with most slots masked), where reading the weights is
+//! the cost; with hundreds of tokens per expert a cache-blocked GEMM (ndarray's `matmul`, used by
+//! beam-model's reference path) is as fast or faster.
 
 use rayon::prelude::*;
 
@@ -161,7 +162,7 @@ pub fn masked_moe_decode<F: HostFloat>(
         }
     }
 
-    // Down: `slot_rows[slot, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
+    // Down: `pair_rows[p, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
     let down_blocks = row_blocks(&plan, hidden, intermediate);
     let out_blocks = map_blocks(&down_blocks, intermediate, |block| {
         let expert_rows = &down[block.expert * hidden * intermediate..];
@@ -184,26 +185,26 @@ pub fn masked_moe_decode<F: HostFloat>(
         );
         rows_out
     });
-    let mut slot_rows = vec![F::ZERO; tokens * top_k * hidden];
-    let mut kept_slot = vec![false; tokens * top_k];
+    // One row per kept pair (not per slot: a masked prefill keeps few of its T · K slots).
+    let mut pair_rows = vec![F::ZERO; plan.kept() * hidden];
     for (block, values) in down_blocks.iter().zip(&out_blocks) {
         let width = block.rows.len();
         for (n, p) in block.pairs.clone().enumerate() {
-            let slot = plan.pairs[p];
-            kept_slot[slot] = true;
-            slot_rows[slot * hidden + block.rows.start..slot * hidden + block.rows.end]
+            pair_rows[p * hidden + block.rows.start..p * hidden + block.rows.end]
                 .copy_from_slice(&values[n * width..(n + 1) * width]);
         }
     }
 
-    // Combine in slot order.
+    // Combine: each token sums its kept slots' rows in slot order.
+    let mut pair_of_slot = vec![None; tokens * top_k];
+    for (p, &slot) in plan.pairs.iter().enumerate() {
+        pair_of_slot[slot] = Some(p);
+    }
     for (t, out_row) in out.chunks_exact_mut(hidden).enumerate() {
-        for slot in t * top_k..(t + 1) * top_k {
-            if kept_slot[slot] {
-                let row = &slot_rows[slot * hidden..(slot + 1) * hidden];
-                for (o, &v) in out_row.iter_mut().zip(row) {
-                    *o = *o + v;
-                }
+        for p in pair_of_slot[t * top_k..(t + 1) * top_k].iter().flatten() {
+            let row = &pair_rows[p * hidden..(p + 1) * hidden];
+            for (o, &v) in out_row.iter_mut().zip(row) {
+                *o = *o + v;
             }
         }
     }
