@@ -104,6 +104,30 @@ pub fn masked_moe_decode<F: HostFloat>(
     down: &[F],
     dims: MoeDims,
 ) -> Vec<F> {
+    dims.assert_lengths([
+        x.len(),
+        expert_ids.len(),
+        weights.len(),
+        gate_up.len(),
+        down.len(),
+    ]);
+    let plan = DispatchPlan::from_ids(expert_ids, dims.top_k, dims.experts);
+    masked_moe_planned(x, &plan, weights, gate_up, down, dims)
+}
+
+/// [`masked_moe_decode`] for a caller that already grouped the `[T, K]` id table
+/// (`plan = DispatchPlan::from_ids(expert_ids, K, E)`, e.g. to choose this path from its counts).
+///
+/// # Panics
+/// If `plan` or a slice's length does not match `dims`.
+pub fn masked_moe_planned<F: HostFloat>(
+    x: &[F],
+    plan: &DispatchPlan,
+    weights: &[F],
+    gate_up: &[F],
+    down: &[F],
+    dims: MoeDims,
+) -> Vec<F> {
     let MoeDims {
         tokens,
         top_k,
@@ -111,20 +135,15 @@ pub fn masked_moe_decode<F: HostFloat>(
         hidden,
         intermediate,
     } = dims;
-    assert_eq!(x.len(), tokens * hidden, "x is [T, H]");
-    assert_eq!(expert_ids.len(), tokens * top_k, "expert_ids is [T, K]");
-    assert_eq!(weights.len(), tokens * top_k, "weights is [T, K]");
-    assert_eq!(
+    assert_eq!(plan.top_k, top_k, "plan is of a [T, K] table");
+    assert_eq!(plan.offsets.len(), experts + 1, "plan has E + 1 offsets");
+    dims.assert_lengths([
+        x.len(),
+        tokens * top_k,
+        weights.len(),
         gate_up.len(),
-        experts * 2 * intermediate * hidden,
-        "gate_up is [E, 2I, H]"
-    );
-    assert_eq!(
         down.len(),
-        experts * hidden * intermediate,
-        "down is [E, H, I]"
-    );
-    let plan = DispatchPlan::from_ids(expert_ids, top_k, experts);
+    ]);
     let token_of = plan.tokens();
     let mut out = vec![F::ZERO; tokens * hidden];
     if plan.kept() == 0 || hidden == 0 {
@@ -132,7 +151,7 @@ pub fn masked_moe_decode<F: HostFloat>(
     }
 
     // Gate+up: `act[p, i] = silu(gate_i · x_p) · (up_i · x_p)` for kept pair `p` (plan order).
-    let gate_up_blocks = row_blocks(&plan, intermediate, 2 * hidden);
+    let gate_up_blocks = row_blocks(plan, intermediate, 2 * hidden);
     let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block| {
         let expert_rows = &gate_up[block.expert * 2 * intermediate * hidden..];
         let inputs: Vec<&[F]> = token_of[block.pairs.clone()]
@@ -153,17 +172,10 @@ pub fn masked_moe_decode<F: HostFloat>(
         }
         act
     });
-    let mut act = vec![F::ZERO; plan.kept() * intermediate];
-    for (block, values) in gate_up_blocks.iter().zip(&act_blocks) {
-        let width = block.rows.len();
-        for (n, p) in block.pairs.clone().enumerate() {
-            act[p * intermediate + block.rows.start..p * intermediate + block.rows.end]
-                .copy_from_slice(&values[n * width..(n + 1) * width]);
-        }
-    }
+    let act = assemble(&gate_up_blocks, &act_blocks, plan.kept(), intermediate);
 
     // Down: `pair_rows[p, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
-    let down_blocks = row_blocks(&plan, hidden, intermediate);
+    let down_blocks = row_blocks(plan, hidden, intermediate);
     let out_blocks = map_blocks(&down_blocks, intermediate, |block| {
         let expert_rows = &down[block.expert * hidden * intermediate..];
         let inputs: Vec<&[F]> = block
@@ -186,14 +198,7 @@ pub fn masked_moe_decode<F: HostFloat>(
         rows_out
     });
     // One row per kept pair (not per slot: a masked prefill keeps few of its T · K slots).
-    let mut pair_rows = vec![F::ZERO; plan.kept() * hidden];
-    for (block, values) in down_blocks.iter().zip(&out_blocks) {
-        let width = block.rows.len();
-        for (n, p) in block.pairs.clone().enumerate() {
-            pair_rows[p * hidden + block.rows.start..p * hidden + block.rows.end]
-                .copy_from_slice(&values[n * width..(n + 1) * width]);
-        }
-    }
+    let pair_rows = assemble(&down_blocks, &out_blocks, plan.kept(), hidden);
 
     // Combine: each token sums its kept slots' rows in slot order.
     let mut pair_of_slot = vec![None; tokens * top_k];
@@ -234,6 +239,25 @@ fn map_blocks<F: HostFloat>(
     } else {
         blocks.iter().map(f).collect()
     }
+}
+
+/// Places each block's `[pairs, rows]` output into a `[pairs_total, row_len]` row-major matrix at
+/// its pairs' rows and its output rows' columns.
+fn assemble<F: HostFloat>(
+    blocks: &[RowBlock],
+    outputs: &[Vec<F>],
+    pairs_total: usize,
+    row_len: usize,
+) -> Vec<F> {
+    let mut matrix = vec![F::ZERO; pairs_total * row_len];
+    for (block, values) in blocks.iter().zip(outputs) {
+        let width = block.rows.len();
+        for (n, p) in block.pairs.clone().enumerate() {
+            matrix[p * row_len..][block.rows.clone()]
+                .copy_from_slice(&values[n * width..(n + 1) * width]);
+        }
+    }
+    matrix
 }
 
 /// Splits every expert that has kept pairs into row blocks (see [`blocks_of`]).
@@ -307,9 +331,8 @@ pub fn linear<F: HostFloat>(
     }
     assert_eq!(x.len() % in_features, 0, "x is [T, in]");
     let tokens = x.len() / in_features;
-    let mut out = vec![F::ZERO; tokens * out_features];
     if tokens == 0 || out_features == 0 {
-        return out;
+        return vec![F::ZERO; tokens * out_features];
     }
     let inputs: Vec<&[F]> = x.chunks_exact(in_features).collect();
     let blocks: Vec<RowBlock> = blocks_of(0, 0..tokens, out_features, in_features).collect();
@@ -327,13 +350,7 @@ pub fn linear<F: HostFloat>(
         );
         values
     });
-    for (block, values) in blocks.iter().zip(&block_outputs) {
-        let width = block.rows.len();
-        for (n, out_row) in out.chunks_exact_mut(out_features).enumerate() {
-            out_row[block.rows.clone()].copy_from_slice(&values[n * width..(n + 1) * width]);
-        }
-    }
-    out
+    assemble(&blocks, &block_outputs, tokens, out_features)
 }
 
 /// `row · inputs[n]` in element `n` (1 to [`TOKENS_PER_PASS`] inputs; the rest are 0), one pass

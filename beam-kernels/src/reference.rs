@@ -85,6 +85,29 @@ pub struct MoeDims {
     pub intermediate: usize,
 }
 
+impl MoeDims {
+    /// Panics unless the lengths of `[x, expert_ids, weights, gate_up, down]` are those of
+    /// `[T, H]`, `[T, K]`, `[T, K]`, `[E, 2I, H]` and `[E, H, I]` row-major buffers.
+    pub fn assert_lengths(&self, [x, expert_ids, weights, gate_up, down]: [usize; 5]) {
+        let Self {
+            tokens,
+            top_k,
+            experts,
+            hidden,
+            intermediate,
+        } = *self;
+        assert_eq!(x, tokens * hidden, "x is [T, H]");
+        assert_eq!(expert_ids, tokens * top_k, "expert_ids is [T, K]");
+        assert_eq!(weights, tokens * top_k, "weights is [T, K]");
+        assert_eq!(
+            gate_up,
+            experts * 2 * intermediate * hidden,
+            "gate_up is [E, 2I, H]"
+        );
+        assert_eq!(down, experts * hidden * intermediate, "down is [E, H, I]");
+    }
+}
+
 /// `out[t] = Σ_k w[t, k] · down[e] · (silu(gate[e] · x[t]) ⊙ up[e] · x[t])` over kept slots
 /// (`e = ids[t, k] < E`), accumulated in `f64`, row-major buffers.
 ///
@@ -106,19 +129,13 @@ pub fn masked_moe_f64(
         hidden,
         intermediate,
     } = dims;
-    assert_eq!(x.len(), tokens * hidden, "x is [T, H]");
-    assert_eq!(expert_ids.len(), tokens * top_k, "expert_ids is [T, K]");
-    assert_eq!(weights.len(), tokens * top_k, "weights is [T, K]");
-    assert_eq!(
+    dims.assert_lengths([
+        x.len(),
+        expert_ids.len(),
+        weights.len(),
         gate_up.len(),
-        experts * 2 * intermediate * hidden,
-        "gate_up is [E, 2I, H]"
-    );
-    assert_eq!(
         down.len(),
-        experts * hidden * intermediate,
-        "down is [E, H, I]"
-    );
+    ]);
     let dot =
         |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&a, &b)| a as f64 * b as f64).sum() };
     fn weight_row(m: &[f32], r: usize, len: usize) -> &[f32] {

@@ -46,15 +46,7 @@ pub trait MoeBackend: Backend {
         gate_up: FloatTensor<Self>,
         down: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        grouped_experts_reference::<Self>(
-            float(x),
-            Tensor::from_primitive(expert_ids),
-            float(weights),
-            float(gate_up),
-            float(down),
-        )
-        .into_primitive()
-        .tensor()
+        reference_primitive::<Self>(x, expert_ids, weights, gate_up, down)
     }
 
     /// `x · Wᵀ` for a weight stored `[out, in]` (the PyTorch / Hugging Face layout): the router,
@@ -83,6 +75,26 @@ pub fn linear_out_in<B: MoeBackend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Te
     ))
 }
 
+/// [`grouped_experts_reference`] on primitives: the default of
+/// [`MoeBackend::moe_grouped_experts`] and ndarray's fallback.
+fn reference_primitive<B: Backend>(
+    x: FloatTensor<B>,
+    expert_ids: IntTensor<B>,
+    weights: FloatTensor<B>,
+    gate_up: FloatTensor<B>,
+    down: FloatTensor<B>,
+) -> FloatTensor<B> {
+    grouped_experts_reference::<B>(
+        float(x),
+        Tensor::from_primitive(expert_ids),
+        float(weights),
+        float(gate_up),
+        float(down),
+    )
+    .into_primitive()
+    .tensor()
+}
+
 fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(primitive))
 }
@@ -105,15 +117,7 @@ where
     ) -> FloatTensor<Self> {
         match ndarray_host::masked_moe::<Self>(&x, &expert_ids, &weights, &gate_up, &down) {
             Some(out) => out,
-            None => grouped_experts_reference::<Self>(
-                float(x),
-                Tensor::from_primitive(expert_ids),
-                float(weights),
-                float(gate_up),
-                float(down),
-            )
-            .into_primitive()
-            .tensor(),
+            None => reference_primitive::<Self>(x, expert_ids, weights, gate_up, down),
         }
     }
 
@@ -134,7 +138,7 @@ where
 /// storage, borrowed in place (weights are never copied).
 #[cfg(feature = "ndarray")]
 mod ndarray_host {
-    use beam_kernels::host::{linear as host_linear, masked_moe_decode, HostFloat};
+    use beam_kernels::host::{linear as host_linear, masked_moe_planned, HostFloat};
     use beam_kernels::reference::{DispatchPlan, MoeDims};
     use burn::backend::ndarray::NdArrayTensor;
     use burn::tensor::backend::Backend;
@@ -194,9 +198,9 @@ mod ndarray_host {
                         let (x, weights) = (x.view(), weights.view());
                         let (gate_up, down) = (gate_up.view(), down.view());
                         Some(output(
-                            masked_moe_decode(
+                            masked_moe_planned(
                                 x.as_slice()?,
-                                &ids,
+                                &plan,
                                 weights.as_slice()?,
                                 gate_up.as_slice()?,
                                 down.as_slice()?,
