@@ -5,7 +5,7 @@ mod common;
 
 use beam_model::model::generate::{generate, GenerateConfig};
 use beam_model::model::load::load_model;
-use beam_model::model::{MaskMode, ModelError, MoeLm};
+use beam_model::model::{HiddenStates, MaskMode, ModelError, MoeLm};
 use beam_model::BeamMaskConfig;
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -40,12 +40,12 @@ fn fresh_adapter_is_exactly_top_k() {
     for family in ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"] {
         let base = model(family);
         let x = ids(&[3, 14, 15, 92, 65]);
-        let top_k = base.forward(x.clone(), None, MaskMode::TopK, false);
+        let top_k = base.forward(x.clone(), None, MaskMode::TopK, HiddenStates::Skip);
         let beam = base
             .enable_beam(BeamMaskConfig::new(), &Default::default())
             .unwrap();
         assert!(beam.has_beam());
-        let out = beam.forward(x, None, MaskMode::Learned, false);
+        let out = beam.forward(x, None, MaskMode::Learned, HiddenStates::Skip);
         assert_eq!(out.kept_pairs(), top_k.kept_pairs());
         assert_eq!(values(out.logits), values(top_k.logits), "{family}");
     }
@@ -73,8 +73,8 @@ fn adapter_round_trips_and_skips_experts() {
         .load_beam_adapter(&path, &Default::default())
         .unwrap();
     let x = ids(&[3, 14, 15, 92, 65, 35, 89, 79]);
-    let a = beam.forward(x.clone(), None, MaskMode::Learned, false);
-    let b = loaded.forward(x.clone(), None, MaskMode::Learned, false);
+    let a = beam.forward(x.clone(), None, MaskMode::Learned, HiddenStates::Skip);
+    let b = loaded.forward(x.clone(), None, MaskMode::Learned, HiddenStates::Skip);
     let (kept, top_k_pairs) = (b.kept_pairs(), 8 * 2 * 2);
     assert_eq!(values(a.logits), values(b.logits));
     assert!(
@@ -106,7 +106,7 @@ fn adapter_round_trips_and_skips_experts() {
     let strict = loaded.with_threshold(0.8).unwrap();
     assert!(
         strict
-            .forward(x, None, MaskMode::Learned, false)
+            .forward(x, None, MaskMode::Learned, HiddenStates::Skip)
             .kept_pairs()
             < kept
     );

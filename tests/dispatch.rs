@@ -4,9 +4,9 @@
 
 mod common;
 
-use beam_model::dispatch::{
-    dense_experts_reference, drop_masked_slots, grouped_experts, grouped_experts_reference,
-};
+use beam_model::grouped_experts;
+use beam_model::kernels::reference::{dense_experts_reference, grouped_experts_reference};
+use beam_model::mask::drop_masked_slots;
 use beam_model::{BeamMoeConfig, MaskSource};
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};

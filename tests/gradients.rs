@@ -10,8 +10,8 @@
 
 mod common;
 
-use beam_model::dispatch::{dense_experts_reference, grouped_experts};
-use beam_model::experts::swiglu;
+use beam_model::grouped_experts;
+use beam_model::kernels::reference::{dense_experts_reference, swiglu};
 use beam_model::{
     BeamMaskConfig, BeamMoe, BeamMoeConfig, MaskSource, RoutingRule, SharedExpertConfig,
 };
@@ -227,7 +227,7 @@ fn gradients_match_finite_differences() {
             .with_init_std(0.5)
             .with_routing(routing.clone())
             .with_shared_expert(Some(SharedExpertConfig::new(3).with_gated(true)))
-            .with_beam(BeamMaskConfig::new().with_renormalize(renormalize));
+            .with_beam(Some(BeamMaskConfig::new().with_renormalize(renormalize)));
         let layer = config.init::<AD>(&device);
         let mut rng = Rng::new(21);
         let x = rng.tensor::<AD, 3>([1, 6, h], 1.0, &device).require_grad();

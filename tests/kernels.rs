@@ -9,8 +9,9 @@
 
 mod common;
 
-use beam_kernels::reference::{masked_moe_f64, DispatchPlan, MoeDims};
+use beam_kernels::reference::masked_moe_f64;
 use beam_kernels::{compact_routes, masked_moe, MaskedMoeOptions, Regime};
+use beam_kernels::{DispatchPlan, MoeDims};
 use burn::tensor::ops::FloatTensorOps;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData, TensorPrimitive};
 use burn_cubecl::tensor::CubeTensor;

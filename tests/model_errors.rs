@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use beam_model::checkpoint::LoadError;
 use beam_model::model::load::load_model;
-use beam_model::model::{MaskMode, ModelError, MoeLm};
+use beam_model::model::{HiddenStates, MaskMode, ModelError, MoeLm};
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
 use common::{repo_root, values};
@@ -345,8 +345,12 @@ fn half_precision_weights_load_to_their_f32_values() {
             TensorData::new(vec![5i64, 17, 42, 7], [1, 4]),
             &Default::default(),
         );
-        let logits =
-            |m: MoeLm<B>| values(m.forward(ids.clone(), None, MaskMode::TopK, false).logits);
+        let logits = |m: MoeLm<B>| {
+            values(
+                m.forward(ids.clone(), None, MaskMode::TopK, HiddenStates::Skip)
+                    .logits,
+            )
+        };
         let a = logits(rounded.load().unwrap());
         let b = logits(half.load().unwrap());
         assert!(a.iter().any(|v| *v != 0.0));

@@ -9,7 +9,7 @@ mod common;
 use beam_model::checkpoint::TensorStore;
 use beam_model::model::generate::{generate, GenerateConfig};
 use beam_model::model::load::load_model;
-use beam_model::model::{MaskMode, MoeLm};
+use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use burn::backend::NdArray;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{assert_close, repo_root, values};
@@ -83,7 +83,12 @@ fn logits_and_hidden_states_match_transformers() {
     for family in FAMILIES {
         let model = model(family);
         let reference = reference(family);
-        let out = model.forward(ids(&reference.ids), None, MaskMode::TopK, true);
+        let out = model.forward(
+            ids(&reference.ids),
+            None,
+            MaskMode::TopK,
+            HiddenStates::Collect,
+        );
         assert_close(
             &values(out.logits),
             &reference.logits,
@@ -135,7 +140,7 @@ fn cached_decoding_equals_uncached_forward() {
         let tokens = reference(family).ids;
         let full = values(
             model
-                .forward(ids(&tokens), None, MaskMode::TopK, false)
+                .forward(ids(&tokens), None, MaskMode::TopK, HiddenStates::Skip)
                 .logits,
         );
         let vocab = model.config().vocab_size;
@@ -143,14 +148,24 @@ fn cached_decoding_equals_uncached_forward() {
         let mut cache = model.new_cache();
         let mut incremental = values(
             model
-                .forward(ids(&tokens[..3]), Some(&mut cache), MaskMode::TopK, false)
+                .forward(
+                    ids(&tokens[..3]),
+                    Some(&mut cache),
+                    MaskMode::TopK,
+                    HiddenStates::Skip,
+                )
                 .logits,
         );
         for (i, &t) in tokens.iter().enumerate().skip(3) {
             assert_eq!(cache.len(), i);
             incremental.extend(values(
                 model
-                    .forward(ids(&[t]), Some(&mut cache), MaskMode::TopK, false)
+                    .forward(
+                        ids(&[t]),
+                        Some(&mut cache),
+                        MaskMode::TopK,
+                        HiddenStates::Skip,
+                    )
                     .logits,
             ));
         }
@@ -215,6 +230,6 @@ fn the_shipped_trained_model_matches_transformers() {
         .into_iter()
         .map(f64::from)
         .collect();
-    let out = model.forward(ids(&tokens), None, MaskMode::TopK, false);
+    let out = model.forward(ids(&tokens), None, MaskMode::TopK, HiddenStates::Skip);
     assert_close(&values(out.logits), &expected, 1e-4, "kjv-moe logits");
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use beam_model::checkpoint::TensorStore;
 use beam_model::model::load::load_model;
-use beam_model::model::{MaskMode, MoeLm};
+use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use beam_model::{BeamMaskConfig, MaskRule};
 use beam_train::checkpoint;
 use beam_train::eval::{evaluate, interpolate_accuracy, EvalOptions};
@@ -133,10 +133,10 @@ fn mask_router_only_gradients(trainable: Trainable) -> (bool, bool, bool, bool) 
     let batch = corpus().train_batch(1, 0, 2, 16).unwrap();
     let (inputs, targets) = batch.tensors::<AB>(&device);
     // Task loss only: the mask router can get a gradient only through the straight-through mask.
-    let out = model.forward(inputs, None, MaskMode::Learned, false);
+    let out = model.forward(inputs, None, MaskMode::Learned, HiddenStates::Skip);
     let (nll, _) = beam_train::eval::token_losses(out.logits, targets);
     let grads = nll.mean().backward();
-    let moe = model.layers[0].feed_forward.moe.as_ref().unwrap();
+    let moe = model.layers[0].feed_forward.moe().unwrap();
     let mask_grad = moe
         .mask_router
         .as_ref()
@@ -356,7 +356,11 @@ fn evaluation_matches_a_float64_computation_from_the_logits() {
             .collect();
         let input =
             Tensor::<B, 2, Int>::from_data(TensorData::new(ids[..24].to_vec(), [1, 24]), &device);
-        let logits = common::values(model.forward(input, None, MaskMode::TopK, false).logits);
+        let logits = common::values(
+            model
+                .forward(input, None, MaskMode::TopK, HiddenStates::Skip)
+                .logits,
+        );
         for (t, row) in logits.chunks(300).enumerate() {
             let max = row.iter().cloned().fold(f64::MIN, f64::max);
             let log_sum = row.iter().map(|v| (v - max).exp()).sum::<f64>().ln() + max;

@@ -8,7 +8,9 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use beam_model::checkpoint::{load_moe_block, TensorStore};
+use beam_model::checkpoint::TensorStore;
+use beam_model::model::family::{Family, MoeTensorNames};
+use beam_model::model::load::load_moe_block;
 use beam_model::{
     BeamMaskConfig, BeamMoe, BeamMoeConfig, GroupLimit, MaskSource, RoutingRule, SharedExpertConfig,
 };
@@ -72,13 +74,23 @@ impl Case {
         )
         .with_routing(routing)
         .with_shared_expert(shared)
-        .with_beam(BeamMaskConfig::new().with_renormalize(renormalize))
+        .with_beam(Some(BeamMaskConfig::new().with_renormalize(renormalize)))
     }
 
     fn layer(&self, renormalize: bool) -> BeamMoe<B> {
         let layer = self.config(renormalize).init::<B>(&Default::default());
-        load_moe_block(layer, &self.file, self.meta["prefix"].as_str().unwrap())
-            .unwrap_or_else(|err| panic!("{}: {err}", self.name()))
+        let names = match Family::from_model_type(self.family()) {
+            Some(family) => family.moe_names(),
+            None if self.is_deepseek() => MoeTensorNames::DEEPSEEK,
+            None => panic!("{}: unknown family", self.name()),
+        };
+        load_moe_block(
+            layer,
+            &self.file,
+            self.meta["prefix"].as_str().unwrap(),
+            &names,
+        )
+        .unwrap_or_else(|err| panic!("{}: {err}", self.name()))
     }
 
     fn tensor<const D: usize>(&self, name: &str) -> Tensor<B, D> {

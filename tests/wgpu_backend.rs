@@ -8,7 +8,7 @@ mod common;
 
 use beam_model::model::generate::{generate, GenerateConfig};
 use beam_model::model::load::load_model;
-use beam_model::model::{MaskMode, MoeLm};
+use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use beam_model::MoeBackend;
 use burn::backend::{NdArray, Wgpu};
 use burn::tensor::{Int, Tensor, TensorData};
@@ -56,13 +56,18 @@ fn logits_agree_with_ndarray() {
                 ids::<NdArray>(&TOKENS, &Default::default()),
                 None,
                 MaskMode::TopK,
-                false,
+                HiddenStates::Skip,
             )
             .logits,
         );
         let got = values(
-            gpu.forward(ids::<Wgpu>(&TOKENS, &device), None, MaskMode::TopK, false)
-                .logits,
+            gpu.forward(
+                ids::<Wgpu>(&TOKENS, &device),
+                None,
+                MaskMode::TopK,
+                HiddenStates::Skip,
+            )
+            .logits,
         );
         assert_close(
             &got,

@@ -1,6 +1,6 @@
 //! The masked MoE on the host (CPU) for few tokens per expert, for burn's ndarray backend.
 //!
-//! Same pipeline and contract as the cubecl kernels, on slices that `beam-model` borrows from the
+//! Same pipeline and contract as the cubecl kernels, on slices that the ndarray backend (`ndarray.rs`) borrows from the
 //! backend's storage in place (the `[E, 2I, H]` / `[E, H, I]` weights are never copied):
 //!
 //! 1. **routing compaction**: [`DispatchPlan`] groups kept (token, slot) pairs by expert; masked
@@ -16,11 +16,11 @@
 //! the blocks of all experts on rayon's pool above [`PARALLEL_MIN_WEIGHTS`]. This is the regime of
 //! few tokens per expert (decode, or a prefill with most slots masked), where reading the weights is
 //! the cost; with hundreds of tokens per expert a cache-blocked GEMM (ndarray's `matmul`, used by
-//! beam-model's reference path) is as fast or faster.
+//! the tensor-ops reference) is as fast or faster.
 
 use rayon::prelude::*;
 
-use crate::reference::{DispatchPlan, MoeDims};
+use crate::plan::{DispatchPlan, MoeDims};
 
 /// Element types the host kernels run on: `f32` and `f64`, accumulated in their own precision.
 pub trait HostFloat:

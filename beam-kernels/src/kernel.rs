@@ -1,4 +1,4 @@
-//! The cubecl kernels. Launch code and shapes: [`crate::forward`]; host references:
+//! The cubecl kernels. Launch code and shapes: [`crate::cubecl`]; host references:
 //! [`crate::reference`].
 //!
 //! Buffers are contiguous and indexed flat. Routing ids may be any integer type; an id that is not
@@ -29,7 +29,7 @@ const PITCH: usize = TILE_K + 1;
 ///
 /// Work item `j = e · parts + p` scans chunk `p` of the slots for expert `e`; the exclusive scan
 /// over items in that order keeps each expert's slots ascending, so the result is deterministic and
-/// equal to [`crate::reference::DispatchPlan`].
+/// equal to [`crate::plan::DispatchPlan`].
 #[cube(launch)]
 pub fn compact_routes_kernel<I: Int>(
     expert_ids: &Tensor<I>,

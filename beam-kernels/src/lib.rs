@@ -1,44 +1,167 @@
 //! # beam-kernels
 //!
-//! BEAM's hot path as [cubecl](https://github.com/tracel-ai/cubecl) kernels for burn's CUDA and
-//! wgpu backends, with a host reference beside every kernel. A masked (token, expert) pair costs
-//! nothing: it is dropped on the device before any expert work, so its expert's weights are never
-//! read.
+//! BEAM's backend extension for [burn](https://burn.dev): the two hot operations of a BEAM
+//! Mixture-of-Experts model as backend traits, in the shape of burn's `custom-cubecl-kernel`
+//! example, with a reference from plain tensor ops beside every fast path.
 //!
-//! The pipeline, one kernel each (`kernel.rs`), launched by [`masked_moe`] (`forward.rs`):
+//! | op | trait | what it computes |
+//! |---|---|---|
+//! | grouped experts | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
+//! | `[out, in]` linear | [`LinearBackend`] | `x · Wᵀ` for PyTorch-layout weights: router, attention projections, shared expert, LM head |
 //!
-//! 1. **routing compaction** ([`compact_routes`]): per-expert counts, prefix sum and the kept
-//!    (token, slot) list sorted by expert, with masked slots dropped; no read-back to the host;
+//! [`MoeBackend`] is both together (implemented for every backend that has both); the tensor-level
+//! wrappers [`grouped_experts`] and [`linear_out_in`] call them.
+//!
+//! | file | job |
+//! |---|---|
+//! | `lib.rs` | the traits, the tensor-level wrappers, the kernels' options |
+//! | [`reference`] | the burn-tensor-ops reference every backend can run (the traits' defaults; exact gradients under autodiff), a dense check and a host `f64` reference |
+//! | [`plan`] | [`DispatchPlan`] (kept pairs grouped by expert: what every path computes first) and [`MoeDims`] |
+//! | `ndarray.rs` (feature `ndarray`) | burn's `NdArray`: the host kernels on borrowed storage when few pairs per expert are kept, the reference otherwise |
+//! | `cubecl.rs` (feature `cubecl`) | burn's `CubeBackend` (`Cuda`, `Wgpu`): launches of the cubecl kernels ([`masked_moe`], [`compact_routes`]) |
+//! | `fusion.rs` (feature `fusion`) | burn's `Fusion<B>`: the grouped experts as one custom fusion operation running `B`'s implementation |
+//! | `autodiff.rs` (feature `autodiff`) | burn's `Autodiff<B>`: the reference, differentiated by autodiff |
+//! | `kernel.rs` (feature `cubecl`) | the `#[cube]` kernels |
+//! | [`host`] | the CPU kernels (GEMVs on slices, AVX2+FMA when the CPU has them, rayon over row blocks) |
+//!
+//! ## The kernels' pipeline
+//!
+//! Both the cubecl kernels and the host kernels run the same four steps:
+//!
+//! 1. **routing compaction** ([`compact_routes`] on the device, [`DispatchPlan`] on the host):
+//!    per-expert counts, prefix sum and the kept (token, slot) list sorted by expert, with masked
+//!    slots dropped; on the device no read-back to the host;
 //! 2. **gate+up GEMM** over each expert's pairs with `silu(g) ⊙ u` in the epilogue;
 //! 3. **down GEMM** with the routing weight in the epilogue, one output row per kept slot;
 //! 4. **combine**: each token sums its K slot rows in a fixed order (deterministic, no atomics).
 //!
-//! Steps 2–3 have two regimes chosen from the shape ([`Regime::from_shape`]): **decode** (few
-//! tokens per expert: GEMV, vectorised loads, weight-bandwidth bound) and **prefill** (many tokens
-//! per expert: shared-memory tiled GEMM).
+//! On the device, steps 2–3 have two regimes chosen from the shape ([`Regime::from_shape`]):
+//! **decode** (few tokens per expert: GEMV, vectorised loads, weight-bandwidth bound) and
+//! **prefill** (many tokens per expert: shared-memory tiled GEMM).
 //!
-//! `beam-model` plugs [`masked_moe`] into its `MoeBackend` extension for burn's `CubeBackend`
-//! (and `Fusion<CubeBackend>`), so burn's `Cuda` / `Wgpu` users get it with no change to their
-//! model. Training (`Autodiff<…>`) uses beam-model's reference path, built from burn tensor ops,
-//! whose gradients autodiff derives exactly.
-//!
-//! On the CPU, [`host`] runs the same pipeline as host GEMVs on borrowed weight slices (AVX2+FMA
-//! when the CPU has them, rayon over row blocks); `beam-model` uses it for burn's ndarray backend
-//! whenever few pairs per expert are kept, and [`host::linear`] for its `[out, in]` linear layers.
-//!
-//! Without the `cubecl` feature only the host code builds: [`host`] and the references
-//! ([`reference`]).
+//! A custom backend opts in to the references with two empty impls,
+//! `impl GroupedExpertsBackend for MyBackend {}` and `impl LinearBackend for MyBackend {}`, and is
+//! then a [`MoeBackend`].
 
+pub mod activation;
 pub mod host;
+pub mod plan;
 pub mod reference;
 
+#[cfg(feature = "autodiff")]
+mod autodiff;
+#[cfg(feature = "cubecl")]
+mod cubecl;
+#[cfg(feature = "fusion")]
+mod fusion;
 #[cfg(feature = "cubecl")]
 pub mod kernel;
+#[cfg(feature = "ndarray")]
+pub mod ndarray;
 
 #[cfg(feature = "cubecl")]
-mod forward;
-#[cfg(feature = "cubecl")]
-pub use forward::{compact_routes, masked_moe, CompactRoutes};
+pub use cubecl::{compact_routes, masked_moe, CompactRoutes};
+pub use plan::{DispatchPlan, MoeDims};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Int, Tensor, TensorPrimitive};
+
+/// Backend extension for the routed experts on grouped (token, expert) pairs.
+///
+/// | backend | implementation |
+/// |---|---|
+/// | `NdArray` (feature `ndarray`) | few kept pairs per expert (decode, or a heavily masked prefill): the host GEMVs ([`host`], AVX2+FMA where the CPU has them) on the weight storage in place; many: the reference |
+/// | burn's `CubeBackend` — `Cuda`, `Wgpu` (feature `cubecl`) | the cubecl kernels ([`masked_moe`]): routing compaction on the device, grouped SwiGLU GEMMs, deterministic combine |
+/// | `Fusion<B>` — `Cuda`/`Wgpu` with burn's `fusion` feature (feature `fusion`) | `B`'s implementation, registered as a custom fusion operation |
+/// | `Autodiff<B>` (feature `autodiff`) | the reference, built from burn tensor ops on `Autodiff<B>`: exact gradients for training |
+///
+/// A custom backend opts in to the reference with an empty `impl GroupedExpertsBackend for MyBackend {}`.
+pub trait GroupedExpertsBackend: Backend {
+    /// `out[t] = Σ_k weights[t, k] · Expert_{ids[t, k]}(x[t])`, skipping every slot whose id is
+    /// the sentinel (`>= E`): a skipped slot reads no weights and costs no FLOPs.
+    ///
+    /// `Expert_e(x) = down[e] · (silu(gate[e] · x) ⊙ up[e] · x)` with `gate_up[e] = [gate; up]`.
+    /// The default is [`reference::grouped_experts_reference`].
+    ///
+    /// # Shapes
+    /// - `x`: `[T, H]`, `expert_ids`: `[T, K]` (int), `weights`: `[T, K]`
+    /// - `gate_up`: `[E, 2I, H]` (gate rows first), `down`: `[E, H, I]`
+    /// - output: `[T, H]`
+    fn grouped_experts(
+        x: FloatTensor<Self>,
+        expert_ids: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        gate_up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        reference::grouped_experts_primitive::<Self>(x, expert_ids, weights, gate_up, down)
+    }
+}
+
+/// Backend extension for linear layers whose weight is stored `[out, in]` (the PyTorch / Hugging
+/// Face layout): a model's router, attention projections, shared expert and LM head.
+///
+/// | backend | implementation |
+/// |---|---|
+/// | `NdArray` (feature `ndarray`) | host GEMV up to 32 rows ([`host::linear`]), else `W · xᵀ` (ndarray's `matmul` would copy a transposed weight) |
+/// | every other backend | the reference, `x.matmul(weight.transpose())` |
+pub trait LinearBackend: Backend {
+    /// `x · Wᵀ`. The default is [`reference::linear_out_in_reference`].
+    ///
+    /// # Shapes
+    /// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
+    fn linear_out_in(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        primitive(reference::linear_out_in_reference::<Self>(
+            float(x),
+            float(weight),
+        ))
+    }
+}
+
+/// A backend that runs both of BEAM's operations: what a BEAM model needs. Implemented for every
+/// backend implementing [`GroupedExpertsBackend`] and [`LinearBackend`].
+pub trait MoeBackend: GroupedExpertsBackend + LinearBackend {}
+
+impl<B: GroupedExpertsBackend + LinearBackend> MoeBackend for B {}
+
+/// Calls [`GroupedExpertsBackend::grouped_experts`] on tensors. Shapes as documented there.
+pub fn grouped_experts<B: GroupedExpertsBackend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    gate_up: Tensor<B, 3>,
+    down: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    float(B::grouped_experts(
+        x.into_primitive().tensor(),
+        expert_ids.into_primitive(),
+        weights.into_primitive().tensor(),
+        gate_up.into_primitive().tensor(),
+        down.into_primitive().tensor(),
+    ))
+}
+
+/// `x · Wᵀ` for a weight stored `[out, in]`, through [`LinearBackend::linear_out_in`].
+///
+/// # Shapes
+/// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
+pub fn linear_out_in<B: LinearBackend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    float(B::linear_out_in(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+    ))
+}
+
+/// A float primitive as a tensor.
+pub(crate) fn float<B: Backend, const D: usize>(primitive: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// A float tensor's primitive.
+pub(crate) fn primitive<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> FloatTensor<B> {
+    tensor.into_primitive().tensor()
+}
 
 /// Which expert-GEMM kernels [`masked_moe`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

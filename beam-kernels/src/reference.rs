@@ -1,111 +1,176 @@
-//! Host references for every kernel: plain Rust, `f64` accumulation, no device.
+//! References for every path of the extension.
 //!
-//! - [`DispatchPlan`] is what the routing-compaction kernel computes (exactly, same order);
-//! - [`masked_moe_f64`] is what the expert GEMM + combine kernels compute.
+//! - **Tensor-ops reference** ([`grouped_experts_reference`], [`linear_out_in_reference`]): built
+//!   from plain burn tensor ops, so every backend can run it, and under `Autodiff<B>` its
+//!   gradients are exact. It is the default of [`GroupedExpertsBackend`](crate::GroupedExpertsBackend)
+//!   and [`LinearBackend`](crate::LinearBackend), with the pieces it needs ([`swiglu`],
+//!   [`scatter_add_rows`]).
+//! - **Dense check** ([`dense_experts_reference`]): every expert on every token, a different
+//!   formulation the grouped paths are tested against.
+//! - **Host `f64` reference** ([`masked_moe_f64`]): what the host and cubecl kernels compute,
+//!   accumulated in `f64`.
 
-/// Kept (token, slot) pairs grouped by expert: a counting sort of the routing table.
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::activation::silu;
+use crate::plan::{DispatchPlan, MoeDims};
+use crate::{float, primitive};
+
+/// `down · (silu(gate · x) ⊙ up · x)` on rows `x` (`[N, H]`), with `gate_up` `[2I, H]` (gate rows
+/// first) and `down` `[H, I]`. Output `[N, H]`.
 ///
-/// The compaction kernel writes the same `offsets` and the same pair order, and fills the unused
-/// tail of its pair list with the sentinel `T · K`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DispatchPlan {
-    /// `offsets[e]..offsets[e + 1]` is expert `e`'s range in [`pairs`](Self::pairs); length E + 1.
-    pub offsets: Vec<usize>,
-    /// Flat slot indices `t * K + k` of kept pairs, grouped by expert, tokens ascending.
-    pub pairs: Vec<usize>,
-    /// K.
-    pub top_k: usize,
+/// Computed column-wise (`W · xᵀ`) so the weights are read in their stored `[out, in]` layout: a
+/// transposed weight operand makes burn's ndarray matmul copy the whole weight matrix first, which
+/// cost more than the product itself at decode (measured in docs/BENCHMARKS.md). Only the small
+/// activations are transposed.
+pub fn swiglu<B: Backend>(
+    x: Tensor<B, 2>,
+    gate_up: Tensor<B, 2>,
+    down: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let [two_i, _] = gate_up.dims();
+    let inter = two_i / 2;
+    let gu = gate_up.matmul(x.transpose()); // [2I, N]
+    let h = silu(gu.clone().narrow(0, 0, inter)) * gu.narrow(0, inter, inter); // [I, N]
+    down.matmul(h).transpose() // [N, H]
 }
 
-impl DispatchPlan {
-    /// Groups a row-major `[T, K]` id table; ids outside `0..num_experts` (the sentinel) are dropped.
-    pub fn from_ids(expert_ids: &[i64], top_k: usize, num_experts: usize) -> Self {
-        let expert_of = |id: i64| usize::try_from(id).ok().filter(|&e| e < num_experts);
-        let mut offsets = vec![0usize; num_experts + 1];
-        for e in expert_ids.iter().filter_map(|&id| expert_of(id)) {
-            offsets[e + 1] += 1;
-        }
-        for e in 0..num_experts {
-            offsets[e + 1] += offsets[e];
-        }
-        let mut cursor = offsets.clone();
-        let mut pairs = vec![0usize; offsets[num_experts]];
-        for (slot, e) in expert_ids
-            .iter()
-            .enumerate()
-            .filter_map(|(slot, &id)| Some((slot, expert_of(id)?)))
-        {
-            pairs[cursor[e]] = slot;
-            cursor[e] += 1;
-        }
-        Self {
-            offsets,
-            pairs,
-            top_k,
-        }
-    }
-
-    /// Number of kept (token, expert) pairs.
-    pub fn kept(&self) -> usize {
-        self.pairs.len()
-    }
-
-    /// Tokens per expert.
-    pub fn counts(&self) -> Vec<usize> {
-        self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
-    }
-
-    /// `(expert, start, len)` for every expert with at least one token.
-    pub fn groups(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-        self.offsets
-            .windows(2)
-            .enumerate()
-            .filter(|(_, w)| w[1] > w[0])
-            .map(|(e, w)| (e, w[0], w[1] - w[0]))
-    }
-
-    /// The token of each kept pair, in plan order.
-    pub fn tokens(&self) -> Vec<usize> {
-        self.pairs.iter().map(|slot| slot / self.top_k).collect()
-    }
+/// `out[token_index[p]] += row_weights[p] · rows[p]` into a zero `[tokens, H]` tensor.
+///
+/// # Shapes
+/// - `rows`: `[P, H]`, `row_weights`: `[P]`, `token_index`: `[P]`; output `[tokens, H]`
+pub fn scatter_add_rows<B: Backend>(
+    rows: Tensor<B, 2>,
+    row_weights: Tensor<B, 1>,
+    token_index: Tensor<B, 1, Int>,
+    tokens: usize,
+) -> Tensor<B, 2> {
+    let [_, hidden] = rows.dims();
+    let weighted = rows * row_weights.unsqueeze_dim(1);
+    Tensor::zeros([tokens, hidden], &weighted.device()).select_assign(
+        0,
+        token_index,
+        weighted,
+        IndexingUpdateOp::Add,
+    )
 }
 
-/// Sizes of one masked-MoE call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MoeDims {
-    /// T.
-    pub tokens: usize,
-    /// K, routing slots per token.
-    pub top_k: usize,
-    /// E.
-    pub experts: usize,
-    /// H.
-    pub hidden: usize,
-    /// I, one expert's intermediate size.
-    pub intermediate: usize,
+/// Reference for [`GroupedExpertsBackend::grouped_experts`](crate::GroupedExpertsBackend::grouped_experts):
+/// reads the id table back to the host, groups kept pairs by expert ([`DispatchPlan`]), runs each
+/// expert once on the rows of its tokens (touching only that expert's weights), weights the rows
+/// and scatter-adds them back.
+///
+/// # Shapes
+/// - `x`: `[T, H]`, `expert_ids`: `[T, K]` (int), `weights`: `[T, K]`
+/// - `gate_up`: `[E, 2I, H]` (gate rows first), `down`: `[E, H, I]`
+/// - output: `[T, H]`
+pub fn grouped_experts_reference<B: Backend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    gate_up: Tensor<B, 3>,
+    down: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    let [tokens, hidden] = x.dims();
+    let [_, top_k] = expert_ids.dims();
+    let [experts, _, _] = gate_up.dims();
+    let device = x.device();
+    let ids = expert_ids
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("int tensor data converts to i64");
+    let plan = DispatchPlan::from_ids(&ids, top_k, experts);
+    if plan.kept() == 0 {
+        return Tensor::zeros([tokens, hidden], &device);
+    }
+    let index = |values: Vec<usize>| {
+        let len = values.len();
+        let values: Vec<i64> = values.into_iter().map(|v| v as i64).collect();
+        Tensor::<B, 1, Int>::from_data(TensorData::new(values, [len]), &device)
+    };
+    let token_index = index(plan.tokens());
+    let rows = x.select(0, token_index.clone());
+    let pair_weights = weights
+        .reshape([tokens * top_k])
+        .select(0, index(plan.pairs.clone()));
+    let outputs: Vec<Tensor<B, 2>> = plan
+        .groups()
+        .map(|(expert, start, len)| {
+            swiglu(
+                rows.clone().narrow(0, start, len),
+                expert_weights(gate_up.clone(), expert),
+                expert_weights(down.clone(), expert),
+            )
+        })
+        .collect();
+    scatter_add_rows(Tensor::cat(outputs, 0), pair_weights, token_index, tokens)
 }
 
-impl MoeDims {
-    /// Panics unless the lengths of `[x, expert_ids, weights, gate_up, down]` are those of
-    /// `[T, H]`, `[T, K]`, `[T, K]`, `[E, 2I, H]` and `[E, H, I]` row-major buffers.
-    pub fn assert_lengths(&self, [x, expert_ids, weights, gate_up, down]: [usize; 5]) {
-        let Self {
-            tokens,
-            top_k,
-            experts,
-            hidden,
-            intermediate,
-        } = *self;
-        assert_eq!(x, tokens * hidden, "x is [T, H]");
-        assert_eq!(expert_ids, tokens * top_k, "expert_ids is [T, K]");
-        assert_eq!(weights, tokens * top_k, "weights is [T, K]");
-        assert_eq!(
-            gate_up,
-            experts * 2 * intermediate * hidden,
-            "gate_up is [E, 2I, H]"
-        );
-        assert_eq!(down, experts * hidden * intermediate, "down is [E, H, I]");
-    }
+/// [`grouped_experts_reference`] on primitives: the default of
+/// [`GroupedExpertsBackend::grouped_experts`](crate::GroupedExpertsBackend::grouped_experts) and
+/// the fallback of backends whose fast path declines a call.
+pub fn grouped_experts_primitive<B: Backend>(
+    x: FloatTensor<B>,
+    expert_ids: IntTensor<B>,
+    weights: FloatTensor<B>,
+    gate_up: FloatTensor<B>,
+    down: FloatTensor<B>,
+) -> FloatTensor<B> {
+    primitive(grouped_experts_reference::<B>(
+        float(x),
+        Tensor::from_primitive(expert_ids),
+        float(weights),
+        float(gate_up),
+        float(down),
+    ))
+}
+
+/// Reference for [`LinearBackend::linear_out_in`](crate::LinearBackend::linear_out_in):
+/// `x.matmul(weight.transpose())`.
+///
+/// # Shapes
+/// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
+pub fn linear_out_in_reference<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    x.matmul(weight.transpose())
+}
+
+/// An independent dense formulation used to check the grouped paths: every expert runs on every
+/// token, then a `[T, E]` coefficient matrix picks and weights the outputs. `O(T · E)` expert work.
+///
+/// # Shapes
+/// As [`grouped_experts_reference`].
+pub fn dense_experts_reference<B: Backend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    gate_up: Tensor<B, 3>,
+    down: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    let [tokens, hidden] = x.dims();
+    let [experts, two_i, _] = gate_up.dims();
+    let inter = two_i / 2;
+    // coefficient[t, e] = Σ_k weights[t, k] · 1[ids[t, k] == e]; the sentinel column E is dropped.
+    let one_hot: Tensor<B, 3> = expert_ids.one_hot(experts + 1).float();
+    let coefficient = (one_hot * weights.unsqueeze_dim::<3>(2))
+        .sum_dim(1)
+        .reshape([tokens, experts + 1])
+        .narrow(1, 0, experts);
+    let xs = x.unsqueeze_dim::<3>(0).repeat_dim(0, experts); // [E, T, H]
+    let gu = xs.matmul(gate_up.swap_dims(1, 2)); // [E, T, 2I]
+    let h = silu(gu.clone().narrow(2, 0, inter)) * gu.narrow(2, inter, inter);
+    let y = h.matmul(down.swap_dims(1, 2)); // [E, T, H]
+    (y * coefficient.transpose().unsqueeze_dim::<3>(2))
+        .sum_dim(0)
+        .reshape([tokens, hidden])
+}
+
+/// Expert `e`'s slice of a stacked `[E, R, C]` weight, as `[R, C]`.
+fn expert_weights<B: Backend>(stacked: Tensor<B, 3>, expert: usize) -> Tensor<B, 2> {
+    let [_, rows, cols] = stacked.dims();
+    stacked.narrow(0, expert, 1).reshape([rows, cols])
 }
 
 /// `out[t] = Σ_k w[t, k] · down[e] · (silu(gate[e] · x[t]) ⊙ up[e] · x[t])` over kept slots
@@ -175,28 +240,6 @@ pub fn masked_moe_f64(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn plan_groups_by_expert_and_drops_sentinels() {
-        // T = 3, K = 2, E = 3; sentinel 3 at (1, 0).
-        let plan = DispatchPlan::from_ids(&[2, 0, 3, 2, 0, 1], 2, 3);
-        assert_eq!(plan.offsets, vec![0, 2, 3, 5]);
-        assert_eq!(plan.pairs, vec![1, 4, 5, 0, 3]);
-        assert_eq!(plan.tokens(), vec![0, 2, 2, 0, 1]);
-        assert_eq!(plan.counts(), vec![2, 1, 2]);
-        assert_eq!(plan.kept(), 5);
-        let groups: Vec<_> = plan.groups().collect();
-        assert_eq!(groups, vec![(0, 0, 2), (1, 2, 1), (2, 3, 2)]);
-    }
-
-    #[test]
-    fn plan_of_all_masked_is_empty_and_skips_idle_experts() {
-        let plan = DispatchPlan::from_ids(&[4, 4, 9, 4], 2, 4);
-        assert_eq!(plan.kept(), 0);
-        assert_eq!(plan.groups().count(), 0);
-        let plan = DispatchPlan::from_ids(&[3, 3], 1, 4);
-        assert_eq!(plan.groups().collect::<Vec<_>>(), vec![(3, 0, 2)]);
-    }
 
     #[test]
     fn f64_reference_matches_a_hand_computed_expert() {

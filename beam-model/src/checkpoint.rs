@@ -1,5 +1,6 @@
-//! Reading Hugging Face safetensors files into the layer, with typed errors that name the file,
-//! the tensor and what was expected.
+//! Reading Hugging Face safetensors files ([`TensorStore`]), with typed errors that name the file,
+//! the tensor and what was expected. Which tensor goes where in a model is
+//! [`crate::model::load`]'s job.
 //!
 //! Only safetensors is read (never pickles). Tensors stored as f32, f16, bf16 or f64 are converted
 //! to the backend's float type.
@@ -13,9 +14,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors};
-
-use crate::experts::SharedExpert;
-use crate::layer::BeamMoe;
 
 /// Why a checkpoint could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -367,7 +365,7 @@ impl TensorStore {
     }
 
     /// Per-expert 2-D tensors `names(e)`, concatenated in expert order (`[E, rows, cols]`).
-    fn stacked(
+    pub fn stacked(
         &self,
         names: impl Fn(usize) -> String,
         experts: usize,
@@ -379,109 +377,4 @@ impl TensorStore {
         }
         Ok(values)
     }
-}
-
-/// Loads a transformers MoE block's weights into `layer`, leaving its mask router untouched.
-///
-/// `prefix` is the block's name prefix, e.g. `model.layers.3.mlp.` (Mixtral:
-/// `model.layers.3.block_sparse_moe.`). Accepted layouts, detected from the names present:
-/// - router `gate.weight` `[E, H]` (+ DeepSeek-V3 `gate.e_score_correction_bias` `[E]`);
-/// - experts fused (`experts.gate_up_proj` `[E, 2I, H]`, `experts.down_proj` `[E, H, I]`) or per
-///   expert (`experts.{e}.{gate_proj,up_proj,down_proj}.weight`, Mixtral `w1`, `w3`, `w2`);
-/// - shared expert `shared_expert.*` + `shared_expert_gate.weight` (Qwen2-MoE) or
-///   `shared_experts.*` (DeepSeek).
-pub fn load_moe_block<B: Backend>(
-    mut layer: BeamMoe<B>,
-    file: &TensorStore,
-    prefix: &str,
-) -> Result<BeamMoe<B>, LoadError> {
-    let config = layer.config().clone();
-    let (e, h, i) = (
-        config.num_experts,
-        config.hidden_size,
-        config.intermediate_size,
-    );
-    let device = layer.router.weight.device();
-    layer.router.weight = file.param(&format!("{prefix}gate.weight"), [e, h], &device)?;
-    if layer.router.score_correction_bias.is_some() {
-        layer.router.score_correction_bias = Some(file.param(
-            &format!("{prefix}gate.e_score_correction_bias"),
-            [e],
-            &device,
-        )?);
-    }
-
-    let fused = format!("{prefix}experts.gate_up_proj");
-    let (gate_up, down) = if file.contains(&fused) {
-        (
-            file.tensor(&fused, [e, 2 * i, h], &device)?,
-            file.tensor(&format!("{prefix}experts.down_proj"), [e, h, i], &device)?,
-        )
-    } else {
-        let [gate, up, down] = if file.contains(&format!("{prefix}experts.0.w1.weight")) {
-            ["w1", "w3", "w2"]
-        } else {
-            ["gate_proj", "up_proj", "down_proj"]
-        };
-        let name =
-            |proj: &'static str| move |e: usize| format!("{prefix}experts.{e}.{proj}.weight");
-        let gates = file.stacked(name(gate), e, [i, h])?;
-        let ups = file.stacked(name(up), e, [i, h])?;
-        let mut gate_up = Vec::with_capacity(2 * gates.len());
-        for (g, u) in gates.chunks_exact(i * h).zip(ups.chunks_exact(i * h)) {
-            gate_up.extend_from_slice(g);
-            gate_up.extend_from_slice(u);
-        }
-        let downs = file.stacked(name(down), e, [h, i])?;
-        (
-            Tensor::from_data(TensorData::new(gate_up, [e, 2 * i, h]), &device),
-            Tensor::from_data(TensorData::new(downs, [e, h, i]), &device),
-        )
-    };
-    layer.experts.gate_up = Param::from_tensor(gate_up);
-    layer.experts.down = Param::from_tensor(down);
-
-    if let (Some(shared), Some(shared_config)) = (layer.shared_expert.take(), &config.shared_expert)
-    {
-        let base = if file.contains(&format!("{prefix}shared_experts.gate_proj.weight")) {
-            format!("{prefix}shared_experts.")
-        } else {
-            format!("{prefix}shared_expert.")
-        };
-        let gate = shared
-            .gate
-            .is_some()
-            .then(|| format!("{prefix}shared_expert_gate.weight"));
-        layer.shared_expert = Some(load_swiglu(
-            file,
-            &base,
-            h,
-            shared_config.intermediate_size,
-            gate.as_deref(),
-            &device,
-        )?);
-    }
-    Ok(layer)
-}
-
-/// Loads a SwiGLU MLP stored as `{base}gate_proj.weight`, `{base}up_proj.weight` (`[I, H]`) and
-/// `{base}down_proj.weight` (`[H, I]`), with an optional `[1, H]` sigmoid output gate.
-pub fn load_swiglu<B: Backend>(
-    file: &TensorStore,
-    base: &str,
-    hidden: usize,
-    intermediate: usize,
-    gate: Option<&str>,
-    device: &B::Device,
-) -> Result<SharedExpert<B>, LoadError> {
-    let (h, i) = (hidden, intermediate);
-    let gate_proj = file.tensor::<B, 2>(&format!("{base}gate_proj.weight"), [i, h], device)?;
-    let up_proj = file.tensor::<B, 2>(&format!("{base}up_proj.weight"), [i, h], device)?;
-    Ok(SharedExpert {
-        gate_up: Param::from_tensor(Tensor::cat(vec![gate_proj, up_proj], 0)),
-        down: file.param(&format!("{base}down_proj.weight"), [h, i], device)?,
-        gate: gate
-            .map(|name| file.param(name, [1, h], device))
-            .transpose()?,
-    })
 }

@@ -107,11 +107,11 @@ pub struct SparsityLossConfig {
 }
 
 /// BEAM settings: the learned binary mask over the K experts the base router picked.
+///
+/// A layer has a mask router exactly when its [`BeamMoeConfig::beam`] is `Some`; these settings,
+/// the threshold among them, live only there.
 #[derive(Config, Debug, PartialEq)]
 pub struct BeamMaskConfig {
-    /// Whether the layer has a mask router. Without one it is the plain top-K layer.
-    #[config(default = true)]
-    pub enabled: bool,
     /// Shape of the mask router.
     #[config(default = "MaskRouterShape::PerExpert")]
     pub shape: MaskRouterShape,
@@ -162,9 +162,10 @@ pub struct BeamMoeConfig {
     pub routing: RoutingRule,
     /// Optional shared expert.
     pub shared_expert: Option<SharedExpertConfig>,
-    /// BEAM mask settings.
-    #[config(default = "BeamMaskConfig::new()")]
-    pub beam: BeamMaskConfig,
+    /// BEAM mask settings: `Some` gives the layer a mask router (the default, whose masks all
+    /// start at 1), `None` is the plain top-K layer.
+    #[config(default = "Some(BeamMaskConfig::new())")]
+    pub beam: Option<BeamMaskConfig>,
     /// Standard deviation of the normal initialisation of router and expert weights.
     #[config(default = 0.02)]
     pub init_std: f64,
@@ -217,6 +218,19 @@ pub enum ConfigError {
     /// DeepSeek-V3 scores a group by the sum of its top-2 experts.
     #[error("DeepSeek-V3 routing needs at least 2 experts per group, got {0}")]
     GroupTooSmall(usize),
+    /// A value that must be finite is infinite or NaN.
+    #[error("`{field}` = {value} must be finite")]
+    NotFinite {
+        /// The offending field.
+        field: &'static str,
+        /// Its value.
+        value: f64,
+    },
+    /// A BEAM setting was changed on a layer or model without a BEAM mask router.
+    #[error(
+        "{0} needs a BEAM mask router, and there is none (enable BEAM or load an adapter first)"
+    )]
+    NoMaskRouter(&'static str),
     /// A factor that must be finite and positive is not.
     #[error("`{field}` = {value} must be finite and > 0")]
     NotPositive {
@@ -280,20 +294,8 @@ impl BeamMoeConfig {
                 });
             }
         }
-        let beam = &self.beam;
-        if !(beam.threshold > 0.0 && beam.threshold < 1.0) {
-            return Err(ConfigError::Threshold(beam.threshold));
-        }
-        if !beam.init_bias.is_finite() {
-            return Err(ConfigError::NotPositive {
-                field: "beam.init_bias",
-                value: beam.init_bias,
-            });
-        }
-        if let Some(target) = beam.sparsity.target_active_fraction {
-            if !(0.0..=1.0).contains(&target) {
-                return Err(ConfigError::TargetFraction(target));
-            }
+        if let Some(beam) = &self.beam {
+            beam.validate()?;
         }
         positive("init_std", self.init_std)
     }
@@ -321,11 +323,48 @@ impl BeamMoeConfig {
         Ok(())
     }
 
-    /// Number of mask-router outputs: E for [`MaskRouterShape::PerExpert`], K per slot.
+    /// Number of mask-router outputs: E for [`MaskRouterShape::PerExpert`], K per slot; 0
+    /// without BEAM.
     pub fn mask_router_outputs(&self) -> usize {
-        match self.beam.shape {
-            MaskRouterShape::PerExpert => self.num_experts,
-            MaskRouterShape::PerSlot => self.top_k,
+        self.beam
+            .as_ref()
+            .map_or(0, |beam| beam.outputs(self.num_experts, self.top_k))
+    }
+}
+
+/// Checks a mask threshold τ: it must lie in the open interval `(0, 1)`.
+pub fn check_threshold(threshold: f64) -> Result<(), ConfigError> {
+    if threshold > 0.0 && threshold < 1.0 {
+        Ok(())
+    } else {
+        Err(ConfigError::Threshold(threshold))
+    }
+}
+
+impl BeamMaskConfig {
+    /// Checks the threshold, the initial bias and the sparsity target.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_threshold(self.threshold)?;
+        // Any finite bias is valid (a negative one starts with every slot masked).
+        if !self.init_bias.is_finite() {
+            return Err(ConfigError::NotFinite {
+                field: "beam.init_bias",
+                value: self.init_bias,
+            });
+        }
+        if let Some(target) = self.sparsity.target_active_fraction {
+            if !(0.0..=1.0).contains(&target) {
+                return Err(ConfigError::TargetFraction(target));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of mask-router outputs for E experts and K slots: E per expert, K per slot.
+    pub fn outputs(&self, num_experts: usize, top_k: usize) -> usize {
+        match self.shape {
+            MaskRouterShape::PerExpert => num_experts,
+            MaskRouterShape::PerSlot => top_k,
         }
     }
 }
@@ -350,9 +389,9 @@ mod tests {
     fn default_config_is_valid_and_beam_starts_enabled() {
         let config = base();
         assert_eq!(config.validate(), Ok(()));
-        assert!(config.beam.enabled);
-        assert_eq!(config.beam.threshold, 0.5);
-        assert!(!config.beam.renormalize);
+        let beam = config.beam.as_ref().expect("BEAM starts enabled");
+        assert_eq!(beam.threshold, 0.5);
+        assert!(!beam.renormalize);
         assert_eq!(config.mask_router_outputs(), 8);
     }
 
@@ -382,11 +421,31 @@ mod tests {
     #[test]
     fn threshold_must_be_inside_open_unit_interval() {
         for bad in [0.0, 1.0, -0.1, 1.5, f64::NAN] {
-            let config = base().with_beam(BeamMaskConfig::new().with_threshold(bad));
+            let config = base().with_beam(Some(BeamMaskConfig::new().with_threshold(bad)));
             assert!(matches!(config.validate(), Err(ConfigError::Threshold(_))));
         }
-        let ok = base().with_beam(BeamMaskConfig::new().with_threshold(0.9));
+        let ok = base().with_beam(Some(BeamMaskConfig::new().with_threshold(0.9)));
         assert_eq!(ok.validate(), Ok(()));
+    }
+
+    #[test]
+    fn init_bias_may_be_negative_but_not_non_finite() {
+        let with_bias = |bias| base().with_beam(Some(BeamMaskConfig::new().with_init_bias(bias)));
+        assert_eq!(with_bias(-3.0).validate(), Ok(()));
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let err = with_bias(bad).validate().unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::NotFinite {
+                        field: "beam.init_bias",
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains("must be finite"), "{err}");
+        }
     }
 
     #[test]
@@ -439,14 +498,14 @@ mod tests {
                 routed_scaling_factor: 1.5,
             })
             .with_shared_expert(Some(SharedExpertConfig::new(24).with_gated(true)))
-            .with_beam(
+            .with_beam(Some(
                 BeamMaskConfig::new()
                     .with_shape(MaskRouterShape::PerSlot)
                     .with_renormalize(true)
                     .with_sparsity(
                         SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
                     ),
-            );
+            ));
         let json = serde_json::to_string(&config).unwrap();
         let back: BeamMoeConfig = serde_json::from_str(&json).unwrap();
         assert_eq!(back.routing, config.routing);

@@ -1,32 +1,15 @@
-//! Step 4 — the experts: E routed SwiGLU experts stored stacked, and the optional shared expert.
+//! Step 3 — the experts: E routed SwiGLU experts stored stacked, and the optional shared expert.
+//! Their forward passes are one call each of the backend extension (`beam-kernels`): the grouped
+//! experts op for the routed experts, the `[out, in]` linear op for the shared expert.
 
 use crate::activation::{sigmoid, silu};
+use beam_kernels::{grouped_experts, linear_out_in, GroupedExpertsBackend, LinearBackend};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::config::{BeamMoeConfig, SharedExpertConfig};
-use crate::dispatch::{grouped_experts, linear_out_in, MoeBackend};
 use crate::init::{normal_param, Init};
-
-/// `down · (silu(gate · x) ⊙ up · x)` on rows `x` (`[N, H]`), with `gate_up` `[2I, H]` (gate rows
-/// first) and `down` `[H, I]`. Output `[N, H]`.
-///
-/// Computed column-wise (`W · xᵀ`) so the weights are read in their stored `[out, in]` layout: a
-/// transposed weight operand makes burn's ndarray matmul copy the whole weight matrix first, which
-/// cost more than the product itself at decode (measured in docs/BENCHMARKS.md). Only the small
-/// activations are transposed.
-pub fn swiglu<B: Backend>(
-    x: Tensor<B, 2>,
-    gate_up: Tensor<B, 2>,
-    down: Tensor<B, 2>,
-) -> Tensor<B, 2> {
-    let [two_i, _] = gate_up.dims();
-    let inter = two_i / 2;
-    let gu = gate_up.matmul(x.transpose()); // [2I, N]
-    let h = silu(gu.clone().narrow(0, 0, inter)) * gu.narrow(0, inter, inter); // [I, N]
-    down.matmul(h).transpose() // [N, H]
-}
 
 /// The E routed experts, stacked in the layout the kernels read.
 ///
@@ -67,8 +50,9 @@ impl<B: Backend> Experts<B> {
     }
 }
 
-impl<B: MoeBackend> Experts<B> {
-    /// `Σ_k weights[t, k] · Expert_{ids[t, k]}(x[t])`; slots with the sentinel id `E` are skipped.
+impl<B: GroupedExpertsBackend> Experts<B> {
+    /// `Σ_k weights[t, k] · Expert_{ids[t, k]}(x[t])`; slots with the sentinel id `E` are skipped
+    /// (see [`drop_masked_slots`](crate::mask::drop_masked_slots)).
     ///
     /// # Shapes
     /// - `x`: `[T, H]`, `expert_ids`: `[T, K]`, `weights`: `[T, K]`; output `[T, H]`
@@ -125,7 +109,7 @@ impl<B: Backend> SharedExpert<B> {
     }
 }
 
-impl<B: MoeBackend> SharedExpert<B> {
+impl<B: LinearBackend> SharedExpert<B> {
     /// `[T, H]` → `[T, H]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let [two_i, _] = self.gate_up.dims();

@@ -85,11 +85,8 @@ pub fn moe_layer_flops(config: &BeamMoeConfig, tokens: usize, kept_pairs: usize)
         let gate = if s.gated { 2 * h } else { 0 };
         t * (6 * h * s.intermediate_size as u64 + gate)
     });
-    let mask_router = if config.beam.enabled {
-        2 * t * h * config.mask_router_outputs() as u64
-    } else {
-        0
-    };
+    // 0 outputs without BEAM.
+    let mask_router = 2 * t * h * config.mask_router_outputs() as u64;
     let pair = expert_pair_flops(config);
     let topk_pairs = tokens * config.top_k;
     FlopsReport {
@@ -143,7 +140,7 @@ mod tests {
             report.beam.mask_router
         );
         assert!(report.reduction() < 0.0);
-        let top_k_only = config.with_beam(crate::config::BeamMaskConfig::new().with_enabled(false));
+        let top_k_only = config.with_beam(None);
         assert_eq!(moe_layer_flops(&top_k_only, 7, 14).reduction(), 0.0);
     }
 }

@@ -1,19 +1,20 @@
-//! The BEAM Mixture-of-Experts layer: router → mask → dispatch → experts → combine.
+//! The BEAM Mixture-of-Experts layer, assembled from the method's steps:
+//! router → mask → experts → combine.
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor};
 
-use crate::combine::masked_weights;
-use crate::config::{BeamMaskConfig, BeamMoeConfig, ConfigError};
-use crate::dispatch::{drop_masked_slots, MoeBackend};
+use crate::combine::combine;
+use crate::config::{check_threshold, BeamMaskConfig, BeamMoeConfig, ConfigError};
 use crate::experts::{Experts, SharedExpert};
 use crate::flops::{moe_layer_flops, FlopsReport};
 use crate::init::Init;
 use crate::loss::{load_balance_loss, sparsity_loss};
-use crate::mask::MaskRouter;
+use crate::mask::{drop_masked_slots, masked_weights, MaskRouter};
 use crate::peers::MaskRule;
 use crate::router::Router;
+use crate::MoeBackend;
 
 /// A Mixture-of-Experts layer with BEAM binary expert activation masking.
 ///
@@ -46,7 +47,9 @@ use crate::router::Router;
 pub struct BeamMoe<B: Backend> {
     /// Base top-K router.
     pub router: Router<B>,
-    /// BEAM mask router (`None` when BEAM is disabled).
+    /// BEAM mask router: present exactly when the layer's config has BEAM settings
+    /// ([`BeamMoeConfig::beam`]), which [`enable_beam`](Self::enable_beam) and
+    /// [`disable_beam`](Self::disable_beam) keep in step.
     pub mask_router: Option<MaskRouter<B>>,
     /// The routed experts.
     pub experts: Experts<B>,
@@ -176,7 +179,10 @@ impl BeamMoeConfig {
     fn build<B: Backend>(&self, init: Init, device: &B::Device) -> BeamMoe<B> {
         BeamMoe {
             router: Router::build(self, init, device),
-            mask_router: self.beam.enabled.then(|| MaskRouter::new(self, device)),
+            mask_router: self
+                .beam
+                .as_ref()
+                .map(|beam| self.mask_router(beam, device)),
             experts: Experts::build(self, init, device),
             shared_expert: self
                 .shared_expert
@@ -184,6 +190,10 @@ impl BeamMoeConfig {
                 .map(|s| SharedExpert::build(s, self.hidden_size, init, device)),
             config: self.clone(),
         }
+    }
+
+    fn mask_router<B: Backend>(&self, beam: &BeamMaskConfig, device: &B::Device) -> MaskRouter<B> {
+        MaskRouter::new(beam, self.hidden_size, self.num_experts, self.top_k, device)
     }
 
     /// Builds the layer.
@@ -221,35 +231,32 @@ impl<B: Backend> BeamMoe<B> {
         beam: BeamMaskConfig,
         device: &B::Device,
     ) -> Result<Self, ConfigError> {
-        let config = BeamMoeConfig {
-            beam: beam.with_enabled(true),
-            ..self.config.clone()
-        };
-        config.validate()?;
-        self.mask_router = Some(MaskRouter::new(&config, device));
-        self.config = config;
+        beam.validate()?;
+        self.mask_router = Some(self.config.mask_router(&beam, device));
+        self.config.beam = Some(beam);
         Ok(self)
     }
 
     /// Removes the mask router: the plain top-K layer.
     pub fn disable_beam(mut self) -> Self {
         self.mask_router = None;
-        self.config.beam.enabled = false;
+        self.config.beam = None;
         self
     }
 
-    /// Same layer with another mask threshold τ.
+    /// Same layer with another mask threshold τ (trades quality for speed at inference; the
+    /// router's parameters are unchanged).
     ///
-    /// # Panics
-    /// If `threshold` is not in `(0, 1)`, or the layer has no mask router.
-    pub fn with_threshold(mut self, threshold: f64) -> Self {
-        let mask_router = self
-            .mask_router
-            .take()
-            .expect("with_threshold needs a layer with a BEAM mask router");
-        self.mask_router = Some(mask_router.with_threshold(threshold));
-        self.config.beam.threshold = threshold;
-        self
+    /// # Errors
+    /// [`ConfigError::Threshold`] if `threshold` is not in `(0, 1)`,
+    /// [`ConfigError::NoMaskRouter`] if the layer has no mask router.
+    pub fn with_threshold(mut self, threshold: f64) -> Result<Self, ConfigError> {
+        check_threshold(threshold)?;
+        match (&self.mask_router, self.config.beam.as_mut()) {
+            (Some(_), Some(beam)) => beam.threshold = threshold,
+            _ => return Err(ConfigError::NoMaskRouter("a mask threshold")),
+        }
+        Ok(self)
     }
 }
 
@@ -274,11 +281,13 @@ impl<B: MoeBackend> BeamMoe<B> {
         let routing = self.router.forward(x.clone());
 
         // 2. mask
-        let learned = match (&source, &self.mask_router) {
-            (MaskSource::Learned, Some(mask_router)) => Some(mask_router.forward(
+        let beam = self.config.beam.as_ref();
+        let learned = match (&source, &self.mask_router, beam) {
+            (MaskSource::Learned, Some(mask_router), Some(beam)) => Some(mask_router.forward(
                 x.clone(),
                 routing.expert_ids.clone(),
                 routing.weights.clone(),
+                beam.threshold,
             )),
             _ => None,
         };
@@ -306,31 +315,26 @@ impl<B: MoeBackend> BeamMoe<B> {
                 (ones.clone(), ones, None)
             }
         };
-        let weights = masked_weights(
-            routing.weights.clone(),
-            ste.clone(),
-            self.config.beam.renormalize,
-        );
-
-        // 3. dispatch: drop masked slots unless the straight-through gradient needs their experts.
+        let renormalize = beam.is_some_and(|beam| beam.renormalize);
+        let weights = masked_weights(routing.weights.clone(), ste.clone(), renormalize);
+        // Masked slots get the sentinel id, so the experts skip them, unless the straight-through
+        // gradient needs their experts' outputs (training a learned mask).
         let needs_masked_experts = probs.is_some() && B::ad_enabled(&device);
-        let dispatch_ids = if needs_masked_experts {
+        let expert_ids = if needs_masked_experts {
             routing.expert_ids.clone()
         } else {
             drop_masked_slots(routing.expert_ids.clone(), hard.clone(), num_experts)
         };
 
-        // 4. experts, 5. combine (weighted scatter-add inside the grouped op) + shared expert
-        let mut output = self
-            .experts
-            .forward(x.clone(), dispatch_ids, weights.clone());
-        if let Some(shared) = &self.shared_expert {
-            output = output + shared.forward(x);
-        }
+        // 3. experts (one grouped op; it sums each token's kept slots, weighted)
+        let routed = self.experts.forward(x.clone(), expert_ids, weights.clone());
 
-        let sparsity = match &probs {
-            Some(p) => sparsity_loss(p.clone(), ste, &self.config.beam.sparsity),
-            None => hard.clone().mean(),
+        // 4. combine with the shared expert
+        let output = combine(routed, self.shared_expert.as_ref(), x);
+
+        let sparsity = match (&probs, beam) {
+            (Some(p), Some(beam)) => sparsity_loss(p.clone(), ste, &beam.sparsity),
+            _ => hard.clone().mean(),
         };
         let slots = |t: Tensor<B, 2>| t.reshape([batch, seq, top_k]);
         BeamMoeOutput {
@@ -436,8 +440,8 @@ mod tests {
         let x = input();
         let mut kept = Vec::new();
         for threshold in [0.1, 0.3, 0.5, 0.7, 0.9] {
-            let layer = layer.clone().with_threshold(threshold);
-            assert_eq!(layer.config().beam.threshold, threshold);
+            let layer = layer.clone().with_threshold(threshold).unwrap();
+            assert_eq!(layer.config().beam.as_ref().unwrap().threshold, threshold);
             kept.push(layer.forward(x.clone()).facts.kept_pairs());
         }
         assert!(kept.windows(2).all(|w| w[0] >= w[1]), "{kept:?}");
@@ -447,11 +451,11 @@ mod tests {
     #[test]
     fn all_masked_tokens_get_the_shared_expert_only_never_nan() {
         for renormalize in [false, true] {
-            let config = config().with_beam(
+            let config = config().with_beam(Some(
                 BeamMaskConfig::new()
                     .with_renormalize(renormalize)
                     .with_init_bias(-5.0),
-            );
+            ));
             let layer = config.init::<B>(&Default::default());
             let x = input();
             let out = layer.forward(x.clone());
@@ -470,7 +474,7 @@ mod tests {
 
     #[test]
     fn renormalisation_restores_the_top_k_weight_sum_of_kept_tokens() {
-        let config = config().with_beam(BeamMaskConfig::new().with_renormalize(true));
+        let config = config().with_beam(Some(BeamMaskConfig::new().with_renormalize(true)));
         let layer = partially_masking(&config);
         let out = layer.forward(input());
         let sum = |t: Tensor<B, 3>| t.sum_dim(2).into_data().to_vec::<f32>().unwrap();
@@ -486,8 +490,9 @@ mod tests {
 
     #[test]
     fn per_slot_mask_router_has_k_outputs() {
-        let config = config()
-            .with_beam(BeamMaskConfig::new().with_shape(crate::config::MaskRouterShape::PerSlot));
+        let config = config().with_beam(Some(
+            BeamMaskConfig::new().with_shape(crate::config::MaskRouterShape::PerSlot),
+        ));
         let mut layer = config.init::<B>(&Default::default());
         let router = layer.mask_router.as_mut().unwrap();
         assert_eq!(router.proj.weight.dims(), [12, 3]);
@@ -513,9 +518,9 @@ mod tests {
         // E · Σ f_e P_e ≥ K for any routing (equality when perfectly balanced); here K = 3.
         let balance = out.facts.load_balance_loss().into_scalar();
         assert!(balance.is_finite() && balance > 0.0);
-        let target = config.with_beam(BeamMaskConfig::new().with_sparsity(
+        let target = config.with_beam(Some(BeamMaskConfig::new().with_sparsity(
             crate::config::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
-        ));
+        )));
         let layer = target.init::<B>(&Default::default());
         let out = layer.forward(input());
         let p = 1.0 / (1.0 + (-2.0f32).exp());

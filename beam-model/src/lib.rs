@@ -8,7 +8,7 @@
 //! sparsity loss, so training and inference see the same sparsity.
 //!
 //! The layer reads as the method, one module per step:
-//! [`router`] → [`mask`] → [`dispatch`] → [`experts`] → [`combine`], assembled in [`BeamMoe`].
+//! [`router`] → [`mask`] → [`experts`] → [`combine`], assembled in [`layer`] ([`BeamMoe`]).
 //!
 //! ```
 //! use beam_model::{BeamMoeConfig, RoutingRule, backend::NdArray};
@@ -22,16 +22,19 @@
 //!          100.0 * out.facts.flops(&config).reduction());
 //! ```
 //!
-//! The layer is generic over any backend implementing [`MoeBackend`], the backend extension that
-//! runs grouped experts (a reference implementation from plain tensor ops for ndarray and
-//! autodiff; cubecl kernels for CUDA and wgpu in `beam-kernels`).
+//! The layer is generic over any backend implementing [`MoeBackend`], the backend extension of
+//! the `beam-kernels` crate (re-exported as [`kernels`]): its grouped-experts op
+//! ([`GroupedExpertsBackend`]) and its `[out, in]` linear op ([`LinearBackend`]), with host
+//! kernels for ndarray, cubecl kernels for CUDA and wgpu, and a reference from plain tensor ops
+//! for autodiff and any other backend. No file of this crate names a backend's storage type.
 #![warn(missing_docs)]
+
+pub use beam_kernels as kernels;
 
 pub mod activation;
 pub mod checkpoint;
 pub mod combine;
 pub mod config;
-pub mod dispatch;
 pub mod experts;
 pub mod flops;
 mod init;
@@ -42,16 +45,31 @@ pub mod model;
 pub mod peers;
 pub mod router;
 
+pub use beam_kernels::{
+    grouped_experts, linear_out_in, GroupedExpertsBackend, LinearBackend, MoeBackend,
+};
 pub use config::{
     BeamMaskConfig, BeamMoeConfig, ConfigError, GroupLimit, MaskRouterShape, RoutingRule,
     SharedExpertConfig, SparsityLossConfig, SparsityPenalty,
 };
-pub use dispatch::MoeBackend;
 pub use flops::{moe_layer_flops, FlopsReport, MoeFlops};
 pub use layer::{BeamMoe, BeamMoeOutput, MaskSource, RoutingFacts};
 pub use peers::MaskRule;
 
-/// Backends this crate implements [`MoeBackend`] for, re-exported for convenience.
+/// Where the old `dispatch` module's items live now.
+#[deprecated(
+    since = "0.1.0",
+    note = "the backend extension moved to `beam_kernels` (re-exported as `beam_model::kernels`); \
+            `drop_masked_slots` is in `beam_model::mask`"
+)]
+pub mod dispatch {
+    pub use crate::mask::drop_masked_slots;
+    pub use beam_kernels::reference::{dense_experts_reference, grouped_experts_reference};
+    pub use beam_kernels::{grouped_experts, linear_out_in, DispatchPlan, MoeBackend};
+}
+
+/// Backends `beam-kernels` implements [`MoeBackend`] for (with this crate's features on),
+/// re-exported for convenience.
 pub mod backend {
     #[cfg(feature = "autodiff")]
     pub use burn::backend::Autodiff;

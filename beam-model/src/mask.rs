@@ -1,5 +1,6 @@
-//! Step 2 — the BEAM mask router: a lightweight linear layer that switches off some of the K
-//! experts the base router picked, with a straight-through estimator (STE) for training.
+//! Step 2 — the mask: the BEAM mask router (a lightweight linear layer that switches off some of
+//! the K experts the base router picked, with a straight-through estimator for training), the
+//! routing weights after masking, and the sentinel ids that make masked slots cost nothing.
 
 use crate::activation::sigmoid;
 use burn::module::{Module, Param};
@@ -7,12 +8,13 @@ use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-use crate::config::{BeamMoeConfig, MaskRouterShape};
+use crate::config::{BeamMaskConfig, MaskRouterShape};
 
 /// The mask router: one logit `z_k` per selected slot, `p_k = sigmoid(z_k)`, `m_k = 1[p_k > τ]`.
 ///
 /// Its weights start at zero and its bias at `beam.init_bias > logit(τ)`, so every mask starts at
-/// 1 and training starts from the top-K model.
+/// 1 and training starts from the top-K model. The router holds parameters only; the threshold τ
+/// is a setting of the layer ([`BeamMaskConfig::threshold`]) passed to [`forward`](Self::forward).
 ///
 /// # Shapes
 /// - `proj`: `Linear(H → E)` ([`MaskRouterShape::PerExpert`], gathered at the top-K ids) or
@@ -27,8 +29,6 @@ pub struct MaskRouter<B: Backend> {
     pub weight_scale: Option<Param<Tensor<B, 1>>>,
     #[module(skip)]
     shape: MaskRouterShape,
-    #[module(skip)]
-    threshold: f64,
 }
 
 /// The mask for a batch of tokens, all `[T, K]` and aligned with the router's slots.
@@ -45,14 +45,20 @@ pub struct MaskDecision<B: Backend> {
 }
 
 impl<B: Backend> MaskRouter<B> {
-    /// A mask router for `config` whose masks all start at 1.
-    pub fn new(config: &BeamMoeConfig, device: &B::Device) -> Self {
-        let outputs = config.mask_router_outputs();
+    /// A mask router with `beam`'s shape for a layer of `hidden_size`, `num_experts` and
+    /// `top_k`, whose masks all start at 1.
+    pub fn new(
+        beam: &BeamMaskConfig,
+        hidden_size: usize,
+        num_experts: usize,
+        top_k: usize,
+        device: &B::Device,
+    ) -> Self {
+        let outputs = beam.outputs(num_experts, top_k);
         // Eager (not burn's lazy `Initializer`), so clones share the same values; see `init.rs`.
-        let weight = Param::from_tensor(Tensor::zeros([config.hidden_size, outputs], device));
-        let bias = Param::from_tensor(Tensor::full([outputs], config.beam.init_bias, device));
-        let weight_scale = config
-            .beam
+        let weight = Param::from_tensor(Tensor::zeros([hidden_size, outputs], device));
+        let bias = Param::from_tensor(Tensor::full([outputs], beam.init_bias, device));
+        let weight_scale = beam
             .weight_feature
             .then(|| Param::from_tensor(Tensor::zeros([outputs], device)));
         Self {
@@ -61,32 +67,13 @@ impl<B: Backend> MaskRouter<B> {
                 bias: Some(bias),
             },
             weight_scale,
-            shape: config.beam.shape,
-            threshold: config.beam.threshold,
+            shape: beam.shape,
         }
-    }
-
-    /// The threshold τ.
-    pub fn threshold(&self) -> f64 {
-        self.threshold
     }
 
     /// The router shape.
     pub fn shape(&self) -> MaskRouterShape {
         self.shape
-    }
-
-    /// Same router with another threshold τ (e.g. to trade quality for speed at inference).
-    ///
-    /// # Panics
-    /// If `threshold` is not in `(0, 1)`.
-    pub fn with_threshold(mut self, threshold: f64) -> Self {
-        assert!(
-            threshold > 0.0 && threshold < 1.0,
-            "mask threshold {threshold} must lie strictly between 0 and 1"
-        );
-        self.threshold = threshold;
-        self
     }
 
     /// Mask logits `[T, K]` for tokens `x` (`[T, H]`) routed to `expert_ids` with routing
@@ -117,16 +104,18 @@ impl<B: Backend> MaskRouter<B> {
         }
     }
 
-    /// Decides the mask for tokens `x` routed to `expert_ids` with routing weights `weights`.
+    /// Decides the mask for tokens `x` routed to `expert_ids` with routing weights `weights`:
+    /// a slot is kept when its probability exceeds `threshold` (τ, in `(0, 1)`).
     pub fn forward(
         &self,
         x: Tensor<B, 2>,
         expert_ids: Tensor<B, 2, Int>,
         weights: Tensor<B, 2>,
+        threshold: f64,
     ) -> MaskDecision<B> {
         let logits = self.logits(x, expert_ids, weights);
         let probs = sigmoid(logits.clone());
-        let hard = probs.clone().detach().greater_elem(self.threshold).float();
+        let hard = probs.clone().detach().greater_elem(threshold).float();
         let ste = straight_through(hard.clone(), probs.clone());
         MaskDecision {
             logits,
@@ -135,6 +124,43 @@ impl<B: Backend> MaskRouter<B> {
             ste,
         }
     }
+}
+
+/// Routing weights after masking: `w'_k = m_k · w_k`, optionally rescaled so the kept weights sum
+/// to the original top-K sum. A token with every slot masked gets all-zero weights, never NaN.
+///
+/// `mask` may be the straight-through mask: gradients then reach the mask router through it.
+///
+/// # Shapes
+/// - `weights`, `mask`: `[T, K]`; output `[T, K]`
+pub fn masked_weights<B: Backend>(
+    weights: Tensor<B, 2>,
+    mask: Tensor<B, 2>,
+    renormalize: bool,
+) -> Tensor<B, 2> {
+    let kept = weights.clone() * mask;
+    if !renormalize {
+        return kept;
+    }
+    let kept_sum = kept.clone().sum_dim(1);
+    // Fully masked rows divide 0 by 1 instead of by 0.
+    let nothing_kept = kept_sum.clone().equal_elem(0.0);
+    let safe_sum = kept_sum.mask_fill(nothing_kept, 1.0);
+    kept * weights.sum_dim(1) / safe_sum
+}
+
+/// Replaces the ids of masked slots (`mask == 0`) by the sentinel `num_experts`, which the
+/// grouped-experts op drops before any expert work: a masked slot reads no weights and costs no
+/// FLOPs.
+///
+/// # Shapes
+/// - `expert_ids`: `[T, K]`, `mask`: `[T, K]` (0.0 / 1.0); output `[T, K]`
+pub fn drop_masked_slots<B: Backend>(
+    expert_ids: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+    num_experts: usize,
+) -> Tensor<B, 2, Int> {
+    expert_ids.mask_fill(mask.lower_elem(0.5), num_experts as i64)
 }
 
 /// `hard + (p − stopgrad(p))`: the value is exactly `hard` (since `p − p = 0` in floating point)
@@ -149,7 +175,7 @@ pub fn straight_through<B: Backend, const D: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BeamMaskConfig;
+    use crate::config::BeamMoeConfig;
     use burn::backend::NdArray;
     use burn::tensor::TensorData;
 
@@ -159,9 +185,10 @@ mod tests {
     #[test]
     fn routing_weight_input_adds_scale_times_relative_log_weight() {
         let device = Default::default();
-        let config =
-            BeamMoeConfig::new(2, 3, 4, 2).with_beam(BeamMaskConfig::new().with_init_bias(1.0));
-        let mut router = MaskRouter::<B>::new(&config, &device);
+        let config = BeamMoeConfig::new(2, 3, 4, 2)
+            .with_beam(Some(BeamMaskConfig::new().with_init_bias(1.0)));
+        let beam = config.beam.as_ref().unwrap();
+        let mut router = MaskRouter::<B>::new(beam, 2, 4, 2, &device);
         router.weight_scale = Some(Param::from_tensor(Tensor::from_floats(
             [0.5, 1.0, 2.0, 4.0],
             &device,

@@ -9,8 +9,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::config::{BeamMoeConfig, GroupLimit, RoutingRule};
-use crate::dispatch::{linear_out_in, MoeBackend};
 use crate::init::{normal_param, Init};
+use beam_kernels::{linear_out_in, LinearBackend};
 
 /// The base router: `logits = x · W_gᵀ`, then the family's selection rule.
 ///
@@ -68,7 +68,7 @@ impl<B: Backend> Router<B> {
     }
 }
 
-impl<B: MoeBackend> Router<B> {
+impl<B: LinearBackend> Router<B> {
     /// Routes `x` (`[T, H]`).
     pub fn forward(&self, x: Tensor<B, 2>) -> RouterOutput<B> {
         let logits = linear_out_in(x, self.weight.val());

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::error::{io_error, TrainError};
-use crate::trainer::StepMetrics;
+use crate::metrics::StepMetrics;
 
 /// File naming the newest complete checkpoint folder.
 pub const LATEST: &str = "latest";

@@ -95,17 +95,9 @@ impl TrainConfig {
         if self.checkpoint_every == 0 {
             return bad("checkpoint_every must be positive".into());
         }
-        if let Some(t) = self.beam.sparsity.target_active_fraction {
-            if !(0.0..=1.0).contains(&t) {
-                return bad(format!("target active fraction {t} must lie in [0, 1]"));
-            }
-        }
-        if !(self.beam.threshold > 0.0 && self.beam.threshold < 1.0) {
-            return bad(format!(
-                "threshold {} must lie strictly between 0 and 1",
-                self.beam.threshold
-            ));
-        }
-        Ok(())
+        // The mask settings are checked where they are defined.
+        self.beam
+            .validate()
+            .map_err(|e| TrainError::Config(e.to_string()))
     }
 }

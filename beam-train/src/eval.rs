@@ -1,7 +1,7 @@
 //! Held-out evaluation: loss, perplexity, next-token accuracy, experts kept per token (overall
 //! and per layer) and the MoE FLOPs cut, for any mask mode (top-K, a BEAM adapter, a peer rule).
 
-use beam_model::model::{MaskMode, MoeLm};
+use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use beam_model::{BeamMoeConfig, MoeBackend};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{ElementConversion, Int, Tensor};
@@ -78,7 +78,7 @@ pub fn evaluate<B: MoeBackend>(
     let mut kept = vec![0usize; moe_configs.len()];
     for batch in &batches {
         let (inputs, targets) = batch.tensors::<B>(&device);
-        let out = model.forward(inputs, None, mode, false);
+        let out = model.forward(inputs, None, mode, HiddenStates::Skip);
         let (nll, hits) = token_losses(out.logits, targets);
         loss_sum += nll.sum().into_scalar().elem::<f64>();
         correct += hits.sum().into_scalar().elem::<i64>() as usize;

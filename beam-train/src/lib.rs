@@ -10,6 +10,7 @@
 //!   mask goes through the straight-through estimator (hard 0/1 forward, sigmoid gradient), and
 //!   by default only the mask routers train. Checkpoints are atomic and a killed run resumes to
 //!   the same result as an uninterrupted one.
+//! - [`metrics`]: what each step reports ([`StepMetrics`]), kept in checkpoints.
 //! - [`eval`]: held-out loss, perplexity, next-token accuracy, experts per token (per layer too)
 //!   and MoE FLOPs cut, for top-K, BEAM and the training-free peers ([`beam_model::MaskRule`]).
 //! - [`plot`]: quality-vs-FLOPs and experts-per-layer charts (PNG).
@@ -22,6 +23,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod metrics;
 pub mod plot;
 pub mod trainer;
 
@@ -29,4 +31,5 @@ pub use config::{TaskLoss, TrainConfig, Trainable};
 pub use data::{Batch, TokenData};
 pub use error::TrainError;
 pub use eval::{evaluate, EvalOptions, EvalReport};
-pub use trainer::{train, StepMetrics, TrainSummary, ADAPTER_FILE};
+pub use metrics::StepMetrics;
+pub use trainer::{train, TrainSummary, ADAPTER_FILE};

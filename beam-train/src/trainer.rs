@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use beam_model::model::load::load_model;
-use beam_model::model::{MaskMode, MoeLm};
+use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use beam_model::MoeBackend;
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
@@ -14,13 +14,13 @@ use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
-use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, CheckpointFiles, CheckpointState};
 use crate::config::{TaskLoss, TrainConfig, Trainable};
 use crate::data::TokenData;
 use crate::error::{io_error, TrainError};
 use crate::eval::{model_flops_reduction, token_losses};
+use crate::metrics::StepMetrics;
 
 /// File name of the trained adapter in the output folder.
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
@@ -29,27 +29,6 @@ pub const ADAPTER_FILE: &str = "adapter.safetensors";
 /// written only when base parameters train: the adapter alone then does not reproduce the model.
 /// Load it with `load_model(dir)?.enable_beam(config.beam, device)?.load_record(..)`.
 pub const TRAINED_MODEL_FILE: &str = "trained_model.mpk";
-
-/// Metrics of one optimiser step (on its training batch).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepMetrics {
-    /// Step index (0-based).
-    pub step: usize,
-    /// Total loss: task + λ · sparsity (+ load balance).
-    pub loss: f64,
-    /// The task part (cross-entropy and/or distillation KL).
-    pub task_loss: f64,
-    /// Next-token cross-entropy of the masked model (nats).
-    pub cross_entropy: f64,
-    /// `exp(cross_entropy)`.
-    pub perplexity: f64,
-    /// The sparsity term, averaged over MoE layers.
-    pub sparsity: f64,
-    /// Experts kept per token (hard mask), averaged over MoE layers.
-    pub mean_active_experts: f64,
-    /// MoE FLOPs cut of the hard mask vs top-K.
-    pub moe_flops_reduction: f64,
-}
 
 /// What a finished run returns.
 #[derive(Debug, Clone)]
@@ -82,7 +61,7 @@ pub fn select_trainable<B: AutodiffBackend>(model: MoeLm<B>, trainable: Trainabl
     }
     let mut model = model.no_grad();
     for layer in &mut model.layers {
-        if let Some(moe) = layer.feed_forward.moe.as_mut() {
+        if let Some(moe) = layer.feed_forward.moe_mut() {
             moe.mask_router = moe
                 .mask_router
                 .take()
@@ -160,12 +139,12 @@ where
     for step in first_step..config.steps {
         let batch = data.train_batch(config.seed, step, config.batch_size, config.seq_len)?;
         let (inputs, targets) = batch.tensors::<B>(device);
-        let out = model.forward(inputs.clone(), None, MaskMode::Learned, false);
+        let out = model.forward(inputs.clone(), None, MaskMode::Learned, HiddenStates::Skip);
         let (nll, _) = token_losses(out.logits.clone(), targets);
         let cross_entropy = nll.mean();
         let distill = teacher.as_ref().map(|teacher| {
             let teacher_logits = teacher
-                .forward(inputs.inner(), None, MaskMode::TopK, false)
+                .forward(inputs.inner(), None, MaskMode::TopK, HiddenStates::Skip)
                 .logits;
             distillation_kl(
                 out.logits.clone(),

@@ -120,7 +120,7 @@ pub fn random_adapter<B: Backend>(
         .unwrap();
     let mut rng = Rng::new(seed);
     for layer in &mut model.layers {
-        if let Some(moe) = layer.feed_forward.moe.as_mut() {
+        if let Some(moe) = layer.feed_forward.moe_mut() {
             let router = moe.mask_router.as_mut().unwrap();
             let dims = router.proj.weight.dims();
             router.proj.weight = Param::from_tensor(rng.tensor(dims, 1.0, &device));

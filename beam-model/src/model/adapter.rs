@@ -17,7 +17,8 @@ use safetensors::Dtype;
 
 use super::{ModelError, MoeLm};
 use crate::checkpoint::TensorStore;
-use crate::config::{BeamMaskConfig, MaskRouterShape};
+use crate::config::{check_threshold, BeamMaskConfig, ConfigError, MaskRouterShape};
+use crate::layer::BeamMoe;
 
 fn router_prefix<B: Backend>(model: &MoeLm<B>, layer: usize) -> String {
     format!(
@@ -28,48 +29,51 @@ fn router_prefix<B: Backend>(model: &MoeLm<B>, layer: usize) -> String {
 
 fn moe_layer_indices<B: Backend>(model: &MoeLm<B>) -> Vec<usize> {
     (0..model.layers.len())
-        .filter(|&l| model.layers[l].feed_forward.moe.is_some())
+        .filter(|&l| model.layers[l].feed_forward.moe().is_some())
         .collect()
 }
 
 impl<B: Backend> MoeLm<B> {
     /// Puts a fresh BEAM mask router (all masks 1) on every MoE layer.
+    ///
+    /// # Errors
+    /// If `beam` is invalid ([`ConfigError`]).
     pub fn enable_beam(
-        mut self,
+        self,
         beam: BeamMaskConfig,
         device: &B::Device,
-    ) -> Result<Self, crate::ConfigError> {
-        for layer in &mut self.layers {
-            if let Some(moe) = layer.feed_forward.moe.take() {
-                layer.feed_forward.moe = Some(moe.enable_beam(beam.clone(), device)?);
-            }
-        }
-        Ok(self)
+    ) -> Result<Self, ConfigError> {
+        beam.validate()?;
+        self.try_map_moe_layers(|moe| moe.enable_beam(beam.clone(), device))
     }
 
     /// Sets the mask threshold τ of every mask router.
     ///
     /// # Errors
-    /// If `threshold` is not in `(0, 1)` or the model has no adapter.
-    pub fn with_threshold(mut self, threshold: f64) -> Result<Self, String> {
-        if !(threshold > 0.0 && threshold < 1.0) {
-            return Err(format!(
-                "threshold {threshold} must lie strictly between 0 and 1"
-            ));
-        }
+    /// [`ConfigError::Threshold`] if `threshold` is not in `(0, 1)`,
+    /// [`ConfigError::NoMaskRouter`] if the model has no BEAM adapter.
+    pub fn with_threshold(self, threshold: f64) -> Result<Self, ConfigError> {
+        check_threshold(threshold)?;
         if !self.has_beam() {
-            return Err("the model has no BEAM adapter to apply a threshold to".into());
+            return Err(ConfigError::NoMaskRouter("a mask threshold"));
         }
-        for layer in &mut self.layers {
-            if let Some(moe) = layer.feed_forward.moe.take() {
-                let moe = if moe.mask_router.is_some() {
-                    moe.with_threshold(threshold)
-                } else {
-                    moe
-                };
-                layer.feed_forward.moe = Some(moe);
-            }
-        }
+        self.try_map_moe_layers(|moe| match moe.mask_router {
+            Some(_) => moe.with_threshold(threshold),
+            None => Ok(moe),
+        })
+    }
+
+    fn try_map_moe_layers(
+        mut self,
+        f: impl Fn(BeamMoe<B>) -> Result<BeamMoe<B>, ConfigError>,
+    ) -> Result<Self, ConfigError> {
+        self.layers = std::mem::take(&mut self.layers)
+            .into_iter()
+            .map(|mut layer| {
+                layer.feed_forward = layer.feed_forward.try_map_moe(&f)?;
+                Ok(layer)
+            })
+            .collect::<Result<_, ConfigError>>()?;
         Ok(self)
     }
 
@@ -126,11 +130,7 @@ impl<B: Backend> MoeLm<B> {
         let h = model.config().hidden_size;
         for l in moe_layer_indices(&model) {
             let prefix = router_prefix(&model, l);
-            let moe = model.layers[l]
-                .feed_forward
-                .moe
-                .as_mut()
-                .expect("MoE layer");
+            let moe = model.layers[l].feed_forward.moe_mut().expect("MoE layer");
             let outputs = moe.config().mask_router_outputs();
             let weight = store.tensor::<B, 2>(&format!("{prefix}weight"), [outputs, h], device)?;
             let bias = store.param(&format!("{prefix}bias"), [outputs], device)?;
@@ -157,12 +157,11 @@ impl<B: Backend> MoeLm<B> {
         let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
         let mut beam = None;
         for l in moe_layer_indices(self) {
-            let moe = self.layers[l].feed_forward.moe.as_ref().expect("MoE layer");
-            let router = moe
-                .mask_router
-                .as_ref()
-                .ok_or_else(|| bad(format!("MoE layer {l} has no mask router")))?;
-            beam = Some(moe.config().beam.clone());
+            let moe = self.layers[l].feed_forward.moe().expect("MoE layer");
+            let (Some(router), Some(settings)) = (&moe.mask_router, &moe.config().beam) else {
+                return Err(bad(format!("MoE layer {l} has no mask router")));
+            };
+            beam = Some(settings.clone());
             let prefix = router_prefix(self, l);
             let weight = router.proj.weight.val().transpose();
             let shape = weight.dims().to_vec();

@@ -10,7 +10,7 @@ use super::cache::KvCache;
 use super::config::{AttentionOptions, ModelConfig, QkNorm};
 use super::norm::RmsNorm;
 use super::rope::apply_rope;
-use crate::dispatch::{linear_out_in, MoeBackend};
+use beam_kernels::{linear_out_in, LinearBackend};
 
 /// A linear projection stored as on disk: weight `[out, in]`, optional bias `[out]`.
 #[derive(Module, Debug)]
@@ -21,7 +21,7 @@ pub struct Projection<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
-impl<B: MoeBackend> Projection<B> {
+impl<B: LinearBackend> Projection<B> {
     /// `x · Wᵀ + b` on `[B, T, in]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, tokens, input] = x.dims();
@@ -83,7 +83,7 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-impl<B: MoeBackend> Attention<B> {
+impl<B: LinearBackend> Attention<B> {
     /// `[B, T, H]` → `[B, T, H]`. `rope`: cos/sin tables for the T new positions; `mask`: from
     /// [`attention_mask`] for the same positions; `cache` holds the previous positions of this
     /// layer (`layer`), if any.

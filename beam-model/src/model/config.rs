@@ -5,7 +5,6 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::family::Family;
 use super::ModelError;
 use crate::config::BeamMoeConfig;
 
@@ -115,6 +114,50 @@ pub struct AttentionOptions {
     pub sliding_window: Option<usize>,
 }
 
+/// A supported `model_type`. What each family does (config mapping, tensor names) is in
+/// [`super::family`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// `qwen2_moe`
+    Qwen2Moe,
+    /// `qwen3_moe`
+    Qwen3Moe,
+    /// `olmoe`
+    Olmoe,
+    /// `mixtral`
+    Mixtral,
+}
+
+impl Family {
+    /// The family of a `model_type`, if supported.
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "qwen2_moe" => Self::Qwen2Moe,
+            "qwen3_moe" => Self::Qwen3Moe,
+            "olmoe" => Self::Olmoe,
+            "mixtral" => Self::Mixtral,
+            _ => return None,
+        })
+    }
+
+    /// The `model_type` string.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Qwen2Moe => "qwen2_moe",
+            Self::Qwen3Moe => "qwen3_moe",
+            Self::Olmoe => "olmoe",
+            Self::Mixtral => "mixtral",
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
 /// Everything needed to build a model, normalised across families.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -151,33 +194,6 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
-    /// Reads and validates `DIR/config.json`.
-    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
-        let path = dir.as_ref().join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        Self::from_hf(&HfConfig::parse(&text, &path)?, &path)
-    }
-
-    /// Normalises and validates a parsed `config.json` (`path` for errors).
-    pub fn from_hf(hf: &HfConfig, path: &Path) -> Result<Self, ModelError> {
-        let family = Family::from_model_type(&hf.model_type).ok_or_else(|| {
-            ModelError::UnknownModelType {
-                path: path.to_path_buf(),
-                model_type: hf.model_type.clone(),
-            }
-        })?;
-        let bad = |reason: String| ModelError::Config {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let config = family.config(hf).map_err(&bad)?;
-        config.validate().map_err(bad)?;
-        Ok(config)
-    }
-
     /// Cross-field checks.
     pub fn validate(&self) -> Result<(), String> {
         for (field, value) in [

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::{MaskMode, MoeLm};
-use crate::dispatch::MoeBackend;
+use super::{HiddenStates, MaskMode, MoeLm};
+use crate::MoeBackend;
 
 /// Generation settings.
 #[derive(Debug, Clone)]
@@ -94,7 +94,12 @@ pub fn generate<B: MoeBackend>(
     let mut input = prompt.to_vec();
     while generation.ids.len() < config.max_new_tokens {
         let start = Instant::now();
-        let out = model.forward(ids(&input), Some(&mut cache), config.mask, false);
+        let out = model.forward(
+            ids(&input),
+            Some(&mut cache),
+            config.mask,
+            HiddenStates::Skip,
+        );
         let [_, t, v] = out.logits.dims();
         let last = out.logits.clone().narrow(1, t - 1, 1).reshape([v]);
         let logits = last

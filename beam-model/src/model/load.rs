@@ -4,13 +4,18 @@ use std::path::Path;
 
 use burn::module::Param;
 use burn::nn::Embedding;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 
 use super::attention::{Attention, Projection};
 use super::config::{ModelConfig, QkNorm};
+use super::family::MoeTensorNames;
 use super::norm::RmsNorm;
 use super::{DecoderLayer, FeedForward, ModelError, MoeLm};
-use crate::checkpoint::{load_moe_block, load_swiglu, LoadError, TensorStore};
-use crate::dispatch::MoeBackend;
+use crate::checkpoint::{LoadError, TensorStore};
+use crate::experts::SharedExpert;
+use crate::layer::BeamMoe;
+use crate::MoeBackend;
 
 /// Loads the model in `dir`: `config.json` and `model.safetensors` or the shards listed by
 /// `model.safetensors.index.json`. Every tensor must be used exactly as the config says:
@@ -97,22 +102,21 @@ fn build<B: MoeBackend>(
                 .moe
                 .init_placeholder::<B>(device)
                 .expect("validated with the model config");
-            FeedForward {
-                moe: Some(load_moe_block(moe, store, &block)?),
-                dense: None,
-            }
+            FeedForward::Moe(load_moe_block(
+                moe,
+                store,
+                &block,
+                &config.family.moe_names(),
+            )?)
         } else {
-            FeedForward {
-                moe: None,
-                dense: Some(load_swiglu(
-                    store,
-                    &format!("{p}mlp."),
-                    h,
-                    config.dense_intermediate_size,
-                    None,
-                    device,
-                )?),
-            }
+            FeedForward::Dense(load_swiglu(
+                store,
+                &format!("{p}mlp."),
+                h,
+                config.dense_intermediate_size,
+                None,
+                device,
+            )?)
         };
         layers.push(DecoderLayer {
             input_norm: norm(format!("{p}input_layernorm.weight"), h)?,
@@ -133,4 +137,103 @@ fn build<B: MoeBackend>(
     Ok(MoeLm::from_parts(
         config, embed, layers, final_norm, lm_head,
     ))
+}
+
+/// Loads a transformers MoE block's weights into `layer`, leaving its mask router untouched.
+///
+/// `prefix` is the block's name prefix, e.g. `model.layers.3.mlp.` (Mixtral:
+/// `model.layers.3.block_sparse_moe.`); `names` are the family's spellings
+/// ([`Family::moe_names`](super::family::Family::moe_names)). Read:
+/// - router `gate.weight` `[E, H]` (+ DeepSeek-V3 `gate.e_score_correction_bias` `[E]`);
+/// - experts fused (`experts.gate_up_proj` `[E, 2I, H]`, `experts.down_proj` `[E, H, I]`, as newer
+///   transformers write them for every family) if present, else per expert
+///   (`experts.{e}.{gate,up,down}.weight` with the family's projection names);
+/// - the shared expert, if the layer has one, under the family's names.
+pub fn load_moe_block<B: Backend>(
+    mut layer: BeamMoe<B>,
+    file: &TensorStore,
+    prefix: &str,
+    names: &MoeTensorNames,
+) -> Result<BeamMoe<B>, LoadError> {
+    let config = layer.config().clone();
+    let (e, h, i) = (
+        config.num_experts,
+        config.hidden_size,
+        config.intermediate_size,
+    );
+    let device = layer.router.weight.device();
+    layer.router.weight = file.param(&format!("{prefix}gate.weight"), [e, h], &device)?;
+    if layer.router.score_correction_bias.is_some() {
+        layer.router.score_correction_bias = Some(file.param(
+            &format!("{prefix}gate.e_score_correction_bias"),
+            [e],
+            &device,
+        )?);
+    }
+
+    let fused = format!("{prefix}experts.gate_up_proj");
+    let (gate_up, down) = if file.contains(&fused) {
+        (
+            file.tensor(&fused, [e, 2 * i, h], &device)?,
+            file.tensor(&format!("{prefix}experts.down_proj"), [e, h, i], &device)?,
+        )
+    } else {
+        let [gate, up, down] = names.expert_projections;
+        let name =
+            |proj: &'static str| move |e: usize| format!("{prefix}experts.{e}.{proj}.weight");
+        let gates = file.stacked(name(gate), e, [i, h])?;
+        let ups = file.stacked(name(up), e, [i, h])?;
+        let mut gate_up = Vec::with_capacity(2 * gates.len());
+        for (g, u) in gates.chunks_exact(i * h).zip(ups.chunks_exact(i * h)) {
+            gate_up.extend_from_slice(g);
+            gate_up.extend_from_slice(u);
+        }
+        let downs = file.stacked(name(down), e, [h, i])?;
+        (
+            Tensor::from_data(TensorData::new(gate_up, [e, 2 * i, h]), &device),
+            Tensor::from_data(TensorData::new(downs, [e, h, i]), &device),
+        )
+    };
+    layer.experts.gate_up = Param::from_tensor(gate_up);
+    layer.experts.down = Param::from_tensor(down);
+
+    if let (Some(shared), Some(shared_config)) = (layer.shared_expert.take(), &config.shared_expert)
+    {
+        let base = format!("{prefix}{}.", names.shared_expert);
+        let gate = shared
+            .gate
+            .is_some()
+            .then(|| format!("{prefix}{}.weight", names.shared_expert_gate));
+        layer.shared_expert = Some(load_swiglu(
+            file,
+            &base,
+            h,
+            shared_config.intermediate_size,
+            gate.as_deref(),
+            &device,
+        )?);
+    }
+    Ok(layer)
+}
+
+/// Loads a SwiGLU MLP stored as `{base}gate_proj.weight`, `{base}up_proj.weight` (`[I, H]`) and
+/// `{base}down_proj.weight` (`[H, I]`), with an optional `[1, H]` sigmoid output gate.
+pub fn load_swiglu<B: Backend>(
+    file: &TensorStore,
+    base: &str,
+    hidden: usize,
+    intermediate: usize,
+    gate: Option<&str>,
+    device: &B::Device,
+) -> Result<SharedExpert<B>, LoadError> {
+    let (h, i) = (hidden, intermediate);
+    let gate_proj = file.tensor::<B, 2>(&format!("{base}gate_proj.weight"), [i, h], device)?;
+    let up_proj = file.tensor::<B, 2>(&format!("{base}up_proj.weight"), [i, h], device)?;
+    Ok(SharedExpert {
+        gate_up: Param::from_tensor(Tensor::cat(vec![gate_proj, up_proj], 0)),
+        down: file.param(&format!("{base}down_proj.weight"), [h, i], device)?,
+        gate: gate
+            .map(|name| file.param(name, [1, h], device))
+            .transpose()?,
+    })
 }

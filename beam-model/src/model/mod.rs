@@ -22,10 +22,10 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::checkpoint::LoadError;
-use crate::dispatch::{linear_out_in, MoeBackend};
 use crate::experts::SharedExpert;
 use crate::layer::{BeamMoe, MaskSource, RoutingFacts};
 use crate::peers::MaskRule;
+use crate::{linear_out_in, MoeBackend};
 use attention::{attention_mask, Attention};
 use cache::KvCache;
 use config::ModelConfig;
@@ -72,13 +72,45 @@ pub enum ModelError {
     },
 }
 
-/// The feed-forward part of a decoder layer.
+/// The feed-forward part of a decoder layer: a BEAM MoE block or a dense SwiGLU MLP.
+// One per decoder layer, in a `Vec`: the size difference costs a few KB per model, while a
+// `Box` would put an indirection into burn's module and record types.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
-pub struct FeedForward<B: Backend> {
+pub enum FeedForward<B: Backend> {
     /// MoE block (MoE layers).
-    pub moe: Option<BeamMoe<B>>,
-    /// Dense SwiGLU MLP (dense layers).
-    pub dense: Option<SharedExpert<B>>,
+    Moe(BeamMoe<B>),
+    /// Dense SwiGLU MLP (dense layers), stored like one expert.
+    Dense(SharedExpert<B>),
+}
+
+impl<B: Backend> FeedForward<B> {
+    /// The MoE block, if this is an MoE layer.
+    pub fn moe(&self) -> Option<&BeamMoe<B>> {
+        match self {
+            Self::Moe(moe) => Some(moe),
+            Self::Dense(_) => None,
+        }
+    }
+
+    /// The MoE block, mutably, if this is an MoE layer.
+    pub fn moe_mut(&mut self) -> Option<&mut BeamMoe<B>> {
+        match self {
+            Self::Moe(moe) => Some(moe),
+            Self::Dense(_) => None,
+        }
+    }
+
+    /// Applies `f` to the MoE block (dense layers are returned unchanged).
+    pub fn try_map_moe<E>(
+        self,
+        f: impl FnOnce(BeamMoe<B>) -> Result<BeamMoe<B>, E>,
+    ) -> Result<Self, E> {
+        Ok(match self {
+            Self::Moe(moe) => Self::Moe(f(moe)?),
+            dense => dense,
+        })
+    }
 }
 
 /// One pre-norm decoder layer: `h += attn(norm(h)); h += ffn(norm(h))`.
@@ -106,12 +138,22 @@ pub enum MaskMode {
     Rule(MaskRule),
 }
 
+/// Whether [`MoeLm::forward`] also returns the hidden states of every layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HiddenStates {
+    /// Logits and routing facts only.
+    #[default]
+    Skip,
+    /// Also the hidden states ([`LmOutput::hidden_states`]).
+    Collect,
+}
+
 /// What [`MoeLm::forward`] returns.
 #[derive(Debug, Clone)]
 pub struct LmOutput<B: Backend> {
     /// Logits `[B, T, V]`.
     pub logits: Tensor<B, 3>,
-    /// With `hidden_states`: the embeddings, then each layer's output, the last after the final
+    /// With [`HiddenStates::Collect`]: the embeddings, then each layer's output, the last after the final
     /// norm (transformers' `output_hidden_states` convention), `L + 1` tensors `[B, T, H]`.
     pub hidden_states: Vec<Tensor<B, 3>>,
     /// Routing facts of every MoE layer, in layer order.
@@ -179,9 +221,7 @@ impl<B: Backend> MoeLm<B> {
 
     /// The MoE blocks, in layer order.
     pub fn moe_layers(&self) -> impl Iterator<Item = &BeamMoe<B>> {
-        self.layers
-            .iter()
-            .filter_map(|l| l.feed_forward.moe.as_ref())
+        self.layers.iter().filter_map(|l| l.feed_forward.moe())
     }
 
     /// An empty KV cache for this model.
@@ -191,14 +231,16 @@ impl<B: Backend> MoeLm<B> {
 }
 
 impl<B: MoeBackend> MoeLm<B> {
-    /// Runs `ids` (`[B, T]`) after the tokens already in `cache` (if any), appending to it.
+    /// Runs `ids` (`[B, T]`) after the tokens already in `cache` (if any), appending to it, with
+    /// the MoE layers' masks from `mask`.
     pub fn forward(
         &self,
         ids: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
         mask: MaskMode,
-        hidden_states: bool,
+        hidden_states: HiddenStates,
     ) -> LmOutput<B> {
+        let hidden_states = hidden_states == HiddenStates::Collect;
         let [_, tokens] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         let mut h = self.embed.forward(ids);
@@ -227,8 +269,8 @@ impl<B: MoeBackend> MoeLm<B> {
             );
             h = h + attn;
             let x = layer.post_attention_norm.forward(h.clone());
-            let ff = match (&layer.feed_forward.moe, &layer.feed_forward.dense) {
-                (Some(moe), _) => {
+            let ff = match &layer.feed_forward {
+                FeedForward::Moe(moe) => {
                     let source = match mask {
                         MaskMode::Learned => MaskSource::Learned,
                         MaskMode::TopK => MaskSource::TopK,
@@ -238,13 +280,12 @@ impl<B: MoeBackend> MoeLm<B> {
                     routing.push(out.facts);
                     out.output
                 }
-                (None, Some(dense)) => {
+                FeedForward::Dense(dense) => {
                     let [b, t, hidden] = x.dims();
                     dense
                         .forward(x.reshape([b * t, hidden]))
                         .reshape([b, t, hidden])
                 }
-                (None, None) => unreachable!("every layer has a feed-forward"),
             };
             h = h + ff;
         }

@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use beam_model::model::generate::{generate, GenerateConfig};
 use beam_model::model::load::load_model;
-use beam_model::model::{MaskMode, MoeLm};
+use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use beam_model::MoeBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -175,7 +175,7 @@ fn load<B: MoeBackend>(common: &Common, device: &B::Device) -> Result<MoeLm<B>, 
         if common.beam_adapter.is_none() {
             return Err("--threshold needs --beam-adapter".into());
         }
-        model = model.with_threshold(threshold)?;
+        model = model.with_threshold(threshold).map_err(|e| e.to_string())?;
     }
     Ok(model)
 }
@@ -238,19 +238,24 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
             println!("parameters:  {}", config.parameters());
             match (
                 &common.beam_adapter,
-                model.moe_layers().find_map(|m| m.mask_router.as_ref()),
+                model.moe_layers().find_map(|m| m.config().beam.as_ref()),
             ) {
-                (Some(path), Some(router)) => println!(
+                (Some(path), Some(beam)) => println!(
                     "BEAM:        adapter {} (threshold {})",
                     path.display(),
-                    router.threshold()
+                    beam.threshold
                 ),
                 _ => println!("BEAM:        no adapter (plain top-{})", moe.top_k),
             }
         }
         Command::Logits { ids, .. } => {
             check_ids(ids, config.vocab_size)?;
-            let out = model.forward(id_tensor::<B>(ids, device), None, MaskMode::Learned, false);
+            let out = model.forward(
+                id_tensor::<B>(ids, device),
+                None,
+                MaskMode::Learned,
+                HiddenStates::Skip,
+            );
             let [_, t, v] = out.logits.dims();
             let values = out
                 .logits

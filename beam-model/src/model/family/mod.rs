@@ -1,57 +1,33 @@
 //! The supported model families: how each maps its `config.json` onto [`ModelConfig`] and names
-//! its MoE block on disk. A new family (e.g. DeepSeek with MLA attention) adds a file here.
+//! its MoE block's tensors on disk ([`MoeTensorNames`]). A new family (e.g. DeepSeek with MLA
+//! attention) adds a file here.
 
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
 mod qwen3_moe;
 
-use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 use super::config::{AttentionOptions, HfConfig, ModelConfig, QkNorm, TokenIds};
-use crate::config::{BeamMaskConfig, BeamMoeConfig, RoutingRule, SharedExpertConfig};
-
-/// A supported `model_type`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Family {
-    /// `qwen2_moe`
-    Qwen2Moe,
-    /// `qwen3_moe`
-    Qwen3Moe,
-    /// `olmoe`
-    Olmoe,
-    /// `mixtral`
-    Mixtral,
-}
+use super::ModelError;
+pub use super::config::Family;
+use crate::config::{BeamMoeConfig, RoutingRule, SharedExpertConfig};
 
 impl Family {
-    /// The family of a `model_type`, if supported.
-    pub fn from_model_type(model_type: &str) -> Option<Self> {
-        Some(match model_type {
-            "qwen2_moe" => Self::Qwen2Moe,
-            "qwen3_moe" => Self::Qwen3Moe,
-            "olmoe" => Self::Olmoe,
-            "mixtral" => Self::Mixtral,
-            _ => return None,
-        })
-    }
-
-    /// The `model_type` string.
-    pub fn model_type(self) -> &'static str {
-        match self {
-            Self::Qwen2Moe => "qwen2_moe",
-            Self::Qwen3Moe => "qwen3_moe",
-            Self::Olmoe => "olmoe",
-            Self::Mixtral => "mixtral",
-        }
-    }
-
     /// Name of the MoE block inside a decoder layer (`mlp` or Mixtral's `block_sparse_moe`).
     pub fn moe_block_name(self) -> &'static str {
         match self {
             Self::Mixtral => "block_sparse_moe",
             _ => "mlp",
+        }
+    }
+
+    /// How this family spells its MoE block's tensors.
+    pub fn moe_names(self) -> MoeTensorNames {
+        match self {
+            Self::Mixtral => MoeTensorNames::MIXTRAL,
+            Self::Qwen2Moe | Self::Qwen3Moe | Self::Olmoe => MoeTensorNames::QWEN,
         }
     }
 
@@ -66,10 +42,68 @@ impl Family {
     }
 }
 
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.model_type())
+/// Reading a checkpoint's `config.json`: the family named by `model_type` maps it onto a
+/// [`ModelConfig`], which is then validated.
+impl ModelConfig {
+    /// Reads and validates `DIR/config.json`.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
+        let path = dir.as_ref().join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Self::from_hf(&HfConfig::parse(&text, &path)?, &path)
     }
+
+    /// Normalises and validates a parsed `config.json` (`path` for errors).
+    pub fn from_hf(hf: &HfConfig, path: &Path) -> Result<Self, ModelError> {
+        let family = Family::from_model_type(&hf.model_type).ok_or_else(|| {
+            ModelError::UnknownModelType {
+                path: path.to_path_buf(),
+                model_type: hf.model_type.clone(),
+            }
+        })?;
+        let bad = |reason: String| ModelError::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let config = family.config(hf).map_err(&bad)?;
+        config.validate().map_err(bad)?;
+        Ok(config)
+    }
+}
+
+/// A family's names for the tensors of its MoE block, after the block prefix
+/// (`model.layers.{l}.mlp.`). The fused layout newer transformers write for every family
+/// (`experts.gate_up_proj`, `experts.down_proj`) needs no names and is always accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoeTensorNames {
+    /// Per-expert gate, up and down projections: `experts.{e}.{name}.weight`.
+    pub expert_projections: [&'static str; 3],
+    /// The shared expert's module: `{name}.{gate_proj,up_proj,down_proj}.weight`.
+    pub shared_expert: &'static str,
+    /// The shared expert's `[1, H]` sigmoid gate, `{name}.weight` (read for a gated shared expert).
+    pub shared_expert_gate: &'static str,
+}
+
+impl MoeTensorNames {
+    /// Qwen2-MoE, Qwen3-MoE, OLMoE: `gate_proj`/`up_proj`/`down_proj`, Qwen2-MoE's
+    /// `shared_expert` with `shared_expert_gate`.
+    pub const QWEN: Self = Self {
+        expert_projections: ["gate_proj", "up_proj", "down_proj"],
+        shared_expert: "shared_expert",
+        shared_expert_gate: "shared_expert_gate",
+    };
+    /// Mixtral: `w1` (gate), `w3` (up), `w2` (down); no shared expert.
+    pub const MIXTRAL: Self = Self {
+        expert_projections: ["w1", "w3", "w2"],
+        ..Self::QWEN
+    };
+    /// DeepSeek-V2/V3: `gate_proj`/`up_proj`/`down_proj` and ungated `shared_experts`.
+    pub const DEEPSEEK: Self = Self {
+        shared_expert: "shared_experts",
+        ..Self::QWEN
+    };
 }
 
 fn required(value: Option<usize>, field: &str) -> Result<usize, String> {
@@ -155,7 +189,7 @@ fn common(
     let moe = BeamMoeConfig::new(hf.hidden_size, moe_intermediate, experts, top_k)
         .with_routing(routing)
         .with_shared_expert(shared_expert)
-        .with_beam(BeamMaskConfig::new().with_enabled(false));
+        .with_beam(None);
     Ok(ModelConfig {
         family,
         vocab_size: hf.vocab_size,

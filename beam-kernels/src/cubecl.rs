@@ -1,7 +1,9 @@
-//! Launch code: routing compaction → expert GEMMs (decode or prefill regime) → combine.
-//! Nothing here reads device memory back to the host; grids are sized from shapes only and cubes
-//! whose expert has no kept pairs exit at once.
+//! burn's cubecl backends (`CubeBackend`: `Cuda`, `Wgpu`): the extension's implementation and the
+//! launch code of its kernels (`kernel.rs`): routing compaction → expert GEMMs (decode or prefill
+//! regime) → combine. Nothing here reads device memory back to the host; grids are sized from
+//! shapes only and cubes whose expert has no kept pairs exit at once.
 
+use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Shape};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::{empty_device_contiguous_dtype, full_device_dtype, zeros_client};
@@ -14,7 +16,42 @@ use crate::kernel::{
     combine_kernel, compact_routes_kernel, expert_gemv_kernel, expert_tile_kernel, GEMV_LANES,
     GEMV_ROWS, TILE_M, TILE_N, TILE_THREADS,
 };
-use crate::{MaskedMoeOptions, Regime};
+use crate::{GroupedExpertsBackend, LinearBackend, MaskedMoeOptions, Regime};
+
+/// The grouped experts run [`masked_moe`]: compaction, grouped SwiGLU GEMMs and the
+/// deterministic combine, all on the device.
+impl<R, F, I, BT> GroupedExpertsBackend for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    R::Server: burn_cubecl::cubecl::server::ComputeServer,
+    R::Device: burn::tensor::backend::DeviceOps,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+    fn grouped_experts(
+        x: FloatTensor<Self>,
+        expert_ids: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        gate_up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        masked_moe(x, expert_ids, weights, gate_up, down, Default::default())
+    }
+}
+
+/// `[out, in]` linear layers: the reference (burn's matmul on a transposed view; no copy on
+/// these backends).
+impl<R, F, I, BT> LinearBackend for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    R::Server: burn_cubecl::cubecl::server::ComputeServer,
+    R::Device: burn::tensor::backend::DeviceOps,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+}
 
 /// The device-side routing table made by [`compact_routes`].
 #[derive(Debug, Clone)]
@@ -28,7 +65,7 @@ pub struct CompactRoutes<R: CubeRuntime> {
 
 /// Routing compaction on the device (one cube): counts per expert, prefix sum, sorted pair list.
 /// Slots whose id is not in `0..num_experts` (the sentinel `E`) are dropped. Same result as
-/// [`crate::reference::DispatchPlan::from_ids`].
+/// [`crate::plan::DispatchPlan::from_ids`].
 ///
 /// `poison` pre-fills both outputs with `u32::MAX` (see [`MaskedMoeOptions::poison`]).
 ///
