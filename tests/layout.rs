@@ -140,16 +140,26 @@ fn no_crate_has_an_import_cycle() {
         }
         checked += files.values().map(BTreeSet::len).sum::<usize>();
         assert_eq!(cycles(&files), vec![], "{krate}: files import each other");
-        assert_eq!(cycles(&top), vec![], "{krate}: top-level modules import each other");
+        assert_eq!(
+            cycles(&top),
+            vec![],
+            "{krate}: top-level modules import each other"
+        );
     }
-    assert!(checked > 30, "only {checked} references found: the scanner is broken");
+    assert!(
+        checked > 30,
+        "only {checked} references found: the scanner is broken"
+    );
 }
 
 #[test]
 fn the_cycle_check_finds_a_cycle() {
     let all: BTreeMap<ModulePath, String> = [
         (vec!["a".to_string()], "use crate::b::Thing;".to_string()),
-        (vec!["b".to_string()], "use crate::{a::Other, c};".to_string()),
+        (
+            vec!["b".to_string()],
+            "use crate::{a::Other, c};".to_string(),
+        ),
         (vec!["c".to_string()], String::new()),
     ]
     .into_iter()

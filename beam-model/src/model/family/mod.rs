@@ -9,9 +9,9 @@ mod qwen3_moe;
 
 use std::path::Path;
 
+pub use super::config::Family;
 use super::config::{AttentionOptions, HfConfig, ModelConfig, QkNorm, TokenIds};
 use super::ModelError;
-pub use super::config::Family;
 use crate::config::{BeamMoeConfig, RoutingRule, SharedExpertConfig};
 
 impl Family {
