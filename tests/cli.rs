@@ -55,6 +55,40 @@ fn info_describes_each_family() {
 }
 
 #[test]
+fn info_reads_headers_only_so_damaged_tensor_data_still_describes_itself() {
+    // A copy of tiny-olmoe whose model.safetensors keeps its header but loses most tensor bytes.
+    let dir = std::env::temp_dir().join(format!("beam-cli-truncated-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(repo_root().join("assets/models/tiny-olmoe")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    std::fs::write(&file, &bytes[..header + 16]).unwrap();
+    let model = dir.to_str().unwrap();
+
+    let out = beam(&["info", "--model", model]);
+    let text = stdout(&out);
+    assert!(text.contains("family:      olmoe"), "{text}");
+    assert!(text.contains("top-3"), "{text}");
+    assert!(text.contains("stored as:   F32"), "{text}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("truncated"), "{stderr}");
+
+    // Loading it is a one-line typed error naming the file.
+    let out = beam(&["logits", "--model", model, "--ids", "1,2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("model.safetensors"), "{stderr}");
+    assert!(stderr.contains("not a valid safetensors file"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn logits_json_matches_transformers() {
     let ids = reference_ids("olmoe", "input_ids");
     let out = stdout(&beam(&[
@@ -238,4 +272,58 @@ fn generate_with_a_beam_adapter_keeps_fewer_experts() {
         .unwrap();
     assert!(kept > 0.0 && kept < 2.0, "{summary}");
     std::fs::remove_file(path).ok();
+}
+
+#[test]
+fn bench_reports_top_k_then_a_smaller_k_as_json() {
+    let out = stdout(&beam(&[
+        "bench",
+        "--model",
+        "assets/models/tiny-qwen3_moe",
+        "--prompt-tokens",
+        "6",
+        "--new-tokens",
+        "4",
+        "--keep",
+        "1",
+        "--json",
+    ]));
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    for (row, variant) in rows.iter().zip(["top-K", "keep-1"]) {
+        assert_eq!(row["variant"], variant, "{row}");
+        for key in [
+            "dtype",
+            "backend",
+            "load_s",
+            "peak_rss_bytes",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "experts_per_token",
+            "weight_bytes_per_token",
+        ] {
+            assert!(!row[key].is_null(), "{key} missing: {row}");
+        }
+        assert!(row["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{row}");
+        assert_eq!(row["decode_tokens"], 3, "{row}");
+    }
+    let top_k = rows[0]["top_k"].as_f64().unwrap();
+    assert_eq!(rows[0]["experts_per_token"].as_f64().unwrap(), top_k);
+    assert_eq!(rows[1]["experts_per_token"].as_f64().unwrap(), 1.0);
+    let bytes = |r: &serde_json::Value| r["weight_bytes_per_token"].as_f64().unwrap();
+    assert!(bytes(&rows[1]) < bytes(&rows[0]), "{out}");
+
+    // A K' the model does not have is a one-line error.
+    let out = beam(&[
+        "bench",
+        "--model",
+        "assets/models/tiny-qwen3_moe",
+        "--keep",
+        "99",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--keep 99"));
 }

@@ -297,10 +297,15 @@ fn broken_shard_index() {
 #[test]
 fn half_precision_weights_load_to_their_f32_values() {
     // Round every weight to bf16 / f16, store it once as f32 and once in the half type: the two
-    // checkpoints must give identical logits.
-    for (tag, dtype) in [("bf16", Dtype::BF16), ("f16", Dtype::F16)] {
-        let rounded = Scratch::copy_of("qwen3_moe", &format!("{tag}-f32"));
-        let half = Scratch::copy_of("qwen3_moe", tag);
+    // checkpoints must give identical logits. Per-expert (qwen3_moe) and fused (olmoe) experts.
+    for (family, tag, dtype) in [
+        ("qwen3_moe", "bf16", Dtype::BF16),
+        ("qwen3_moe", "f16", Dtype::F16),
+        ("olmoe", "bf16", Dtype::BF16),
+        ("olmoe", "f16", Dtype::F16),
+    ] {
+        let rounded = Scratch::copy_of(family, &format!("{family}-{tag}-f32"));
+        let half = Scratch::copy_of(family, &format!("{family}-{tag}"));
         let convert = |keep_f32: bool| {
             move |t: &mut BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)>| {
                 for (d, _, bytes) in t.values_mut() {
@@ -354,7 +359,7 @@ fn half_precision_weights_load_to_their_f32_values() {
         let a = logits(rounded.load().unwrap());
         let b = logits(half.load().unwrap());
         assert!(a.iter().any(|v| *v != 0.0));
-        assert_eq!(a, b, "{tag}");
+        assert_eq!(a, b, "{family} {tag}");
     }
 }
 

@@ -233,3 +233,35 @@ fn the_shipped_trained_model_matches_transformers() {
     let out = model.forward(ids(&tokens), None, MaskMode::TopK, HiddenStates::Skip);
     assert_close(&values(out.logits), &expected, 1e-4, "kjv-moe logits");
 }
+
+#[test]
+fn weights_read_per_decoded_token_count_only_the_experts_that_run() {
+    use beam_model::model::config::ModelConfig;
+    for family in ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"] {
+        let config =
+            ModelConfig::from_dir(repo_root().join(format!("assets/models/tiny-{family}")))
+                .unwrap();
+        let (h, v, e) = (
+            config.hidden_size as f64,
+            config.vocab_size as f64,
+            config.moe.num_experts as f64,
+        );
+        let all = config.weights_read_per_token(e, 0);
+        // Every parameter but the embedding rows of other tokens (untied), or exactly the LM head
+        // counted once more for the one embedding row (tied).
+        let expected = if config.tie_word_embeddings {
+            config.parameters() as f64 + h
+        } else {
+            config.parameters() as f64 - (v - 1.0) * h
+        };
+        assert_eq!(all, expected, "{family}");
+        // One expert fewer per MoE layer reads one expert's 3·H·I weights fewer per MoE layer.
+        let expert = 3.0 * h * config.moe.intermediate_size as f64;
+        let fewer = config.weights_read_per_token(e - 1.0, 0);
+        let moe_layers = config.num_moe_layers() as f64;
+        assert!((all - fewer - moe_layers * expert).abs() < 1e-6, "{family}");
+        // A BEAM mask router of E outputs per MoE layer adds E·(H + 2) per MoE layer.
+        let with_mask = config.weights_read_per_token(e, config.moe.num_experts);
+        assert_eq!(with_mask - all, moe_layers * e * (h + 2.0), "{family}");
+    }
+}

@@ -2,8 +2,10 @@
 //! the tensor and what was expected. Which tensor goes where in a model is
 //! [`crate::model::load`]'s job.
 //!
-//! Only safetensors is read (never pickles). Tensors stored as f32, f16, bf16 or f64 are converted
-//! to the backend's float type.
+//! Only safetensors is read (never pickles). Files are memory-mapped, never read whole into memory;
+//! headers can be read alone ([`TensorStore::open_dir_headers`]). Tensors stored as f32, f16, bf16
+//! or f64 are converted straight into the buffer that becomes the backend tensor, and the mapped
+//! pages are released from the process after each tensor.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -14,6 +16,30 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::tensor::TensorInfo;
 use safetensors::{Dtype, SafeTensors};
+
+/// What a checkpoint's headers describe ([`TensorStore::summary`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreSummary {
+    /// Safetensors files.
+    pub files: usize,
+    /// Their total size on disk.
+    pub file_bytes: u64,
+    /// Per dtype (`"BF16"`, `"F32"`, …).
+    pub by_dtype: BTreeMap<String, DtypeSummary>,
+    /// Files whose size does not match their header.
+    pub bad_length: Vec<PathBuf>,
+}
+
+/// Tensors of one dtype in a [`StoreSummary`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DtypeSummary {
+    /// Number of tensors.
+    pub tensors: usize,
+    /// Elements in them.
+    pub elements: u64,
+    /// Bytes they take.
+    pub bytes: u64,
+}
 
 /// Why a checkpoint could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -84,49 +110,182 @@ pub enum LoadError {
     },
 }
 
-/// One safetensors file held in memory.
+/// The bytes of a shard's tensors: the file mapped into memory (pages are read from disk when a
+/// tensor is first touched, and shared with the page cache), or a buffer already in memory.
+enum ShardData {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl ShardData {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Mapped(map) => map,
+            Self::Owned(bytes) => bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for ShardData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            Self::Mapped(_) => "mapped",
+            Self::Owned(_) => "owned",
+        };
+        write!(f, "{kind} ({} bytes)", self.bytes().len())
+    }
+}
+
+/// One safetensors file: its parsed header, and its bytes unless the store was opened for
+/// headers only.
 #[derive(Debug)]
 struct Shard {
     path: PathBuf,
-    bytes: Vec<u8>,
     /// Offset of the data section (after the 8-byte length and the JSON header).
     data_start: usize,
+    /// Bytes the header says the data section holds.
+    data_len: usize,
+    /// Size of the file (or buffer).
+    file_len: u64,
+    tensors: Vec<(String, TensorInfo)>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+    data: Option<ShardData>,
 }
 
+/// Header size limit (as the safetensors crate's): a corrupted length field cannot make the
+/// reader allocate more.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
 impl Shard {
-    fn open(path: &Path) -> Result<Self, LoadError> {
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+    /// Reads the header of `path`; with `map`, also maps the file and checks that its size is what
+    /// the header says.
+    fn open(path: &Path, map: bool) -> Result<Self, LoadError> {
+        use std::io::Read;
+        let io = |source| LoadError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
-        Ok(Self {
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let file_len = file.metadata().map_err(io)?.len();
+        let format = |reason: String| LoadError::Format {
             path: path.to_path_buf(),
-            bytes,
-            data_start: 0,
-        })
+            reason,
+        };
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|_| format(format!("{file_len} bytes: too short for a header")))?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+            return Err(format(format!(
+                "header length {header_len} does not fit the file ({file_len} bytes)"
+            )));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(io)?;
+        let mut shard = Self::from_header(path, &header, file_len)?;
+        if map {
+            shard.check_length()?;
+            // SAFETY: the mapping is read-only and private. Like every reader that maps model
+            // files (safetensors, llama.cpp), this assumes nobody truncates or rewrites the file
+            // while it is loaded; the header was checked against the file's size above.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+            shard.data = Some(ShardData::Mapped(map));
+        }
+        Ok(shard)
     }
 
-    /// Parses and validates the header (offsets and sizes are checked against the buffer) and
-    /// returns its tensors; sets where the data section starts.
-    fn read_header(&mut self) -> Result<Vec<(String, TensorInfo)>, LoadError> {
-        let (header_len, metadata) =
-            SafeTensors::read_metadata(&self.bytes).map_err(|err| LoadError::Format {
-                path: self.path.clone(),
+    /// A shard whose bytes are already in memory.
+    fn from_bytes(path: PathBuf, bytes: Vec<u8>) -> Result<Self, LoadError> {
+        let (header_len, _) =
+            SafeTensors::read_metadata(&bytes).map_err(|err| LoadError::Format {
+                path: path.clone(),
                 reason: err.to_string(),
             })?;
-        self.data_start = 8 + header_len;
-        Ok(metadata
+        let mut shard = Self::from_header(&path, &bytes[8..8 + header_len], bytes.len() as u64)?;
+        shard.data = Some(ShardData::Owned(bytes));
+        Ok(shard)
+    }
+
+    /// Parses and validates the JSON header (offsets contiguous and sized by dtype and shape).
+    fn from_header(path: &Path, header: &[u8], file_len: u64) -> Result<Self, LoadError> {
+        let format = |reason: String| LoadError::Format {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::str::from_utf8(header).map_err(|e| format(format!("header: {e}")))?;
+        let metadata: safetensors::tensor::Metadata =
+            serde_json::from_str(text).map_err(|e| format(format!("header: {e}")))?;
+        let tensors: Vec<(String, TensorInfo)> = metadata
             .tensors()
             .into_iter()
             .map(|(name, info)| (name, info.clone()))
-            .collect())
+            .collect();
+        let data_len = tensors
+            .iter()
+            .map(|(_, info)| info.data_offsets.1)
+            .max()
+            .unwrap_or(0);
+        Ok(Self {
+            path: path.to_path_buf(),
+            data_start: 8 + header.len(),
+            data_len,
+            file_len,
+            tensors,
+            metadata: metadata.metadata().clone(),
+            data: None,
+        })
+    }
+
+    /// The file must be exactly header + data long (a truncated download fails here).
+    fn check_length(&self) -> Result<(), LoadError> {
+        let needed = (self.data_start + self.data_len) as u64;
+        if needed == self.file_len {
+            return Ok(());
+        }
+        Err(LoadError::Format {
+            path: self.path.clone(),
+            reason: format!(
+                "the header describes {needed} bytes, the file has {} (truncated or padded)",
+                self.file_len
+            ),
+        })
     }
 
     /// The bytes of a tensor described by this shard's header.
-    fn data(&self, info: &TensorInfo) -> &[u8] {
+    fn data(&self, name: &str, info: &TensorInfo) -> Result<&[u8], LoadError> {
+        let data = self.data.as_ref().ok_or_else(|| LoadError::Format {
+            path: self.path.clone(),
+            reason: format!("tensor `{name}`: the store was opened for headers only"),
+        })?;
         let (start, end) = info.data_offsets;
-        &self.bytes[self.data_start + start..self.data_start + end]
+        Ok(&data.bytes()[self.data_start + start..self.data_start + end])
     }
+
+    /// Drops the process's mapping of `bytes` (a range of this shard's mapping) once a tensor has
+    /// been converted, so the mapped pages stop counting towards the resident set; the kernel keeps
+    /// them in its page cache.
+    #[cfg(unix)]
+    fn release(&self, bytes: &[u8]) {
+        let Some(ShardData::Mapped(map)) = &self.data else {
+            return;
+        };
+        let offset = bytes.as_ptr() as usize - map.as_ptr() as usize;
+        // Whole pages inside the range only.
+        let page = 4096;
+        let start = offset.div_ceil(page) * page;
+        let end = (offset + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: nothing borrows these bytes any more (the caller has finished converting
+            // them); a read-only private file mapping re-reads dropped pages from the file on the
+            // next access, so later reads still see the file's contents.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn release(&self, _bytes: &[u8]) {}
 }
 
 /// The tensors of a checkpoint: one safetensors file, or the shards listed by
@@ -141,27 +300,40 @@ pub struct TensorStore {
 }
 
 impl TensorStore {
-    /// A single safetensors file.
+    /// A single safetensors file, memory-mapped: tensor bytes are read from disk when they are
+    /// first used, never copied whole into memory.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, LoadError> {
-        Self::from_shards(vec![Shard::open(path.as_ref())?])
+        Self::from_shards(vec![Shard::open(path.as_ref(), true)?])
+    }
+
+    /// A single safetensors file's header only: names, dtypes, shapes and metadata, without
+    /// reading (or even checking the presence of) tensor data. Reading a tensor from such a store
+    /// is a [`LoadError::Format`].
+    pub fn open_header(path: impl AsRef<Path>) -> Result<Self, LoadError> {
+        Self::from_shards(vec![Shard::open(path.as_ref(), false)?])
     }
 
     /// A safetensors file already in memory; `path` names it in errors.
     pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self, LoadError> {
-        Self::from_shards(vec![Shard {
-            path: path.into(),
-            bytes,
-            data_start: 0,
-        }])
+        Self::from_shards(vec![Shard::from_bytes(path.into(), bytes)?])
     }
 
     /// The checkpoint in a Hugging Face folder: `model.safetensors.index.json` and its shards if
-    /// present, else `model.safetensors`.
+    /// present, else `model.safetensors`; every file memory-mapped.
     pub fn open_dir(dir: impl AsRef<Path>) -> Result<Self, LoadError> {
-        let dir = dir.as_ref();
+        Self::open_dir_with(dir.as_ref(), true)
+    }
+
+    /// The headers of the checkpoint in a Hugging Face folder (see [`open_header`](Self::open_header)):
+    /// what `beam info` reads, whatever the size of the weights.
+    pub fn open_dir_headers(dir: impl AsRef<Path>) -> Result<Self, LoadError> {
+        Self::open_dir_with(dir.as_ref(), false)
+    }
+
+    fn open_dir_with(dir: &Path, map_data: bool) -> Result<Self, LoadError> {
         let index_path = dir.join("model.safetensors.index.json");
         if !index_path.exists() {
-            return Self::open(dir.join("model.safetensors"));
+            return Self::from_shards(vec![Shard::open(&dir.join("model.safetensors"), map_data)?]);
         }
         let text = std::fs::read_to_string(&index_path).map_err(|source| LoadError::Io {
             path: index_path.clone(),
@@ -191,7 +363,7 @@ impl TensorStore {
         }
         let shards = files
             .iter()
-            .map(|file| Shard::open(&dir.join(file)))
+            .map(|file| Shard::open(&dir.join(file), map_data))
             .collect::<Result<Vec<_>, _>>()?;
         let store = Self::from_shards(shards)?;
         // Every tensor the index names must be in the shard it names.
@@ -207,11 +379,11 @@ impl TensorStore {
         Ok(store)
     }
 
-    fn from_shards(mut shards: Vec<Shard>) -> Result<Self, LoadError> {
+    fn from_shards(shards: Vec<Shard>) -> Result<Self, LoadError> {
         let mut index = BTreeMap::new();
-        for (i, shard) in shards.iter_mut().enumerate() {
-            for (name, info) in shard.read_header()? {
-                index.insert(name, (i, info));
+        for (i, shard) in shards.iter().enumerate() {
+            for (name, info) in &shard.tensors {
+                index.insert(name.clone(), (i, info.clone()));
             }
         }
         Ok(Self {
@@ -219,6 +391,34 @@ impl TensorStore {
             index,
             used: RefCell::new(BTreeSet::new()),
         })
+    }
+
+    /// The `__metadata__` map of the (first) file's header.
+    pub fn metadata(&self) -> Option<&std::collections::HashMap<String, String>> {
+        self.shards.first().and_then(|s| s.metadata.as_ref())
+    }
+
+    /// What the headers say, without reading tensor data: tensors, elements and bytes per dtype,
+    /// and the files whose size does not match their header (truncated or padded).
+    pub fn summary(&self) -> StoreSummary {
+        let mut by_dtype: BTreeMap<String, DtypeSummary> = BTreeMap::new();
+        for (_, info) in self.index.values() {
+            let entry = by_dtype.entry(format!("{:?}", info.dtype)).or_default();
+            entry.tensors += 1;
+            entry.elements += info.shape.iter().product::<usize>() as u64;
+            entry.bytes += (info.data_offsets.1 - info.data_offsets.0) as u64;
+        }
+        StoreSummary {
+            files: self.shards.len(),
+            file_bytes: self.shards.iter().map(|s| s.file_len).sum(),
+            by_dtype,
+            bad_length: self
+                .shards
+                .iter()
+                .filter(|s| s.check_length().is_err())
+                .map(|s| s.path.clone())
+                .collect(),
+        }
     }
 
     /// All tensor names, sorted.
@@ -259,27 +459,57 @@ impl TensorStore {
         }
     }
 
+    fn entry(&self, name: &str) -> Result<(&Shard, &TensorInfo), LoadError> {
+        let (shard, info) = self.index.get(name).ok_or_else(|| LoadError::Missing {
+            path: self.path_of(name).to_path_buf(),
+            name: name.to_string(),
+        })?;
+        Ok((&self.shards[*shard], info))
+    }
+
     fn view<T>(
         &self,
         name: &str,
         read: impl FnOnce(&Path, &TensorInfo, &[u8]) -> Result<T, LoadError>,
     ) -> Result<T, LoadError> {
-        let (shard, info) = self.index.get(name).ok_or_else(|| LoadError::Missing {
-            path: self.path_of(name).to_path_buf(),
-            name: name.to_string(),
-        })?;
-        let shard = &self.shards[*shard];
+        let (shard, info) = self.entry(name)?;
+        let bytes = shard.data(name, info)?;
         self.used.borrow_mut().insert(name.to_string());
-        read(&shard.path, info, shard.data(info))
+        let out = read(&shard.path, info, bytes);
+        shard.release(bytes);
+        out
     }
 
-    /// Shape of a tensor.
+    /// Shape of a tensor (from the header; no data is read).
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
-        self.view(name, |_, info, _| Ok(info.shape.clone()))
+        let (_, info) = self.entry(name)?;
+        self.used.borrow_mut().insert(name.to_string());
+        Ok(info.shape.clone())
     }
 
     /// A float tensor as f32 values, checked against `expected` shape.
     pub fn f32_values(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, LoadError> {
+        let mut values = vec![0.0f32; expected.iter().product()];
+        self.read_f32_into(name, expected, &mut values)?;
+        Ok(values)
+    }
+
+    /// Converts a float tensor of shape `expected` straight into `out` (`expected`'s element
+    /// count long): no intermediate buffer, the mapped pages released afterwards.
+    ///
+    /// # Panics
+    /// If `out` is not `expected`'s element count long (a caller bug).
+    pub fn read_f32_into(
+        &self,
+        name: &str,
+        expected: &[usize],
+        out: &mut [f32],
+    ) -> Result<(), LoadError> {
+        assert_eq!(
+            out.len(),
+            expected.iter().product::<usize>(),
+            "{name}: buffer size"
+        );
         self.view(name, |path, info, bytes| {
             if info.shape != expected {
                 return Err(LoadError::Shape {
@@ -289,23 +519,18 @@ impl TensorStore {
                     actual: info.shape.clone(),
                 });
             }
-            Ok(match info.dtype {
-                Dtype::F32 => bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                Dtype::F16 => bytes
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                Dtype::BF16 => bytes
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                Dtype::F64 => bytes
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().expect("8-byte chunk")) as f32)
-                    .collect(),
+            macro_rules! convert {
+                ($width:literal, $f:expr) => {
+                    for (o, b) in out.iter_mut().zip(bytes.chunks_exact($width)) {
+                        *o = $f(b.try_into().expect("chunk width"));
+                    }
+                };
+            }
+            match info.dtype {
+                Dtype::F32 => convert!(4, f32::from_le_bytes),
+                Dtype::F16 => convert!(2, |b| half::f16::from_le_bytes(b).to_f32()),
+                Dtype::BF16 => convert!(2, |b| half::bf16::from_le_bytes(b).to_f32()),
+                Dtype::F64 => convert!(8, |b| f64::from_le_bytes(b) as f32),
                 other => {
                     return Err(LoadError::Dtype {
                         path: path.to_path_buf(),
@@ -314,7 +539,8 @@ impl TensorStore {
                         actual: format!("{other:?}"),
                     })
                 }
-            })
+            }
+            Ok(())
         })
     }
 
@@ -364,16 +590,21 @@ impl TensorStore {
         self.tensor(name, expected, device).map(Param::from_tensor)
     }
 
-    /// Per-expert 2-D tensors `names(e)`, concatenated in expert order (`[E, rows, cols]`).
+    /// Per-expert tensors stacked into one `[E, parts · rows, cols]` buffer: expert `e`'s block
+    /// holds `parts[0](e)`, then `parts[1](e)`, … (each `[rows, cols]`), converted straight into
+    /// place. `[gate, up]` gives transformers' fused `gate_up_proj` layout.
     pub fn stacked(
         &self,
-        names: impl Fn(usize) -> String,
+        parts: &[&dyn Fn(usize) -> String],
         experts: usize,
         [rows, cols]: [usize; 2],
     ) -> Result<Vec<f32>, LoadError> {
-        let mut values = Vec::with_capacity(experts * rows * cols);
-        for e in 0..experts {
-            values.extend(self.f32_values(&names(e), &[rows, cols])?);
+        let part = rows * cols;
+        let mut values = vec![0.0f32; experts * parts.len() * part];
+        for (e, block) in values.chunks_exact_mut(parts.len() * part).enumerate() {
+            for (name, out) in parts.iter().zip(block.chunks_exact_mut(part)) {
+                self.read_f32_into(&name(e), &[rows, cols], out)?;
+            }
         }
         Ok(values)
     }

@@ -29,6 +29,12 @@ pub enum MaskRule {
         /// Scale of the entropy-to-K map (> 0).
         alpha: f64,
     },
+    /// A fixed smaller K: every token keeps its `k` highest-weight slots (what an expert-count
+    /// override does, e.g. llama.cpp's, but with the kept weights left as routed).
+    FixedK {
+        /// Slots kept per token, in `1..=K` (more than K keeps all).
+        k: usize,
+    },
 }
 
 impl MaskRule {
@@ -38,6 +44,7 @@ impl MaskRule {
             MaskRule::DynamicSkip { .. } => "dynamic-skip",
             MaskRule::TopP { .. } => "top-p",
             MaskRule::EntropyK { .. } => "entropy-k",
+            MaskRule::FixedK { .. } => "fixed-k",
         }
     }
 
@@ -47,6 +54,7 @@ impl MaskRule {
             MaskRule::DynamicSkip { beta } => beta,
             MaskRule::TopP { p } => p,
             MaskRule::EntropyK { alpha } => alpha,
+            MaskRule::FixedK { k } => k as f64,
         }
     }
 
@@ -88,6 +96,10 @@ impl MaskRule {
                 let keep = entropy.mul_scalar(scale).ceil().clamp(1.0, top_k as f64);
                 let rank = ranked_before(chosen).sum_dim(2).squeeze_dim(2);
                 rank.lower(keep).float()
+            }
+            MaskRule::FixedK { k } => {
+                let rank = ranked_before(weights).sum_dim(2).squeeze_dim(2);
+                rank.lower_elem(k as f64).float()
             }
         }
     }
@@ -155,6 +167,18 @@ mod tests {
         assert_eq!(mask, vec![1.0, 1.0, 0.0, 1.0, 1.0, 1.0]);
         let mask = run(MaskRule::TopP { p: 0.5 }, SCORES, IDS, WEIGHTS);
         assert_eq!(mask, vec![1.0, 0.0, 0.0, 1.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn fixed_k_keeps_the_k_highest_weight_slots() {
+        // Token 1's weights tie: slot order breaks the tie.
+        let weights = [[0.15, 0.5, 0.3], [0.25, 0.25, 0.25]];
+        let mask = run(MaskRule::FixedK { k: 1 }, SCORES, IDS, weights);
+        assert_eq!(mask, vec![0.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
+        let mask = run(MaskRule::FixedK { k: 2 }, SCORES, IDS, weights);
+        assert_eq!(mask, vec![0.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
+        let mask = run(MaskRule::FixedK { k: 5 }, SCORES, IDS, weights);
+        assert!(mask.iter().all(|m| *m == 1.0));
     }
 
     #[test]

@@ -15,8 +15,9 @@ use burn::tensor::backend::Backend;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
+use super::config::ModelConfig;
 use super::{ModelError, MoeLm};
-use crate::checkpoint::TensorStore;
+use crate::checkpoint::{LoadError, TensorStore};
 use crate::config::{check_threshold, BeamMaskConfig, ConfigError, MaskRouterShape};
 use crate::layer::BeamMoe;
 
@@ -88,42 +89,8 @@ impl<B: Backend> MoeLm<B> {
             path: path.to_path_buf(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
-        let meta = header.metadata().clone().unwrap_or_default();
-        if meta.get("format").map(String::as_str) != Some("beam-adapter") {
-            return Err(bad(
-                "not a BEAM adapter (metadata `format` is not `beam-adapter`)".into(),
-            ));
-        }
-        let family = self.config().family.model_type();
-        if let Some(model_type) = meta.get("model_type").filter(|t| t.as_str() != family) {
-            return Err(bad(format!(
-                "adapter was trained for `{model_type}`, the model is `{family}`"
-            )));
-        }
-        let shape = match meta.get("shape").map(String::as_str) {
-            Some("per_expert") | None => MaskRouterShape::PerExpert,
-            Some("per_slot") => MaskRouterShape::PerSlot,
-            Some(other) => return Err(bad(format!("unknown mask-router shape `{other}`"))),
-        };
-        let number = |key: &str, default: f64| -> Result<f64, ModelError> {
-            meta.get(key).map_or(Ok(default), |v| {
-                v.parse()
-                    .map_err(|_| bad(format!("metadata `{key}` = `{v}` is not a number")))
-            })
-        };
-        let beam = BeamMaskConfig::new()
-            .with_shape(shape)
-            .with_threshold(number("threshold", 0.5)?)
-            .with_renormalize(meta.get("renormalize").is_some_and(|v| v == "true"))
-            // Adapters written before the routing-weight input existed have no such key.
-            .with_weight_feature(meta.get("weight_feature").is_some_and(|v| v == "true"));
-        let store = TensorStore::from_bytes(path, bytes)?;
+        let store = open_adapter(path, |p| TensorStore::open(p))?;
+        let beam = adapter_settings(path, &store, self.config())?;
         let mut model = self
             .enable_beam(beam, device)
             .map_err(|e| bad(e.to_string()))?;
@@ -216,6 +183,109 @@ impl<B: Backend> MoeLm<B> {
             safetensors::serialize(views, Some(metadata)).map_err(|e| bad(e.to_string()))?;
         write_atomically(path, &bytes)
     }
+}
+
+/// Opens an adapter file with `open` (mapped, or headers only); a missing or unreadable file is
+/// [`ModelError::Io`], a malformed one [`ModelError::Adapter`].
+fn open_adapter(
+    path: &Path,
+    open: impl FnOnce(&Path) -> Result<TensorStore, LoadError>,
+) -> Result<TensorStore, ModelError> {
+    open(path).map_err(|err| match err {
+        LoadError::Io { path, source } => ModelError::Io { path, source },
+        other => ModelError::Adapter {
+            path: path.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+/// The settings in an adapter's header metadata, checked against `config` (format and family).
+fn adapter_settings(
+    path: &Path,
+    store: &TensorStore,
+    config: &ModelConfig,
+) -> Result<BeamMaskConfig, ModelError> {
+    let bad = |reason: String| ModelError::Adapter {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = store.metadata().cloned().unwrap_or_default();
+    if meta.get("format").map(String::as_str) != Some("beam-adapter") {
+        return Err(bad(
+            "not a BEAM adapter (metadata `format` is not `beam-adapter`)".into(),
+        ));
+    }
+    let family = config.family.model_type();
+    if let Some(model_type) = meta.get("model_type").filter(|t| t.as_str() != family) {
+        return Err(bad(format!(
+            "adapter was trained for `{model_type}`, the model is `{family}`"
+        )));
+    }
+    let shape = match meta.get("shape").map(String::as_str) {
+        Some("per_expert") | None => MaskRouterShape::PerExpert,
+        Some("per_slot") => MaskRouterShape::PerSlot,
+        Some(other) => return Err(bad(format!("unknown mask-router shape `{other}`"))),
+    };
+    let number = |key: &str, default: f64| -> Result<f64, ModelError> {
+        meta.get(key).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| bad(format!("metadata `{key}` = `{v}` is not a number")))
+        })
+    };
+    Ok(BeamMaskConfig::new()
+        .with_shape(shape)
+        .with_threshold(number("threshold", 0.5)?)
+        .with_renormalize(meta.get("renormalize").is_some_and(|v| v == "true"))
+        // Adapters written before the routing-weight input existed have no such key.
+        .with_weight_feature(meta.get("weight_feature").is_some_and(|v| v == "true")))
+}
+
+/// Reads an adapter's header (no tensor data) and checks it against a model's config: format,
+/// family, settings, and every MoE layer's mask-router tensors present with the right shapes and
+/// nothing else. What `beam info --beam-adapter` reports.
+///
+/// # Errors
+/// [`ModelError::Io`] for a missing file, [`ModelError::Adapter`] for one that does not fit.
+pub fn read_adapter_header(
+    path: impl AsRef<Path>,
+    config: &ModelConfig,
+) -> Result<BeamMaskConfig, ModelError> {
+    let path = path.as_ref();
+    let store = open_adapter(path, |p| TensorStore::open_header(p))?;
+    let beam = adapter_settings(path, &store, config)?;
+    let bad = |reason: String| ModelError::Adapter {
+        path: path.to_path_buf(),
+        reason,
+    };
+    beam.validate().map_err(|e| bad(e.to_string()))?;
+    let outputs = beam.outputs(config.moe.num_experts, config.moe.top_k);
+    let block = config.family.moe_block_name();
+    for (l, _) in config.moe_layers.iter().enumerate().filter(|(_, m)| **m) {
+        let prefix = format!("model.layers.{l}.{block}.mask_router.");
+        let mut expected = vec![
+            ("weight", vec![outputs, config.hidden_size]),
+            ("bias", vec![outputs]),
+        ];
+        if beam.weight_feature {
+            expected.push(("weight_scale", vec![outputs]));
+        }
+        for (tensor, shape) in expected {
+            let name = format!("{prefix}{tensor}");
+            let actual = store.shape(&name)?;
+            if actual != shape {
+                return Err(LoadError::Shape {
+                    path: path.to_path_buf(),
+                    name,
+                    expected: shape,
+                    actual,
+                }
+                .into());
+            }
+        }
+    }
+    store.check_all_used(|_| false)?;
+    Ok(beam)
 }
 
 fn f32_bytes(data: burn::tensor::TensorData) -> Vec<u8> {

@@ -243,6 +243,51 @@ impl ModelConfig {
 
     /// Parameter count of the base model (no BEAM mask routers).
     pub fn parameters(&self) -> u64 {
+        let p = self.parameter_parts();
+        let moe_block = p.experts_per_layer() + p.moe_shared;
+        let layers: u128 = self
+            .moe_layers
+            .iter()
+            .map(|&m| p.attention + if m { moe_block } else { p.dense })
+            .sum();
+        u64::try_from(p.embedding + layers + p.final_norm + p.head).unwrap_or(u64::MAX)
+    }
+
+    /// Weights read to decode one token (a forward of `T = 1`) when each MoE layer runs
+    /// `experts_per_token` routed experts on average: every attention, router, shared-expert,
+    /// dense-MLP and LM-head weight, one embedding row, the final norm, the routed experts that
+    /// run, and BEAM's mask routers of `mask_router_outputs` outputs each (0 without BEAM).
+    /// Decode streams exactly these from memory, so `bytes per weight × this ÷ memory bandwidth`
+    /// bounds decode speed.
+    pub fn weights_read_per_token(
+        &self,
+        experts_per_token: f64,
+        mask_router_outputs: usize,
+    ) -> f64 {
+        let p = self.parameter_parts();
+        // Weight [H, outputs], bias and routing-weight scale [outputs].
+        let mask = mask_router_outputs as u128 * (p.hidden + 2);
+        let layers: f64 = self
+            .moe_layers
+            .iter()
+            .map(|&m| {
+                let ff = if m {
+                    (p.moe_shared + mask) as f64 + experts_per_token * p.expert as f64
+                } else {
+                    p.dense as f64
+                };
+                p.attention as f64 + ff
+            })
+            .sum();
+        let head = if self.tie_word_embeddings {
+            p.embedding
+        } else {
+            p.head
+        };
+        layers + (p.hidden + p.final_norm + head) as f64
+    }
+
+    fn parameter_parts(&self) -> ParameterParts {
         // u128: a corrupted config must not overflow (sizes are bounded, products may not be).
         let n = |v: usize| v as u128;
         let (h, v) = (n(self.hidden_size), n(self.vocab_size));
@@ -258,20 +303,44 @@ impl ModelConfig {
             QkNorm::PerHead => 2 * n(self.head_dim),
             QkNorm::Whole => q + kv,
         };
-        let attention = h * q + 2 * h * kv + q * h + bias + qk_norm + 2 * h;
         let moe = &self.moe;
-        let moe_block = n(moe.num_experts) * 3 * h * n(moe.intermediate_size)
-            + n(moe.num_experts) * h
-            + moe.shared_expert.as_ref().map_or(0, |s| {
-                3 * h * n(s.intermediate_size) + if s.gated { h } else { 0 }
-            });
-        let dense = 3 * h * n(self.dense_intermediate_size);
-        let layers: u128 = self
-            .moe_layers
-            .iter()
-            .map(|&m| attention + if m { moe_block } else { dense })
-            .sum();
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        u64::try_from(v * h + layers + h + head).unwrap_or(u64::MAX)
+        ParameterParts {
+            hidden: h,
+            embedding: v * h,
+            attention: h * q + 2 * h * kv + q * h + bias + qk_norm + 2 * h,
+            expert: 3 * h * n(moe.intermediate_size),
+            experts: n(moe.num_experts),
+            moe_shared: n(moe.num_experts) * h
+                + moe.shared_expert.as_ref().map_or(0, |s| {
+                    3 * h * n(s.intermediate_size) + if s.gated { h } else { 0 }
+                }),
+            dense: 3 * h * n(self.dense_intermediate_size),
+            final_norm: h,
+            head: if self.tie_word_embeddings { 0 } else { v * h },
+        }
+    }
+}
+
+/// Parameter counts of a model's parts ([`ModelConfig::parameters`]).
+struct ParameterParts {
+    hidden: u128,
+    embedding: u128,
+    /// Per layer: projections, biases, q/k norms, the two RMSNorms.
+    attention: u128,
+    /// One routed expert.
+    expert: u128,
+    experts: u128,
+    /// Per MoE layer, besides the routed experts: router and shared expert.
+    moe_shared: u128,
+    /// Per dense layer.
+    dense: u128,
+    final_norm: u128,
+    /// Untied LM head (0 when tied).
+    head: u128,
+}
+
+impl ParameterParts {
+    fn experts_per_layer(&self) -> u128 {
+        self.experts * self.expert
     }
 }

@@ -51,12 +51,21 @@ pub struct Generation {
     /// (token, MoE layer) pairs processed: `kept_pairs / routed_tokens` is the mean experts per
     /// token per MoE layer.
     pub routed_tokens: usize,
+    /// The part of [`kept_pairs`](Self::kept_pairs) from the decode steps (one token each).
+    pub decode_kept_pairs: usize,
+    /// The part of [`routed_tokens`](Self::routed_tokens) from the decode steps.
+    pub decode_routed_tokens: usize,
 }
 
 impl Generation {
     /// Mean experts run per token and MoE layer.
     pub fn mean_active_experts(&self) -> f64 {
         self.kept_pairs as f64 / self.routed_tokens.max(1) as f64
+    }
+
+    /// Mean experts per token per MoE layer over the decode steps only.
+    pub fn decode_active_experts(&self) -> f64 {
+        self.decode_kept_pairs as f64 / self.decode_routed_tokens.max(1) as f64
     }
 
     /// Decoded tokens per second (after the first generated token).
@@ -90,6 +99,8 @@ pub fn generate<B: MoeBackend>(
         decode_time: Duration::ZERO,
         kept_pairs: 0,
         routed_tokens: 0,
+        decode_kept_pairs: 0,
+        decode_routed_tokens: 0,
     };
     let mut input = prompt.to_vec();
     while generation.ids.len() < config.max_new_tokens {
@@ -108,12 +119,15 @@ pub fn generate<B: MoeBackend>(
             .to_vec::<f32>()
             .expect("float logits");
         let next = sampler.next(&logits);
-        generation.kept_pairs += out.kept_pairs();
+        let kept = out.kept_pairs();
+        generation.kept_pairs += kept;
         generation.routed_tokens += t * moe_layers;
         if generation.ids.is_empty() {
             generation.prefill_time += start.elapsed();
         } else {
             generation.decode_time += start.elapsed();
+            generation.decode_kept_pairs += kept;
+            generation.decode_routed_tokens += t * moe_layers;
         }
         generation.ids.push(next);
         if config.eos_token_ids.contains(&next) {

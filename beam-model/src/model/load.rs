@@ -181,14 +181,8 @@ pub fn load_moe_block<B: Backend>(
         let [gate, up, down] = names.expert_projections;
         let name =
             |proj: &'static str| move |e: usize| format!("{prefix}experts.{e}.{proj}.weight");
-        let gates = file.stacked(name(gate), e, [i, h])?;
-        let ups = file.stacked(name(up), e, [i, h])?;
-        let mut gate_up = Vec::with_capacity(2 * gates.len());
-        for (g, u) in gates.chunks_exact(i * h).zip(ups.chunks_exact(i * h)) {
-            gate_up.extend_from_slice(g);
-            gate_up.extend_from_slice(u);
-        }
-        let downs = file.stacked(name(down), e, [h, i])?;
+        let gate_up = file.stacked(&[&name(gate), &name(up)], e, [i, h])?;
+        let downs = file.stacked(&[&name(down)], e, [h, i])?;
         (
             Tensor::from_data(TensorData::new(gate_up, [e, 2 * i, h]), &device),
             Tensor::from_data(TensorData::new(downs, [e, h, i]), &device),
@@ -227,10 +221,18 @@ pub fn load_swiglu<B: Backend>(
     device: &B::Device,
 ) -> Result<SharedExpert<B>, LoadError> {
     let (h, i) = (hidden, intermediate);
-    let gate_proj = file.tensor::<B, 2>(&format!("{base}gate_proj.weight"), [i, h], device)?;
-    let up_proj = file.tensor::<B, 2>(&format!("{base}up_proj.weight"), [i, h], device)?;
+    let gate_up = file.stacked(
+        &[&|_| format!("{base}gate_proj.weight"), &|_| {
+            format!("{base}up_proj.weight")
+        }],
+        1,
+        [i, h],
+    )?;
     Ok(SharedExpert {
-        gate_up: Param::from_tensor(Tensor::cat(vec![gate_proj, up_proj], 0)),
+        gate_up: Param::from_tensor(Tensor::from_data(
+            TensorData::new(gate_up, [2 * i, h]),
+            device,
+        )),
         down: file.param(&format!("{base}down_proj.weight"), [h, i], device)?,
         gate: gate
             .map(|name| file.param(name, [1, h], device))

@@ -9,6 +9,8 @@
 //!               [--train mask-routers|routers|all] [--target-active-fraction F] ...
 //! beam eval     --model DIR --data FILE [--adapter LABEL=FILE]... [--peers] [--max-tokens N]
 //!               [--json FILE] [--plot FILE.png] [--layer-plot FILE.png]
+//! beam bench    --model DIR [--beam-adapter FILE | --keep K'] [--prompt-tokens 128]
+//!               [--new-tokens 64] [--json]
 //! ```
 //! Every command takes `--backend ndarray|wgpu|cuda` (ndarray default; the others need the cargo
 //! features of the same name). Errors print one line and exit with status 1.
@@ -23,6 +25,7 @@ use beam_model::MoeBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod bench;
 mod train;
 
 #[derive(Parser)]
@@ -105,6 +108,9 @@ enum Command {
     /// Held-out loss, perplexity, accuracy, experts per token and MoE FLOPs cut of top-K, BEAM
     /// adapters and the training-free peers.
     Eval(train::EvalArgs),
+    /// Whole-model speed, top-K then BEAM: load time, peak RSS, prefill and decode tokens/s,
+    /// experts per token, weight bytes read per decoded token.
+    Bench(bench::BenchArgs),
 }
 
 impl Command {
@@ -113,6 +119,7 @@ impl Command {
             Command::Info { common }
             | Command::Logits { common, .. }
             | Command::Generate { common, .. } => common,
+            Command::Bench(args) => &args.common,
             Command::Train(_) | Command::Eval(_) => {
                 unreachable!("train and eval have their own options")
             }
@@ -180,6 +187,88 @@ fn load<B: MoeBackend>(common: &Common, device: &B::Device) -> Result<MoeLm<B>, 
     Ok(model)
 }
 
+/// `beam info`: `config.json` and the safetensors headers only (no tensor data is read, so it costs
+/// the same for a tiny model and a 100 GB one, and a checkpoint with damaged tensor data still
+/// describes itself), plus the adapter's header when one is given.
+fn info(common: &Common) -> Result<(), String> {
+    use beam_model::checkpoint::TensorStore;
+    use beam_model::model::adapter::read_adapter_header;
+    use beam_model::model::config::ModelConfig;
+
+    let config = ModelConfig::from_dir(&common.model).map_err(|e| e.to_string())?;
+    let store = TensorStore::open_dir_headers(&common.model).map_err(|e| e.to_string())?;
+    if common.threshold.is_some() && common.beam_adapter.is_none() {
+        return Err("--threshold needs --beam-adapter".into());
+    }
+    let beam = match &common.beam_adapter {
+        Some(path) => {
+            let mut beam = read_adapter_header(path, &config).map_err(|e| e.to_string())?;
+            if let Some(threshold) = common.threshold {
+                beam_model::config::check_threshold(threshold).map_err(|e| e.to_string())?;
+                beam.threshold = threshold;
+            }
+            Some(beam)
+        }
+        None => None,
+    };
+    let moe = &config.moe;
+    println!("family:      {}", config.family);
+    println!(
+        "layers:      {} ({} MoE)",
+        config.num_layers,
+        config.num_moe_layers()
+    );
+    println!(
+        "experts:     {} routed, top-{}{}",
+        moe.num_experts,
+        moe.top_k,
+        moe.shared_expert
+            .as_ref()
+            .map_or(String::new(), |s| format!(
+                ", shared expert of size {}",
+                s.intermediate_size
+            ))
+    );
+    println!(
+        "hidden:      {} (expert intermediate {}), heads {}/{} kv, head_dim {}",
+        config.hidden_size,
+        moe.intermediate_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim
+    );
+    println!("vocabulary:  {}", config.vocab_size);
+    println!("parameters:  {}", config.parameters());
+    match (&common.beam_adapter, beam) {
+        (Some(path), Some(beam)) => println!(
+            "BEAM:        adapter {} (threshold {})",
+            path.display(),
+            beam.threshold
+        ),
+        _ => println!("BEAM:        no adapter (plain top-{})", moe.top_k),
+    }
+    let summary = store.summary();
+    let stored: Vec<String> = summary
+        .by_dtype
+        .iter()
+        .map(|(dtype, d)| format!("{dtype} {} params", d.elements))
+        .collect();
+    println!(
+        "stored as:   {} ({:.2} GB in {} file{})",
+        stored.join(", "),
+        summary.file_bytes as f64 / 1e9,
+        summary.files,
+        if summary.files == 1 { "" } else { "s" }
+    );
+    for path in &summary.bad_length {
+        eprintln!(
+            "warning: {}: file size does not match its header (truncated?): loading it will fail",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 fn tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, String> {
     let path = dir.join("tokenizer.json");
     tokenizers::Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))
@@ -201,53 +290,17 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
     match command {
         Command::Train(args) => return train::train::<burn::backend::Autodiff<B>>(args, device),
         Command::Eval(args) => return train::eval::<B>(args, device),
+        Command::Bench(args) => return bench::bench::<B>(args, device),
         _ => {}
     }
     let common = command.common();
+    if let Command::Info { .. } = command {
+        return info(common);
+    }
     let model = load::<B>(common, device)?;
     let config = model.config();
     match command {
-        Command::Info { .. } => {
-            let moe = &config.moe;
-            println!("family:      {}", config.family);
-            println!(
-                "layers:      {} ({} MoE)",
-                config.num_layers,
-                config.num_moe_layers()
-            );
-            println!(
-                "experts:     {} routed, top-{}{}",
-                moe.num_experts,
-                moe.top_k,
-                moe.shared_expert
-                    .as_ref()
-                    .map_or(String::new(), |s| format!(
-                        ", shared expert of size {}",
-                        s.intermediate_size
-                    ))
-            );
-            println!(
-                "hidden:      {} (expert intermediate {}), heads {}/{} kv, head_dim {}",
-                config.hidden_size,
-                moe.intermediate_size,
-                config.num_heads,
-                config.num_kv_heads,
-                config.head_dim
-            );
-            println!("vocabulary:  {}", config.vocab_size);
-            println!("parameters:  {}", config.parameters());
-            match (
-                &common.beam_adapter,
-                model.moe_layers().find_map(|m| m.config().beam.as_ref()),
-            ) {
-                (Some(path), Some(beam)) => println!(
-                    "BEAM:        adapter {} (threshold {})",
-                    path.display(),
-                    beam.threshold
-                ),
-                _ => println!("BEAM:        no adapter (plain top-{})", moe.top_k),
-            }
-        }
+        Command::Info { .. } => unreachable!("answered from the headers above"),
         Command::Logits { ids, .. } => {
             check_ids(ids, config.vocab_size)?;
             let out = model.forward(
@@ -266,7 +319,7 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
             let rows: Vec<&[f32]> = values.chunks(v).take(t).collect();
             println!("{}", serde_json::json!({ "logits": rows }));
         }
-        Command::Train(_) | Command::Eval(_) => unreachable!("handled above"),
+        Command::Train(_) | Command::Eval(_) | Command::Bench(_) => unreachable!("handled above"),
         Command::Generate {
             prompt,
             ids,
