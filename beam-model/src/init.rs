@@ -16,7 +16,13 @@ pub(crate) fn normal_param<B: Backend, const D: usize>(
 ) -> Param<Tensor<B, D>> {
     Param::from_tensor(match init {
         Init::Normal(std) => Tensor::random(shape, Distribution::Normal(0.0, std), device),
-        Init::Placeholder => Tensor::empty(shape, device),
+        // One element, whatever the shape: the loader replaces it at once, and a full-size empty
+        // tensor is zero-filled by some backends (ndarray), which for the experts of a real
+        // checkpoint meant writing gigabytes that were thrown away.
+        Init::Placeholder => {
+            let _ = shape;
+            Tensor::empty([1; D], device)
+        }
     })
 }
 
@@ -25,6 +31,7 @@ pub(crate) fn normal_param<B: Backend, const D: usize>(
 pub(crate) enum Init {
     /// `N(0, std²)`.
     Normal(f64),
-    /// Uninitialised memory for weights a checkpoint overwrites right away (no random draws).
+    /// One-element stand-ins for weights a checkpoint overwrites right away (no random draws, no
+    /// full-size allocation).
     Placeholder,
 }

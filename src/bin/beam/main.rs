@@ -251,7 +251,7 @@ fn info(common: &Common) -> Result<(), String> {
     let stored: Vec<String> = summary
         .by_dtype
         .iter()
-        .map(|(dtype, d)| format!("{dtype} {} params", d.elements))
+        .map(|(dtype, d)| format!("{dtype} {} params", count(d.elements)))
         .collect();
     println!(
         "stored as:   {} ({:.2} GB in {} file{})",
@@ -267,6 +267,15 @@ fn info(common: &Common) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// `50688`, `1.88 M`, `6.92 B`.
+fn count(n: u64) -> String {
+    match n {
+        0..=999_999 => n.to_string(),
+        1_000_000..=999_999_999 => format!("{:.2} M", n as f64 / 1e6),
+        _ => format!("{:.2} B", n as f64 / 1e9),
+    }
 }
 
 fn tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, String> {
