@@ -327,3 +327,47 @@ fn bench_reports_top_k_then_a_smaller_k_as_json() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--keep 99"));
 }
+
+#[test]
+fn out_of_range_options_are_one_line_errors_before_any_work() {
+    let generate = |extra: &[&'static str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            "assets/models/tiny-olmoe",
+            "--ids",
+            "1,2",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    let eval = |extra: &[&'static str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            "assets/models/kjv-moe",
+            "--data",
+            "assets/corpus/kjv-valid.txt.gz",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    for (args, needle) in [
+        (generate(&["--temperature", "NaN"]), "--temperature NaN"),
+        (generate(&["--temperature=-1"]), "--temperature -1"),
+        (generate(&["--temperature", "inf"]), "--temperature inf"),
+        (generate(&["--max-new-tokens", "0"]), "--max-new-tokens"),
+        (generate(&["--top-p", "NaN"]), "--top-p NaN"),
+        (eval(&["--seq-len", "0"]), "seq_len (0)"),
+        (eval(&["--batch-size", "0"]), "batch_size (0)"),
+        (eval(&["--max-tokens", "0"]), "max_tokens (0)"),
+    ] {
+        let out = beam(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -364,6 +364,18 @@ fn half_precision_weights_load_to_their_f32_values() {
 }
 
 #[test]
+fn an_odd_head_dim_is_a_config_error_not_a_rope_failure() {
+    let scratch = Scratch::copy_of("qwen3_moe", "odd-head-dim");
+    scratch.edit_config(|c| c["head_dim"] = 13.into());
+    let err = load_error(scratch.load());
+    assert!(matches!(err, ModelError::Config { .. }), "{err}");
+    assert!(
+        err.to_string().contains("head_dim = 13 must be even"),
+        "{err}"
+    );
+}
+
+#[test]
 fn implausible_sizes_are_rejected_before_allocating() {
     // Found by the config_json fuzz target: a huge layer count used to abort in an allocation.
     let scratch = Scratch::copy_of("olmoe", "huge");

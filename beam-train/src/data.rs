@@ -146,6 +146,12 @@ impl TokenData {
         batch_size: usize,
         max_tokens: Option<usize>,
     ) -> Result<Vec<Batch>, TrainError> {
+        if seq_len == 0 || batch_size == 0 || max_tokens == Some(0) {
+            return Err(TrainError::Config(format!(
+                "seq_len ({seq_len}), batch_size ({batch_size}) and max_tokens ({}) must be positive",
+                max_tokens.map_or("all".to_string(), |m| m.to_string())
+            )));
+        }
         self.check_len(seq_len)?;
         let mut windows = (self.tokens.len() - 1) / seq_len;
         if let Some(max) = max_tokens {

@@ -208,6 +208,12 @@ impl ModelConfig {
                 return Err(format!("`{field}` must be greater than 0"));
             }
         }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(format!(
+                "head_dim = {} must be even (RoPE rotates pairs of dimensions)",
+                self.head_dim
+            ));
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads = {} is not a multiple of num_key_value_heads = {}",

@@ -269,6 +269,33 @@ fn info(common: &Common) -> Result<(), String> {
     Ok(())
 }
 
+/// Range checks of the numeric options, before anything is loaded.
+fn check_options(command: &Command) -> Result<(), String> {
+    if let Command::Generate {
+        max_new_tokens,
+        temperature,
+        top_p,
+        ..
+    } = command
+    {
+        if *max_new_tokens == 0 {
+            return Err("--max-new-tokens must be at least 1".into());
+        }
+        if !(temperature.is_finite() && *temperature >= 0.0) {
+            return Err(format!(
+                "--temperature {temperature} must be a finite number ≥ 0 (0 is greedy)"
+            ));
+        }
+        if !(*top_p > 0.0 && *top_p <= 1.0) {
+            return Err(format!("--top-p {top_p} must be in (0, 1]"));
+        }
+    }
+    if let Some(threshold) = command.common().threshold {
+        beam_model::config::check_threshold(threshold).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// `50688`, `1.88 M`, `6.92 B`.
 fn count(n: u64) -> String {
     match n {
@@ -306,6 +333,7 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
     if let Command::Info { .. } = command {
         return info(common);
     }
+    check_options(command)?;
     let model = load::<B>(common, device)?;
     let config = model.config();
     match command {
@@ -339,9 +367,6 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
             json,
             ..
         } => {
-            if !(*top_p > 0.0 && *top_p <= 1.0) || *temperature < 0.0 {
-                return Err("--top-p must be in (0, 1] and --temperature ≥ 0".into());
-            }
             let tokenizer = tokenizer(&common.model);
             let prompt_ids = match (prompt, ids) {
                 (Some(text), _) => tokenizer
