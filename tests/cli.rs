@@ -371,3 +371,52 @@ fn out_of_range_options_are_one_line_errors_before_any_work() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn generation_stops_at_the_model_context_and_says_so() {
+    // tiny-olmoe: max_position_embeddings 128. A 2-token prompt leaves room for 127 new tokens
+    // (the last one is never fed back, so it needs no position).
+    let out = beam(&[
+        "generate",
+        "--model",
+        "assets/models/tiny-olmoe",
+        "--ids",
+        "1,2",
+        "--max-new-tokens",
+        "20000",
+        "--json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(json["ids"].as_array().unwrap().len(), 127, "{json}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("stopped at the model's context of 128"),
+        "{stderr}"
+    );
+
+    // A prompt longer than the context, and a bench that would pass it, are refused up front.
+    let long = (0..129)
+        .map(|i| (i % 200).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = beam(&[
+        "generate",
+        "--model",
+        "assets/models/tiny-olmoe",
+        "--ids",
+        &long,
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("context of 128"));
+    let out = beam(&[
+        "bench",
+        "--model",
+        "assets/models/tiny-olmoe",
+        "--prompt-tokens",
+        "100",
+        "--new-tokens",
+        "64",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("context of 128"));
+}

@@ -265,3 +265,37 @@ fn weights_read_per_decoded_token_count_only_the_experts_that_run() {
         assert_eq!(with_mask - all, moe_layers * e * (h + 2.0), "{family}");
     }
 }
+
+#[test]
+fn generation_stops_where_the_next_step_would_pass_the_context() {
+    for family in ["olmoe", "mixtral"] {
+        let model = model(family);
+        let context = model
+            .config()
+            .max_position_embeddings
+            .expect("tiny configs set it");
+        let generation = generate(
+            &model,
+            &[1, 2, 3],
+            &GenerateConfig {
+                max_new_tokens: 10 * context,
+                eos_token_ids: Vec::new(),
+                ..Default::default()
+            },
+        );
+        assert!(generation.context_limit_reached, "{family}");
+        assert_eq!(generation.ids.len(), context - 3 + 1, "{family}");
+        // With room to spare the limit is not reported.
+        let short = generate(
+            &model,
+            &[1, 2, 3],
+            &GenerateConfig {
+                max_new_tokens: 4,
+                eos_token_ids: Vec::new(),
+                ..Default::default()
+            },
+        );
+        assert!(!short.context_limit_reached);
+        assert_eq!(short.ids.len(), 4);
+    }
+}

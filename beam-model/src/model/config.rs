@@ -61,6 +61,7 @@ pub struct HfConfig {
     pub use_sliding_window: Option<bool>,
     pub eos_token_id: Option<TokenIds>,
     pub hidden_act: Option<String>,
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl HfConfig {
@@ -191,6 +192,9 @@ pub struct ModelConfig {
     pub moe_layers: Vec<bool>,
     /// End-of-sequence ids.
     pub eos_token_ids: Vec<u32>,
+    /// The context the model was trained for (`max_position_embeddings`), if the config says.
+    #[serde(default)]
+    pub max_position_embeddings: Option<usize>,
 }
 
 impl ModelConfig {

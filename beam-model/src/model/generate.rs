@@ -55,6 +55,9 @@ pub struct Generation {
     pub decode_kept_pairs: usize,
     /// The part of [`routed_tokens`](Self::routed_tokens) from the decode steps.
     pub decode_routed_tokens: usize,
+    /// Generation stopped because the next step would have gone past the model's context
+    /// (`max_position_embeddings`), before `max_new_tokens` or an end-of-sequence id.
+    pub context_limit_reached: bool,
 }
 
 impl Generation {
@@ -75,7 +78,10 @@ impl Generation {
     }
 }
 
-/// Generates up to `config.max_new_tokens` tokens after `prompt` (at least one token).
+/// Generates up to `config.max_new_tokens` tokens after `prompt`, stopping early at an
+/// end-of-sequence id or where the next step would pass the model's context
+/// (`max_position_embeddings`; see [`Generation::context_limit_reached`]). A prompt longer than the
+/// context gives no tokens.
 ///
 /// # Panics
 /// If `prompt` is empty.
@@ -101,9 +107,15 @@ pub fn generate<B: MoeBackend>(
         routed_tokens: 0,
         decode_kept_pairs: 0,
         decode_routed_tokens: 0,
+        context_limit_reached: false,
     };
+    let context = model.config().max_position_embeddings.unwrap_or(usize::MAX);
     let mut input = prompt.to_vec();
     while generation.ids.len() < config.max_new_tokens {
+        if cache.len() + input.len() > context {
+            generation.context_limit_reached = true;
+            break;
+        }
         let start = Instant::now();
         let out = model.forward(
             ids(&input),

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use beam_model::model::config::ModelConfig;
 use beam_model::model::generate::{generate, GenerateConfig, Generation};
 use beam_model::model::MaskMode;
 use beam_model::{MaskRule, MoeBackend};
@@ -42,10 +43,8 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
     if args.prompt_tokens == 0 || args.new_tokens < 2 {
         return Err("--prompt-tokens must be positive and --new-tokens at least 2".into());
     }
-    let start = Instant::now();
-    let model = load::<B>(&args.common, device)?;
-    let load_s = start.elapsed().as_secs_f64();
-    let config = model.config().clone();
+    // Every option is checked against the config before the weights are loaded.
+    let config = ModelConfig::from_dir(&args.common.model).map_err(|e| e.to_string())?;
     let top_k = config.moe.top_k;
     let beam = match (&args.common.beam_adapter, args.keep) {
         (Some(path), _) => (
@@ -65,6 +64,18 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
             (format!("keep-{k}"), MaskMode::Rule(MaskRule::FixedK { k }))
         }
     };
+    if let Some(context) = config.max_position_embeddings {
+        if args.prompt_tokens + args.new_tokens > context {
+            return Err(format!(
+                "--prompt-tokens + --new-tokens = {} exceeds the model's context of {context} \
+                 positions",
+                args.prompt_tokens + args.new_tokens
+            ));
+        }
+    }
+    let start = Instant::now();
+    let model = load::<B>(&args.common, device)?;
+    let load_s = start.elapsed().as_secs_f64();
     let mask_outputs = model
         .moe_layers()
         .next()

@@ -380,6 +380,15 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
                 (None, None) => unreachable!("clap requires --prompt or --ids"),
             };
             check_ids(&prompt_ids, config.vocab_size)?;
+            if let Some(context) = config.max_position_embeddings {
+                if prompt_ids.len() > context {
+                    return Err(format!(
+                        "the prompt has {} tokens, more than the model's context of {context} \
+                         positions (max_position_embeddings)",
+                        prompt_ids.len()
+                    ));
+                }
+            }
             let settings = GenerateConfig {
                 max_new_tokens: *max_new_tokens,
                 temperature: *temperature,
@@ -413,6 +422,12 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
                 config.moe.top_k,
                 if model.has_beam() { " (BEAM)" } else { " (top-K)" },
             );
+            if generation.context_limit_reached {
+                eprintln!(
+                    "[beam] stopped at the model's context of {} positions (max_position_embeddings)",
+                    config.max_position_embeddings.unwrap_or_default()
+                );
+            }
         }
     }
     Ok(())

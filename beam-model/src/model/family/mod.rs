@@ -210,6 +210,7 @@ fn common(
             Some(TokenIds::Many(ids)) => ids.clone(),
             None => Vec::new(),
         },
+        max_position_embeddings: hf.max_position_embeddings.filter(|&n| n > 0),
     })
 }
 
