@@ -179,6 +179,24 @@ fn weight_buffer(len: usize) -> Vec<f32> {
     values
 }
 
+/// [`LoadError::Shape`] unless the header gives `name` the shape `expected`.
+fn shape_matches(
+    path: &Path,
+    name: &str,
+    info: &TensorInfo,
+    expected: &[usize],
+) -> Result<(), LoadError> {
+    if info.shape == expected {
+        return Ok(());
+    }
+    Err(LoadError::Shape {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        expected: expected.to_vec(),
+        actual: info.shape.clone(),
+    })
+}
+
 /// Header size limit (as the safetensors crate's): a corrupted length field cannot make the
 /// reader allocate more.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -507,6 +525,14 @@ impl TensorStore {
         out
     }
 
+    /// Checks a tensor's shape against `expected` from the header alone (no data is read; the
+    /// tensor counts as used): the [`LoadError::Shape`] every read reports.
+    pub fn check_shape(&self, name: &str, expected: &[usize]) -> Result<(), LoadError> {
+        let (shard, info) = self.entry(name)?;
+        self.used.borrow_mut().insert(name.to_string());
+        shape_matches(&shard.path, name, info, expected)
+    }
+
     /// Shape of a tensor (from the header; no data is read).
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
         let (_, info) = self.entry(name)?;
@@ -538,14 +564,7 @@ impl TensorStore {
             "{name}: buffer size"
         );
         self.view(name, |path, info, bytes| {
-            if info.shape != expected {
-                return Err(LoadError::Shape {
-                    path: path.to_path_buf(),
-                    name: name.to_string(),
-                    expected: expected.to_vec(),
-                    actual: info.shape.clone(),
-                });
-            }
+            shape_matches(path, name, info, expected)?;
             macro_rules! convert {
                 ($width:literal, $f:expr) => {
                     for (o, b) in out.iter_mut().zip(bytes.chunks_exact($width)) {

@@ -21,16 +21,16 @@ use crate::checkpoint::{LoadError, TensorStore};
 use crate::config::{check_threshold, BeamMaskConfig, ConfigError, MaskRouterShape};
 use crate::layer::BeamMoe;
 
-fn router_prefix<B: Backend>(model: &MoeLm<B>, layer: usize) -> String {
+fn router_prefix(config: &ModelConfig, layer: usize) -> String {
     format!(
         "model.layers.{layer}.{}.mask_router.",
-        model.config().family.moe_block_name()
+        config.family.moe_block_name()
     )
 }
 
-fn moe_layer_indices<B: Backend>(model: &MoeLm<B>) -> Vec<usize> {
-    (0..model.layers.len())
-        .filter(|&l| model.layers[l].feed_forward.moe().is_some())
+fn moe_layer_indices(config: &ModelConfig) -> Vec<usize> {
+    (0..config.num_layers)
+        .filter(|&l| config.moe_layers[l])
         .collect()
 }
 
@@ -95,8 +95,8 @@ impl<B: Backend> MoeLm<B> {
             .enable_beam(beam, device)
             .map_err(|e| bad(e.to_string()))?;
         let h = model.config().hidden_size;
-        for l in moe_layer_indices(&model) {
-            let prefix = router_prefix(&model, l);
+        for l in moe_layer_indices(model.config()) {
+            let prefix = router_prefix(model.config(), l);
             let moe = model.layers[l].feed_forward.moe_mut().expect("MoE layer");
             let outputs = moe.config().mask_router_outputs();
             let weight = store.tensor::<B, 2>(&format!("{prefix}weight"), [outputs, h], device)?;
@@ -123,13 +123,13 @@ impl<B: Backend> MoeLm<B> {
         };
         let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
         let mut beam = None;
-        for l in moe_layer_indices(self) {
+        for l in moe_layer_indices(self.config()) {
             let moe = self.layers[l].feed_forward.moe().expect("MoE layer");
             let (Some(router), Some(settings)) = (&moe.mask_router, &moe.config().beam) else {
                 return Err(bad(format!("MoE layer {l} has no mask router")));
             };
             beam = Some(settings.clone());
-            let prefix = router_prefix(self, l);
+            let prefix = router_prefix(self.config(), l);
             let weight = router.proj.weight.val().transpose();
             let shape = weight.dims().to_vec();
             tensors.push((
@@ -260,9 +260,8 @@ pub fn read_adapter_header(
     };
     beam.validate().map_err(|e| bad(e.to_string()))?;
     let outputs = beam.outputs(config.moe.num_experts, config.moe.top_k);
-    let block = config.family.moe_block_name();
-    for (l, _) in config.moe_layers.iter().enumerate().filter(|(_, m)| **m) {
-        let prefix = format!("model.layers.{l}.{block}.mask_router.");
+    for l in moe_layer_indices(config) {
+        let prefix = router_prefix(config, l);
         let mut expected = vec![
             ("weight", vec![outputs, config.hidden_size]),
             ("bias", vec![outputs]),
@@ -271,17 +270,7 @@ pub fn read_adapter_header(
             expected.push(("weight_scale", vec![outputs]));
         }
         for (tensor, shape) in expected {
-            let name = format!("{prefix}{tensor}");
-            let actual = store.shape(&name)?;
-            if actual != shape {
-                return Err(LoadError::Shape {
-                    path: path.to_path_buf(),
-                    name,
-                    expected: shape,
-                    actual,
-                }
-                .into());
-            }
+            store.check_shape(&format!("{prefix}{tensor}"), &shape)?;
         }
     }
     store.check_all_used(|_| false)?;
