@@ -8,7 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use beam_model::checkpoint::LoadError;
+use beam_model::checkpoint::{LoadError, TensorStore};
 use beam_model::model::load::load_model;
 use beam_model::model::{HiddenStates, MaskMode, ModelError, MoeLm};
 use burn::backend::NdArray;
@@ -393,4 +393,23 @@ fn implausible_sizes_are_rejected_before_allocating() {
     assert!(load_error(scratch.load())
         .to_string()
         .contains("vocab_size"));
+}
+
+#[test]
+fn a_store_from_bytes_in_memory_reads_like_the_mapped_file() {
+    let path = repo_root().join("assets/models/tiny-olmoe/model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let mapped = TensorStore::open(&path).unwrap();
+    let owned = TensorStore::from_bytes(&path, bytes.clone()).unwrap();
+    assert_eq!(mapped.names(), owned.names());
+    let name = "model.embed_tokens.weight";
+    let shape = mapped.shape(name).unwrap();
+    let values = mapped.f32_values(name, &shape).unwrap();
+    assert!(values.iter().any(|v| *v != 0.0));
+    assert_eq!(values, owned.f32_values(name, &shape).unwrap());
+    // A truncated buffer is the same typed error as a truncated file.
+    let err = TensorStore::from_bytes(&path, bytes[..bytes.len() - 1].to_vec()).unwrap_err();
+    assert!(matches!(err, LoadError::Format { .. }), "{err}");
+    let err = TensorStore::from_bytes(&path, vec![1, 2, 3]).unwrap_err();
+    assert!(matches!(err, LoadError::Format { .. }), "{err}");
 }

@@ -15,7 +15,7 @@ use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use safetensors::tensor::TensorInfo;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 
 /// What a checkpoint's headers describe ([`TensorStore::summary`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +201,18 @@ fn shape_matches(
 /// reader allocate more.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
 
+/// The header length stored in a file's first 8 bytes, checked against the limit and the file.
+fn header_len(path: &Path, len: [u8; 8], file_len: u64) -> Result<usize, LoadError> {
+    let header_len = u64::from_le_bytes(len);
+    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+        return Err(LoadError::Format {
+            path: path.to_path_buf(),
+            reason: format!("header length {header_len} does not fit the file ({file_len} bytes)"),
+        });
+    }
+    Ok(header_len as usize)
+}
+
 impl Shard {
     /// Reads the header of `path`; with `map`, also maps the file and checks that its size is what
     /// the header says.
@@ -219,13 +231,8 @@ impl Shard {
         let mut len = [0u8; 8];
         file.read_exact(&mut len)
             .map_err(|_| format(format!("{file_len} bytes: too short for a header")))?;
-        let header_len = u64::from_le_bytes(len);
-        if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
-            return Err(format(format!(
-                "header length {header_len} does not fit the file ({file_len} bytes)"
-            )));
-        }
-        let mut header = vec![0u8; header_len as usize];
+        let header_len = header_len(path, len, file_len)?;
+        let mut header = vec![0u8; header_len];
         file.read_exact(&mut header).map_err(io)?;
         let mut shard = Self::from_header(path, &header, file_len)?;
         if map {
@@ -239,14 +246,16 @@ impl Shard {
         Ok(shard)
     }
 
-    /// A shard whose bytes are already in memory.
+    /// A shard whose bytes are already in memory: the same checks as [`open`](Self::open).
     fn from_bytes(path: PathBuf, bytes: Vec<u8>) -> Result<Self, LoadError> {
-        let (header_len, _) =
-            SafeTensors::read_metadata(&bytes).map_err(|err| LoadError::Format {
-                path: path.clone(),
-                reason: err.to_string(),
-            })?;
-        let mut shard = Self::from_header(&path, &bytes[8..8 + header_len], bytes.len() as u64)?;
+        let file_len = bytes.len() as u64;
+        let len = bytes.get(..8).ok_or_else(|| LoadError::Format {
+            path: path.clone(),
+            reason: format!("{file_len} bytes: too short for a header"),
+        })?;
+        let header_len = header_len(&path, len.try_into().expect("8 bytes"), file_len)?;
+        let mut shard = Self::from_header(&path, &bytes[8..8 + header_len], file_len)?;
+        shard.check_length()?;
         shard.data = Some(ShardData::Owned(bytes));
         Ok(shard)
     }
