@@ -178,10 +178,8 @@ fn load<B: MoeBackend>(common: &Common, device: &B::Device) -> Result<MoeLm<B>, 
             .load_beam_adapter(adapter, device)
             .map_err(|e| e.to_string())?;
     }
+    // The threshold was checked by `check_options`.
     if let Some(threshold) = common.threshold {
-        if common.beam_adapter.is_none() {
-            return Err("--threshold needs --beam-adapter".into());
-        }
         model = model.with_threshold(threshold).map_err(|e| e.to_string())?;
     }
     Ok(model)
@@ -197,14 +195,11 @@ fn info(common: &Common) -> Result<(), String> {
 
     let config = ModelConfig::from_dir(&common.model).map_err(|e| e.to_string())?;
     let store = TensorStore::open_dir_headers(&common.model).map_err(|e| e.to_string())?;
-    if common.threshold.is_some() && common.beam_adapter.is_none() {
-        return Err("--threshold needs --beam-adapter".into());
-    }
     let beam = match &common.beam_adapter {
         Some(path) => {
             let mut beam = read_adapter_header(path, &config).map_err(|e| e.to_string())?;
+            // Checked by `check_options`.
             if let Some(threshold) = common.threshold {
-                beam_model::config::check_threshold(threshold).map_err(|e| e.to_string())?;
                 beam.threshold = threshold;
             }
             Some(beam)
@@ -269,7 +264,7 @@ fn info(common: &Common) -> Result<(), String> {
     Ok(())
 }
 
-/// Range checks of the numeric options, before anything is loaded.
+/// Range checks of the options of info, logits, generate and bench, before anything is read.
 fn check_options(command: &Command) -> Result<(), String> {
     if let Command::Generate {
         max_new_tokens,
@@ -290,7 +285,11 @@ fn check_options(command: &Command) -> Result<(), String> {
             return Err(format!("--top-p {top_p} must be in (0, 1]"));
         }
     }
-    if let Some(threshold) = command.common().threshold {
+    let common = command.common();
+    if let Some(threshold) = common.threshold {
+        if common.beam_adapter.is_none() {
+            return Err("--threshold needs --beam-adapter".into());
+        }
         beam_model::config::check_threshold(threshold).map_err(|e| e.to_string())?;
     }
     Ok(())
@@ -326,18 +325,19 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
     match command {
         Command::Train(args) => return train::train::<burn::backend::Autodiff<B>>(args, device),
         Command::Eval(args) => return train::eval::<B>(args, device),
+        _ => {}
+    }
+    // Info, logits, generate and bench: every option checked before anything is read.
+    check_options(command)?;
+    let common = command.common();
+    match command {
+        Command::Info { .. } => return info(common),
         Command::Bench(args) => return bench::bench::<B>(args, device),
         _ => {}
     }
-    let common = command.common();
-    if let Command::Info { .. } = command {
-        return info(common);
-    }
-    check_options(command)?;
     let model = load::<B>(common, device)?;
     let config = model.config();
     match command {
-        Command::Info { .. } => unreachable!("answered from the headers above"),
         Command::Logits { ids, .. } => {
             check_ids(ids, config.vocab_size)?;
             let out = model.forward(
@@ -356,7 +356,9 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
             let rows: Vec<&[f32]> = values.chunks(v).take(t).collect();
             println!("{}", serde_json::json!({ "logits": rows }));
         }
-        Command::Train(_) | Command::Eval(_) | Command::Bench(_) => unreachable!("handled above"),
+        Command::Info { .. } | Command::Train(_) | Command::Eval(_) | Command::Bench(_) => {
+            unreachable!("handled above")
+        }
         Command::Generate {
             prompt,
             ids,
