@@ -68,6 +68,99 @@ impl HostFloat for f64 {
     }
 }
 
+/// Weight elements the host kernels read in place, with activations `F`: the same float as the
+/// activations (`f32`, `f64`), or — with the `flex` feature — 16-bit `bf16` / `f16` weights and
+/// `f32` activations, each weight widened to `f32` as it is loaded and accumulated in `f32` (the
+/// bytes read per weight halve; the arithmetic is that of `f32` weights holding the same values).
+pub trait HostWeight<F: HostFloat>: Copy + Send + Sync + 'static {
+    /// `row · inputs[n]` in element `n` for 1 to [`TOKENS_PER_PASS`] inputs as long as `row`
+    /// (the rest are 0), reading `row` once.
+    fn dots(row: &[Self], inputs: &[&[F]]) -> [F; TOKENS_PER_PASS];
+}
+
+impl HostWeight<f32> for f32 {
+    fn dots(row: &[f32], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+        <f32 as HostFloat>::dots(row, inputs)
+    }
+}
+
+impl HostWeight<f64> for f64 {
+    fn dots(row: &[f64], inputs: &[&[f64]]) -> [f64; TOKENS_PER_PASS] {
+        <f64 as HostFloat>::dots(row, inputs)
+    }
+}
+
+/// Widening loads of 16-bit weights for the portable path.
+trait Widen: Copy {
+    fn widen(self) -> f32;
+}
+
+#[cfg(feature = "flex")]
+impl Widen for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+#[cfg(feature = "flex")]
+impl Widen for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// `bf16` weights: AVX2 + FMA on x86-64 CPUs that have them (a `bf16` is the top half of an
+/// `f32`, so widening is a shift), portable otherwise.
+#[cfg(feature = "flex")]
+impl HostWeight<f32> for half::bf16 {
+    fn dots(row: &[Self], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            // SAFETY: the CPU has AVX2 and FMA; `dots_many` checked the lengths.
+            return unsafe { avx2::dots_bf16(row, inputs) };
+        }
+        portable_widening_dots(row, inputs)
+    }
+}
+
+/// `f16` weights: AVX2 + FMA + F16C on x86-64 CPUs that have them, portable otherwise.
+#[cfg(feature = "flex")]
+impl HostWeight<f32> for half::f16 {
+    fn dots(row: &[Self], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has AVX2, FMA and F16C; `dots_many` checked the lengths.
+            return unsafe { avx2::dots_f16(row, inputs) };
+        }
+        portable_widening_dots(row, inputs)
+    }
+}
+
+/// [`portable_dots`] for 16-bit weights: each weight widened to `f32` as it is read.
+#[cfg_attr(not(feature = "flex"), allow(dead_code))]
+fn portable_widening_dots<W: Widen>(row: &[W], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+    let mut out = [0.0; TOKENS_PER_PASS];
+    let mut wide = [0.0f32; 256];
+    let mut done = 0;
+    // Widen a chunk at a time into a stack buffer, then the f32 dot on it: the same sums in the
+    // same order as `f32` weights holding the widened values would give per chunk.
+    while done < row.len() {
+        let len = (row.len() - done).min(wide.len());
+        for (w, r) in wide.iter_mut().zip(&row[done..done + len]) {
+            *w = r.widen();
+        }
+        let chunk: Vec<&[f32]> = inputs.iter().map(|x| &x[done..done + len]).collect();
+        let dots = portable_dots(&wide[..len], &chunk);
+        for (o, d) in out.iter_mut().zip(dots) {
+            *o += d;
+        }
+        done += len;
+    }
+    out
+}
+
 /// Tokens dotted with one weight row per pass over it: the row is loaded once for all of them.
 pub const TOKENS_PER_PASS: usize = 4;
 
@@ -96,12 +189,12 @@ const LANES: usize = 16;
 ///
 /// # Panics
 /// If a slice's length does not match `dims` (callers pass tensors whose shapes they checked).
-pub fn masked_moe_decode<F: HostFloat>(
+pub fn masked_moe_decode<F: HostFloat, W: HostWeight<F>>(
     x: &[F],
     expert_ids: &[i64],
     weights: &[F],
-    gate_up: &[F],
-    down: &[F],
+    gate_up: &[W],
+    down: &[W],
     dims: MoeDims,
 ) -> Vec<F> {
     dims.assert_lengths([
@@ -120,12 +213,12 @@ pub fn masked_moe_decode<F: HostFloat>(
 ///
 /// # Panics
 /// If `plan` or a slice's length does not match `dims`.
-pub fn masked_moe_planned<F: HostFloat>(
+pub fn masked_moe_planned<F: HostFloat, W: HostWeight<F>>(
     x: &[F],
     plan: &DispatchPlan,
     weights: &[F],
-    gate_up: &[F],
-    down: &[F],
+    gate_up: &[W],
+    down: &[W],
     dims: MoeDims,
 ) -> Vec<F> {
     let MoeDims {
@@ -287,8 +380,8 @@ fn blocks_of(
 
 /// Dots rows `rows` of the row-major `matrix` (`row_len` columns) with every input, each row read
 /// once per [`TOKENS_PER_PASS`] inputs: `emit(input, row - rows.start, dot)`.
-fn project<F: HostFloat>(
-    matrix: &[F],
+fn project<F: HostFloat, W: HostWeight<F>>(
+    matrix: &[W],
     row_len: usize,
     rows: core::ops::Range<usize>,
     inputs: &[&[F]],
@@ -315,9 +408,9 @@ fn project<F: HostFloat>(
 ///
 /// # Panics
 /// If `x` is not a whole number of `in_features` rows or `weight` is not `[out, in]`.
-pub fn linear<F: HostFloat>(
+pub fn linear<F: HostFloat, W: HostWeight<F>>(
     x: &[F],
-    weight: &[F],
+    weight: &[W],
     in_features: usize,
     out_features: usize,
 ) -> Vec<F> {
@@ -356,11 +449,11 @@ pub fn linear<F: HostFloat>(
 /// `row · inputs[n]` in element `n` (1 to [`TOKENS_PER_PASS`] inputs; the rest are 0), one pass
 /// over `row`.
 #[inline]
-fn dots_many<F: HostFloat>(row: &[F], inputs: &[&[F]]) -> [F; TOKENS_PER_PASS] {
+fn dots_many<F: HostFloat, W: HostWeight<F>>(row: &[W], inputs: &[&[F]]) -> [F; TOKENS_PER_PASS] {
     for input in inputs {
         assert_eq!(input.len(), row.len(), "dot of unequal lengths");
     }
-    F::dots(row, inputs)
+    W::dots(row, inputs)
 }
 
 /// Portable [`HostFloat::dots`]: [`LANES`] partial sums per dot, combined pairwise at the end.
@@ -414,58 +507,103 @@ mod avx2 {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     }
 
-    /// # Safety
-    /// The CPU must have AVX2 and FMA ([`available`]); every input is as long as `row`.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots(row: &[f32], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
-        let mut out = [0.0; TOKENS_PER_PASS];
-        // SAFETY (all arms): the caller's contract.
-        match *inputs {
-            [a] => out[..1].copy_from_slice(&unsafe { pass(row, [a]) }),
-            [a, b] => out[..2].copy_from_slice(&unsafe { pass(row, [a, b]) }),
-            [a, b, c] => out[..3].copy_from_slice(&unsafe { pass(row, [a, b, c]) }),
-            [a, b, c, d] => out.copy_from_slice(&unsafe { pass(row, [a, b, c, d]) }),
-            _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
-        }
-        out
+    /// The dispatch from a slice of inputs to a fixed-size pass, for one weight type.
+    macro_rules! dots_fn {
+        ($(#[$attr:meta])* $name:ident, $pass:ident, $weight:ty, $features:literal) => {
+            $(#[$attr])*
+            /// # Safety
+            /// The CPU must have the target features; every input is as long as `row`.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(row: &[$weight], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+                let mut out = [0.0; TOKENS_PER_PASS];
+                // SAFETY (all arms): the caller's contract.
+                match *inputs {
+                    [a] => out[..1].copy_from_slice(&unsafe { $pass(row, [a]) }),
+                    [a, b] => out[..2].copy_from_slice(&unsafe { $pass(row, [a, b]) }),
+                    [a, b, c] => out[..3].copy_from_slice(&unsafe { $pass(row, [a, b, c]) }),
+                    [a, b, c, d] => out.copy_from_slice(&unsafe { $pass(row, [a, b, c, d]) }),
+                    _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+                }
+                out
+            }
+        };
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn pass<const N: usize>(row: &[f32], inputs: [&[f32]; N]) -> [f32; N] {
-        let len = row.len();
-        let body = len - len % 16;
-        let mut low = [_mm256_setzero_ps(); N];
-        let mut high = [_mm256_setzero_ps(); N];
-        let mut start = 0;
-        while start < body {
-            // SAFETY: start + 16 <= body <= len, and every input has len elements.
-            unsafe {
-                let w_low = _mm256_loadu_ps(row.as_ptr().add(start));
-                let w_high = _mm256_loadu_ps(row.as_ptr().add(start + 8));
-                for n in 0..N {
-                    let x = inputs[n].as_ptr().add(start);
-                    low[n] = _mm256_fmadd_ps(w_low, _mm256_loadu_ps(x), low[n]);
-                    high[n] = _mm256_fmadd_ps(w_high, _mm256_loadu_ps(x.add(8)), high[n]);
+    /// One pass of `N` dots over `row`: 16 weights a step, loaded as two 8-wide `f32` registers
+    /// by `$load(pointer)`, two accumulators per input; the tail widened by `$widen`.
+    macro_rules! pass_fn {
+        ($name:ident, $weight:ty, $features:literal, $load:expr, $widen:expr) => {
+            #[target_feature(enable = $features)]
+            unsafe fn $name<const N: usize>(row: &[$weight], inputs: [&[f32]; N]) -> [f32; N] {
+                let len = row.len();
+                let body = len - len % 16;
+                let mut low = [_mm256_setzero_ps(); N];
+                let mut high = [_mm256_setzero_ps(); N];
+                let mut start = 0;
+                while start < body {
+                    // SAFETY: start + 16 <= body <= len, and every input has len elements.
+                    unsafe {
+                        let w = row.as_ptr().add(start);
+                        let (w_low, w_high) = ($load(w), $load(w.add(8)));
+                        for n in 0..N {
+                            let x = inputs[n].as_ptr().add(start);
+                            low[n] = _mm256_fmadd_ps(w_low, _mm256_loadu_ps(x), low[n]);
+                            high[n] = _mm256_fmadd_ps(w_high, _mm256_loadu_ps(x.add(8)), high[n]);
+                        }
+                    }
+                    start += 16;
                 }
+                let mut result = [0.0; N];
+                for n in 0..N {
+                    let mut lanes = [0.0f32; 8];
+                    // SAFETY: `lanes` holds 8 floats.
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(low[n], high[n])) };
+                    let quads = [
+                        lanes[0] + lanes[4],
+                        lanes[1] + lanes[5],
+                        lanes[2] + lanes[6],
+                        lanes[3] + lanes[7],
+                    ];
+                    let sum = (quads[0] + quads[2]) + (quads[1] + quads[3]);
+                    result[n] = (body..len).fold(sum, |total, i| total + $widen(row[i]) * inputs[n][i]);
+                }
+                result
             }
-            start += 16;
-        }
-        let mut result = [0.0; N];
-        for n in 0..N {
-            let mut lanes = [0.0f32; 8];
-            // SAFETY: `lanes` holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(low[n], high[n])) };
-            let quads = [
-                lanes[0] + lanes[4],
-                lanes[1] + lanes[5],
-                lanes[2] + lanes[6],
-                lanes[3] + lanes[7],
-            ];
-            let sum = (quads[0] + quads[2]) + (quads[1] + quads[3]);
-            result[n] = (body..len).fold(sum, |total, i| total + row[i] * inputs[n][i]);
-        }
-        result
+        };
     }
+
+    dots_fn!(dots, pass, f32, "avx2,fma");
+    pass_fn!(pass, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |w: f32| w);
+
+    #[cfg(feature = "flex")]
+    dots_fn!(
+        /// `bf16` weights, widened by shifting each into the top half of an `f32`.
+        dots_bf16, pass_bf16, half::bf16, "avx2,fma"
+    );
+    #[cfg(feature = "flex")]
+    pass_fn!(
+        pass_bf16,
+        half::bf16,
+        "avx2,fma",
+        |p: *const half::bf16| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))
+        )),
+        |w: half::bf16| w.to_f32()
+    );
+
+    #[cfg(feature = "flex")]
+    dots_fn!(
+        /// `f16` weights, widened with F16C.
+        dots_f16, pass_f16, half::f16, "avx2,fma,f16c"
+    );
+    #[cfg(feature = "flex")]
+    pass_fn!(
+        pass_f16,
+        half::f16,
+        "avx2,fma,f16c",
+        |p: *const half::f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        |w: half::f16| w.to_f32()
+    );
 }
 
 #[cfg(test)]
@@ -658,7 +796,7 @@ mod tests {
                 }
             }
         }
-        assert!(linear::<f32>(&[], &[0.0; 6], 3, 2).is_empty());
+        assert!(linear::<f32, f32>(&[], &[0.0; 6], 3, 2).is_empty());
     }
 
     #[test]

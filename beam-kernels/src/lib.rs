@@ -18,6 +18,7 @@
 //! | [`reference`] | the burn-tensor-ops reference every backend can run (the traits' defaults; exact gradients under autodiff), a dense check and a host `f64` reference |
 //! | [`plan`] | [`DispatchPlan`] (kept pairs grouped by expert: what every path computes first) and [`MoeDims`] |
 //! | `ndarray.rs` (feature `ndarray`) | burn's `NdArray`: the host kernels on borrowed storage when few pairs per expert are kept, the reference otherwise |
+//! | [`flex`] (feature `flex`) | burn's `Flex`: the host kernels on `f32`, `bf16` or `f16` weights in place (activations `f32`), the reference otherwise |
 //! | `cubecl.rs` (feature `cubecl`) | burn's `CubeBackend` (`Cuda`, `Wgpu`): launches of the cubecl kernels ([`masked_moe`], [`compact_routes`]) |
 //! | `fusion.rs` (feature `fusion`) | burn's `Fusion<B>`: the grouped experts as one custom fusion operation running `B`'s implementation |
 //! | `autodiff.rs` (feature `autodiff`) | burn's `Autodiff<B>`: the reference, differentiated by autodiff |
@@ -52,6 +53,8 @@ pub mod reference;
 mod autodiff;
 #[cfg(feature = "cubecl")]
 mod cubecl;
+#[cfg(feature = "flex")]
+pub mod flex;
 #[cfg(feature = "fusion")]
 mod fusion;
 #[cfg(feature = "cubecl")]
@@ -72,6 +75,7 @@ use burn::tensor::{Int, Tensor, TensorPrimitive};
 /// | backend | implementation |
 /// |---|---|
 /// | `NdArray` (feature `ndarray`) | few kept pairs per expert (decode, or a heavily masked prefill): the host GEMVs ([`host`], AVX2+FMA where the CPU has them) on the weight storage in place; many: the reference |
+/// | `Flex` (feature `flex`) | the host GEMVs on `f32`, `bf16` or `f16` weights in place with `f32` activations (always for 16-bit weights; for `f32` while few pairs per expert are kept), else the reference |
 /// | burn's `CubeBackend` — `Cuda`, `Wgpu` (feature `cubecl`) | the cubecl kernels ([`masked_moe`]): routing compaction on the device, grouped SwiGLU GEMMs, deterministic combine |
 /// | `Fusion<B>` — `Cuda`/`Wgpu` with burn's `fusion` feature (feature `fusion`) | `B`'s implementation, registered as a custom fusion operation |
 /// | `Autodiff<B>` (feature `autodiff`) | the reference, built from burn tensor ops on `Autodiff<B>`: exact gradients for training |
@@ -105,7 +109,8 @@ pub trait GroupedExpertsBackend: Backend {
 /// | backend | implementation |
 /// |---|---|
 /// | `NdArray` (feature `ndarray`) | host GEMV up to 32 rows ([`host::linear`]), else `W · xᵀ` (ndarray's `matmul` would copy a transposed weight) |
-/// | every other backend | the reference, `x.matmul(weight.transpose())` |
+/// | `Flex` (feature `flex`) | host GEMV for 16-bit weights (`bf16`, `f16`; `f32` activations) and for `f32` up to 32 rows, else Flex's `matmul` on the transposed view |
+/// | every other backend | the reference, `x.matmul(weight.transpose())` (a 16-bit weight widened to `x`'s dtype first) |
 pub trait LinearBackend: Backend {
     /// `x · Wᵀ`. The default is [`reference::linear_out_in_reference`].
     ///

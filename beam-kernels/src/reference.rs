@@ -12,7 +12,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::activation::silu;
 use crate::plan::{DispatchPlan, MoeDims};
@@ -77,6 +77,7 @@ pub fn grouped_experts_reference<B: Backend>(
     let [_, top_k] = expert_ids.dims();
     let [experts, _, _] = gate_up.dims();
     let device = x.device();
+    let dtype = x.dtype();
     let ids = expert_ids
         .into_data()
         .convert::<i64>()
@@ -99,10 +100,12 @@ pub fn grouped_experts_reference<B: Backend>(
     let outputs: Vec<Tensor<B, 2>> = plan
         .groups()
         .map(|(expert, start, len)| {
+            // 16-bit weights (Flex, cubecl) are widened to the activations' dtype one routed
+            // expert at a time.
             swiglu(
                 rows.clone().narrow(0, start, len),
-                expert_weights(gate_up.clone(), expert),
-                expert_weights(down.clone(), expert),
+                like(expert_weights(gate_up.clone(), expert), dtype),
+                like(expert_weights(down.clone(), expert), dtype),
             )
         })
         .collect();
@@ -129,12 +132,23 @@ pub fn grouped_experts_primitive<B: Backend>(
 }
 
 /// Reference for [`LinearBackend::linear_out_in`](crate::LinearBackend::linear_out_in):
-/// `x.matmul(weight.transpose())`.
+/// `x.matmul(weight.transpose())`, a weight in another float dtype than `x` (16-bit weights with
+/// `f32` activations) widened to `x`'s first.
 ///
 /// # Shapes
 /// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
 pub fn linear_out_in_reference<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
-    x.matmul(weight.transpose())
+    let dtype = x.dtype();
+    x.matmul(like(weight, dtype).transpose())
+}
+
+/// `tensor` in float dtype `dtype` (unchanged if it is already).
+pub fn like<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if tensor.dtype() == dtype {
+        tensor
+    } else {
+        tensor.cast(dtype)
+    }
 }
 
 /// An independent dense formulation used to check the grouped paths: every expert runs on every

@@ -1,0 +1,314 @@
+//! burn's Flex CPU backend: the host kernels ([`crate::host`]) on the tensors' storage in place,
+//! with weights in `f32`, `bf16` or `f16` and activations in `f32` (or everything in `f64`).
+//!
+//! Flex keeps a tensor's dtype at run time, so a model can hold its weights in the checkpoint's
+//! 16-bit precision (half the bytes of `f32`, the bytes decode has to stream) while its
+//! activations, norms and accumulators stay `f32`:
+//!
+//! - grouped experts: the host GEMVs whenever the weights are 16-bit (each weight widened to
+//!   `f32` as it is loaded; Flex's `matmul` would need an `f32` copy of every routed expert) and,
+//!   for `f32` weights, while the kept pairs per routed expert are few (at most
+//!   [`HOST_MAX_PAIRS_PER_EXPERT`] on average); the tensor-ops reference otherwise;
+//! - `[out, in]` linear layers: the host GEMV for 16-bit weights and for `f32` weights up to
+//!   [`LINEAR_MAX_ROWS`] rows; above, Flex's `matmul` on the transposed view (no copy).
+//!
+//! Anything else (activations in a 16-bit dtype, mixed activation dtypes) runs the reference,
+//! which widens 16-bit weights to the activations' dtype first.
+
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, TensorData, TensorMetadata};
+use half::{bf16, f16};
+
+use crate::host::{linear as host_linear, masked_moe_planned};
+use crate::plan::{DispatchPlan, MoeDims};
+use crate::reference::{grouped_experts_primitive, linear_out_in_reference};
+use crate::{float, primitive, GroupedExpertsBackend, LinearBackend};
+
+impl GroupedExpertsBackend for Flex {
+    fn grouped_experts(
+        x: FloatTensor<Self>,
+        expert_ids: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        gate_up: FloatTensor<Self>,
+        down: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match masked_moe(&x, &expert_ids, &weights, &gate_up, &down) {
+            Some(out) => out,
+            None => grouped_experts_primitive::<Self>(x, expert_ids, weights, gate_up, down),
+        }
+    }
+}
+
+impl LinearBackend for Flex {
+    fn linear_out_in(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        linear(&x, &weight).unwrap_or_else(|| {
+            primitive(linear_out_in_reference::<Self>(float(x), float(weight)))
+        })
+    }
+}
+
+/// Mean kept pairs per routed expert up to which [`masked_moe`] runs the host GEMV on `f32`
+/// weights (16-bit weights always take it); above, Flex's `matmul` through the reference.
+pub const HOST_MAX_PAIRS_PER_EXPERT: usize = 256;
+
+/// Rows of `x` up to which [`linear`] runs the host GEMV on `f32` weights (16-bit weights always
+/// take it); above, Flex's `gemm`-backed `matmul` on the transposed view.
+pub const LINEAR_MAX_ROWS: usize = 32;
+
+/// A tensor's elements as a contiguous row-major slice of `E` (`None` for another dtype).
+fn slice<E: burn::tensor::Element + bytemuck::Pod>(tensor: &FlexTensor) -> Option<&[E]> {
+    tensor.as_slice::<E>()
+}
+
+/// `Some(output)` when the host kernels take the call (see the module docs): `x` and `weights`
+/// `f32` (weights `f32`, `bf16` or `f16`) or all four `f64`, in contiguous row-major storage
+/// (`x` and the routing weights are made contiguous if they are views; the expert weights are
+/// never copied). `None` sends the call to the reference.
+///
+/// # Shapes
+/// As [`GroupedExpertsBackend::grouped_experts`].
+pub fn masked_moe(
+    x: &FlexTensor,
+    expert_ids: &FlexTensor,
+    weights: &FlexTensor,
+    gate_up: &FlexTensor,
+    down: &FlexTensor,
+) -> Option<FlexTensor> {
+    let [tokens, hidden] = x.shape().dims();
+    let [_, top_k] = expert_ids.shape().dims();
+    let [experts, two_i, _] = gate_up.shape().dims();
+    let dims = MoeDims {
+        tokens,
+        top_k,
+        experts,
+        hidden,
+        intermediate: two_i / 2,
+    };
+    let ids = int_values(expert_ids)?;
+    let plan = DispatchPlan::from_ids(&ids, top_k, experts);
+    let sixteen_bit = matches!(gate_up.dtype(), DType::BF16 | DType::F16);
+    if !sixteen_bit && plan.kept() > HOST_MAX_PAIRS_PER_EXPERT * plan.groups().count() {
+        return None;
+    }
+    if gate_up.dtype() != down.dtype() || x.dtype() != weights.dtype() {
+        return None;
+    }
+    let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
+    let out = match (x.dtype(), gate_up.dtype()) {
+        (DType::F32, DType::F32) => output(planned::<f32, f32>(&x, &plan, &weights, gate_up, down, dims)?, dims),
+        (DType::F32, DType::BF16) => output(planned::<f32, bf16>(&x, &plan, &weights, gate_up, down, dims)?, dims),
+        (DType::F32, DType::F16) => output(planned::<f32, f16>(&x, &plan, &weights, gate_up, down, dims)?, dims),
+        (DType::F64, DType::F64) => output(planned::<f64, f64>(&x, &plan, &weights, gate_up, down, dims)?, dims),
+        _ => return None,
+    };
+    Some(out)
+}
+
+fn planned<F, W>(
+    x: &FlexTensor,
+    plan: &DispatchPlan,
+    weights: &FlexTensor,
+    gate_up: &FlexTensor,
+    down: &FlexTensor,
+    dims: MoeDims,
+) -> Option<Vec<F>>
+where
+    F: crate::host::HostFloat + burn::tensor::Element + bytemuck::Pod,
+    W: crate::host::HostWeight<F> + burn::tensor::Element + bytemuck::Pod,
+{
+    Some(masked_moe_planned::<F, W>(
+        slice(x)?,
+        plan,
+        slice(weights)?,
+        slice(gate_up)?,
+        slice(down)?,
+        dims,
+    ))
+}
+
+/// `Some(x · Wᵀ)` from the host GEMV (see the module docs), `None` for the reference.
+///
+/// # Shapes
+/// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
+pub fn linear(x: &FlexTensor, weight: &FlexTensor) -> Option<FlexTensor> {
+    let [rows, in_features] = x.shape().dims();
+    let [out_features, weight_in] = weight.shape().dims();
+    if weight_in != in_features {
+        return None;
+    }
+    let sixteen_bit = matches!(weight.dtype(), DType::BF16 | DType::F16);
+    if !sixteen_bit && rows > LINEAR_MAX_ROWS {
+        return None;
+    }
+    let x = x.to_contiguous();
+    macro_rules! run {
+        ($f:ty, $w:ty) => {{
+            let out = host_linear::<$f, $w>(slice(&x)?, slice(weight)?, in_features, out_features);
+            FlexTensor::from_data(TensorData::new(out, [rows, out_features]))
+        }};
+    }
+    Some(match (x.dtype(), weight.dtype()) {
+        (DType::F32, DType::F32) => run!(f32, f32),
+        (DType::F32, DType::BF16) => run!(f32, bf16),
+        (DType::F32, DType::F16) => run!(f32, f16),
+        (DType::F64, DType::F64) => run!(f64, f64),
+        _ => return None,
+    })
+}
+
+/// The `[T, K]` id table as `i64` (small: read, not borrowed).
+fn int_values(ids: &FlexTensor) -> Option<Vec<i64>> {
+    let ids = ids.to_contiguous();
+    Some(match ids.dtype() {
+        DType::I32 => slice::<i32>(&ids)?.iter().map(|&v| v as i64).collect(),
+        DType::I64 => slice::<i64>(&ids)?.to_vec(),
+        _ => TensorData::from(ids.into_data()).convert::<i64>().into_vec().ok()?,
+    })
+}
+
+fn output<F: burn::tensor::Element>(values: Vec<F>, dims: MoeDims) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, [dims.tokens, dims.hidden]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{linear, masked_moe, LINEAR_MAX_ROWS};
+    use crate::plan::MoeDims;
+    use crate::reference::{grouped_experts_reference, masked_moe_f64};
+    use crate::{grouped_experts, linear_out_in};
+    use burn::backend::flex::{Flex, FlexTensor};
+    use burn::tensor::{DType, Int, Tensor, TensorData};
+    use half::{bf16, f16};
+
+    /// Deterministic O(1) values, none zero.
+    fn values(len: usize, seed: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5 + 0.01)
+            .collect()
+    }
+
+    /// `values` stored in `dtype` and the `f32` values that storage holds (what an `f64`
+    /// reference from the same stored values starts from).
+    fn stored(values: &[f32], shape: Vec<usize>, dtype: DType) -> (FlexTensor, Vec<f32>) {
+        let data = TensorData::new(values.to_vec(), shape).convert_dtype(dtype);
+        let held = data.clone().convert::<f32>().into_vec::<f32>().unwrap();
+        (FlexTensor::from_data(data), held)
+    }
+
+    fn to_f64(tensor: FlexTensor) -> Vec<f64> {
+        tensor.into_data().convert::<f64>().into_vec().unwrap()
+    }
+
+    const DIMS: MoeDims = MoeDims {
+        tokens: 5,
+        top_k: 2,
+        experts: 4,
+        hidden: 40,
+        intermediate: 19,
+    };
+    /// Slot (1, 0) masked (sentinel 4); expert 3 never routed.
+    const IDS: [i64; 10] = [2, 0, 4, 1, 0, 2, 1, 2, 0, 1];
+
+    #[test]
+    fn flex_host_experts_on_16_bit_weights_match_an_f64_reference_from_the_stored_values() {
+        let MoeDims {
+            tokens: t,
+            top_k: k,
+            experts: e,
+            hidden: h,
+            intermediate: i,
+        } = DIMS;
+        let (x, w) = (values(t * h, 0.1), values(t * k, 0.7));
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let (gate_up, gate_up_held) = stored(&values(e * 2 * i * h, 1.3), vec![e, 2 * i, h], dtype);
+            let (down, down_held) = stored(&values(e * h * i, 2.9), vec![e, h, i], dtype);
+            if dtype != DType::F32 {
+                // The stored values really are rounded: the test compares against those.
+                assert_ne!(gate_up_held, values(e * 2 * i * h, 1.3));
+            }
+            let want = masked_moe_f64(&x, &IDS, &w, &gate_up_held, &down_held, DIMS);
+            assert!(want.iter().any(|v| v.abs() > 1e-2), "not a test on zeros");
+            let ids = FlexTensor::from_data(TensorData::new(IDS.to_vec(), [t, k]).convert_dtype(DType::I32));
+            let got = masked_moe(
+                &FlexTensor::from_data(TensorData::new(x.clone(), [t, h])),
+                &ids,
+                &FlexTensor::from_data(TensorData::new(w.clone(), [t, k])),
+                &gate_up,
+                &down,
+            )
+            .expect("f32 activations take the host path");
+            assert_eq!(got.dtype(), DType::F32);
+            for (g, w) in to_f64(got).iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{dtype:?}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn flex_reference_widens_16_bit_weights_and_agrees_with_the_host_path() {
+        let device = Default::default();
+        let MoeDims {
+            tokens: t,
+            top_k: k,
+            experts: e,
+            hidden: h,
+            intermediate: i,
+        } = DIMS;
+        let x = Tensor::<Flex, 2>::from_data(TensorData::new(values(t * h, 0.4), [t, h]), &device);
+        let w = Tensor::<Flex, 2>::from_data(TensorData::new(values(t * k, 0.9), [t, k]), &device);
+        let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(IDS.to_vec(), [t, k]), &device);
+        let gate_up = Tensor::<Flex, 3>::from_data(
+            TensorData::new(values(e * 2 * i * h, 1.7), [e, 2 * i, h]),
+            (&device, DType::BF16),
+        );
+        let down = Tensor::<Flex, 3>::from_data(
+            TensorData::new(values(e * h * i, 0.3), [e, h, i]),
+            (&device, DType::BF16),
+        );
+        assert_eq!(gate_up.dtype(), DType::BF16, "Flex keeps bf16 storage");
+        let host = grouped_experts(x.clone(), ids.clone(), w.clone(), gate_up.clone(), down.clone());
+        let reference = grouped_experts_reference(x, ids, w, gate_up, down);
+        assert_eq!(reference.dtype(), DType::F32);
+        let (host, reference): (Vec<f32>, Vec<f32>) = (
+            host.into_data().to_vec().unwrap(),
+            reference.into_data().to_vec().unwrap(),
+        );
+        for (a, b) in host.iter().zip(&reference) {
+            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn flex_linear_out_in_matches_an_f64_product_in_every_weight_dtype_and_row_count() {
+        let device = Default::default();
+        let (in_f, out_f) = (50, 70);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for rows in [3, LINEAR_MAX_ROWS + 8] {
+                let xs = values(rows * in_f, 0.2);
+                let (weight, held) = stored(&values(out_f * in_f, 1.1), vec![out_f, in_f], dtype);
+                let host = linear(&FlexTensor::from_data(TensorData::new(xs.clone(), [rows, in_f])), &weight);
+                // 16-bit weights always take the host GEMV; f32 up to LINEAR_MAX_ROWS.
+                assert_eq!(host.is_some(), dtype != DType::F32 || rows <= LINEAR_MAX_ROWS);
+                let x = Tensor::<Flex, 2>::from_data(TensorData::new(xs.clone(), [rows, in_f]), &device);
+                let w = Tensor::<Flex, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(weight));
+                let got: Vec<f32> = linear_out_in(x, w).into_data().to_vec().unwrap();
+                for r in 0..rows {
+                    for o in 0..out_f {
+                        let want: f64 = (0..in_f)
+                            .map(|c| xs[r * in_f + c] as f64 * held[o * in_f + c] as f64)
+                            .sum();
+                        let g = got[r * out_f + o] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{dtype:?} {rows} rows ({r}, {o}): {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        // bf16 and f16 widen exactly: the values they hold, not the f32 ones.
+        assert_eq!(bf16::from_f32(0.1).to_f32(), 0.100_097_656);
+        assert_eq!(f16::from_f32(0.1).to_f32(), 0.099_975_586);
+    }
+}
