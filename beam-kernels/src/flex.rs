@@ -42,9 +42,8 @@ impl GroupedExpertsBackend for Flex {
 
 impl LinearBackend for Flex {
     fn linear_out_in(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
-        linear(&x, &weight).unwrap_or_else(|| {
-            primitive(linear_out_in_reference::<Self>(float(x), float(weight)))
-        })
+        linear(&x, &weight)
+            .unwrap_or_else(|| primitive(linear_out_in_reference::<Self>(float(x), float(weight))))
     }
 }
 
@@ -96,10 +95,22 @@ pub fn masked_moe(
     }
     let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
     let out = match (x.dtype(), gate_up.dtype()) {
-        (DType::F32, DType::F32) => output(planned::<f32, f32>(&x, &plan, &weights, gate_up, down, dims)?, dims),
-        (DType::F32, DType::BF16) => output(planned::<f32, bf16>(&x, &plan, &weights, gate_up, down, dims)?, dims),
-        (DType::F32, DType::F16) => output(planned::<f32, f16>(&x, &plan, &weights, gate_up, down, dims)?, dims),
-        (DType::F64, DType::F64) => output(planned::<f64, f64>(&x, &plan, &weights, gate_up, down, dims)?, dims),
+        (DType::F32, DType::F32) => output(
+            planned::<f32, f32>(&x, &plan, &weights, gate_up, down, dims)?,
+            dims,
+        ),
+        (DType::F32, DType::BF16) => output(
+            planned::<f32, bf16>(&x, &plan, &weights, gate_up, down, dims)?,
+            dims,
+        ),
+        (DType::F32, DType::F16) => output(
+            planned::<f32, f16>(&x, &plan, &weights, gate_up, down, dims)?,
+            dims,
+        ),
+        (DType::F64, DType::F64) => output(
+            planned::<f64, f64>(&x, &plan, &weights, gate_up, down, dims)?,
+            dims,
+        ),
         _ => return None,
     };
     Some(out)
@@ -163,7 +174,10 @@ fn int_values(ids: &FlexTensor) -> Option<Vec<i64>> {
     Some(match ids.dtype() {
         DType::I32 => slice::<i32>(&ids)?.iter().map(|&v| v as i64).collect(),
         DType::I64 => slice::<i64>(&ids)?.to_vec(),
-        _ => TensorData::from(ids.into_data()).convert::<i64>().into_vec().ok()?,
+        _ => TensorData::from(ids.into_data())
+            .convert::<i64>()
+            .into_vec()
+            .ok()?,
     })
 }
 
@@ -221,7 +235,8 @@ mod tests {
         } = DIMS;
         let (x, w) = (values(t * h, 0.1), values(t * k, 0.7));
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let (gate_up, gate_up_held) = stored(&values(e * 2 * i * h, 1.3), vec![e, 2 * i, h], dtype);
+            let (gate_up, gate_up_held) =
+                stored(&values(e * 2 * i * h, 1.3), vec![e, 2 * i, h], dtype);
             let (down, down_held) = stored(&values(e * h * i, 2.9), vec![e, h, i], dtype);
             if dtype != DType::F32 {
                 // The stored values really are rounded: the test compares against those.
@@ -229,7 +244,9 @@ mod tests {
             }
             let want = masked_moe_f64(&x, &IDS, &w, &gate_up_held, &down_held, DIMS);
             assert!(want.iter().any(|v| v.abs() > 1e-2), "not a test on zeros");
-            let ids = FlexTensor::from_data(TensorData::new(IDS.to_vec(), [t, k]).convert_dtype(DType::I32));
+            let ids = FlexTensor::from_data(
+                TensorData::new(IDS.to_vec(), [t, k]).convert_dtype(DType::I32),
+            );
             let got = masked_moe(
                 &FlexTensor::from_data(TensorData::new(x.clone(), [t, h])),
                 &ids,
@@ -240,7 +257,10 @@ mod tests {
             .expect("f32 activations take the host path");
             assert_eq!(got.dtype(), DType::F32);
             for (g, w) in to_f64(got).iter().zip(&want) {
-                assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{dtype:?}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
+                    "{dtype:?}: {g} vs {w}"
+                );
             }
         }
     }
@@ -267,7 +287,13 @@ mod tests {
             (&device, DType::BF16),
         );
         assert_eq!(gate_up.dtype(), DType::BF16, "Flex keeps bf16 storage");
-        let host = grouped_experts(x.clone(), ids.clone(), w.clone(), gate_up.clone(), down.clone());
+        let host = grouped_experts(
+            x.clone(),
+            ids.clone(),
+            w.clone(),
+            gate_up.clone(),
+            down.clone(),
+        );
         let reference = grouped_experts_reference(x, ids, w, gate_up, down);
         assert_eq!(reference.dtype(), DType::F32);
         let (host, reference): (Vec<f32>, Vec<f32>) = (
@@ -287,11 +313,21 @@ mod tests {
             for rows in [3, LINEAR_MAX_ROWS + 8] {
                 let xs = values(rows * in_f, 0.2);
                 let (weight, held) = stored(&values(out_f * in_f, 1.1), vec![out_f, in_f], dtype);
-                let host = linear(&FlexTensor::from_data(TensorData::new(xs.clone(), [rows, in_f])), &weight);
+                let host = linear(
+                    &FlexTensor::from_data(TensorData::new(xs.clone(), [rows, in_f])),
+                    &weight,
+                );
                 // 16-bit weights always take the host GEMV; f32 up to LINEAR_MAX_ROWS.
-                assert_eq!(host.is_some(), dtype != DType::F32 || rows <= LINEAR_MAX_ROWS);
-                let x = Tensor::<Flex, 2>::from_data(TensorData::new(xs.clone(), [rows, in_f]), &device);
-                let w = Tensor::<Flex, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(weight));
+                assert_eq!(
+                    host.is_some(),
+                    dtype != DType::F32 || rows <= LINEAR_MAX_ROWS
+                );
+                let x = Tensor::<Flex, 2>::from_data(
+                    TensorData::new(xs.clone(), [rows, in_f]),
+                    &device,
+                );
+                let w =
+                    Tensor::<Flex, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(weight));
                 let got: Vec<f32> = linear_out_in(x, w).into_data().to_vec().unwrap();
                 for r in 0..rows {
                     for o in 0..out_f {

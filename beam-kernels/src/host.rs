@@ -565,7 +565,8 @@ mod avx2 {
                         lanes[3] + lanes[7],
                     ];
                     let sum = (quads[0] + quads[2]) + (quads[1] + quads[3]);
-                    result[n] = (body..len).fold(sum, |total, i| total + $widen(row[i]) * inputs[n][i]);
+                    result[n] =
+                        (body..len).fold(sum, |total, i| total + $widen(row[i]) * inputs[n][i]);
                 }
                 result
             }
@@ -573,7 +574,13 @@ mod avx2 {
     }
 
     dots_fn!(dots, pass, f32, "avx2,fma");
-    pass_fn!(pass, f32, "avx2,fma", |p: *const f32| _mm256_loadu_ps(p), |w: f32| w);
+    pass_fn!(
+        pass,
+        f32,
+        "avx2,fma",
+        |p: *const f32| _mm256_loadu_ps(p),
+        |w: f32| w
+    );
 
     #[cfg(feature = "flex")]
     dots_fn!(
@@ -585,9 +592,9 @@ mod avx2 {
         pass_bf16,
         half::bf16,
         "avx2,fma",
-        |p: *const half::bf16| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))
-        )),
+        |p: *const half::bf16| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+            _mm_loadu_si128(p as *const __m128i)
+        ))),
         |w: half::bf16| w.to_f32()
     );
 

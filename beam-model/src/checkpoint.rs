@@ -4,8 +4,10 @@
 //!
 //! Only safetensors is read (never pickles). Files are memory-mapped, never read whole into memory;
 //! headers can be read alone ([`TensorStore::open_dir_headers`]). Tensors stored as f32, f16, bf16
-//! or f64 are converted straight into the buffer that becomes the backend tensor, and the mapped
-//! pages are released from the process after each tensor.
+//! or f64 are read straight into the buffer that becomes the backend tensor, in the precision the
+//! caller asks for ([`WeightDtype`]: a plain copy when it is the stored one, a conversion
+//! otherwise; never an `f32` intermediate), and the mapped pages are released from the process
+//! after each tensor.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,9 +15,119 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
+
+/// The precision weights are held in, in memory: what `--dtype` chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightDtype {
+    /// 32-bit float.
+    F32,
+    /// IEEE half (`f16`).
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl WeightDtype {
+    /// The burn dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+        }
+    }
+
+    /// The lower-case name (`f32`, `f16`, `bf16`), as `--dtype` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+        }
+    }
+
+    /// The precision that holds a stored float dtype without loss where one exists (`F64` → `F32`,
+    /// the widest kept); `None` for non-float dtypes.
+    pub fn of_stored(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 | Dtype::F64 => Some(Self::F32),
+            Dtype::F16 => Some(Self::F16),
+            Dtype::BF16 => Some(Self::BF16),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" | "half" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            other => Err(format!(
+                "unknown weight dtype `{other}` (expected f32, f16 or bf16)"
+            )),
+        }
+    }
+}
+
+/// Element types a tensor can be read into ([`TensorStore::read_into`]).
+pub trait StoredFloat: bytemuck::Pod + burn::tensor::Element {
+    /// The safetensors dtype whose bytes are this type's (copied, not converted).
+    const STORED: Dtype;
+    /// Rounds an `f32` to this type (round to nearest even).
+    fn from_f32(value: f32) -> Self;
+    /// Rounds an `f64` to this type.
+    fn from_f64(value: f64) -> Self;
+}
+
+impl StoredFloat for f32 {
+    const STORED: Dtype = Dtype::F32;
+    fn from_f32(value: f32) -> Self {
+        value
+    }
+    fn from_f64(value: f64) -> Self {
+        value as f32
+    }
+}
+
+impl StoredFloat for half::f16 {
+    const STORED: Dtype = Dtype::F16;
+    fn from_f32(value: f32) -> Self {
+        half::f16::from_f32(value)
+    }
+    fn from_f64(value: f64) -> Self {
+        half::f16::from_f64(value)
+    }
+}
+
+impl StoredFloat for half::bf16 {
+    const STORED: Dtype = Dtype::BF16;
+    fn from_f32(value: f32) -> Self {
+        half::bf16::from_f32(value)
+    }
+    fn from_f64(value: f64) -> Self {
+        half::bf16::from_f64(value)
+    }
+}
 
 /// What a checkpoint's headers describe ([`TensorStore::summary`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,12 +268,12 @@ struct Shard {
 /// MB are marked for transparent huge pages (`MADV_HUGEPAGE`, effective where the system's THP mode
 /// is `madvise` or `always`): filling a multi-GB weight then takes thousands of page faults instead
 /// of millions, which was most of the load time.
-fn weight_buffer(len: usize) -> Vec<f32> {
-    let values = vec![0.0f32; len];
+fn weight_buffer<T: bytemuck::Zeroable + Clone>(len: usize) -> Vec<T> {
+    let values = vec![T::zeroed(); len];
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
-        let (start, bytes) = (values.as_ptr() as usize, len * std::mem::size_of::<f32>());
+        let (start, bytes) = (values.as_ptr() as usize, len * std::mem::size_of::<T>());
         let aligned = start.next_multiple_of(HUGE);
         let end = (start + bytes) / HUGE * HUGE;
         if end > aligned {
@@ -567,6 +679,21 @@ impl TensorStore {
         expected: &[usize],
         out: &mut [f32],
     ) -> Result<(), LoadError> {
+        self.read_into(name, expected, out)
+    }
+
+    /// Reads a float tensor of shape `expected` straight into `out` in `T`'s precision: a copy of
+    /// the stored bytes when they are `T`'s, else each value rounded to `T` (from f32, f16, bf16
+    /// or f64). No intermediate buffer; the mapped pages are released afterwards.
+    ///
+    /// # Panics
+    /// If `out` is not `expected`'s element count long (a caller bug).
+    pub fn read_into<T: StoredFloat>(
+        &self,
+        name: &str,
+        expected: &[usize],
+        out: &mut [T],
+    ) -> Result<(), LoadError> {
         assert_eq!(
             out.len(),
             expected.iter().product::<usize>(),
@@ -582,10 +709,14 @@ impl TensorStore {
                 };
             }
             match info.dtype {
-                Dtype::F32 => convert!(4, f32::from_le_bytes),
-                Dtype::F16 => convert!(2, |b| half::f16::from_le_bytes(b).to_f32()),
-                Dtype::BF16 => convert!(2, |b| half::bf16::from_le_bytes(b).to_f32()),
-                Dtype::F64 => convert!(8, |b| f64::from_le_bytes(b) as f32),
+                // safetensors is little-endian: the stored bytes are `T`'s on such hosts.
+                stored if stored == T::STORED && cfg!(target_endian = "little") => {
+                    bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(bytes)
+                }
+                Dtype::F32 => convert!(4, |b| T::from_f32(f32::from_le_bytes(b))),
+                Dtype::F16 => convert!(2, |b| T::from_f32(half::f16::from_le_bytes(b).to_f32())),
+                Dtype::BF16 => convert!(2, |b| T::from_f32(half::bf16::from_le_bytes(b).to_f32())),
+                Dtype::F64 => convert!(8, |b| T::from_f64(f64::from_le_bytes(b))),
                 other => {
                     return Err(LoadError::Dtype {
                         path: path.to_path_buf(),
@@ -597,6 +728,29 @@ impl TensorStore {
             }
             Ok(())
         })
+    }
+
+    /// A float tensor of shape `expected` as [`TensorData`] in precision `dtype`.
+    pub fn data(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: WeightDtype,
+    ) -> Result<TensorData, LoadError> {
+        fn read<T: StoredFloat>(
+            store: &TensorStore,
+            name: &str,
+            expected: &[usize],
+        ) -> Result<TensorData, LoadError> {
+            let mut values = weight_buffer::<T>(expected.iter().product());
+            store.read_into(name, expected, &mut values)?;
+            Ok(TensorData::new(values, expected.to_vec()))
+        }
+        match dtype {
+            WeightDtype::F32 => read::<f32>(self, name, expected),
+            WeightDtype::F16 => read::<half::f16>(self, name, expected),
+            WeightDtype::BF16 => read::<half::bf16>(self, name, expected),
+        }
     }
 
     /// An integer tensor (I64 or I32) as i64 values, with its shape.
@@ -624,18 +778,30 @@ impl TensorStore {
         })
     }
 
-    /// A float tensor of shape `expected` on `device`.
+    /// A float tensor of shape `expected` on `device`, in `f32`.
     pub fn tensor<B: Backend, const D: usize>(
         &self,
         name: &str,
         expected: [usize; D],
         device: &B::Device,
     ) -> Result<Tensor<B, D>, LoadError> {
-        let values = self.f32_values(name, &expected)?;
-        Ok(Tensor::from_data(TensorData::new(values, expected), device))
+        self.tensor_as(name, expected, WeightDtype::F32, device)
     }
 
-    /// A float parameter of shape `expected` on `device`.
+    /// A float tensor of shape `expected` on `device`, held in `dtype` (the backend must support
+    /// it: [`Backend::supports_dtype`]).
+    pub fn tensor_as<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        expected: [usize; D],
+        dtype: WeightDtype,
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>, LoadError> {
+        let data = self.data(name, &expected, dtype)?;
+        Ok(Tensor::from_data(data, (device, dtype.dtype())))
+    }
+
+    /// A float parameter of shape `expected` on `device`, in `f32`.
     pub fn param<B: Backend, const D: usize>(
         &self,
         name: &str,
@@ -645,22 +811,90 @@ impl TensorStore {
         self.tensor(name, expected, device).map(Param::from_tensor)
     }
 
-    /// Per-expert tensors stacked into one `[E, parts · rows, cols]` buffer: expert `e`'s block
-    /// holds `parts[0](e)`, then `parts[1](e)`, … (each `[rows, cols]`), converted straight into
-    /// place. `[gate, up]` gives transformers' fused `gate_up_proj` layout.
+    /// A float parameter of shape `expected` on `device`, held in `dtype`.
+    pub fn param_as<B: Backend, const D: usize>(
+        &self,
+        name: &str,
+        expected: [usize; D],
+        dtype: WeightDtype,
+        device: &B::Device,
+    ) -> Result<Param<Tensor<B, D>>, LoadError> {
+        self.tensor_as(name, expected, dtype, device)
+            .map(Param::from_tensor)
+    }
+
+    /// Per-expert tensors stacked into one `[E, parts · rows, cols]` buffer of `f32`: expert
+    /// `e`'s block holds `parts[0](e)`, then `parts[1](e)`, … (each `[rows, cols]`), converted
+    /// straight into place. `[gate, up]` gives transformers' fused `gate_up_proj` layout.
     pub fn stacked(
         &self,
         parts: &[&dyn Fn(usize) -> String],
         experts: usize,
         [rows, cols]: [usize; 2],
     ) -> Result<Vec<f32>, LoadError> {
+        self.stacked_into::<f32>(parts, experts, [rows, cols])
+    }
+
+    /// [`Self::stacked`] in precision `dtype`, as `[E, parts · rows, cols]` [`TensorData`]: each
+    /// per-expert tensor copied (or converted) once, straight into its place.
+    pub fn stacked_data(
+        &self,
+        parts: &[&dyn Fn(usize) -> String],
+        experts: usize,
+        [rows, cols]: [usize; 2],
+        dtype: WeightDtype,
+    ) -> Result<TensorData, LoadError> {
+        let shape = vec![experts, parts.len() * rows, cols];
+        Ok(match dtype {
+            WeightDtype::F32 => TensorData::new(
+                self.stacked_into::<f32>(parts, experts, [rows, cols])?,
+                shape,
+            ),
+            WeightDtype::F16 => TensorData::new(
+                self.stacked_into::<half::f16>(parts, experts, [rows, cols])?,
+                shape,
+            ),
+            WeightDtype::BF16 => TensorData::new(
+                self.stacked_into::<half::bf16>(parts, experts, [rows, cols])?,
+                shape,
+            ),
+        })
+    }
+
+    fn stacked_into<T: StoredFloat>(
+        &self,
+        parts: &[&dyn Fn(usize) -> String],
+        experts: usize,
+        [rows, cols]: [usize; 2],
+    ) -> Result<Vec<T>, LoadError> {
         let part = rows * cols;
-        let mut values = weight_buffer(experts * parts.len() * part);
+        let mut values = weight_buffer::<T>(experts * parts.len() * part);
+        if part == 0 {
+            return Ok(values);
+        }
         for (e, block) in values.chunks_exact_mut(parts.len() * part).enumerate() {
             for (name, out) in parts.iter().zip(block.chunks_exact_mut(part)) {
-                self.read_f32_into(&name(e), &[rows, cols], out)?;
+                self.read_into(&name(e), &[rows, cols], out)?;
             }
         }
         Ok(values)
+    }
+
+    /// The precision most of the checkpoint's float bytes are stored in (what loading keeps by
+    /// default); `None` when it holds no float tensor.
+    pub fn stored_weight_dtype(&self) -> Option<WeightDtype> {
+        let mut bytes: BTreeMap<&'static str, (u64, WeightDtype)> = BTreeMap::new();
+        for shard in &self.shards {
+            for (_, info) in &shard.tensors {
+                if let Some(dtype) = WeightDtype::of_stored(info.dtype) {
+                    let size = (info.data_offsets.1 - info.data_offsets.0) as u64;
+                    bytes.entry(dtype.name()).or_insert((0, dtype)).0 += size;
+                }
+            }
+        }
+        bytes
+            .into_values()
+            .max_by_key(|(size, _)| *size)
+            .map(|(_, dtype)| dtype)
     }
 }

@@ -5,24 +5,78 @@ use std::path::Path;
 use burn::module::Param;
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::Tensor;
 
 use super::attention::{Attention, Projection};
 use super::config::{ModelConfig, QkNorm};
 use super::family::MoeTensorNames;
 use super::norm::RmsNorm;
 use super::{DecoderLayer, FeedForward, ModelError, MoeLm};
-use crate::checkpoint::{LoadError, TensorStore};
+use crate::checkpoint::{LoadError, TensorStore, WeightDtype};
 use crate::experts::SharedExpert;
 use crate::layer::BeamMoe;
 use crate::MoeBackend;
 
+/// How [`load_model_with`] holds the weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Precision of the large weights (embeddings, attention projections, experts, dense MLPs,
+    /// LM head): `None` keeps the checkpoint's where the backend can hold it (burn's Flex, CUDA:
+    /// `bf16`/`f16`; ndarray: `f32`). Norms, biases, routers and mask routers stay `f32`, and
+    /// activations are `f32` whatever the weights.
+    pub dtype: Option<WeightDtype>,
+}
+
+impl LoadOptions {
+    /// The precision the weights of the checkpoint `store` (in `dir`) are held in on `B`: the
+    /// requested one, or the stored one where `B` holds it, else `f32`. A requested precision
+    /// `B` cannot hold is [`ModelError::UnsupportedDtype`].
+    pub fn resolve<B: Backend>(
+        &self,
+        dir: &Path,
+        store: &TensorStore,
+        device: &B::Device,
+    ) -> Result<WeightDtype, ModelError> {
+        let holds = |dtype: WeightDtype| B::supports_dtype(device, dtype.dtype());
+        match self.dtype {
+            Some(dtype) if holds(dtype) => Ok(dtype),
+            Some(dtype) => Err(ModelError::UnsupportedDtype {
+                path: dir.to_path_buf(),
+                dtype,
+                backend: B::name(device),
+            }),
+            None => Ok(store
+                .stored_weight_dtype()
+                .filter(|&dtype| holds(dtype))
+                .unwrap_or(WeightDtype::F32)),
+        }
+    }
+}
+
 /// Loads the model in `dir`: `config.json` and `model.safetensors` or the shards listed by
-/// `model.safetensors.index.json`. Every tensor must be used exactly as the config says:
-/// missing, extra, misshaped or non-float tensors are typed errors naming the file and tensor.
+/// `model.safetensors.index.json`, weights in `f32` ([`load_model_with`] keeps the checkpoint's
+/// precision or another). Every tensor must be used exactly as the config says: missing, extra,
+/// misshaped or non-float tensors are typed errors naming the file and tensor.
 pub fn load_model<B: MoeBackend>(
     dir: impl AsRef<Path>,
     device: &B::Device,
+) -> Result<MoeLm<B>, ModelError> {
+    load_model_with(
+        dir,
+        device,
+        &LoadOptions {
+            dtype: Some(WeightDtype::F32),
+        },
+    )
+}
+
+/// [`load_model`] with the weights held as `options` say (by default in the checkpoint's
+/// precision where the backend can hold it). The checkpoint is memory-mapped; each tensor is
+/// copied (or converted) once, straight into the buffer the backend tensor owns.
+pub fn load_model_with<B: MoeBackend>(
+    dir: impl AsRef<Path>,
+    device: &B::Device,
+    options: &LoadOptions,
 ) -> Result<MoeLm<B>, ModelError> {
     let dir = dir.as_ref();
     if !dir.is_dir() {
@@ -33,7 +87,8 @@ pub fn load_model<B: MoeBackend>(
     }
     let config = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_dir(dir)?;
-    let model = build(config, &store, device)?;
+    let dtype = options.resolve::<B>(dir, &store, device)?;
+    let model = build(config, &store, dtype, device)?;
     let tied = model.config().tie_word_embeddings;
     store.check_all_used(|name| {
         name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
@@ -44,6 +99,7 @@ pub fn load_model<B: MoeBackend>(
 fn build<B: MoeBackend>(
     config: ModelConfig,
     store: &TensorStore,
+    dtype: WeightDtype,
     device: &B::Device,
 ) -> Result<MoeLm<B>, LoadError> {
     let (h, v) = (config.hidden_size, config.vocab_size);
@@ -56,7 +112,7 @@ fn build<B: MoeBackend>(
     let projection =
         |name: String, out: usize, input: usize, bias: bool| -> Result<Projection<B>, LoadError> {
             Ok(Projection {
-                weight: store.param(&format!("{name}.weight"), [out, input], device)?,
+                weight: store.param_as(&format!("{name}.weight"), [out, input], dtype, device)?,
                 bias: bias
                     .then(|| store.param(&format!("{name}.bias"), [out], device))
                     .transpose()?,
@@ -102,19 +158,21 @@ fn build<B: MoeBackend>(
                 .moe
                 .init_placeholder::<B>(device)
                 .expect("validated with the model config");
-            FeedForward::Moe(load_moe_block(
+            FeedForward::Moe(load_moe_block_as(
                 moe,
                 store,
                 &block,
                 &config.family.moe_names(),
+                dtype,
             )?)
         } else {
-            FeedForward::Dense(load_swiglu(
+            FeedForward::Dense(load_swiglu_as(
                 store,
                 &format!("{p}mlp."),
                 h,
                 config.dense_intermediate_size,
                 None,
+                dtype,
                 device,
             )?)
         };
@@ -126,13 +184,13 @@ fn build<B: MoeBackend>(
         });
     }
     let embed = Embedding {
-        weight: store.param("model.embed_tokens.weight", [v, h], device)?,
+        weight: store.param_as("model.embed_tokens.weight", [v, h], dtype, device)?,
     };
     let final_norm = norm("model.norm.weight".into(), h)?;
     let lm_head: Option<Param<_>> = if config.tie_word_embeddings {
         None
     } else {
-        Some(store.param("lm_head.weight", [v, h], device)?)
+        Some(store.param_as("lm_head.weight", [v, h], dtype, device)?)
     };
     Ok(MoeLm::from_parts(
         config, embed, layers, final_norm, lm_head,
@@ -149,11 +207,25 @@ fn build<B: MoeBackend>(
 ///   transformers write them for every family) if present, else per expert
 ///   (`experts.{e}.{gate,up,down}.weight` with the family's projection names);
 /// - the shared expert, if the layer has one, under the family's names.
+///
+/// Weights in `f32`; [`load_moe_block_as`] holds the experts in another precision.
 pub fn load_moe_block<B: Backend>(
+    layer: BeamMoe<B>,
+    file: &TensorStore,
+    prefix: &str,
+    names: &MoeTensorNames,
+) -> Result<BeamMoe<B>, LoadError> {
+    load_moe_block_as(layer, file, prefix, names, WeightDtype::F32)
+}
+
+/// [`load_moe_block`] with the routed and shared experts held in `dtype` (the router stays
+/// `f32`). Per-expert tensors are written straight into their stacked buffer in `dtype`.
+pub fn load_moe_block_as<B: Backend>(
     mut layer: BeamMoe<B>,
     file: &TensorStore,
     prefix: &str,
     names: &MoeTensorNames,
+    dtype: WeightDtype,
 ) -> Result<BeamMoe<B>, LoadError> {
     let config = layer.config().clone();
     let (e, h, i) = (
@@ -174,18 +246,23 @@ pub fn load_moe_block<B: Backend>(
     let fused = format!("{prefix}experts.gate_up_proj");
     let (gate_up, down) = if file.contains(&fused) {
         (
-            file.tensor(&fused, [e, 2 * i, h], &device)?,
-            file.tensor(&format!("{prefix}experts.down_proj"), [e, h, i], &device)?,
+            file.tensor_as(&fused, [e, 2 * i, h], dtype, &device)?,
+            file.tensor_as(
+                &format!("{prefix}experts.down_proj"),
+                [e, h, i],
+                dtype,
+                &device,
+            )?,
         )
     } else {
         let [gate, up, down] = names.expert_projections;
         let name =
             |proj: &'static str| move |e: usize| format!("{prefix}experts.{e}.{proj}.weight");
-        let gate_up = file.stacked(&[&name(gate), &name(up)], e, [i, h])?;
-        let downs = file.stacked(&[&name(down)], e, [h, i])?;
+        let gate_up = file.stacked_data(&[&name(gate), &name(up)], e, [i, h], dtype)?;
+        let downs = file.stacked_data(&[&name(down)], e, [h, i], dtype)?;
         (
-            Tensor::from_data(TensorData::new(gate_up, [e, 2 * i, h]), &device),
-            Tensor::from_data(TensorData::new(downs, [e, h, i]), &device),
+            Tensor::from_data(gate_up, (&device, dtype.dtype())),
+            Tensor::from_data(downs, (&device, dtype.dtype())),
         )
     };
     layer.experts.gate_up = Param::from_tensor(gate_up);
@@ -198,12 +275,13 @@ pub fn load_moe_block<B: Backend>(
             .gate
             .is_some()
             .then(|| format!("{prefix}{}.weight", names.shared_expert_gate));
-        layer.shared_expert = Some(load_swiglu(
+        layer.shared_expert = Some(load_swiglu_as(
             file,
             &base,
             h,
             shared_config.intermediate_size,
             gate.as_deref(),
+            dtype,
             &device,
         )?);
     }
@@ -211,7 +289,7 @@ pub fn load_moe_block<B: Backend>(
 }
 
 /// Loads a SwiGLU MLP stored as `{base}gate_proj.weight`, `{base}up_proj.weight` (`[I, H]`) and
-/// `{base}down_proj.weight` (`[H, I]`), with an optional `[1, H]` sigmoid output gate.
+/// `{base}down_proj.weight` (`[H, I]`), with an optional `[1, H]` sigmoid output gate, in `f32`.
 pub fn load_swiglu<B: Backend>(
     file: &TensorStore,
     base: &str,
@@ -220,20 +298,41 @@ pub fn load_swiglu<B: Backend>(
     gate: Option<&str>,
     device: &B::Device,
 ) -> Result<SharedExpert<B>, LoadError> {
+    load_swiglu_as(
+        file,
+        base,
+        hidden,
+        intermediate,
+        gate,
+        WeightDtype::F32,
+        device,
+    )
+}
+
+/// [`load_swiglu`] with the gate/up/down weights held in `dtype` (the output gate stays `f32`).
+pub fn load_swiglu_as<B: Backend>(
+    file: &TensorStore,
+    base: &str,
+    hidden: usize,
+    intermediate: usize,
+    gate: Option<&str>,
+    dtype: WeightDtype,
+    device: &B::Device,
+) -> Result<SharedExpert<B>, LoadError> {
     let (h, i) = (hidden, intermediate);
-    let gate_up = file.stacked(
+    let gate_up = file.stacked_data(
         &[&|_| format!("{base}gate_proj.weight"), &|_| {
             format!("{base}up_proj.weight")
         }],
         1,
         [i, h],
+        dtype,
     )?;
     Ok(SharedExpert {
-        gate_up: Param::from_tensor(Tensor::from_data(
-            TensorData::new(gate_up, [2 * i, h]),
-            device,
-        )),
-        down: file.param(&format!("{base}down_proj.weight"), [h, i], device)?,
+        gate_up: Param::from_tensor(
+            Tensor::<B, 3>::from_data(gate_up, (device, dtype.dtype())).reshape([2 * i, h]),
+        ),
+        down: file.param_as(&format!("{base}down_proj.weight"), [h, i], dtype, device)?,
         gate: gate
             .map(|name| file.param(name, [1, h], device))
             .transpose()?,

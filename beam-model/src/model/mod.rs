@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{DType, Int, Tensor};
 
 use crate::checkpoint::LoadError;
 use crate::experts::SharedExpert;
@@ -62,6 +62,17 @@ pub enum ModelError {
     /// A tensor file problem.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The requested weight precision cannot be held by the backend (burn's ndarray holds
+    /// `f32`/`f64` only).
+    #[error("{}: the {backend} backend cannot hold {dtype} weights (use --backend flex, or --dtype f32)", path.display())]
+    UnsupportedDtype {
+        /// The model folder.
+        path: PathBuf,
+        /// The requested precision.
+        dtype: crate::checkpoint::WeightDtype,
+        /// The backend's name.
+        backend: String,
+    },
     /// A BEAM adapter does not fit the model.
     #[error("{}: {reason}", path.display())]
     Adapter {
@@ -228,6 +239,18 @@ impl<B: Backend> MoeLm<B> {
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.layers.len())
     }
+
+    /// The precision the large weights are held in: that of the token embeddings (the loader
+    /// holds embeddings, projections, experts and LM head in one precision). `f64` weights
+    /// (burn's `NdArray<f64>`) count as `F32`.
+    pub fn weight_dtype(&self) -> crate::checkpoint::WeightDtype {
+        use crate::checkpoint::WeightDtype;
+        match self.embed.weight.val().dtype() {
+            DType::BF16 => WeightDtype::BF16,
+            DType::F16 => WeightDtype::F16,
+            _ => WeightDtype::F32,
+        }
+    }
 }
 
 impl<B: MoeBackend> MoeLm<B> {
@@ -243,7 +266,11 @@ impl<B: MoeBackend> MoeLm<B> {
         let hidden_states = hidden_states == HiddenStates::Collect;
         let [_, tokens] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
-        let mut h = self.embed.forward(ids);
+        // 16-bit embeddings (weights kept in the checkpoint's precision) give f32 activations.
+        let mut h = match self.embed.weight.val().dtype() {
+            DType::BF16 | DType::F16 => self.embed.forward(ids).cast(DType::F32),
+            _ => self.embed.forward(ids),
+        };
         let device = h.device();
         let rope = rope_tables::<B>(
             self.config.rope_theta,

@@ -9,7 +9,7 @@ use beam_model::model::MaskMode;
 use beam_model::{MaskRule, MoeBackend};
 use clap::Args;
 
-use crate::{load, BackendChoice, Common};
+use crate::{load, Common};
 
 /// Options of `beam bench`.
 #[derive(Args)]
@@ -80,8 +80,8 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
         .moe_layers()
         .next()
         .map_or(0, |moe| moe.config().mask_router_outputs());
-    // The model holds f32 weights on every backend for now.
-    let bytes_per_weight = 4.0;
+    let dtype = model.weight_dtype();
+    let bytes_per_weight = dtype.bytes() as f64;
     let prompt = prompt_ids(args.prompt_tokens, config.vocab_size);
     let mut rows = Vec::new();
     for (variant, mask) in [("top-K".to_string(), MaskMode::TopK), beam] {
@@ -115,14 +115,10 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
             weight_bytes_per_token: weights * bytes_per_weight,
         });
     }
-    let backend = match args.common.backend {
-        BackendChoice::Ndarray => "ndarray",
-        BackendChoice::Wgpu => "wgpu",
-        BackendChoice::Cuda => "cuda",
-    };
+    let backend = args.common.backend.name();
     if !args.json {
         println!(
-            "model {} ({} layers, {} experts, top-{top_k}), {backend}, weights f32 in memory; \
+            "model {} ({} layers, {} experts, top-{top_k}), {backend}, weights {dtype} in memory; \
              load {load_s:.2} s; prompt {} tokens, {} new",
             args.common.model.display(),
             config.num_layers,
@@ -143,7 +139,7 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
         if args.json {
             let json = serde_json::json!({
                 "variant": row.variant,
-                "dtype": "f32",
+                "dtype": dtype.name(),
                 "backend": backend,
                 "load_s": load_s,
                 "peak_rss_bytes": row.peak_rss_bytes,

@@ -9,17 +9,20 @@
 //!               [--train mask-routers|routers|all] [--target-active-fraction F] ...
 //! beam eval     --model DIR --data FILE [--adapter LABEL=FILE]... [--peers] [--max-tokens N]
 //!               [--json FILE] [--plot FILE.png] [--layer-plot FILE.png]
-//! beam bench    --model DIR [--beam-adapter FILE | --keep K'] [--prompt-tokens 128]
+//! beam bench    --model DIR [--dtype D] [--beam-adapter FILE | --keep K'] [--prompt-tokens 128]
 //!               [--new-tokens 64] [--json]
 //! ```
-//! Every command takes `--backend ndarray|wgpu|cuda` (ndarray default; the others need the cargo
-//! features of the same name). Errors print one line and exit with status 1.
+//! Every command takes `--backend flex|ndarray|wgpu|cuda` (flex, burn's CPU backend, by default;
+//! train and eval default to ndarray; wgpu and cuda need the cargo features of the same name).
+//! info, logits, generate and bench take `--dtype f32|f16|bf16` (default: the checkpoint's
+//! precision where the backend holds it). Errors print one line and exit with status 1.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use beam_model::checkpoint::WeightDtype;
 use beam_model::model::generate::{generate, GenerateConfig};
-use beam_model::model::load::load_model;
+use beam_model::model::load::{load_model_with, LoadOptions};
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use beam_model::MoeBackend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -41,9 +44,26 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum BackendChoice {
+    /// burn's Flex CPU backend: weights in f32, bf16 or f16, activations f32.
+    Flex,
+    /// burn's ndarray CPU backend: f32 weights.
     Ndarray,
+    /// burn's wgpu backend (Vulkan, Metal, DX12; feature `wgpu`).
     Wgpu,
+    /// burn's CUDA backend (feature `cuda`).
     Cuda,
+}
+
+impl BackendChoice {
+    /// The name `--backend` spells.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendChoice::Flex => "flex",
+            BackendChoice::Ndarray => "ndarray",
+            BackendChoice::Wgpu => "wgpu",
+            BackendChoice::Cuda => "cuda",
+        }
+    }
 }
 
 #[derive(Args)]
@@ -52,8 +72,12 @@ struct Common {
     #[arg(long)]
     model: PathBuf,
     /// Backend to run on.
-    #[arg(long, value_enum, default_value = "ndarray")]
+    #[arg(long, value_enum, default_value = "flex")]
     backend: BackendChoice,
+    /// Precision the weights are held in (f32, f16, bf16). Default: the checkpoint's, where the
+    /// backend can hold it (flex, cuda), else f32. Activations are f32 either way.
+    #[arg(long)]
+    dtype: Option<WeightDtype>,
     /// BEAM adapter (mask routers, safetensors) to turn BEAM on.
     #[arg(long)]
     beam_adapter: Option<PathBuf>,
@@ -138,6 +162,7 @@ impl Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.backend() {
+        BackendChoice::Flex => run::<burn::backend::Flex>(&cli.command, &Default::default()),
         BackendChoice::Ndarray => run::<burn::backend::NdArray>(&cli.command, &Default::default()),
         BackendChoice::Wgpu => run_wgpu(&cli.command),
         BackendChoice::Cuda => run_cuda(&cli.command),
@@ -172,7 +197,11 @@ fn run_cuda(_: &Command) -> Result<(), String> {
 }
 
 fn load<B: MoeBackend>(common: &Common, device: &B::Device) -> Result<MoeLm<B>, String> {
-    let mut model = load_model::<B>(&common.model, device).map_err(|e| e.to_string())?;
+    let options = LoadOptions {
+        dtype: common.dtype,
+    };
+    let mut model =
+        load_model_with::<B>(&common.model, device, &options).map_err(|e| e.to_string())?;
     if let Some(adapter) = &common.beam_adapter {
         model = model
             .load_beam_adapter(adapter, device)
