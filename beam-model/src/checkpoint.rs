@@ -291,6 +291,19 @@ fn weight_buffer<T: bytemuck::Zeroable + Clone>(len: usize) -> Vec<T> {
     values
 }
 
+/// `data` (in `dtype`) as a tensor on `device`: in `dtype` for 16-bit weights, in the backend's
+/// default float for `F32` (so an `f64` backend gets `f64` weights).
+pub fn held<B: Backend, const D: usize>(
+    data: TensorData,
+    dtype: WeightDtype,
+    device: &B::Device,
+) -> Tensor<B, D> {
+    match dtype {
+        WeightDtype::F32 => Tensor::from_data(data, device),
+        WeightDtype::F16 | WeightDtype::BF16 => Tensor::from_data(data, (device, dtype.dtype())),
+    }
+}
+
 /// [`LoadError::Shape`] unless the header gives `name` the shape `expected`.
 fn shape_matches(
     path: &Path,
@@ -789,7 +802,8 @@ impl TensorStore {
     }
 
     /// A float tensor of shape `expected` on `device`, held in `dtype` (the backend must support
-    /// it: [`Backend::supports_dtype`]).
+    /// it: [`Backend::supports_dtype`]). `F32` means the backend's default float: `f32`, or `f64`
+    /// on an `f64` backend such as `NdArray<f64>` (widened exactly).
     pub fn tensor_as<B: Backend, const D: usize>(
         &self,
         name: &str,
@@ -798,7 +812,7 @@ impl TensorStore {
         device: &B::Device,
     ) -> Result<Tensor<B, D>, LoadError> {
         let data = self.data(name, &expected, dtype)?;
-        Ok(Tensor::from_data(data, (device, dtype.dtype())))
+        Ok(held(data, dtype, device))
     }
 
     /// A float parameter of shape `expected` on `device`, in `f32`.

@@ -12,7 +12,7 @@ use super::config::{ModelConfig, QkNorm};
 use super::family::MoeTensorNames;
 use super::norm::RmsNorm;
 use super::{DecoderLayer, FeedForward, ModelError, MoeLm};
-use crate::checkpoint::{LoadError, TensorStore, WeightDtype};
+use crate::checkpoint::{held, LoadError, TensorStore, WeightDtype};
 use crate::experts::SharedExpert;
 use crate::layer::BeamMoe;
 use crate::MoeBackend;
@@ -37,7 +37,10 @@ impl LoadOptions {
         store: &TensorStore,
         device: &B::Device,
     ) -> Result<WeightDtype, ModelError> {
-        let holds = |dtype: WeightDtype| B::supports_dtype(device, dtype.dtype());
+        // `F32` is the backend's default float (f32, or f64 on an f64 backend): always held.
+        let holds = |dtype: WeightDtype| {
+            dtype == WeightDtype::F32 || B::supports_dtype(device, dtype.dtype())
+        };
         match self.dtype {
             Some(dtype) if holds(dtype) => Ok(dtype),
             Some(dtype) => Err(ModelError::UnsupportedDtype {
@@ -260,10 +263,7 @@ pub fn load_moe_block_as<B: Backend>(
             |proj: &'static str| move |e: usize| format!("{prefix}experts.{e}.{proj}.weight");
         let gate_up = file.stacked_data(&[&name(gate), &name(up)], e, [i, h], dtype)?;
         let downs = file.stacked_data(&[&name(down)], e, [h, i], dtype)?;
-        (
-            Tensor::from_data(gate_up, (&device, dtype.dtype())),
-            Tensor::from_data(downs, (&device, dtype.dtype())),
-        )
+        (held(gate_up, dtype, &device), held(downs, dtype, &device))
     };
     layer.experts.gate_up = Param::from_tensor(gate_up);
     layer.experts.down = Param::from_tensor(down);
@@ -329,9 +329,7 @@ pub fn load_swiglu_as<B: Backend>(
         dtype,
     )?;
     Ok(SharedExpert {
-        gate_up: Param::from_tensor(
-            Tensor::<B, 3>::from_data(gate_up, (device, dtype.dtype())).reshape([2 * i, h]),
-        ),
+        gate_up: Param::from_tensor(held::<B, 3>(gate_up, dtype, device).reshape([2 * i, h])),
         down: file.param_as(&format!("{base}down_proj.weight"), [h, i], dtype, device)?,
         gate: gate
             .map(|name| file.param(name, [1, h], device))
