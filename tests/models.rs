@@ -299,3 +299,38 @@ fn generation_stops_where_the_next_step_would_pass_the_context() {
         assert_eq!(short.ids.len(), 4);
     }
 }
+
+#[test]
+fn forward_last_gives_the_last_row_of_forward_and_the_same_cache() {
+    for family in ["olmoe", "qwen2_moe"] {
+        let m = model(family);
+        let prompt = ids(&[3, 14, 15, 92, 65]);
+        let (mut full_cache, mut last_cache) = (m.new_cache(), m.new_cache());
+        let full = m.forward(
+            prompt.clone(),
+            Some(&mut full_cache),
+            MaskMode::TopK,
+            HiddenStates::Skip,
+        );
+        let last = m.forward_last(
+            prompt,
+            Some(&mut last_cache),
+            MaskMode::TopK,
+            HiddenStates::Skip,
+        );
+        let [b, t, v] = full.logits.dims();
+        assert_eq!(last.logits.dims(), [b, 1, v]);
+        let want = values(full.logits.clone().narrow(1, t - 1, 1));
+        assert!(want.iter().any(|x| x.abs() > 1e-3), "not a test on zeros");
+        assert_eq!(values(last.logits.clone()), want, "{family}");
+        assert_eq!(full.kept_pairs(), last.kept_pairs());
+        // The next step sees the same cache either way.
+        let next = |cache: &mut beam_model::model::cache::KvCache<B>| {
+            values(
+                m.forward(ids(&[7]), Some(cache), MaskMode::TopK, HiddenStates::Skip)
+                    .logits,
+            )
+        };
+        assert_eq!(next(&mut full_cache), next(&mut last_cache), "{family}");
+    }
+}

@@ -226,13 +226,23 @@ mod tests {
 
     #[test]
     fn flex_host_experts_on_16_bit_weights_match_an_f64_reference_from_the_stored_values() {
+        // Decode-like (dot passes) and prefill-like: 40 tokens, about 20 per routed expert
+        // (at least GEMM_MIN_TOKENS: widened tiles and small GEMMs).
+        let many = MoeDims { tokens: 40, ..DIMS };
+        let many_ids: Vec<i64> = (0..80).map(|s| [0, 2, 1, 4, 2, 0, 1, 2][s % 8]).collect();
+        for (dims, ids) in [(DIMS, IDS.to_vec()), (many, many_ids)] {
+            check_host_experts(dims, &ids);
+        }
+    }
+
+    fn check_host_experts(dims: MoeDims, ids: &[i64]) {
         let MoeDims {
             tokens: t,
             top_k: k,
             experts: e,
             hidden: h,
             intermediate: i,
-        } = DIMS;
+        } = dims;
         let (x, w) = (values(t * h, 0.1), values(t * k, 0.7));
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let (gate_up, gate_up_held) =
@@ -242,10 +252,10 @@ mod tests {
                 // The stored values really are rounded: the test compares against those.
                 assert_ne!(gate_up_held, values(e * 2 * i * h, 1.3));
             }
-            let want = masked_moe_f64(&x, &IDS, &w, &gate_up_held, &down_held, DIMS);
+            let want = masked_moe_f64(&x, ids, &w, &gate_up_held, &down_held, dims);
             assert!(want.iter().any(|v| v.abs() > 1e-2), "not a test on zeros");
             let ids = FlexTensor::from_data(
-                TensorData::new(IDS.to_vec(), [t, k]).convert_dtype(DType::I32),
+                TensorData::new(ids.to_vec(), [t, k]).convert_dtype(DType::I32),
             );
             let got = masked_moe(
                 &FlexTensor::from_data(TensorData::new(x.clone(), [t, h])),
@@ -259,7 +269,7 @@ mod tests {
             for (g, w) in to_f64(got).iter().zip(&want) {
                 assert!(
                     (g - w).abs() <= 1e-5 + 1e-5 * w.abs(),
-                    "{dtype:?}: {g} vs {w}"
+                    "{dims:?} {dtype:?}: {g} vs {w}"
                 );
             }
         }

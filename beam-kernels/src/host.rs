@@ -40,9 +40,42 @@ pub trait HostFloat:
     /// `row · inputs[n]` in element `n` for 1 to [`TOKENS_PER_PASS`] inputs as long as `row`
     /// (the rest are 0), reading `row` once.
     fn dots(row: &[Self], inputs: &[&[Self]]) -> [Self; TOKENS_PER_PASS];
+    /// `out[i, r] = Σ_c lhs[i, c] · rows[r, c]` (all row-major; `lhs` `[m, k]`, `rows` `[n, k]`,
+    /// `out` `[m, n]`) on one thread, with the `gemm` crate's cache-blocked SIMD kernels.
+    fn gemm_nt(m: usize, n: usize, k: usize, lhs: &[Self], rows: &[Self], out: &mut [Self]) {
+        assert!(lhs.len() >= m * k && rows.len() >= n * k && out.len() >= m * n);
+        // SAFETY: the slices hold the strided extents checked above; `out` does not alias the
+        // inputs (it is a `&mut`).
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                lhs.as_ptr(),
+                1,
+                k as isize,
+                rows.as_ptr(),
+                k as isize,
+                1,
+                Self::ZERO,
+                Self::ONE,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    }
+    /// 1.
+    const ONE: Self;
 }
 
 impl HostFloat for f32 {
+    const ONE: Self = 1.0;
     const ZERO: Self = 0.0;
     fn silu(self) -> Self {
         self / (1.0 + (-self).exp())
@@ -60,6 +93,7 @@ impl HostFloat for f32 {
 
 impl HostFloat for f64 {
     const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
     fn silu(self) -> Self {
         self / (1.0 + (-self).exp())
     }
@@ -76,17 +110,33 @@ pub trait HostWeight<F: HostFloat>: Copy + Send + Sync + 'static {
     /// `row · inputs[n]` in element `n` for 1 to [`TOKENS_PER_PASS`] inputs as long as `row`
     /// (the rest are 0), reading `row` once.
     fn dots(row: &[Self], inputs: &[&[F]]) -> [F; TOKENS_PER_PASS];
+    /// The weights as `F` in place, when they are `F` already.
+    fn as_activation(weights: &[Self]) -> Option<&[F]>;
+    /// Writes the weights, widened to `F` (exactly), into `out` (as long as `weights`).
+    fn widen_into(weights: &[Self], out: &mut [F]);
 }
 
 impl HostWeight<f32> for f32 {
     fn dots(row: &[f32], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
         <f32 as HostFloat>::dots(row, inputs)
     }
+    fn as_activation(weights: &[f32]) -> Option<&[f32]> {
+        Some(weights)
+    }
+    fn widen_into(weights: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(weights)
+    }
 }
 
 impl HostWeight<f64> for f64 {
     fn dots(row: &[f64], inputs: &[&[f64]]) -> [f64; TOKENS_PER_PASS] {
         <f64 as HostFloat>::dots(row, inputs)
+    }
+    fn as_activation(weights: &[f64]) -> Option<&[f64]> {
+        Some(weights)
+    }
+    fn widen_into(weights: &[f64], out: &mut [f64]) {
+        out.copy_from_slice(weights)
     }
 }
 
@@ -123,6 +173,12 @@ impl HostWeight<f32> for half::bf16 {
         }
         portable_widening_dots(row, inputs)
     }
+    fn as_activation(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn widen_into(weights: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(weights, out)
+    }
 }
 
 /// `f16` weights: AVX2 + FMA + F16C on x86-64 CPUs that have them, portable otherwise.
@@ -135,6 +191,12 @@ impl HostWeight<f32> for half::f16 {
             return unsafe { avx2::dots_f16(row, inputs) };
         }
         portable_widening_dots(row, inputs)
+    }
+    fn as_activation(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    fn widen_into(weights: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(weights, out)
     }
 }
 
@@ -163,6 +225,49 @@ fn portable_widening_dots<W: Widen>(row: &[W], inputs: &[&[f32]]) -> [f32; TOKEN
 
 /// Tokens dotted with one weight row per pass over it: the row is loaded once for all of them.
 pub const TOKENS_PER_PASS: usize = 4;
+
+/// Inputs from which a row block is multiplied as a small GEMM (its weight rows widened once into
+/// a cache-resident `F` tile, then the `gemm` crate's register-blocked kernel) instead of by
+/// [`TOKENS_PER_PASS`]-token dot passes: with many tokens per weight row (prefill), the passes'
+/// loads and re-widening cap them far below the FMA rate.
+pub const GEMM_MIN_TOKENS: usize = 8;
+
+/// `out[n, r] = rows[r] · inputs[n]` for the `row_len`-element weight rows `rows` of `matrix`,
+/// `[inputs, rows]` row-major: dot passes for few inputs, a small GEMM from
+/// [`GEMM_MIN_TOKENS`] on.
+fn block_product<F: HostFloat, W: HostWeight<F>>(
+    matrix: &[W],
+    row_len: usize,
+    rows: core::ops::Range<usize>,
+    inputs: &[&[F]],
+) -> Vec<F> {
+    let width = rows.len();
+    let mut out = vec![F::ZERO; inputs.len() * width];
+    if inputs.len() < GEMM_MIN_TOKENS || row_len == 0 {
+        project(matrix, row_len, rows, inputs, |n, r, dot| {
+            out[n * width + r] = dot;
+        });
+        return out;
+    }
+    let weights = &matrix[rows.start * row_len..rows.end * row_len];
+    let widened;
+    let tile = match W::as_activation(weights) {
+        Some(tile) => tile,
+        None => {
+            let mut buffer = vec![F::ZERO; weights.len()];
+            W::widen_into(weights, &mut buffer);
+            widened = buffer;
+            &widened
+        }
+    };
+    let mut lhs = Vec::with_capacity(inputs.len() * row_len);
+    for input in inputs {
+        assert_eq!(input.len(), row_len, "dot of unequal lengths");
+        lhs.extend_from_slice(input);
+    }
+    F::gemm_nt(inputs.len(), width, row_len, &lhs, tile, &mut out);
+    out
+}
 
 /// Weight elements per parallel work item (256 KiB of `f32`): large enough that rayon's per-task
 /// cost is noise, small enough that one OLMoE expert (6 M elements) spreads over many cores.
@@ -251,19 +356,13 @@ pub fn masked_moe_planned<F: HostFloat, W: HostWeight<F>>(
             .iter()
             .map(|&t| &x[t * hidden..(t + 1) * hidden])
             .collect();
-        let mut act = vec![F::ZERO; block.pairs.len() * block.rows.len()];
-        let width = block.rows.len();
-        for (r, row) in block.rows.clone().enumerate() {
-            let gate = &expert_rows[row * hidden..(row + 1) * hidden];
-            let up = &expert_rows[(intermediate + row) * hidden..][..hidden];
-            for (pass, group) in inputs.chunks(TOKENS_PER_PASS).enumerate() {
-                let (g, u) = (dots_many(gate, group), dots_many(up, group));
-                for n in 0..group.len() {
-                    act[(pass * TOKENS_PER_PASS + n) * width + r] = g[n].silu() * u[n];
-                }
-            }
-        }
-        act
+        let up_rows = intermediate + block.rows.start..intermediate + block.rows.end;
+        let gate = block_product(expert_rows, hidden, block.rows.clone(), &inputs);
+        let up = block_product(expert_rows, hidden, up_rows, &inputs);
+        gate.into_iter()
+            .zip(up)
+            .map(|(g, u)| g.silu() * u)
+            .collect::<Vec<F>>()
     });
     let act = assemble(&gate_up_blocks, &act_blocks, plan.kept(), intermediate);
 
@@ -277,17 +376,13 @@ pub fn masked_moe_planned<F: HostFloat, W: HostWeight<F>>(
             .map(|p| &act[p * intermediate..(p + 1) * intermediate])
             .collect();
         let width = block.rows.len();
-        let mut rows_out = vec![F::ZERO; block.pairs.len() * width];
-        project(
-            expert_rows,
-            intermediate,
-            block.rows.clone(),
-            &inputs,
-            |n, r, y| {
-                let slot = plan.pairs[block.pairs.start + n];
-                rows_out[n * width + r] = weights[slot] * y;
-            },
-        );
+        let mut rows_out = block_product(expert_rows, intermediate, block.rows.clone(), &inputs);
+        for (n, row) in rows_out.chunks_exact_mut(width.max(1)).enumerate() {
+            let scale = weights[plan.pairs[block.pairs.start + n]];
+            for y in row {
+                *y = scale * *y;
+            }
+        }
         rows_out
     });
     // One row per kept pair (not per slot: a masked prefill keeps few of its T · K slots).
@@ -430,18 +525,7 @@ pub fn linear<F: HostFloat, W: HostWeight<F>>(
     let inputs: Vec<&[F]> = x.chunks_exact(in_features).collect();
     let blocks: Vec<RowBlock> = blocks_of(0, 0..tokens, out_features, in_features).collect();
     let block_outputs = map_blocks(&blocks, in_features, |block| {
-        let width = block.rows.len();
-        let mut values = vec![F::ZERO; tokens * width];
-        project(
-            weight,
-            in_features,
-            block.rows.clone(),
-            &inputs,
-            |n, r, dot| {
-                values[n * width + r] = dot;
-            },
-        );
-        values
+        block_product(weight, in_features, block.rows.clone(), &inputs)
     });
     assemble(&blocks, &block_outputs, tokens, out_features)
 }

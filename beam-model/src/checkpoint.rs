@@ -269,7 +269,9 @@ struct Shard {
 /// is `madvise` or `always`): filling a multi-GB weight then takes thousands of page faults instead
 /// of millions, which was most of the load time.
 fn weight_buffer<T: bytemuck::Zeroable + Clone>(len: usize) -> Vec<T> {
-    let values = vec![T::zeroed(); len];
+    // Zeroed by the allocator (fresh pages from the OS are zero already, so nothing is written
+    // twice: the pages are first touched when the tensor is copied in).
+    let values: Vec<T> = bytemuck::allocation::zeroed_vec(len);
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;

@@ -117,14 +117,14 @@ pub fn generate<B: MoeBackend>(
             break;
         }
         let start = Instant::now();
-        let out = model.forward(
+        let out = model.forward_last(
             ids(&input),
             Some(&mut cache),
             config.mask,
             HiddenStates::Skip,
         );
-        let [_, t, v] = out.logits.dims();
-        let last = out.logits.clone().narrow(1, t - 1, 1).reshape([v]);
+        let ([_, _, v], t) = (out.logits.dims(), input.len());
+        let last = out.logits.clone().reshape([v]);
         let logits = last
             .into_data()
             .convert::<f32>()

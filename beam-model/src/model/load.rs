@@ -5,7 +5,6 @@ use std::path::Path;
 use burn::module::Param;
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
 
 use super::attention::{Attention, Projection};
 use super::config::{ModelConfig, QkNorm};

@@ -259,9 +259,33 @@ impl<B: MoeBackend> MoeLm<B> {
     pub fn forward(
         &self,
         ids: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+        mask: MaskMode,
+        hidden_states: HiddenStates,
+    ) -> LmOutput<B> {
+        self.run(ids, cache, mask, hidden_states, false)
+    }
+
+    /// [`Self::forward`] with the logits of the last position only (`[B, 1, V]`): what generation
+    /// needs after a prompt. The LM head (`V × H` weights, the largest single matrix) runs on one
+    /// row per sequence instead of `T`; hidden states and routing facts are those of `forward`.
+    pub fn forward_last(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        cache: Option<&mut KvCache<B>>,
+        mask: MaskMode,
+        hidden_states: HiddenStates,
+    ) -> LmOutput<B> {
+        self.run(ids, cache, mask, hidden_states, true)
+    }
+
+    fn run(
+        &self,
+        ids: Tensor<B, 2, Int>,
         mut cache: Option<&mut KvCache<B>>,
         mask: MaskMode,
         hidden_states: HiddenStates,
+        last_only: bool,
     ) -> LmOutput<B> {
         let hidden_states = hidden_states == HiddenStates::Collect;
         let [_, tokens] = ids.dims();
@@ -328,6 +352,11 @@ impl<B: MoeBackend> MoeLm<B> {
             None => self.embed.weight.val(),
         };
         let [b, t, hidden] = h.dims();
+        let (h, t) = if last_only && t > 1 {
+            (h.narrow(1, t - 1, 1), 1)
+        } else {
+            (h, t)
+        };
         let logits =
             linear_out_in(h.reshape([b * t, hidden]), head).reshape([b, t, self.config.vocab_size]);
         LmOutput {
