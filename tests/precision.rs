@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use beam_model::checkpoint::{TensorStore, WeightDtype};
 use beam_model::model::load::{load_model, load_model_with, LoadOptions};
@@ -14,83 +14,10 @@ use beam_model::model::{HiddenStates, MaskMode, ModelError, MoeLm};
 use beam_model::MoeBackend;
 use burn::backend::{Flex, NdArray};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::repo_root;
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use common::{repo_root, Converted};
+use safetensors::Dtype;
 
 const FAMILIES: [&str; 4] = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"];
-
-/// A copy of a shipped tiny model with every float tensor rounded to `dtype` (same files, same
-/// shards), removed on drop.
-struct Converted(PathBuf);
-
-impl Converted {
-    fn new(family: &str, dtype: Dtype) -> Self {
-        // Tests run in parallel: one folder per copy.
-        static COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let copy = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!(
-            "beam-precision-{family}-{dtype:?}-{}-{copy}",
-            std::process::id()
-        ));
-        std::fs::remove_dir_all(&dir).ok();
-        std::fs::create_dir_all(&dir).unwrap();
-        for entry in
-            std::fs::read_dir(repo_root().join(format!("assets/models/tiny-{family}"))).unwrap()
-        {
-            let path = entry.unwrap().path();
-            let target = dir.join(path.file_name().unwrap());
-            if path.extension().is_some_and(|e| e == "safetensors") {
-                convert_file(&path, &target, dtype);
-            } else {
-                std::fs::copy(&path, target).unwrap();
-            }
-        }
-        Self(dir)
-    }
-}
-
-impl Drop for Converted {
-    fn drop(&mut self) {
-        std::fs::remove_dir_all(&self.0).ok();
-    }
-}
-
-fn convert_file(from: &Path, to: &Path, dtype: Dtype) {
-    let bytes = std::fs::read(from).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            assert_eq!(view.dtype(), Dtype::F32, "shipped tiny models are f32");
-            let floats = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().unwrap()));
-            let data: Vec<u8> = match dtype {
-                Dtype::BF16 => floats
-                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
-                    .collect(),
-                Dtype::F16 => floats
-                    .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
-                    .collect(),
-                _ => unreachable!(),
-            };
-            (name, view.shape().to_vec(), data)
-        })
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, shape, data)| {
-            (
-                name.clone(),
-                TensorView::new(dtype, shape.clone(), data).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, to).unwrap();
-}
 
 fn ids<B: MoeBackend>() -> Tensor<B, 2, Int> {
     Tensor::from_data(

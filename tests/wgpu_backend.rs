@@ -170,3 +170,58 @@ fn layer_gradients_on_autodiff_wgpu_match_ndarray() {
         );
     }
 }
+
+#[test]
+fn sixteen_bit_checkpoints_agree_with_flex() {
+    // A bf16 / f16 checkpoint loaded with default options: wgpu holds the stored precision where
+    // its adapter has it (its kernels then take activations at that precision), else f32 (the
+    // stored values widened exactly); Flex holds the stored precision with f32 activations.
+    use beam_model::checkpoint::WeightDtype;
+    use beam_model::model::load::{load_model_with, LoadOptions};
+    use burn::backend::Flex;
+    use safetensors::Dtype;
+
+    let device = wgpu_device();
+    for dtype in [Dtype::BF16, Dtype::F16] {
+        let ck = common::Converted::new("olmoe", dtype);
+        let cpu =
+            load_model_with::<Flex>(&ck.0, &Default::default(), &LoadOptions::default()).unwrap();
+        let gpu = load_model_with::<Wgpu>(&ck.0, &device, &LoadOptions::default()).unwrap();
+        let stored = WeightDtype::of_stored(dtype).unwrap();
+        assert_eq!(cpu.weight_dtype(), stored);
+        let held = gpu.weight_dtype();
+        assert!(held == stored || held == WeightDtype::F32, "{held}");
+        let expected = values(
+            cpu.forward(
+                ids::<Flex>(&TOKENS, &Default::default()),
+                None,
+                MaskMode::TopK,
+                HiddenStates::Skip,
+            )
+            .logits,
+        );
+        let got = values(
+            gpu.forward(
+                ids::<Wgpu>(&TOKENS, &device),
+                None,
+                MaskMode::TopK,
+                HiddenStates::Skip,
+            )
+            .logits,
+        );
+        // f32 on wgpu: f32 rounding only. 16-bit on wgpu: activations rounded to 16 bits in the
+        // expert kernels (bf16 keeps 8 mantissa bits).
+        let tolerance = match held {
+            WeightDtype::F32 => 1e-4,
+            WeightDtype::F16 => 1e-2,
+            WeightDtype::BF16 => 5e-2,
+        };
+        eprintln!("{dtype:?} checkpoint: wgpu holds {held}");
+        assert_close(
+            &got,
+            &expected,
+            tolerance,
+            &format!("{dtype:?}: wgpu ({held}) vs flex"),
+        );
+    }
+}

@@ -16,7 +16,7 @@ use crate::kernel::{
     combine_kernel, compact_routes_kernel, expert_gemv_kernel, expert_tile_kernel, GEMV_LANES,
     GEMV_ROWS, TILE_M, TILE_N, TILE_THREADS,
 };
-use crate::{GroupedExpertsBackend, LinearBackend, MaskedMoeOptions, Regime};
+use crate::{float, primitive, GroupedExpertsBackend, LinearBackend, MaskedMoeOptions, Regime};
 
 /// The grouped experts run [`masked_moe`]: compaction, grouped SwiGLU GEMMs and the
 /// deterministic combine, all on the device.
@@ -36,6 +36,24 @@ where
         gate_up: FloatTensor<Self>,
         down: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
+        // 16-bit weights with f32 activations (weights kept in the checkpoint's precision): the
+        // kernels take one storage dtype, so the activations and routing weights go in at the
+        // weights' precision and the output comes back at the activations' (products are
+        // accumulated in f32 inside the kernels either way).
+        let (activations, stored) = (x.dtype, gate_up.dtype);
+        if activations != stored && down.dtype == stored {
+            let to =
+                |t: FloatTensor<Self>, dtype: DType| primitive(float::<Self, 2>(t).cast(dtype));
+            let out = masked_moe(
+                to(x, stored),
+                expert_ids,
+                to(weights, stored),
+                gate_up,
+                down,
+                Default::default(),
+            );
+            return to(out, activations);
+        }
         masked_moe(x, expert_ids, weights, gate_up, down, Default::default())
     }
 }

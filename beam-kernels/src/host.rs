@@ -273,6 +273,11 @@ fn block_product<F: HostFloat, W: HostWeight<F>>(
 /// cost is noise, small enough that one OLMoE expert (6 M elements) spreads over many cores.
 pub const BLOCK_WEIGHTS: usize = 1 << 16;
 
+/// Weight elements per work item when the item is a GEMM (at least [`GEMM_MIN_TOKENS`] inputs):
+/// the GEMM packs its inputs once per block, so larger blocks pack them fewer times (2 MB of
+/// widened `f32` tile, in L2/L3).
+pub const GEMM_BLOCK_WEIGHTS: usize = 1 << 19;
+
 /// Weight elements a call must read before its blocks go to rayon's pool: waking the pool costs
 /// tens of microseconds, about what reading 1 M `f32` elements from cache costs one core.
 pub const PARALLEL_MIN_WEIGHTS: usize = 1 << 20;
@@ -458,14 +463,22 @@ fn row_blocks(plan: &DispatchPlan, rows_per_expert: usize, row_len: usize) -> Ve
 }
 
 /// `rows` output rows of `row_len` weight elements each, in blocks of about [`BLOCK_WEIGHTS`]
-/// elements, every block for `pairs`.
+/// elements (up to [`GEMM_BLOCK_WEIGHTS`] when the block will be a GEMM, but at least four blocks
+/// where there are rows for them), every block for `pairs`.
 fn blocks_of(
     expert: usize,
     pairs: core::ops::Range<usize>,
     rows: usize,
     row_len: usize,
 ) -> impl Iterator<Item = RowBlock> {
-    let block_rows = (BLOCK_WEIGHTS / row_len.max(1)).clamp(1, rows.max(1));
+    let block_rows = if pairs.len() >= GEMM_MIN_TOKENS {
+        (GEMM_BLOCK_WEIGHTS / row_len.max(1))
+            .min(rows.div_ceil(4))
+            .max(BLOCK_WEIGHTS / row_len.max(1))
+    } else {
+        BLOCK_WEIGHTS / row_len.max(1)
+    }
+    .clamp(1, rows.max(1));
     (0..rows).step_by(block_rows).map(move |first| RowBlock {
         expert,
         pairs: pairs.clone(),

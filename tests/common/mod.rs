@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests: deterministic random data and tolerant comparisons.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
@@ -129,4 +132,76 @@ pub fn random_adapter<B: Backend>(
         }
     }
     model
+}
+
+/// A copy of a shipped tiny model with every float tensor rounded to `dtype` (same files, same
+/// shards), removed on drop.
+pub struct Converted(pub PathBuf);
+
+impl Converted {
+    pub fn new(family: &str, dtype: Dtype) -> Self {
+        // Tests run in parallel: one folder per copy.
+        static COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let copy = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "beam-precision-{family}-{dtype:?}-{}-{copy}",
+            std::process::id()
+        ));
+        std::fs::remove_dir_all(&dir).ok();
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in
+            std::fs::read_dir(repo_root().join(format!("assets/models/tiny-{family}"))).unwrap()
+        {
+            let path = entry.unwrap().path();
+            let target = dir.join(path.file_name().unwrap());
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                convert_file(&path, &target, dtype);
+            } else {
+                std::fs::copy(&path, target).unwrap();
+            }
+        }
+        Self(dir)
+    }
+}
+
+impl Drop for Converted {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+fn convert_file(from: &Path, to: &Path, dtype: Dtype) {
+    let bytes = std::fs::read(from).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), Dtype::F32, "shipped tiny models are f32");
+            let floats = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()));
+            let data: Vec<u8> = match dtype {
+                Dtype::BF16 => floats
+                    .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+                Dtype::F16 => floats
+                    .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
+                _ => unreachable!(),
+            };
+            (name, view.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            (
+                name.clone(),
+                TensorView::new(dtype, shape.clone(), data).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, to).unwrap();
 }

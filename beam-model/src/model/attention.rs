@@ -130,8 +130,11 @@ impl<B: LinearBackend> Attention<B> {
         };
         let keys = k.dims()[2];
         let group = self.heads / self.kv_heads;
-        // GQA: query head h reads kv head h / group.
+        // GQA: query head h reads kv head h / group (no copy when every head has its own).
         let repeat = |t: Tensor<B, 4>| {
+            if group == 1 {
+                return t;
+            }
             t.unsqueeze_dim::<5>(2).repeat_dim(2, group).reshape([
                 batch,
                 self.heads,
