@@ -151,8 +151,7 @@ fn a_backend_that_cannot_hold_16_bit_weights_widens_them_or_says_so() {
             dtype: Some(WeightDtype::BF16),
         },
     )
-    .err()
-    .expect("ndarray cannot hold bf16");
+    .expect_err("ndarray cannot hold bf16");
     assert!(matches!(err, ModelError::UnsupportedDtype { .. }), "{err}");
     let message = err.to_string();
     assert!(

@@ -174,10 +174,7 @@ fn int_values(ids: &FlexTensor) -> Option<Vec<i64>> {
     Some(match ids.dtype() {
         DType::I32 => slice::<i32>(&ids)?.iter().map(|&v| v as i64).collect(),
         DType::I64 => slice::<i64>(&ids)?.to_vec(),
-        _ => TensorData::from(ids.into_data())
-            .convert::<i64>()
-            .into_vec()
-            .ok()?,
+        _ => ids.into_data().convert::<i64>().into_vec().ok()?,
     })
 }
 
