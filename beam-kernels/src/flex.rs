@@ -94,23 +94,19 @@ pub fn masked_moe(
         return None;
     }
     let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
+    macro_rules! run {
+        ($f:ty, $w:ty) => {
+            output(
+                planned::<$f, $w>(&x, &plan, &weights, gate_up, down, dims)?,
+                dims,
+            )
+        };
+    }
     let out = match (x.dtype(), gate_up.dtype()) {
-        (DType::F32, DType::F32) => output(
-            planned::<f32, f32>(&x, &plan, &weights, gate_up, down, dims)?,
-            dims,
-        ),
-        (DType::F32, DType::BF16) => output(
-            planned::<f32, bf16>(&x, &plan, &weights, gate_up, down, dims)?,
-            dims,
-        ),
-        (DType::F32, DType::F16) => output(
-            planned::<f32, f16>(&x, &plan, &weights, gate_up, down, dims)?,
-            dims,
-        ),
-        (DType::F64, DType::F64) => output(
-            planned::<f64, f64>(&x, &plan, &weights, gate_up, down, dims)?,
-            dims,
-        ),
+        (DType::F32, DType::F32) => run!(f32, f32),
+        (DType::F32, DType::BF16) => run!(f32, bf16),
+        (DType::F32, DType::F16) => run!(f32, f16),
+        (DType::F64, DType::F64) => run!(f64, f64),
         _ => return None,
     };
     Some(out)
@@ -192,12 +188,7 @@ mod tests {
     use burn::tensor::{DType, Int, Tensor, TensorData};
     use half::{bf16, f16};
 
-    /// Deterministic O(1) values, none zero.
-    fn values(len: usize, seed: f32) -> Vec<f32> {
-        (0..len)
-            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5 + 0.01)
-            .collect()
-    }
+    use crate::testing::values;
 
     /// `values` stored in `dtype` and the `f32` values that storage holds (what an `f64`
     /// reference from the same stored values starts from).

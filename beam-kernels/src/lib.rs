@@ -206,6 +206,18 @@ pub struct MaskedMoeOptions {
     pub poison: bool,
 }
 
+/// Test data shared by the backends' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// Deterministic O(1) values, none zero.
+    #[allow(dead_code)] // unused when no backend feature with unit tests is on
+    pub fn values(len: usize, seed: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5 + 0.01)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

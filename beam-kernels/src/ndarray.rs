@@ -193,12 +193,7 @@ mod tests {
     use burn::backend::NdArray;
     use burn::tensor::{Tensor, TensorData};
 
-    /// Deterministic O(1) values, none zero.
-    fn values(len: usize, seed: f32) -> Vec<f32> {
-        (0..len)
-            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5 + 0.01)
-            .collect()
-    }
+    use crate::testing::values;
 
     fn tensor<E: burn::tensor::Element>(values: Vec<E>, shape: Vec<usize>) -> NdArrayTensor {
         // Built from data directly: keeps the element type whatever the device default is.
