@@ -74,16 +74,12 @@ pub fn masked_moe(
     gate_up: &FlexTensor,
     down: &FlexTensor,
 ) -> Option<FlexTensor> {
-    let [tokens, hidden] = x.shape().dims();
-    let [_, top_k] = expert_ids.shape().dims();
-    let [experts, two_i, _] = gate_up.shape().dims();
-    let dims = MoeDims {
-        tokens,
-        top_k,
-        experts,
-        hidden,
-        intermediate: two_i / 2,
-    };
+    let dims = MoeDims::from_shapes(
+        x.shape().dims(),
+        expert_ids.shape().dims(),
+        gate_up.shape().dims(),
+    );
+    let (top_k, experts) = (dims.top_k, dims.experts);
     let ids = int_values(expert_ids)?;
     let plan = DispatchPlan::from_ids(&ids, top_k, experts);
     let sixteen_bit = matches!(gate_up.dtype(), DType::BF16 | DType::F16);

@@ -88,16 +88,12 @@ pub fn masked_moe<B>(
 where
     B: Backend<IntTensorPrimitive = NdArrayTensor>,
 {
-    let [tokens, hidden] = x.shape().dims();
-    let [_, top_k] = expert_ids.shape().dims();
-    let [experts, two_i, _] = gate_up.shape().dims();
-    let dims = MoeDims {
-        tokens,
-        top_k,
-        experts,
-        hidden,
-        intermediate: two_i / 2,
-    };
+    let dims = MoeDims::from_shapes(
+        x.shape().dims(),
+        expert_ids.shape().dims(),
+        gate_up.shape().dims(),
+    );
+    let (top_k, experts) = (dims.top_k, dims.experts);
     // The id table is `[T, K]`: small, converted rather than borrowed.
     let ids = Tensor::<B, 2, Int>::from_primitive(expert_ids.clone())
         .into_data()

@@ -85,6 +85,22 @@ pub struct MoeDims {
 }
 
 impl MoeDims {
+    /// The sizes from the shapes of `x` (`[T, H]`), `expert_ids` (`[T, K]`) and `gate_up`
+    /// (`[E, 2I, H]`).
+    pub fn from_shapes(
+        [tokens, hidden]: [usize; 2],
+        [_, top_k]: [usize; 2],
+        [experts, two_i, _]: [usize; 3],
+    ) -> Self {
+        Self {
+            tokens,
+            top_k,
+            experts,
+            hidden,
+            intermediate: two_i / 2,
+        }
+    }
+
     /// Panics unless the lengths of `[x, expert_ids, weights, gate_up, down]` are those of
     /// `[T, H]`, `[T, K]`, `[T, K]`, `[E, 2I, H]` and `[E, H, I]` row-major buffers.
     pub fn assert_lengths(&self, [x, expert_ids, weights, gate_up, down]: [usize; 5]) {
