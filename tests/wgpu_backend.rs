@@ -45,30 +45,25 @@ fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
 
 const TOKENS: [i64; 9] = [3, 141, 59, 26, 53, 58, 97, 93, 23];
 
+/// The top-K logits of [`TOKENS`].
+fn top_k_logits<B: MoeBackend>(model: &MoeLm<B>, device: &B::Device) -> Vec<f64> {
+    let out = model.forward(
+        ids::<B>(&TOKENS, device),
+        None,
+        MaskMode::TopK,
+        HiddenStates::Skip,
+    );
+    values(out.logits)
+}
+
 #[test]
 fn logits_agree_with_ndarray() {
     let device = wgpu_device();
     for family in ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"] {
         let cpu = load::<NdArray>(family, &Default::default());
         let gpu = load::<Wgpu>(family, &device);
-        let expected = values(
-            cpu.forward(
-                ids::<NdArray>(&TOKENS, &Default::default()),
-                None,
-                MaskMode::TopK,
-                HiddenStates::Skip,
-            )
-            .logits,
-        );
-        let got = values(
-            gpu.forward(
-                ids::<Wgpu>(&TOKENS, &device),
-                None,
-                MaskMode::TopK,
-                HiddenStates::Skip,
-            )
-            .logits,
-        );
+        let expected = top_k_logits(&cpu, &Default::default());
+        let got = top_k_logits(&gpu, &device);
         assert_close(
             &got,
             &expected,
@@ -191,24 +186,8 @@ fn sixteen_bit_checkpoints_agree_with_flex() {
         assert_eq!(cpu.weight_dtype(), stored);
         let held = gpu.weight_dtype();
         assert!(held == stored || held == WeightDtype::F32, "{held}");
-        let expected = values(
-            cpu.forward(
-                ids::<Flex>(&TOKENS, &Default::default()),
-                None,
-                MaskMode::TopK,
-                HiddenStates::Skip,
-            )
-            .logits,
-        );
-        let got = values(
-            gpu.forward(
-                ids::<Wgpu>(&TOKENS, &device),
-                None,
-                MaskMode::TopK,
-                HiddenStates::Skip,
-            )
-            .logits,
-        );
+        let expected = top_k_logits(&cpu, &Default::default());
+        let got = top_k_logits(&gpu, &device);
         // f32 on wgpu: f32 rounding only. 16-bit on wgpu: activations rounded to 16 bits in the
         // expert kernels (bf16 keeps 8 mantissa bits).
         let tolerance = match held {

@@ -55,9 +55,10 @@ pub const HOST_MAX_PAIRS_PER_EXPERT: usize = 256;
 /// take it); above, Flex's `gemm`-backed `matmul` on the transposed view.
 pub const LINEAR_MAX_ROWS: usize = 32;
 
-/// A tensor's elements as a contiguous row-major slice of `E` (`None` for another dtype).
-fn slice<E: burn::tensor::Element + bytemuck::Pod>(tensor: &FlexTensor) -> Option<&[E]> {
-    tensor.as_slice::<E>()
+/// Whether the weights are `bf16` or `f16` (always the host kernels: the reference would widen
+/// every routed expert first).
+fn sixteen_bit(weights: &FlexTensor) -> bool {
+    matches!(weights.dtype(), DType::BF16 | DType::F16)
 }
 
 /// `Some(output)` when the host kernels take the call (see the module docs): `x` and `weights`
@@ -79,14 +80,13 @@ pub fn masked_moe(
         expert_ids.shape().dims(),
         gate_up.shape().dims(),
     );
-    let (top_k, experts) = (dims.top_k, dims.experts);
-    let ids = int_values(expert_ids)?;
-    let plan = DispatchPlan::from_ids(&ids, top_k, experts);
-    let sixteen_bit = matches!(gate_up.dtype(), DType::BF16 | DType::F16);
-    if !sixteen_bit && plan.kept() > HOST_MAX_PAIRS_PER_EXPERT * plan.groups().count() {
+    // The dtype checks first: they decide without reading the id table.
+    if gate_up.dtype() != down.dtype() || x.dtype() != weights.dtype() {
         return None;
     }
-    if gate_up.dtype() != down.dtype() || x.dtype() != weights.dtype() {
+    let ids = int_values(expert_ids)?;
+    let plan = DispatchPlan::from_ids(&ids, dims.top_k, dims.experts);
+    if !sixteen_bit(gate_up) && plan.kept() > HOST_MAX_PAIRS_PER_EXPERT * plan.groups().count() {
         return None;
     }
     let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
@@ -121,11 +121,11 @@ where
     W: crate::host::HostWeight<F> + burn::tensor::Element + bytemuck::Pod,
 {
     Some(masked_moe_planned::<F, W>(
-        slice(x)?,
+        x.as_slice()?,
         plan,
-        slice(weights)?,
-        slice(gate_up)?,
-        slice(down)?,
+        weights.as_slice()?,
+        gate_up.as_slice()?,
+        down.as_slice()?,
         dims,
     ))
 }
@@ -140,14 +140,14 @@ pub fn linear(x: &FlexTensor, weight: &FlexTensor) -> Option<FlexTensor> {
     if weight_in != in_features {
         return None;
     }
-    let sixteen_bit = matches!(weight.dtype(), DType::BF16 | DType::F16);
-    if !sixteen_bit && rows > LINEAR_MAX_ROWS {
+    if !sixteen_bit(weight) && rows > LINEAR_MAX_ROWS {
         return None;
     }
     let x = x.to_contiguous();
     macro_rules! run {
         ($f:ty, $w:ty) => {{
-            let out = host_linear::<$f, $w>(slice(&x)?, slice(weight)?, in_features, out_features);
+            let out =
+                host_linear::<$f, $w>(x.as_slice()?, weight.as_slice()?, in_features, out_features);
             FlexTensor::from_data(TensorData::new(out, [rows, out_features]))
         }};
     }
@@ -164,8 +164,8 @@ pub fn linear(x: &FlexTensor, weight: &FlexTensor) -> Option<FlexTensor> {
 fn int_values(ids: &FlexTensor) -> Option<Vec<i64>> {
     let ids = ids.to_contiguous();
     Some(match ids.dtype() {
-        DType::I32 => slice::<i32>(&ids)?.iter().map(|&v| v as i64).collect(),
-        DType::I64 => slice::<i64>(&ids)?.to_vec(),
+        DType::I32 => ids.as_slice::<i32>()?.iter().map(|&v| v as i64).collect(),
+        DType::I64 => ids.as_slice::<i64>()?.to_vec(),
         _ => ids.into_data().convert::<i64>().into_vec().ok()?,
     })
 }

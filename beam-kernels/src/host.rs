@@ -35,6 +35,8 @@ pub trait HostFloat:
 {
     /// 0.
     const ZERO: Self;
+    /// 1.
+    const ONE: Self;
     /// `x · sigmoid(x)`.
     fn silu(self) -> Self;
     /// `row · inputs[n]` in element `n` for 1 to [`TOKENS_PER_PASS`] inputs as long as `row`
@@ -70,13 +72,11 @@ pub trait HostFloat:
             )
         }
     }
-    /// 1.
-    const ONE: Self;
 }
 
 impl HostFloat for f32 {
-    const ONE: Self = 1.0;
     const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
     fn silu(self) -> Self {
         self / (1.0 + (-self).exp())
     }
@@ -116,48 +116,16 @@ pub trait HostWeight<F: HostFloat>: Copy + Send + Sync + 'static {
     fn widen_into(weights: &[Self], out: &mut [F]);
 }
 
-impl HostWeight<f32> for f32 {
-    fn dots(row: &[f32], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
-        <f32 as HostFloat>::dots(row, inputs)
+/// Weights in the activations' own float (`f32`, `f64`): the activations' kernels, in place.
+impl<F: HostFloat> HostWeight<F> for F {
+    fn dots(row: &[F], inputs: &[&[F]]) -> [F; TOKENS_PER_PASS] {
+        <F as HostFloat>::dots(row, inputs)
     }
-    fn as_activation(weights: &[f32]) -> Option<&[f32]> {
+    fn as_activation(weights: &[F]) -> Option<&[F]> {
         Some(weights)
     }
-    fn widen_into(weights: &[f32], out: &mut [f32]) {
+    fn widen_into(weights: &[F], out: &mut [F]) {
         out.copy_from_slice(weights)
-    }
-}
-
-impl HostWeight<f64> for f64 {
-    fn dots(row: &[f64], inputs: &[&[f64]]) -> [f64; TOKENS_PER_PASS] {
-        <f64 as HostFloat>::dots(row, inputs)
-    }
-    fn as_activation(weights: &[f64]) -> Option<&[f64]> {
-        Some(weights)
-    }
-    fn widen_into(weights: &[f64], out: &mut [f64]) {
-        out.copy_from_slice(weights)
-    }
-}
-
-/// Widening loads of 16-bit weights for the portable path.
-trait Widen: Copy {
-    fn widen(self) -> f32;
-}
-
-#[cfg(feature = "flex")]
-impl Widen for half::bf16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
-    }
-}
-
-#[cfg(feature = "flex")]
-impl Widen for half::f16 {
-    #[inline(always)]
-    fn widen(self) -> f32 {
-        self.to_f32()
     }
 }
 
@@ -202,7 +170,10 @@ impl HostWeight<f32> for half::f16 {
 
 /// [`portable_dots`] for 16-bit weights: each weight widened to `f32` as it is read.
 #[cfg_attr(not(feature = "flex"), allow(dead_code))]
-fn portable_widening_dots<W: Widen>(row: &[W], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+fn portable_widening_dots<W: HostWeight<f32>>(
+    row: &[W],
+    inputs: &[&[f32]],
+) -> [f32; TOKENS_PER_PASS] {
     let mut out = [0.0; TOKENS_PER_PASS];
     let mut wide = [0.0f32; 256];
     let mut done = 0;
@@ -210,11 +181,12 @@ fn portable_widening_dots<W: Widen>(row: &[W], inputs: &[&[f32]]) -> [f32; TOKEN
     // same order as `f32` weights holding the widened values would give per chunk.
     while done < row.len() {
         let len = (row.len() - done).min(wide.len());
-        for (w, r) in wide.iter_mut().zip(&row[done..done + len]) {
-            *w = r.widen();
+        W::widen_into(&row[done..done + len], &mut wide[..len]);
+        let mut chunk: [&[f32]; TOKENS_PER_PASS] = [&[]; TOKENS_PER_PASS];
+        for (c, x) in chunk.iter_mut().zip(inputs) {
+            *c = &x[done..done + len];
         }
-        let chunk: Vec<&[f32]> = inputs.iter().map(|x| &x[done..done + len]).collect();
-        let dots = portable_dots(&wide[..len], &chunk);
+        let dots = portable_dots(&wide[..len], &chunk[..inputs.len()]);
         for (o, d) in out.iter_mut().zip(dots) {
             *o += d;
         }
@@ -901,6 +873,46 @@ mod tests {
             }
         }
         assert!(linear::<f32, f32>(&[], &[0.0; 6], 3, 2).is_empty());
+    }
+
+    #[cfg(feature = "flex")]
+    #[test]
+    fn portable_widening_dots_match_an_f64_dot_of_the_widened_weights() {
+        // The fallback for CPUs without AVX2: several 256-weight chunks and a tail, 1 to 4 inputs.
+        let mut rng = Rng(17);
+        let len = 600;
+        let weights = rng.values(len, 1.0);
+        let inputs: Vec<Vec<f32>> = (0..TOKENS_PER_PASS).map(|_| rng.values(len, 1.0)).collect();
+        let bf: Vec<half::bf16> = weights.iter().map(|&w| half::bf16::from_f32(w)).collect();
+        let hf: Vec<half::f16> = weights.iter().map(|&w| half::f16::from_f32(w)).collect();
+        let wide = |w: &dyn Fn(usize) -> f32| (0..len).map(w).collect::<Vec<f32>>();
+        for n in 1..=TOKENS_PER_PASS {
+            let group: Vec<&[f32]> = inputs[..n].iter().map(|v| v.as_slice()).collect();
+            for (got, held) in [
+                (
+                    portable_widening_dots(&bf, &group),
+                    wide(&|i| bf[i].to_f32()),
+                ),
+                (
+                    portable_widening_dots(&hf, &group),
+                    wide(&|i| hf[i].to_f32()),
+                ),
+            ] {
+                for (k, input) in group.iter().enumerate() {
+                    let want: f64 = held
+                        .iter()
+                        .zip(*input)
+                        .map(|(&w, &x)| w as f64 * x as f64)
+                        .sum();
+                    assert!(
+                        (got[k] as f64 - want).abs() <= 1e-4,
+                        "{n} inputs: {} vs {want}",
+                        got[k]
+                    );
+                }
+                assert!(got[n..].iter().all(|&v| v == 0.0), "unused outputs are 0");
+            }
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 
 /// The precision weights are held in, in memory: what `--dtype` chooses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WeightDtype {
     /// 32-bit float.
     F32,
@@ -899,18 +899,19 @@ impl TensorStore {
     /// The precision most of the checkpoint's float bytes are stored in (what loading keeps by
     /// default); `None` when it holds no float tensor.
     pub fn stored_weight_dtype(&self) -> Option<WeightDtype> {
-        let mut bytes: BTreeMap<&'static str, (u64, WeightDtype)> = BTreeMap::new();
+        let mut bytes: BTreeMap<WeightDtype, u64> = BTreeMap::new();
         for shard in &self.shards {
             for (_, info) in &shard.tensors {
                 if let Some(dtype) = WeightDtype::of_stored(info.dtype) {
-                    let size = (info.data_offsets.1 - info.data_offsets.0) as u64;
-                    bytes.entry(dtype.name()).or_insert((0, dtype)).0 += size;
+                    *bytes.entry(dtype).or_default() +=
+                        (info.data_offsets.1 - info.data_offsets.0) as u64;
                 }
             }
         }
         bytes
-            .into_values()
-            .max_by_key(|(size, _)| *size)
-            .map(|(_, dtype)| dtype)
+            .into_iter()
+            // Ties go to the wider precision.
+            .max_by_key(|&(dtype, size)| (size, std::cmp::Reverse(dtype)))
+            .map(|(dtype, _)| dtype)
     }
 }

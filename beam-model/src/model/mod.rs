@@ -291,10 +291,10 @@ impl<B: MoeBackend> MoeLm<B> {
         let [_, tokens] = ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         // 16-bit embeddings (weights kept in the checkpoint's precision) give f32 activations.
-        let mut h = match self.embed.weight.val().dtype() {
-            DType::BF16 | DType::F16 => self.embed.forward(ids).cast(DType::F32),
-            _ => self.embed.forward(ids),
-        };
+        let mut h = self.embed.forward(ids);
+        if self.weight_dtype() != crate::checkpoint::WeightDtype::F32 {
+            h = h.cast(DType::F32);
+        }
         let device = h.device();
         let rope = rope_tables::<B>(
             self.config.rope_theta,
