@@ -15,14 +15,18 @@
 //! Anything else (activations in a 16-bit dtype, mixed activation dtypes) runs the reference,
 //! which widens 16-bit weights to the activations' dtype first.
 
-use burn::backend::flex::{Flex, FlexTensor};
-use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, TensorData, TensorMetadata};
+use burn::backend::flex::{Flex, FlexQTensor, FlexTensor};
+use burn::tensor::ops::{FloatTensor, IntTensor, QuantizedTensor};
+use burn::tensor::quantization::QTensorPrimitive;
+use burn::tensor::{DType, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use half::{bf16, f16};
 
 use crate::host::{linear as host_linear, masked_moe_planned};
 use crate::plan::{DispatchPlan, MoeDims};
-use crate::reference::{grouped_experts_primitive, linear_out_in_reference};
+use crate::quant::{q8_block_of, Q8Matrix};
+use crate::reference::{
+    grouped_experts_primitive, grouped_experts_q8_primitive, linear_out_in_reference,
+};
 use crate::{float, primitive, GroupedExpertsBackend, LinearBackend};
 
 impl GroupedExpertsBackend for Flex {
@@ -38,12 +42,39 @@ impl GroupedExpertsBackend for Flex {
             None => grouped_experts_primitive::<Self>(x, expert_ids, weights, gate_up, down),
         }
     }
+
+    fn grouped_experts_q8(
+        x: FloatTensor<Self>,
+        expert_ids: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        gate_up: QuantizedTensor<Self>,
+        down: QuantizedTensor<Self>,
+    ) -> FloatTensor<Self> {
+        match masked_moe_q8(&x, &expert_ids, &weights, &gate_up, &down) {
+            Some(out) => out,
+            None => grouped_experts_q8_primitive::<Self>(x, expert_ids, weights, gate_up, down),
+        }
+    }
 }
 
 impl LinearBackend for Flex {
     fn linear_out_in(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
         linear(&x, &weight)
             .unwrap_or_else(|| primitive(linear_out_in_reference::<Self>(float(x), float(weight))))
+    }
+
+    fn linear_out_in_q8(x: FloatTensor<Self>, weight: QuantizedTensor<Self>) -> FloatTensor<Self> {
+        linear_q8(&x, &weight).unwrap_or_else(|| {
+            let weight = Tensor::<Self, 2>::from_primitive(TensorPrimitive::QFloat(weight));
+            primitive(linear_out_in_reference::<Self>(
+                float(x),
+                weight.dequantize(),
+            ))
+        })
+    }
+
+    fn q8_in_place() -> bool {
+        true
     }
 }
 
@@ -120,7 +151,7 @@ where
     F: crate::host::HostFloat + burn::tensor::Element + bytemuck::Pod,
     W: crate::host::HostWeight<F> + burn::tensor::Element + bytemuck::Pod,
 {
-    Some(masked_moe_planned::<F, W>(
+    Some(masked_moe_planned::<F, &[W]>(
         x.as_slice()?,
         plan,
         weights.as_slice()?,
@@ -146,8 +177,12 @@ pub fn linear(x: &FlexTensor, weight: &FlexTensor) -> Option<FlexTensor> {
     let x = x.to_contiguous();
     macro_rules! run {
         ($f:ty, $w:ty) => {{
-            let out =
-                host_linear::<$f, $w>(x.as_slice()?, weight.as_slice()?, in_features, out_features);
+            let out = host_linear::<$f, &[$w]>(
+                x.as_slice()?,
+                weight.as_slice()?,
+                in_features,
+                out_features,
+            );
             FlexTensor::from_data(TensorData::new(out, [rows, out_features]))
         }};
     }
@@ -158,6 +193,75 @@ pub fn linear(x: &FlexTensor, weight: &FlexTensor) -> Option<FlexTensor> {
         (DType::F64, DType::F64) => run!(f64, f64),
         _ => return None,
     })
+}
+
+/// A q8 tensor's int8 values and block scales in place, when its scheme is
+/// [`q8_scheme`](crate::quant::q8_scheme)'s, its storage contiguous and whole, and its rows
+/// (last dimension) whole blocks.
+fn q8_matrix(q: &FlexQTensor) -> Option<Q8Matrix<'_>> {
+    let block = q8_block_of(q.scheme())?;
+    let row_len = *q.tensor().shape().as_slice().last()?;
+    if row_len % block != 0 {
+        return None;
+    }
+    Q8Matrix::new(q.tensor().as_slice::<i8>()?, q.scales(), block)
+}
+
+/// [`masked_moe`] with q8 expert weights: `Some(output)` from the host kernels when `x` and the
+/// routing weights are `f32` and both weights are [`q8_matrix`]es (always, whatever the pairs
+/// per expert: many tokens per expert go through dequantized tiles and the GEMM); `None` for the
+/// reference. Only kept experts' blocks (values and scales) are read.
+///
+/// # Shapes
+/// As [`GroupedExpertsBackend::grouped_experts`].
+pub fn masked_moe_q8(
+    x: &FlexTensor,
+    expert_ids: &FlexTensor,
+    weights: &FlexTensor,
+    gate_up: &FlexQTensor,
+    down: &FlexQTensor,
+) -> Option<FlexTensor> {
+    let dims = MoeDims::from_shapes(
+        x.shape().dims(),
+        expert_ids.shape().dims(),
+        gate_up.shape().dims(),
+    );
+    if x.dtype() != DType::F32 || weights.dtype() != DType::F32 {
+        return None;
+    }
+    let (gate_up, down) = (q8_matrix(gate_up)?, q8_matrix(down)?);
+    let ids = int_values(expert_ids)?;
+    let plan = DispatchPlan::from_ids(&ids, dims.top_k, dims.experts);
+    let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
+    let out = masked_moe_planned::<f32, Q8Matrix<'_>>(
+        x.as_slice()?,
+        &plan,
+        weights.as_slice()?,
+        gate_up,
+        down,
+        dims,
+    );
+    Some(output(out, dims))
+}
+
+/// `Some(x · dequantize(W)ᵀ)` from the host GEMV on a q8 weight ([`q8_matrix`]) and `f32` `x`,
+/// whatever the rows; `None` for the reference.
+///
+/// # Shapes
+/// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
+pub fn linear_q8(x: &FlexTensor, weight: &FlexQTensor) -> Option<FlexTensor> {
+    let [rows, in_features] = x.shape().dims();
+    let [out_features, weight_in] = weight.shape().dims();
+    if weight_in != in_features || x.dtype() != DType::F32 {
+        return None;
+    }
+    let matrix = q8_matrix(weight)?;
+    let x = x.to_contiguous();
+    let out = host_linear::<f32, Q8Matrix<'_>>(x.as_slice()?, matrix, in_features, out_features);
+    Some(FlexTensor::from_data(TensorData::new(
+        out,
+        [rows, out_features],
+    )))
 }
 
 /// The `[T, K]` id table as `i64` (small: read, not borrowed).

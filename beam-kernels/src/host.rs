@@ -21,6 +21,7 @@
 use rayon::prelude::*;
 
 use crate::plan::{DispatchPlan, MoeDims};
+use crate::quant::Q8Matrix;
 
 /// Element types the host kernels run on: `f32` and `f64`, accumulated in their own precision.
 pub trait HostFloat:
@@ -84,7 +85,7 @@ impl HostFloat for f32 {
     fn dots(row: &[Self], inputs: &[&[Self]]) -> [Self; TOKENS_PER_PASS] {
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
-            // SAFETY: the CPU has AVX2 and FMA; `dots_many` checked the lengths.
+            // SAFETY: the CPU has AVX2 and FMA; `project` checked the lengths.
             return unsafe { avx2::dots(row, inputs) };
         }
         portable_dots(row, inputs)
@@ -131,12 +132,11 @@ impl<F: HostFloat> HostWeight<F> for F {
 
 /// `bf16` weights: AVX2 + FMA on x86-64 CPUs that have them (a `bf16` is the top half of an
 /// `f32`, so widening is a shift), portable otherwise.
-#[cfg(feature = "flex")]
 impl HostWeight<f32> for half::bf16 {
     fn dots(row: &[Self], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
-            // SAFETY: the CPU has AVX2 and FMA; `dots_many` checked the lengths.
+            // SAFETY: the CPU has AVX2 and FMA; `project` checked the lengths.
             return unsafe { avx2::dots_bf16(row, inputs) };
         }
         portable_widening_dots(row, inputs)
@@ -150,12 +150,11 @@ impl HostWeight<f32> for half::bf16 {
 }
 
 /// `f16` weights: AVX2 + FMA + F16C on x86-64 CPUs that have them, portable otherwise.
-#[cfg(feature = "flex")]
 impl HostWeight<f32> for half::f16 {
     fn dots(row: &[Self], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
         #[cfg(target_arch = "x86_64")]
         if avx2::available() && std::is_x86_feature_detected!("f16c") {
-            // SAFETY: the CPU has AVX2, FMA and F16C; `dots_many` checked the lengths.
+            // SAFETY: the CPU has AVX2, FMA and F16C; `project` checked the lengths.
             return unsafe { avx2::dots_f16(row, inputs) };
         }
         portable_widening_dots(row, inputs)
@@ -169,7 +168,6 @@ impl HostWeight<f32> for half::f16 {
 }
 
 /// [`portable_dots`] for 16-bit weights: each weight widened to `f32` as it is read.
-#[cfg_attr(not(feature = "flex"), allow(dead_code))]
 fn portable_widening_dots<W: HostWeight<f32>>(
     row: &[W],
     inputs: &[&[f32]],
@@ -195,6 +193,116 @@ fn portable_widening_dots<W: HostWeight<f32>>(
     out
 }
 
+/// A row-major weight matrix the host kernels read in place: a slice of [`HostWeight`] elements
+/// (`&[f32]`, `&[bf16]`, …) or [`Q8Matrix`] (int8 blocks, one scale each). Rows are addressed by
+/// their first element; a row never straddles what the matrix cannot split (a q8 block).
+pub trait HostMatrix<F: HostFloat>: Copy + Send + Sync {
+    /// Elements (rows × row length).
+    fn len(&self) -> usize;
+    /// Whether the matrix holds no element.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// `row · inputs[n]` in element `n` for the row of elements `start..start + len` (`len` the
+    /// inputs' common length; 1 to [`TOKENS_PER_PASS`] inputs, the rest of the result 0),
+    /// reading the row once.
+    fn dots(&self, start: usize, inputs: &[&[F]]) -> [F; TOKENS_PER_PASS];
+    /// Elements `range` as `F`: borrowed in place when they are `F` already, else widened (or
+    /// dequantized) into `buffer`.
+    fn tile<'s>(&'s self, range: core::ops::Range<usize>, buffer: &'s mut Vec<F>) -> &'s [F];
+}
+
+impl<F: HostFloat, W: HostWeight<F>> HostMatrix<F> for &[W] {
+    fn len(&self) -> usize {
+        <[W]>::len(self)
+    }
+    fn dots(&self, start: usize, inputs: &[&[F]]) -> [F; TOKENS_PER_PASS] {
+        let len = inputs.first().map_or(0, |x| x.len());
+        W::dots(&self[start..start + len], inputs)
+    }
+    fn tile<'s>(&'s self, range: core::ops::Range<usize>, buffer: &'s mut Vec<F>) -> &'s [F] {
+        let weights: &'s [W] = &self[range];
+        match W::as_activation(weights) {
+            Some(tile) => tile,
+            None => {
+                buffer.clear();
+                buffer.resize(weights.len(), F::ZERO);
+                W::widen_into(weights, buffer);
+                buffer
+            }
+        }
+    }
+}
+
+/// q8 weights with `f32` activations: each block's int8 values widened to `f32` and multiplied
+/// by its scale as they are loaded (AVX2 + FMA where the CPU has them and blocks are a multiple
+/// of 8 values, portable otherwise), then the `f32` dot: the arithmetic of `f32` weights holding
+/// the dequantized values, at 1 + 4/block bytes per weight.
+impl HostMatrix<f32> for Q8Matrix<'_> {
+    fn len(&self) -> usize {
+        self.values().len()
+    }
+    fn dots(&self, start: usize, inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+        let len = inputs.first().map_or(0, |x| x.len());
+        let block = self.block();
+        assert!(
+            start % block == 0 && len % block == 0,
+            "a q8 row is whole blocks"
+        );
+        let values = &self.values()[start..start + len];
+        let scales = &self.scales()[start / block..(start + len) / block];
+        #[cfg(target_arch = "x86_64")]
+        if block % 8 == 0 && avx2::available() {
+            // SAFETY: the CPU has AVX2 and FMA; `project` checked the inputs' lengths, and the
+            // scales cover the row's blocks (multiples of 8 values).
+            return unsafe { avx2::dots_q8(values, scales, block, inputs) };
+        }
+        portable_q8_dots(values, scales, block, inputs)
+    }
+    fn tile<'s>(&'s self, range: core::ops::Range<usize>, buffer: &'s mut Vec<f32>) -> &'s [f32] {
+        buffer.clear();
+        buffer.resize(range.len(), 0.0);
+        self.dequantize_into(range, buffer);
+        buffer
+    }
+}
+
+/// [`portable_dots`] on q8 rows: a chunk of blocks at a time dequantized into a stack buffer.
+fn portable_q8_dots(
+    values: &[i8],
+    scales: &[f32],
+    block: usize,
+    inputs: &[&[f32]],
+) -> [f32; TOKENS_PER_PASS] {
+    let mut out = [0.0; TOKENS_PER_PASS];
+    let mut wide = [0.0f32; 256];
+    let chunk = (wide.len() / block).max(1) * block;
+    let mut done = 0;
+    while done < values.len() {
+        let len = (values.len() - done).min(chunk);
+        for (b, (w, q)) in wide[..len]
+            .chunks_mut(block)
+            .zip(values[done..done + len].chunks(block))
+            .enumerate()
+        {
+            let scale = scales[done / block + b];
+            for (w, &q) in w.iter_mut().zip(q) {
+                *w = q as f32 * scale;
+            }
+        }
+        let mut part: [&[f32]; TOKENS_PER_PASS] = [&[]; TOKENS_PER_PASS];
+        for (c, x) in part.iter_mut().zip(inputs) {
+            *c = &x[done..done + len];
+        }
+        let dots = portable_dots(&wide[..len], &part[..inputs.len()]);
+        for (o, d) in out.iter_mut().zip(dots) {
+            *o += d;
+        }
+        done += len;
+    }
+    out
+}
+
 /// Tokens dotted with one weight row per pass over it: the row is loaded once for all of them.
 pub const TOKENS_PER_PASS: usize = 4;
 
@@ -204,11 +312,13 @@ pub const TOKENS_PER_PASS: usize = 4;
 /// loads and re-widening cap them far below the FMA rate.
 pub const GEMM_MIN_TOKENS: usize = 8;
 
-/// `out[n, r] = rows[r] · inputs[n]` for the `row_len`-element weight rows `rows` of `matrix`,
+/// `out[n, r] = rows[r] · inputs[n]` for the `row_len`-element weight rows `rows` of `matrix`
+/// (row `r` starting at element `base + r · row_len`),
 /// `[inputs, rows]` row-major: dot passes for few inputs, a small GEMM from
 /// [`GEMM_MIN_TOKENS`] on.
-fn block_product<F: HostFloat, W: HostWeight<F>>(
-    matrix: &[W],
+fn block_product<F: HostFloat, M: HostMatrix<F>>(
+    matrix: M,
+    base: usize,
     row_len: usize,
     rows: core::ops::Range<usize>,
     inputs: &[&[F]],
@@ -216,22 +326,16 @@ fn block_product<F: HostFloat, W: HostWeight<F>>(
     let width = rows.len();
     let mut out = vec![F::ZERO; inputs.len() * width];
     if inputs.len() < GEMM_MIN_TOKENS || row_len == 0 {
-        project(matrix, row_len, rows, inputs, |n, r, dot| {
+        project(matrix, base, row_len, rows, inputs, |n, r, dot| {
             out[n * width + r] = dot;
         });
         return out;
     }
-    let weights = &matrix[rows.start * row_len..rows.end * row_len];
-    let widened;
-    let tile = match W::as_activation(weights) {
-        Some(tile) => tile,
-        None => {
-            let mut buffer = vec![F::ZERO; weights.len()];
-            W::widen_into(weights, &mut buffer);
-            widened = buffer;
-            &widened
-        }
-    };
+    let mut buffer = Vec::new();
+    let tile = matrix.tile(
+        base + rows.start * row_len..base + rows.end * row_len,
+        &mut buffer,
+    );
     let mut lhs = Vec::with_capacity(inputs.len() * row_len);
     for input in inputs {
         assert_eq!(input.len(), row_len, "dot of unequal lengths");
@@ -271,12 +375,12 @@ const LANES: usize = 16;
 ///
 /// # Panics
 /// If a slice's length does not match `dims` (callers pass tensors whose shapes they checked).
-pub fn masked_moe_decode<F: HostFloat, W: HostWeight<F>>(
+pub fn masked_moe_decode<F: HostFloat, M: HostMatrix<F>>(
     x: &[F],
     expert_ids: &[i64],
     weights: &[F],
-    gate_up: &[W],
-    down: &[W],
+    gate_up: M,
+    down: M,
     dims: MoeDims,
 ) -> Vec<F> {
     dims.assert_lengths([
@@ -295,12 +399,12 @@ pub fn masked_moe_decode<F: HostFloat, W: HostWeight<F>>(
 ///
 /// # Panics
 /// If `plan` or a slice's length does not match `dims`.
-pub fn masked_moe_planned<F: HostFloat, W: HostWeight<F>>(
+pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
     x: &[F],
     plan: &DispatchPlan,
     weights: &[F],
-    gate_up: &[W],
-    down: &[W],
+    gate_up: M,
+    down: M,
     dims: MoeDims,
 ) -> Vec<F> {
     let MoeDims {
@@ -328,14 +432,14 @@ pub fn masked_moe_planned<F: HostFloat, W: HostWeight<F>>(
     // Gate+up: `act[p, i] = silu(gate_i · x_p) · (up_i · x_p)` for kept pair `p` (plan order).
     let gate_up_blocks = row_blocks(plan, intermediate, 2 * hidden);
     let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block| {
-        let expert_rows = &gate_up[block.expert * 2 * intermediate * hidden..];
+        let base = block.expert * 2 * intermediate * hidden;
         let inputs: Vec<&[F]> = token_of[block.pairs.clone()]
             .iter()
             .map(|&t| &x[t * hidden..(t + 1) * hidden])
             .collect();
         let up_rows = intermediate + block.rows.start..intermediate + block.rows.end;
-        let gate = block_product(expert_rows, hidden, block.rows.clone(), &inputs);
-        let up = block_product(expert_rows, hidden, up_rows, &inputs);
+        let gate = block_product(gate_up, base, hidden, block.rows.clone(), &inputs);
+        let up = block_product(gate_up, base, hidden, up_rows, &inputs);
         gate.into_iter()
             .zip(up)
             .map(|(g, u)| g.silu() * u)
@@ -346,14 +450,14 @@ pub fn masked_moe_planned<F: HostFloat, W: HostWeight<F>>(
     // Down: `pair_rows[p, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
     let down_blocks = row_blocks(plan, hidden, intermediate);
     let out_blocks = map_blocks(&down_blocks, intermediate, |block| {
-        let expert_rows = &down[block.expert * hidden * intermediate..];
+        let base = block.expert * hidden * intermediate;
         let inputs: Vec<&[F]> = block
             .pairs
             .clone()
             .map(|p| &act[p * intermediate..(p + 1) * intermediate])
             .collect();
         let width = block.rows.len();
-        let mut rows_out = block_product(expert_rows, intermediate, block.rows.clone(), &inputs);
+        let mut rows_out = block_product(down, base, intermediate, block.rows.clone(), &inputs);
         for (n, row) in rows_out.chunks_exact_mut(width.max(1)).enumerate() {
             let scale = weights[plan.pairs[block.pairs.start + n]];
             for y in row {
@@ -458,19 +562,27 @@ fn blocks_of(
     })
 }
 
-/// Dots rows `rows` of the row-major `matrix` (`row_len` columns) with every input, each row read
+/// Dots rows `rows` of the row-major `matrix` (`row_len` columns, from element `base`) with every input, each row read
 /// once per [`TOKENS_PER_PASS`] inputs: `emit(input, row - rows.start, dot)`.
-fn project<F: HostFloat, W: HostWeight<F>>(
-    matrix: &[W],
+fn project<F: HostFloat, M: HostMatrix<F>>(
+    matrix: M,
+    base: usize,
     row_len: usize,
     rows: core::ops::Range<usize>,
     inputs: &[&[F]],
     mut emit: impl FnMut(usize, usize, F),
 ) {
+    for input in inputs {
+        assert_eq!(input.len(), row_len, "dot of unequal lengths");
+    }
+    assert!(
+        base + rows.end * row_len <= matrix.len(),
+        "rows within the matrix"
+    );
     for (r, row) in rows.enumerate() {
-        let weight_row = &matrix[row * row_len..(row + 1) * row_len];
+        let start = base + row * row_len;
         for (pass, group) in inputs.chunks(TOKENS_PER_PASS).enumerate() {
-            let dots = dots_many(weight_row, group);
+            let dots = matrix.dots(start, group);
             for (n, &dot) in dots[..group.len()].iter().enumerate() {
                 emit(pass * TOKENS_PER_PASS + n, r, dot);
             }
@@ -488,9 +600,9 @@ fn project<F: HostFloat, W: HostWeight<F>>(
 ///
 /// # Panics
 /// If `x` is not a whole number of `in_features` rows or `weight` is not `[out, in]`.
-pub fn linear<F: HostFloat, W: HostWeight<F>>(
+pub fn linear<F: HostFloat, M: HostMatrix<F>>(
     x: &[F],
-    weight: &[W],
+    weight: M,
     in_features: usize,
     out_features: usize,
 ) -> Vec<F> {
@@ -510,19 +622,9 @@ pub fn linear<F: HostFloat, W: HostWeight<F>>(
     let inputs: Vec<&[F]> = x.chunks_exact(in_features).collect();
     let blocks: Vec<RowBlock> = blocks_of(0, 0..tokens, out_features, in_features).collect();
     let block_outputs = map_blocks(&blocks, in_features, |block| {
-        block_product(weight, in_features, block.rows.clone(), &inputs)
+        block_product(weight, 0, in_features, block.rows.clone(), &inputs)
     });
     assemble(&blocks, &block_outputs, tokens, out_features)
-}
-
-/// `row · inputs[n]` in element `n` (1 to [`TOKENS_PER_PASS`] inputs; the rest are 0), one pass
-/// over `row`.
-#[inline]
-fn dots_many<F: HostFloat, W: HostWeight<F>>(row: &[W], inputs: &[&[F]]) -> [F; TOKENS_PER_PASS] {
-    for input in inputs {
-        assert_eq!(input.len(), row.len(), "dot of unequal lengths");
-    }
-    W::dots(row, inputs)
 }
 
 /// Portable [`HostFloat::dots`]: [`LANES`] partial sums per dot, combined pairwise at the end.
@@ -651,12 +753,10 @@ mod avx2 {
         |w: f32| w
     );
 
-    #[cfg(feature = "flex")]
     dots_fn!(
         /// `bf16` weights, widened by shifting each into the top half of an `f32`.
         dots_bf16, pass_bf16, half::bf16, "avx2,fma"
     );
-    #[cfg(feature = "flex")]
     pass_fn!(
         pass_bf16,
         half::bf16,
@@ -667,12 +767,10 @@ mod avx2 {
         |w: half::bf16| w.to_f32()
     );
 
-    #[cfg(feature = "flex")]
     dots_fn!(
         /// `f16` weights, widened with F16C.
         dots_f16, pass_f16, half::f16, "avx2,fma,f16c"
     );
-    #[cfg(feature = "flex")]
     pass_fn!(
         pass_f16,
         half::f16,
@@ -680,6 +778,84 @@ mod avx2 {
         |p: *const half::f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
         |w: half::f16| w.to_f32()
     );
+
+    /// q8 rows (blocks a multiple of 8 values): each 8 int8 values sign-extended, converted and
+    /// multiplied by their block's scale as they are loaded, then the FMAs of [`dots`]' passes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; every input is as long as `values`, which is whole blocks
+    /// of `block` (a multiple of 8) values with one scale each in `scales`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots_q8(
+        values: &[i8],
+        scales: &[f32],
+        block: usize,
+        inputs: &[&[f32]],
+    ) -> [f32; TOKENS_PER_PASS] {
+        let mut out = [0.0; TOKENS_PER_PASS];
+        // SAFETY (all arms): the caller's contract.
+        match *inputs {
+            [a] => out[..1].copy_from_slice(&unsafe { pass_q8(values, scales, block, [a]) }),
+            [a, b] => out[..2].copy_from_slice(&unsafe { pass_q8(values, scales, block, [a, b]) }),
+            [a, b, c] => {
+                out[..3].copy_from_slice(&unsafe { pass_q8(values, scales, block, [a, b, c]) })
+            }
+            [a, b, c, d] => {
+                out.copy_from_slice(&unsafe { pass_q8(values, scales, block, [a, b, c, d]) })
+            }
+            _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pass_q8<const N: usize>(
+        values: &[i8],
+        scales: &[f32],
+        block: usize,
+        inputs: [&[f32]; N],
+    ) -> [f32; N] {
+        assert!(block % 8 == 0 && values.len() % block == 0);
+        assert_eq!(scales.len(), values.len() / block);
+        let groups = values.len() / 8;
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        let (mut scale_index, mut filled) = (0usize, 0usize);
+        let mut scale = _mm256_setzero_ps();
+        for g in 0..groups {
+            if filled == 0 {
+                // SAFETY: g · 8 < len, so the block index is below len / block = scales.len().
+                scale = _mm256_set1_ps(unsafe { *scales.get_unchecked(scale_index) });
+            }
+            // SAFETY: g · 8 + 8 <= len, and every input has len elements.
+            unsafe {
+                let q = _mm_loadl_epi64(values.as_ptr().add(g * 8) as *const __m128i);
+                let w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
+                for n in 0..N {
+                    let x = _mm256_loadu_ps(inputs[n].as_ptr().add(g * 8));
+                    acc[n][g & 1] = _mm256_fmadd_ps(w, x, acc[n][g & 1]);
+                }
+            }
+            filled += 8;
+            if filled == block {
+                filled = 0;
+                scale_index += 1;
+            }
+        }
+        let mut result = [0.0; N];
+        for n in 0..N {
+            let mut lanes = [0.0f32; 8];
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[n][0], acc[n][1])) };
+            let quads = [
+                lanes[0] + lanes[4],
+                lanes[1] + lanes[5],
+                lanes[2] + lanes[6],
+                lanes[3] + lanes[7],
+            ];
+            result[n] = (quads[0] + quads[2]) + (quads[1] + quads[3]);
+        }
+        result
+    }
 }
 
 #[cfg(test)]
@@ -747,7 +923,14 @@ mod tests {
             }
         }
         let want = masked_moe_f64(&x, &ids, &weights, &gate_up, &down, dims);
-        let got = masked_moe_decode(&x, &ids, &weights, &gate_up, &down, dims);
+        let got = masked_moe_decode(
+            &x,
+            &ids,
+            &weights,
+            gate_up.as_slice(),
+            down.as_slice(),
+            dims,
+        );
         assert_eq!(got.len(), want.len());
         for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
             assert!(
@@ -761,8 +944,8 @@ mod tests {
             &wide(&x),
             &ids,
             &wide(&weights),
-            &wide(&gate_up),
-            &wide(&down),
+            wide(&gate_up).as_slice(),
+            wide(&down).as_slice(),
             dims,
         );
         for (i, (&g, &w)) in got64.iter().zip(&want).enumerate() {
@@ -818,7 +1001,14 @@ mod tests {
         let gate_up = rng.values(2 * 600 * 256, 0.1);
         let down = rng.values(2 * 256 * 300, 0.1);
         let want = masked_moe_f64(&x, &ids, &weights, &gate_up, &down, dims);
-        let got = masked_moe_decode(&x, &ids, &weights, &gate_up, &down, dims);
+        let got = masked_moe_decode(
+            &x,
+            &ids,
+            &weights,
+            gate_up.as_slice(),
+            down.as_slice(),
+            dims,
+        );
         for (&g, &w) in got.iter().zip(&want) {
             assert!((g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs());
         }
@@ -857,7 +1047,7 @@ mod tests {
         {
             let x = rng.values(tokens * in_features, 1.0);
             let weight = rng.values(out_features * in_features, 0.3);
-            let got = linear(&x, &weight, in_features, out_features);
+            let got = linear(&x, weight.as_slice(), in_features, out_features);
             assert_eq!(got.len(), tokens * out_features);
             for t in 0..tokens {
                 for o in 0..out_features {
@@ -872,10 +1062,9 @@ mod tests {
                 }
             }
         }
-        assert!(linear::<f32, f32>(&[], &[0.0; 6], 3, 2).is_empty());
+        assert!(linear::<f32, &[f32]>(&[], &[0.0; 6], 3, 2).is_empty());
     }
 
-    #[cfg(feature = "flex")]
     #[test]
     fn portable_widening_dots_match_an_f64_dot_of_the_widened_weights() {
         // The fallback for CPUs without AVX2: several 256-weight chunks and a tail, 1 to 4 inputs.
@@ -915,6 +1104,156 @@ mod tests {
         }
     }
 
+    /// `f64` value of `Σ_i x[i] · w[i]`.
+    fn dot64(x: &[f32], w: &[f32]) -> f64 {
+        x.iter().zip(w).map(|(&x, &w)| x as f64 * w as f64).sum()
+    }
+
+    #[test]
+    fn q8_linear_matches_an_f64_product_of_the_dequantized_weights() {
+        use crate::quant::{q8_block_len, quantize_q8};
+        let mut rng = Rng(23);
+        // Blocks of 32, 24 (odd number of 8-value groups per row), 16, 20 and 12 (not multiples
+        // of 8: the portable path); several row blocks (out · in > BLOCK_WEIGHTS); 1 to 9 rows
+        // (9: dequantized tile + GEMM).
+        for (tokens, in_features, out_features) in [
+            (1, 64, 5),
+            (3, 48, 40),
+            (9, 256, 300),
+            (4, 16, 3),
+            (2, 40, 7),
+            (8, 12, 9),
+            (1, 2048, 40),
+        ] {
+            let block = q8_block_len(in_features).unwrap();
+            let x = rng.values(tokens * in_features, 1.0);
+            let q = quantize_q8(&rng.values(out_features * in_features, 0.3), block);
+            let dequantized = q.dequantize();
+            let got = linear(&x, q.matrix(), in_features, out_features);
+            assert_eq!(got.len(), tokens * out_features);
+            for t in 0..tokens {
+                for o in 0..out_features {
+                    let want = dot64(
+                        &x[t * in_features..(t + 1) * in_features],
+                        &dequantized[o * in_features..(o + 1) * in_features],
+                    );
+                    let g = got[t * out_features + o] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "q8 [{tokens}, {in_features}] x [{out_features}, {in_features}]ᵀ (block {block}) at ({t}, {o}): {g} vs {want}"
+                    );
+                }
+            }
+            assert!(got.iter().any(|g| g.abs() > 1e-2), "not a test on zeros");
+        }
+    }
+
+    #[test]
+    fn portable_q8_dots_match_the_simd_ones() {
+        use crate::quant::quantize_q8;
+        let mut rng = Rng(29);
+        let len = 640; // several 256-value chunks and a partial one
+        let q = quantize_q8(&rng.values(len, 1.0), 32);
+        let inputs: Vec<Vec<f32>> = (0..TOKENS_PER_PASS).map(|_| rng.values(len, 1.0)).collect();
+        let dequantized = q.dequantize();
+        for n in 1..=TOKENS_PER_PASS {
+            let group: Vec<&[f32]> = inputs[..n].iter().map(|v| v.as_slice()).collect();
+            let portable = portable_q8_dots(&q.values, &q.scales, 32, &group);
+            let dispatched = q.matrix().dots(0, &group);
+            for k in 0..n {
+                let want = dot64(group[k], &dequantized);
+                assert!(
+                    (portable[k] as f64 - want).abs() <= 1e-4,
+                    "{} vs {want}",
+                    portable[k]
+                );
+                assert!((dispatched[k] as f64 - want).abs() <= 1e-4);
+            }
+            assert!(portable[n..].iter().all(|&v| v == 0.0));
+        }
+    }
+
+    #[test]
+    fn q8_moe_matches_the_f64_reference_and_never_reads_idle_experts() {
+        use crate::quant::{q8_block_len, quantize_q8};
+        let mut rng = Rng(31);
+        let mut cases = 0;
+        for (hidden, intermediate) in [(64, 32), (48, 24), (40, 20), (256, 136)] {
+            for tokens in [1, 5, 64] {
+                for (experts, top_k, sparsity) in [(8, 2, 0.0), (8, 2, 0.5), (16, 4, 0.85)] {
+                    let dims = MoeDims {
+                        tokens,
+                        top_k,
+                        experts,
+                        hidden,
+                        intermediate,
+                    };
+                    // Experts 0..E/2 only, half of the slots masked at random.
+                    let ids: Vec<i64> = (0..tokens * top_k)
+                        .map(|i| {
+                            if rng.uniform() < sparsity {
+                                experts as i64
+                            } else {
+                                ((i % top_k) * (experts / 2) / top_k) as i64
+                                    + (rng.uniform() * (experts / (2 * top_k)) as f64) as i64
+                            }
+                        })
+                        .collect();
+                    let x = rng.values(tokens * hidden, 1.0);
+                    let weights = rng.values(tokens * top_k, 1.0);
+                    let (gu_block, d_block) = (
+                        q8_block_len(hidden).unwrap(),
+                        q8_block_len(intermediate).unwrap(),
+                    );
+                    let mut gate_up = quantize_q8(
+                        &rng.values(experts * 2 * intermediate * hidden, 0.2),
+                        gu_block,
+                    );
+                    let mut down =
+                        quantize_q8(&rng.values(experts * hidden * intermediate, 0.2), d_block);
+                    let want = masked_moe_f64(
+                        &x,
+                        &ids,
+                        &weights,
+                        &gate_up.dequantize(),
+                        &down.dequantize(),
+                        dims,
+                    );
+                    // Idle experts' blocks must not be read: NaN scales, extreme values.
+                    let plan = DispatchPlan::from_ids(&ids, top_k, experts);
+                    for (e, count) in plan.counts().into_iter().enumerate() {
+                        if count == 0 {
+                            for (q, rows_len) in [
+                                (&mut gate_up, 2 * intermediate * hidden),
+                                (&mut down, hidden * intermediate),
+                            ] {
+                                let per = rows_len / q.block;
+                                q.scales[e * per..(e + 1) * per].fill(f32::NAN);
+                                q.values[e * rows_len..(e + 1) * rows_len].fill(i8::MAX);
+                            }
+                        }
+                    }
+                    let got = masked_moe_decode(
+                        &x,
+                        &ids,
+                        &weights,
+                        gate_up.matrix(),
+                        down.matrix(),
+                        dims,
+                    );
+                    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs(),
+                            "q8 {dims:?}: out[{i}] = {g}, f64 reference {w}"
+                        );
+                    }
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 36);
+    }
+
     #[test]
     fn all_masked_is_zero_without_reading_weights() {
         let dims = MoeDims {
@@ -925,7 +1264,14 @@ mod tests {
             intermediate: 2,
         };
         let (gate_up, down) = (vec![f32::NAN; 2 * 4 * 3], vec![f32::NAN; 2 * 3 * 2]);
-        let out = masked_moe_decode(&[1.0; 6], &[2, 2, 5, 2], &[0.5; 4], &gate_up, &down, dims);
+        let out = masked_moe_decode(
+            &[1.0; 6],
+            &[2, 2, 5, 2],
+            &[0.5; 4],
+            gate_up.as_slice(),
+            down.as_slice(),
+            dims,
+        );
         assert_eq!(out, vec![0.0; 6]);
     }
 }

@@ -158,8 +158,12 @@ pub fn linear(x: &NdArrayTensor, weight: &NdArrayTensor) -> Option<NdArrayTensor
             match (x, weight) {
                 (NdArrayTensor::$variant(x), NdArrayTensor::$variant(weight)) => {
                     let (x, weight) = (x.view(), weight.view());
-                    let out =
-                        host_linear(x.as_slice()?, weight.as_slice()?, in_features, out_features);
+                    let out = host_linear::<_, &[_]>(
+                        x.as_slice()?,
+                        weight.as_slice()?,
+                        in_features,
+                        out_features,
+                    );
                     Some(NdArrayTensor::from_data(TensorData::new(
                         out,
                         [rows, out_features],

@@ -11,8 +11,8 @@
 //!   accumulated in `f64`.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::ops::{FloatTensor, IntTensor, QuantizedTensor};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
 
 use crate::activation::silu;
 use crate::plan::{DispatchPlan, MoeDims};
@@ -128,6 +128,28 @@ pub fn grouped_experts_primitive<B: Backend>(
         float(weights),
         float(gate_up),
         float(down),
+    ))
+}
+
+/// Reference for [`GroupedExpertsBackend::grouped_experts_q8`](crate::GroupedExpertsBackend::grouped_experts_q8):
+/// both weights dequantized (whole: burn's quantized slicing does not carry block scales on every
+/// backend), then [`grouped_experts_reference`].
+pub fn grouped_experts_q8_primitive<B: Backend>(
+    x: FloatTensor<B>,
+    expert_ids: IntTensor<B>,
+    weights: FloatTensor<B>,
+    gate_up: QuantizedTensor<B>,
+    down: QuantizedTensor<B>,
+) -> FloatTensor<B> {
+    let dequantized = |q: QuantizedTensor<B>| {
+        Tensor::<B, 3>::from_primitive(TensorPrimitive::QFloat(q)).dequantize()
+    };
+    primitive(grouped_experts_reference::<B>(
+        float(x),
+        Tensor::from_primitive(expert_ids),
+        float(weights),
+        dequantized(gate_up),
+        dequantized(down),
     ))
 }
 

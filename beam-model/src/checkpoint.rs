@@ -89,6 +89,130 @@ impl std::str::FromStr for WeightDtype {
     }
 }
 
+/// A quantized format the large `[out, in]` weights can be held in: what `--quantize` chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Quantization {
+    /// Block-wise symmetric int8 ([`beam_kernels::quant`]): blocks of 32 values along the input
+    /// dimension (fewer where a row is not a multiple of 32), one `f32` scale each.
+    Q8,
+}
+
+impl Quantization {
+    /// The lower-case name (`q8`), as `--quantize` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8 => "q8",
+        }
+    }
+
+    /// Bytes per weight at the default block (int8 value + its share of the scale).
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            Self::Q8 => 1.0 + 4.0 / beam_kernels::quant::Q8_BLOCK as f64,
+        }
+    }
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "q8" | "int8" | "q8_0" => Ok(Self::Q8),
+            other => Err(format!("unknown quantization `{other}` (expected q8)")),
+        }
+    }
+}
+
+/// How a large weight is held: its precision and, for the `[out, in]` linear weights and the
+/// experts, an optional quantization (embeddings are never quantized).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WeightFormat {
+    /// Precision of the weights (of those not quantized, and what q8 dequantizes to on backends
+    /// that do not run q8 in place).
+    pub dtype: WeightDtype,
+    /// The quantization of the linear weights, if any.
+    pub quantize: Option<Quantization>,
+}
+
+impl From<WeightDtype> for WeightFormat {
+    fn from(dtype: WeightDtype) -> Self {
+        Self {
+            dtype,
+            quantize: None,
+        }
+    }
+}
+
+/// `data` (in `format.dtype`, rows along its last dimension) as a tensor on `device`: as [`held`]
+/// when `format` quantizes nothing; quantized to q8 ([`beam_kernels::quant::quantize_q8`])
+/// otherwise — a burn quantized tensor where the backend runs q8 in place (`q8_in_place`, see
+/// [`beam_kernels::LinearBackend::q8_in_place`]), else dequantized back into `format.dtype` once
+/// (the q8 model's values; rounded to it when it is 16-bit). `path` and `name` name the tensor in
+/// the error for rows no q8 block length tiles ([`beam_kernels::quant::q8_block_len`]).
+pub fn held_as<B: Backend, const D: usize>(
+    data: TensorData,
+    format: WeightFormat,
+    q8_in_place: bool,
+    device: &B::Device,
+    (path, name): (&Path, &str),
+) -> Result<Tensor<B, D>, LoadError> {
+    use beam_kernels::quant::{q8_block_len, q8_scheme, quantize_q8};
+    let Some(Quantization::Q8) = format.quantize else {
+        return Ok(held(data, format.dtype, device));
+    };
+    let shape = data.shape.clone();
+    let row_len = shape.last().copied().unwrap_or(0);
+    let block = q8_block_len(row_len).ok_or_else(|| LoadError::Quantize {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        shape: shape.to_vec(),
+        reason: format!(
+            "rows of {row_len} values: q8 needs a block of 8 to 32 values that divides the row"
+        ),
+    })?;
+    let dtype_error = |actual: DType| LoadError::Dtype {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        expected: "F32, F16 or BF16 to quantize",
+        actual: format!("{actual:?}"),
+    };
+    let q = match data.dtype {
+        DType::F32 => quantize_q8(
+            data.as_slice::<f32>()
+                .map_err(|_| dtype_error(data.dtype))?,
+            block,
+        ),
+        DType::BF16 => quantize_q8(
+            data.as_slice::<half::bf16>()
+                .map_err(|_| dtype_error(data.dtype))?,
+            block,
+        ),
+        DType::F16 => quantize_q8(
+            data.as_slice::<half::f16>()
+                .map_err(|_| dtype_error(data.dtype))?,
+            block,
+        ),
+        other => return Err(dtype_error(other)),
+    };
+    drop(data);
+    if q8_in_place {
+        let q_data = TensorData::quantized(q.values, shape, q8_scheme(block), &q.scales);
+        return Ok(Tensor::from_data(q_data, device));
+    }
+    let dequantized = TensorData::new(q.dequantize(), shape);
+    let dequantized = match format.dtype {
+        WeightDtype::F32 => dequantized,
+        other => dequantized.convert_dtype(other.dtype()),
+    };
+    Ok(held(dequantized, format.dtype, device))
+}
+
 /// Element types a tensor can be read into ([`TensorStore::read_into`]).
 pub trait StoredFloat: bytemuck::Pod + burn::tensor::Element {
     /// The safetensors dtype whose bytes are this type's (copied, not converted).
@@ -219,6 +343,18 @@ pub enum LoadError {
         expected: &'static str,
         /// Dtype on disk.
         actual: String,
+    },
+    /// A weight cannot be held in the requested quantized format.
+    #[error("{}: tensor `{name}` (shape {shape:?}) cannot be quantized: {reason}", path.display())]
+    Quantize {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name (a pattern such as `…experts.*.down_proj.weight` for stacked experts).
+        name: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Why.
+        reason: String,
     },
 }
 

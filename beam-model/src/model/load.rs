@@ -5,16 +5,17 @@ use std::path::Path;
 use burn::module::Param;
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
 
 use super::attention::{Attention, Projection};
 use super::config::{ModelConfig, QkNorm};
 use super::family::MoeTensorNames;
 use super::norm::RmsNorm;
 use super::{DecoderLayer, FeedForward, ModelError, MoeLm};
-use crate::checkpoint::{held, LoadError, TensorStore, WeightDtype};
+use crate::checkpoint::{held_as, LoadError, Quantization, TensorStore, WeightDtype, WeightFormat};
 use crate::experts::SharedExpert;
 use crate::layer::BeamMoe;
-use crate::MoeBackend;
+use crate::{LinearBackend, MoeBackend};
 
 /// How [`load_model_with`] holds the weights.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -24,6 +25,12 @@ pub struct LoadOptions {
     /// `bf16`/`f16`; ndarray: `f32`). Norms, biases, routers and mask routers stay `f32`, and
     /// activations are `f32` whatever the weights.
     pub dtype: Option<WeightDtype>,
+    /// Quantize the `[out, in]` linear weights at load (attention projections, routed and shared
+    /// experts, dense MLPs, an untied LM head), from whatever precision they are stored in;
+    /// embeddings, norms, routers and mask routers keep `dtype`/`f32`. Backends that run q8 in
+    /// place ([`LinearBackend::q8_in_place`]: burn's Flex) hold the int8 blocks; the others get
+    /// the q8 model's values dequantized once at load into `dtype`.
+    pub quantize: Option<Quantization>,
 }
 
 impl LoadOptions {
@@ -68,6 +75,7 @@ pub fn load_model<B: MoeBackend>(
         device,
         &LoadOptions {
             dtype: Some(WeightDtype::F32),
+            quantize: None,
         },
     )
 }
@@ -89,8 +97,11 @@ pub fn load_model_with<B: MoeBackend>(
     }
     let config = ModelConfig::from_dir(dir)?;
     let store = TensorStore::open_dir(dir)?;
-    let dtype = options.resolve::<B>(dir, &store, device)?;
-    let model = build(config, &store, dtype, device)?;
+    let format = WeightFormat {
+        dtype: options.resolve::<B>(dir, &store, device)?,
+        quantize: options.quantize,
+    };
+    let model = build(config, &store, format, device)?;
     let tied = model.config().tie_word_embeddings;
     store.check_all_used(|name| {
         name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
@@ -98,12 +109,31 @@ pub fn load_model_with<B: MoeBackend>(
     Ok(model)
 }
 
+/// A float tensor of shape `expected` held in `format` (quantized when it says so).
+fn weight<B: LinearBackend, const D: usize>(
+    store: &TensorStore,
+    name: &str,
+    expected: [usize; D],
+    format: WeightFormat,
+    device: &B::Device,
+) -> Result<Tensor<B, D>, LoadError> {
+    let data = store.data(name, &expected, format.dtype)?;
+    held_as(
+        data,
+        format,
+        B::q8_in_place(),
+        device,
+        (store.path_of(name), name),
+    )
+}
+
 fn build<B: MoeBackend>(
     config: ModelConfig,
     store: &TensorStore,
-    dtype: WeightDtype,
+    format: WeightFormat,
     device: &B::Device,
 ) -> Result<MoeLm<B>, LoadError> {
+    let dtype = format.dtype;
     let (h, v) = (config.hidden_size, config.vocab_size);
     let q_out = config.num_heads * config.head_dim;
     let kv_out = config.num_kv_heads * config.head_dim;
@@ -114,7 +144,13 @@ fn build<B: MoeBackend>(
     let projection =
         |name: String, out: usize, input: usize, bias: bool| -> Result<Projection<B>, LoadError> {
             Ok(Projection {
-                weight: store.param_as(&format!("{name}.weight"), [out, input], dtype, device)?,
+                weight: Param::from_tensor(weight(
+                    store,
+                    &format!("{name}.weight"),
+                    [out, input],
+                    format,
+                    device,
+                )?),
                 bias: bias
                     .then(|| store.param(&format!("{name}.bias"), [out], device))
                     .transpose()?,
@@ -160,21 +196,21 @@ fn build<B: MoeBackend>(
                 .moe
                 .init_placeholder::<B>(device)
                 .expect("validated with the model config");
-            FeedForward::Moe(load_moe_block_as(
+            FeedForward::Moe(load_moe_block_with(
                 moe,
                 store,
                 &block,
                 &config.family.moe_names(),
-                dtype,
+                format,
             )?)
         } else {
-            FeedForward::Dense(load_swiglu_as(
+            FeedForward::Dense(load_swiglu_with(
                 store,
                 &format!("{p}mlp."),
                 h,
                 config.dense_intermediate_size,
                 None,
-                dtype,
+                format,
                 device,
             )?)
         };
@@ -192,7 +228,13 @@ fn build<B: MoeBackend>(
     let lm_head: Option<Param<_>> = if config.tie_word_embeddings {
         None
     } else {
-        Some(store.param_as("lm_head.weight", [v, h], dtype, device)?)
+        Some(Param::from_tensor(weight(
+            store,
+            "lm_head.weight",
+            [v, h],
+            format,
+            device,
+        )?))
     };
     Ok(MoeLm::from_parts(
         config, embed, layers, final_norm, lm_head,
@@ -223,12 +265,37 @@ pub fn load_moe_block<B: Backend>(
 /// [`load_moe_block`] with the routed and shared experts held in `dtype` (the router stays
 /// `f32`). Per-expert tensors are written straight into their stacked buffer in `dtype`.
 pub fn load_moe_block_as<B: Backend>(
-    mut layer: BeamMoe<B>,
+    layer: BeamMoe<B>,
     file: &TensorStore,
     prefix: &str,
     names: &MoeTensorNames,
     dtype: WeightDtype,
 ) -> Result<BeamMoe<B>, LoadError> {
+    moe_block(layer, file, prefix, names, dtype.into(), false)
+}
+
+/// [`load_moe_block_as`] with the routed and shared experts held in `format`: quantized (q8) when
+/// it says so, as the int8 blocks where the backend runs them in place
+/// ([`LinearBackend::q8_in_place`]).
+pub fn load_moe_block_with<B: LinearBackend>(
+    layer: BeamMoe<B>,
+    file: &TensorStore,
+    prefix: &str,
+    names: &MoeTensorNames,
+    format: WeightFormat,
+) -> Result<BeamMoe<B>, LoadError> {
+    moe_block(layer, file, prefix, names, format, B::q8_in_place())
+}
+
+fn moe_block<B: Backend>(
+    mut layer: BeamMoe<B>,
+    file: &TensorStore,
+    prefix: &str,
+    names: &MoeTensorNames,
+    format: WeightFormat,
+    q8_in_place: bool,
+) -> Result<BeamMoe<B>, LoadError> {
+    let dtype = format.dtype;
     let config = layer.config().clone();
     let (e, h, i) = (
         config.num_experts,
@@ -246,14 +313,23 @@ pub fn load_moe_block_as<B: Backend>(
     }
 
     let fused = format!("{prefix}experts.gate_up_proj");
+    let hold = |data, name: &str, path_of: &str| {
+        held_as(
+            data,
+            format,
+            q8_in_place,
+            &device,
+            (file.path_of(path_of), name),
+        )
+    };
     let (gate_up, down) = if file.contains(&fused) {
+        let fused_down = format!("{prefix}experts.down_proj");
         (
-            file.tensor_as(&fused, [e, 2 * i, h], dtype, &device)?,
-            file.tensor_as(
-                &format!("{prefix}experts.down_proj"),
-                [e, h, i],
-                dtype,
-                &device,
+            hold(file.data(&fused, &[e, 2 * i, h], dtype)?, &fused, &fused)?,
+            hold(
+                file.data(&fused_down, &[e, h, i], dtype)?,
+                &fused_down,
+                &fused_down,
             )?,
         )
     } else {
@@ -261,8 +337,18 @@ pub fn load_moe_block_as<B: Backend>(
         let name =
             |proj: &'static str| move |e: usize| format!("{prefix}experts.{e}.{proj}.weight");
         let gate_up = file.stacked_data(&[&name(gate), &name(up)], e, [i, h], dtype)?;
+        let gate_up = hold(
+            gate_up,
+            &format!("{prefix}experts.*.{{{gate},{up}}}.weight"),
+            &name(gate)(0),
+        )?;
         let downs = file.stacked_data(&[&name(down)], e, [h, i], dtype)?;
-        (held(gate_up, dtype, &device), held(downs, dtype, &device))
+        let downs = hold(
+            downs,
+            &format!("{prefix}experts.*.{down}.weight"),
+            &name(down)(0),
+        )?;
+        (gate_up, downs)
     };
     layer.experts.gate_up = Param::from_tensor(gate_up);
     layer.experts.down = Param::from_tensor(down);
@@ -274,13 +360,14 @@ pub fn load_moe_block_as<B: Backend>(
             .gate
             .is_some()
             .then(|| format!("{prefix}{}.weight", names.shared_expert_gate));
-        layer.shared_expert = Some(load_swiglu_as(
+        layer.shared_expert = Some(swiglu(
             file,
             &base,
             h,
             shared_config.intermediate_size,
             gate.as_deref(),
-            dtype,
+            format,
+            q8_in_place,
             &device,
         )?);
     }
@@ -318,18 +405,84 @@ pub fn load_swiglu_as<B: Backend>(
     dtype: WeightDtype,
     device: &B::Device,
 ) -> Result<SharedExpert<B>, LoadError> {
-    let (h, i) = (hidden, intermediate);
-    let gate_up = file.stacked_data(
-        &[&|_| format!("{base}gate_proj.weight"), &|_| {
-            format!("{base}up_proj.weight")
-        }],
+    swiglu(
+        file,
+        base,
+        hidden,
+        intermediate,
+        gate,
+        dtype.into(),
+        false,
+        device,
+    )
+}
+
+/// [`load_swiglu_as`] with the gate/up/down weights held in `format` (quantized when it says so).
+pub fn load_swiglu_with<B: LinearBackend>(
+    file: &TensorStore,
+    base: &str,
+    hidden: usize,
+    intermediate: usize,
+    gate: Option<&str>,
+    format: WeightFormat,
+    device: &B::Device,
+) -> Result<SharedExpert<B>, LoadError> {
+    swiglu(
+        file,
+        base,
+        hidden,
+        intermediate,
+        gate,
+        format,
+        B::q8_in_place(),
+        device,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn swiglu<B: Backend>(
+    file: &TensorStore,
+    base: &str,
+    hidden: usize,
+    intermediate: usize,
+    gate: Option<&str>,
+    format: WeightFormat,
+    q8_in_place: bool,
+    device: &B::Device,
+) -> Result<SharedExpert<B>, LoadError> {
+    let (h, i, dtype) = (hidden, intermediate, format.dtype);
+    let (gate_name, up_name) = (
+        format!("{base}gate_proj.weight"),
+        format!("{base}up_proj.weight"),
+    );
+    let stacked = file.stacked_data(
+        &[&|_| gate_name.clone(), &|_| up_name.clone()],
         1,
         [i, h],
         dtype,
     )?;
+    // `[1, 2I, H]` → `[2I, H]` before quantizing (rows stay rows).
+    let gate_up = TensorData::from_bytes(stacked.bytes, [2 * i, h], stacked.dtype);
+    let down_name = format!("{base}down_proj.weight");
+    let down = file.data(&down_name, &[h, i], dtype)?;
     Ok(SharedExpert {
-        gate_up: Param::from_tensor(held::<B, 3>(gate_up, dtype, device).reshape([2 * i, h])),
-        down: file.param_as(&format!("{base}down_proj.weight"), [h, i], dtype, device)?,
+        gate_up: Param::from_tensor(held_as(
+            gate_up,
+            format,
+            q8_in_place,
+            device,
+            (
+                file.path_of(&gate_name),
+                &format!("{base}{{gate,up}}_proj.weight"),
+            ),
+        )?),
+        down: Param::from_tensor(held_as(
+            down,
+            format,
+            q8_in_place,
+            device,
+            (file.path_of(&down_name), &down_name),
+        )?),
         gate: gate
             .map(|name| file.param(name, [1, h], device))
             .transpose()?,

@@ -253,6 +253,17 @@ impl<B: Backend> MoeLm<B> {
     }
 }
 
+impl<B: Backend> MoeLm<B> {
+    /// The quantization the linear weights are held in (`Some(Q8)` when they are burn quantized
+    /// tensors: a q8 load on a backend that runs q8 in place; a q8 load dequantized at load on
+    /// another backend holds plain floats and gives `None`).
+    pub fn quantization(&self) -> Option<crate::checkpoint::Quantization> {
+        let weight = &self.layers.first()?.attention.q_proj.weight;
+        matches!(weight.val().dtype(), DType::QFloat(_))
+            .then_some(crate::checkpoint::Quantization::Q8)
+    }
+}
+
 impl<B: MoeBackend> MoeLm<B> {
     /// Runs `ids` (`[B, T]`) after the tokens already in `cache` (if any), appending to it, with
     /// the MoE layers' masks from `mask`.

@@ -80,8 +80,15 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
         .moe_layers()
         .next()
         .map_or(0, |moe| moe.config().mask_router_outputs());
-    let dtype = model.weight_dtype();
-    let bytes_per_weight = dtype.bytes() as f64;
+    // q8 weights count 1 + 4/32 bytes each (the routers and norms, f32, are a fraction of a
+    // percent of the weights read); otherwise the held precision's bytes.
+    let (dtype, bytes_per_weight) = match model.quantization() {
+        Some(q) => (q.name(), q.bytes_per_weight()),
+        None => (
+            model.weight_dtype().name(),
+            model.weight_dtype().bytes() as f64,
+        ),
+    };
     let prompt = prompt_ids(args.prompt_tokens, config.vocab_size);
     let mut rows = Vec::new();
     for (variant, mask) in [("top-K".to_string(), MaskMode::TopK), beam] {
@@ -139,7 +146,7 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
         if args.json {
             let json = serde_json::json!({
                 "variant": row.variant,
-                "dtype": dtype.name(),
+                "dtype": dtype,
                 "backend": backend,
                 "load_s": load_s,
                 "peak_rss_bytes": row.peak_rss_bytes,

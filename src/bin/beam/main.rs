@@ -15,12 +15,13 @@
 //! Every command takes `--backend flex|ndarray|wgpu|cuda` (flex, burn's CPU backend, by default;
 //! train and eval default to ndarray; wgpu and cuda need the cargo features of the same name).
 //! info, logits, generate and bench take `--dtype f32|f16|bf16` (default: the checkpoint's
-//! precision where the backend holds it). Errors print one line and exit with status 1.
+//! precision where the backend holds it) and `--quantize q8` (int8 linear weights; eval takes it
+//! too). Errors print one line and exit with status 1.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use beam_model::checkpoint::WeightDtype;
+use beam_model::checkpoint::{Quantization, WeightDtype};
 use beam_model::model::generate::{generate, GenerateConfig};
 use beam_model::model::load::{load_model_with, LoadOptions};
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
@@ -78,6 +79,11 @@ struct Common {
     /// backend can hold it (flex, cuda), else f32. Activations are f32 either way.
     #[arg(long)]
     dtype: Option<WeightDtype>,
+    /// Quantize the linear weights (attention, experts, dense MLPs, LM head) at load: q8 is
+    /// block-wise int8 (blocks of 32, one f32 scale each), read in place by flex; other backends
+    /// dequantize it once at load. Embeddings, norms and routers keep --dtype / f32.
+    #[arg(long)]
+    quantize: Option<Quantization>,
     /// BEAM adapter (mask routers, safetensors) to turn BEAM on.
     #[arg(long)]
     beam_adapter: Option<PathBuf>,
@@ -199,6 +205,7 @@ fn run_cuda(_: &Command) -> Result<(), String> {
 fn load<B: MoeBackend>(common: &Common, device: &B::Device) -> Result<MoeLm<B>, String> {
     let options = LoadOptions {
         dtype: common.dtype,
+        quantize: common.quantize,
     };
     let mut model =
         load_model_with::<B>(&common.model, device, &options).map_err(|e| e.to_string())?;

@@ -3,8 +3,9 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+use beam_model::checkpoint::WeightDtype;
 use beam_model::model::config::ModelConfig;
-use beam_model::model::load::load_model;
+use beam_model::model::load::{load_model_with, LoadOptions};
 use beam_model::model::MaskMode;
 use beam_model::{BeamMaskConfig, MaskRouterShape, MaskRule, MoeBackend, SparsityLossConfig};
 use beam_train::eval::{interpolate_accuracy, EvalOptions, EvalReport};
@@ -268,6 +269,10 @@ pub struct EvalArgs {
     /// Draw experts per token in each layer (PNG) here.
     #[arg(long)]
     layer_plot: Option<PathBuf>,
+    /// Quantize the model's linear weights at load (q8: block-wise int8); the adapters' mask
+    /// routers stay f32.
+    #[arg(long)]
+    quantize: Option<beam_model::checkpoint::Quantization>,
 }
 
 impl EvalArgs {
@@ -298,7 +303,11 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
         batch_size: args.batch_size,
         max_tokens: args.max_tokens,
     };
-    let base = load_model::<B>(&args.input.model, device).map_err(|e| e.to_string())?;
+    let load = LoadOptions {
+        dtype: Some(WeightDtype::F32),
+        quantize: args.quantize,
+    };
+    let base = load_model_with::<B>(&args.input.model, device, &load).map_err(|e| e.to_string())?;
     let mut reports = Vec::new();
     let mut run = |report: Result<EvalReport, beam_train::TrainError>| -> Result<(), String> {
         let report = report.map_err(|e| e.to_string())?;
