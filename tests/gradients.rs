@@ -181,18 +181,15 @@ fn perturb(
     let mut x = x.clone();
     match target {
         Target::GateUp => {
-            layer.experts.gate_up =
-                Param::from_tensor(bump(layer.experts.gate_up.val(), index, eps))
+            layer.experts.gate_up = bump(layer.experts.gate_up.val(), index, eps).into()
         }
-        Target::Down => {
-            layer.experts.down = Param::from_tensor(bump(layer.experts.down.val(), index, eps))
-        }
+        Target::Down => layer.experts.down = bump(layer.experts.down.val(), index, eps).into(),
         Target::Router => {
             layer.router.weight = Param::from_tensor(bump(layer.router.weight.val(), index, eps))
         }
         Target::SharedGateUp => {
             let shared = layer.shared_expert.as_mut().unwrap();
-            shared.gate_up = Param::from_tensor(bump(shared.gate_up.val(), index, eps));
+            shared.gate_up = bump(shared.gate_up.val(), index, eps).into();
         }
         Target::SharedGate => {
             let shared = layer.shared_expert.as_mut().unwrap();

@@ -37,7 +37,15 @@ fn logits<B: MoeBackend>(model: &MoeLm<B>) -> Vec<f64> {
 }
 
 fn flex(dir: &Path, dtype: Option<WeightDtype>) -> MoeLm<Flex> {
-    load_model_with::<Flex>(dir, &Default::default(), &LoadOptions { dtype }).unwrap()
+    load_model_with::<Flex>(
+        dir,
+        &Default::default(),
+        &LoadOptions {
+            dtype,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 /// Largest `|a - b| / (1 + |b|)`.
@@ -149,6 +157,7 @@ fn a_backend_that_cannot_hold_16_bit_weights_widens_them_or_says_so() {
         &device,
         &LoadOptions {
             dtype: Some(WeightDtype::BF16),
+            ..Default::default()
         },
     )
     .expect_err("ndarray cannot hold bf16");

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use beam_model::checkpoint::{Quantization, WeightDtype};
 use beam_model::model::load::{load_model_with, LoadOptions};
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
+use beam_model::weight::Weight;
 use beam_model::MoeBackend;
 use beam_train::eval::{evaluate, EvalOptions};
 use beam_train::TokenData;
@@ -62,11 +63,19 @@ fn q8_on_flex_runs_the_int8_blocks_and_matches_the_dequantized_f64_model() {
         let dir = tiny(family);
         let q8 = load::<Flex>(&dir, None, Some(Quantization::Q8));
         assert_eq!(q8.quantization(), Some(Quantization::Q8), "{family}");
-        let expert_weights = q8.moe_layers().next().unwrap().experts.gate_up.val();
-        assert!(
-            matches!(expert_weights.dtype(), DType::QFloat(_)),
-            "{family}: experts held as int8 blocks"
+        let experts = &q8.moe_layers().next().unwrap().experts;
+        let (gate_up, down) = match (&experts.gate_up, &experts.down) {
+            (Weight::Q8(gate_up), Weight::Q8(down)) => (gate_up.tensor(), down.tensor()),
+            _ => panic!("{family}: experts held as int8 blocks"),
+        };
+        assert_eq!(gate_up.values.dtype(), DType::I8);
+        assert_eq!(gate_up.scales.dtype(), DType::F32);
+        let [_, _, h] = gate_up.dims();
+        assert_eq!(
+            gate_up.block(),
+            beam_kernels::quant::q8_block_len(h).unwrap()
         );
+        assert!(down.block() > 0);
         // Embeddings are kept.
         assert_eq!(q8.embed.weight.val().dtype(), DType::F32);
 

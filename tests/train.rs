@@ -149,7 +149,7 @@ fn mask_router_only_gradients(trainable: Trainable) -> (bool, bool, bool, bool) 
     (
         mask_flows,
         moe.router.weight.grad(&grads).is_some(),
-        moe.experts.gate_up.grad(&grads).is_some(),
+        moe.experts.gate_up.val().grad(&grads).is_some(),
         model.embed.weight.grad(&grads).is_some(),
     )
 }

@@ -101,8 +101,8 @@ fn seeded_layer<B: MoeBackend>(device: &B::Device) -> beam_model::BeamMoe<B> {
     let mut layer = beam_model::BeamMoeConfig::new(h, i, e, k).init::<B>(device);
     let mut rng = common::Rng::new(23);
     layer.router.weight = Param::from_tensor(rng.tensor([e, h], 0.5, device));
-    layer.experts.gate_up = Param::from_tensor(rng.tensor([e, 2 * i, h], 0.4, device));
-    layer.experts.down = Param::from_tensor(rng.tensor([e, h, i], 0.4, device));
+    layer.experts.gate_up = rng.tensor([e, 2 * i, h], 0.4, device).into();
+    layer.experts.down = rng.tensor([e, h, i], 0.4, device).into();
     let mask_router = layer.mask_router.as_mut().unwrap();
     mask_router.proj.weight = Param::from_tensor(rng.tensor([h, e], 1.0, device));
     mask_router.proj.bias = Some(Param::from_tensor(rng.tensor([e], 0.5, device)));

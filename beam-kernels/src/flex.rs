@@ -15,19 +15,18 @@
 //! Anything else (activations in a 16-bit dtype, mixed activation dtypes) runs the reference,
 //! which widens 16-bit weights to the activations' dtype first.
 
-use burn::backend::flex::{Flex, FlexQTensor, FlexTensor};
-use burn::tensor::ops::{FloatTensor, IntTensor, QuantizedTensor};
-use burn::tensor::quantization::QTensorPrimitive;
-use burn::tensor::{DType, Tensor, TensorData, TensorMetadata, TensorPrimitive};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, TensorData, TensorMetadata};
 use half::{bf16, f16};
 
 use crate::host::{linear as host_linear, masked_moe_planned};
 use crate::plan::{DispatchPlan, MoeDims};
-use crate::quant::{q8_block_of, Q8Matrix};
+use crate::quant::{Q8Matrix, Q8Tensor};
 use crate::reference::{
     grouped_experts_primitive, grouped_experts_q8_primitive, linear_out_in_reference,
 };
-use crate::{float, primitive, GroupedExpertsBackend, LinearBackend};
+use crate::{float, primitive, GroupedExpertsBackend, LinearBackend, Q8Primitive};
 
 impl GroupedExpertsBackend for Flex {
     fn grouped_experts(
@@ -47,8 +46,8 @@ impl GroupedExpertsBackend for Flex {
         x: FloatTensor<Self>,
         expert_ids: IntTensor<Self>,
         weights: FloatTensor<Self>,
-        gate_up: QuantizedTensor<Self>,
-        down: QuantizedTensor<Self>,
+        gate_up: Q8Primitive<Self>,
+        down: Q8Primitive<Self>,
     ) -> FloatTensor<Self> {
         match masked_moe_q8(&x, &expert_ids, &weights, &gate_up, &down) {
             Some(out) => out,
@@ -63,13 +62,10 @@ impl LinearBackend for Flex {
             .unwrap_or_else(|| primitive(linear_out_in_reference::<Self>(float(x), float(weight))))
     }
 
-    fn linear_out_in_q8(x: FloatTensor<Self>, weight: QuantizedTensor<Self>) -> FloatTensor<Self> {
+    fn linear_out_in_q8(x: FloatTensor<Self>, weight: Q8Primitive<Self>) -> FloatTensor<Self> {
         linear_q8(&x, &weight).unwrap_or_else(|| {
-            let weight = Tensor::<Self, 2>::from_primitive(TensorPrimitive::QFloat(weight));
-            primitive(linear_out_in_reference::<Self>(
-                float(x),
-                weight.dequantize(),
-            ))
+            let weight = Q8Tensor::<Self, 2>::from_primitive(weight).dequantize();
+            primitive(linear_out_in_reference::<Self>(float(x), weight))
         })
     }
 
@@ -195,16 +191,24 @@ pub fn linear(x: &FlexTensor, weight: &FlexTensor) -> Option<FlexTensor> {
     })
 }
 
-/// A q8 tensor's int8 values and block scales in place, when its scheme is
-/// [`q8_scheme`](crate::quant::q8_scheme)'s, its storage contiguous and whole, and its rows
-/// (last dimension) whole blocks.
-fn q8_matrix(q: &FlexQTensor) -> Option<Q8Matrix<'_>> {
-    let block = q8_block_of(q.scheme())?;
-    let row_len = *q.tensor().shape().as_slice().last()?;
-    if row_len % block != 0 {
+/// A q8 weight's int8 values and block scales in place, when the values are `I8` and the
+/// scales `f32`, both contiguous, with as many leading dimensions and whole blocks per row.
+fn q8_matrix(q: &Q8Primitive<Flex>) -> Option<Q8Matrix<'_>> {
+    let (shape, scales_shape) = (q.values.shape(), q.scales.shape());
+    let (dims, scale_dims) = (shape.as_slice(), scales_shape.as_slice());
+    let (&row_len, &blocks) = (dims.last()?, scale_dims.last()?);
+    if dims.len() != scale_dims.len()
+        || dims[..dims.len() - 1] != scale_dims[..dims.len() - 1]
+        || blocks == 0
+        || row_len % blocks != 0
+    {
         return None;
     }
-    Q8Matrix::new(q.tensor().as_slice::<i8>()?, q.scales(), block)
+    Q8Matrix::new(
+        q.values.as_slice::<i8>()?,
+        q.scales.as_slice::<f32>()?,
+        row_len / blocks,
+    )
 }
 
 /// [`masked_moe`] with q8 expert weights: `Some(output)` from the host kernels when `x` and the
@@ -218,13 +222,13 @@ pub fn masked_moe_q8(
     x: &FlexTensor,
     expert_ids: &FlexTensor,
     weights: &FlexTensor,
-    gate_up: &FlexQTensor,
-    down: &FlexQTensor,
+    gate_up: &Q8Primitive<Flex>,
+    down: &Q8Primitive<Flex>,
 ) -> Option<FlexTensor> {
     let dims = MoeDims::from_shapes(
         x.shape().dims(),
         expert_ids.shape().dims(),
-        gate_up.shape().dims(),
+        gate_up.values.shape().dims(),
     );
     if x.dtype() != DType::F32 || weights.dtype() != DType::F32 {
         return None;
@@ -249,9 +253,9 @@ pub fn masked_moe_q8(
 ///
 /// # Shapes
 /// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
-pub fn linear_q8(x: &FlexTensor, weight: &FlexQTensor) -> Option<FlexTensor> {
+pub fn linear_q8(x: &FlexTensor, weight: &Q8Primitive<Flex>) -> Option<FlexTensor> {
     let [rows, in_features] = x.shape().dims();
-    let [out_features, weight_in] = weight.shape().dims();
+    let [out_features, weight_in] = weight.values.shape().dims();
     if weight_in != in_features || x.dtype() != DType::F32 {
         return None;
     }

@@ -817,35 +817,50 @@ mod avx2 {
     ) -> [f32; N] {
         assert!(block % 8 == 0 && values.len() % block == 0);
         assert_eq!(scales.len(), values.len() / block);
-        let groups = values.len() / 8;
-        let mut acc = [[_mm256_setzero_ps(); 2]; N];
-        let (mut scale_index, mut filled) = (0usize, 0usize);
-        let mut scale = _mm256_setzero_ps();
-        for g in 0..groups {
-            if filled == 0 {
-                // SAFETY: g · 8 < len, so the block index is below len / block = scales.len().
-                scale = _mm256_set1_ps(unsafe { *scales.get_unchecked(scale_index) });
-            }
-            // SAFETY: g · 8 + 8 <= len, and every input has len elements.
+        let mut low = [_mm256_setzero_ps(); N];
+        let mut high = [_mm256_setzero_ps(); N];
+        let q = values.as_ptr();
+        // Eight int8 values at `q + at`, widened to `f32` and scaled.
+        let load = |at: usize, scale: __m256| {
+            // SAFETY: callers pass `at + 8 <= len`.
             unsafe {
-                let q = _mm_loadl_epi64(values.as_ptr().add(g * 8) as *const __m128i);
-                let w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
-                for n in 0..N {
-                    let x = _mm256_loadu_ps(inputs[n].as_ptr().add(g * 8));
-                    acc[n][g & 1] = _mm256_fmadd_ps(w, x, acc[n][g & 1]);
-                }
+                let v = _mm_loadl_epi64(q.add(at) as *const __m128i);
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), scale)
             }
-            filled += 8;
-            if filled == block {
-                filled = 0;
-                scale_index += 1;
+        };
+        for (b, &s) in scales.iter().enumerate() {
+            let scale = _mm256_set1_ps(s);
+            let (mut at, end) = (b * block, (b + 1) * block);
+            // 16 values a step into two accumulators per input (blocks of 32: two steps).
+            while at + 16 <= end {
+                let (w_low, w_high) = (load(at, scale), load(at + 8, scale));
+                for n in 0..N {
+                    // SAFETY: at + 16 <= len, and every input has len elements.
+                    unsafe {
+                        let x = inputs[n].as_ptr().add(at);
+                        low[n] = _mm256_fmadd_ps(w_low, _mm256_loadu_ps(x), low[n]);
+                        high[n] = _mm256_fmadd_ps(w_high, _mm256_loadu_ps(x.add(8)), high[n]);
+                    }
+                }
+                at += 16;
+            }
+            // A block of 8, 24, … values ends with 8 more.
+            if at < end {
+                let w = load(at, scale);
+                for n in 0..N {
+                    // SAFETY: at + 8 = end <= len.
+                    unsafe {
+                        let x = inputs[n].as_ptr().add(at);
+                        low[n] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x), low[n]);
+                    }
+                }
             }
         }
         let mut result = [0.0; N];
         for n in 0..N {
             let mut lanes = [0.0f32; 8];
             // SAFETY: `lanes` holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[n][0], acc[n][1])) };
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(low[n], high[n])) };
             let quads = [
                 lanes[0] + lanes[4],
                 lanes[1] + lanes[5],

@@ -6,7 +6,7 @@
 //!
 //! | op | trait | what it computes |
 //! |---|---|---|
-//! | grouped experts | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
+//! | grouped experts (q8 weights: `grouped_experts_q8`) | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
 //! | `[out, in]` linear | [`LinearBackend`] | `x · Wᵀ` for PyTorch-layout weights: router, attention projections, shared expert, LM head |
 //!
 //! [`MoeBackend`] is both together (implemented for every backend that has both); the tensor-level
@@ -16,7 +16,7 @@
 //! |---|---|
 //! | `lib.rs` | the traits, the tensor-level wrappers, the kernels' options |
 //! | [`reference`] | the burn-tensor-ops reference every backend can run (the traits' defaults; exact gradients under autodiff), a dense check and a host `f64` reference |
-//! | [`quant`] | q8 weights (block-wise symmetric int8 in burn's quantization scheme): quantizer, block choice, the borrowed [`quant::Q8Matrix`] |
+//! | [`quant`] | q8 weights (block-wise symmetric int8): quantizer, block choice, [`quant::Q8Tensor`] (int8 values + `f32` scales as plain burn tensors) and the borrowed [`quant::Q8Matrix`] the host kernels read |
 //! | [`plan`] | [`DispatchPlan`] (kept pairs grouped by expert: what every path computes first) and [`MoeDims`] |
 //! | `ndarray.rs` (feature `ndarray`) | burn's `NdArray`: the host kernels on borrowed storage when few pairs per expert are kept, the reference otherwise |
 //! | [`flex`] (feature `flex`) | burn's `Flex`: the host kernels on `f32`, `bf16` or `f16` weights in place (activations `f32`), the reference otherwise |
@@ -69,7 +69,7 @@ pub use cubecl::{compact_routes, masked_moe, CompactRoutes};
 pub use plan::{DispatchPlan, MoeDims};
 
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{FloatTensor, IntTensor, QuantizedTensor};
+use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Int, Tensor, TensorPrimitive};
 
 /// Backend extension for the routed experts on grouped (token, expert) pairs.
@@ -104,22 +104,22 @@ pub trait GroupedExpertsBackend: Backend {
         reference::grouped_experts_primitive::<Self>(x, expert_ids, weights, gate_up, down)
     }
 
-    /// [`Self::grouped_experts`] with the routed experts' weights quantized (q8, [`quant`]):
-    /// the same result as `grouped_experts` on the dequantized weights, up to summation order.
+    /// [`Self::grouped_experts`] with the routed experts' weights in q8 ([`quant`]): the same
+    /// result as `grouped_experts` on the dequantized weights, up to summation order. Skipped
+    /// slots read none of their expert's int8 values or scales.
     ///
-    /// The default is the reference on the dequantized weights
-    /// ([`reference::grouped_experts_q8_primitive`]); it dequantizes whole tensors, so it reads
-    /// idle experts too. Backends that run q8 in place ([`LinearBackend::q8_in_place`]) read only
-    /// the kept experts' blocks.
+    /// The default is [`reference::grouped_experts_q8_reference`] (each routed expert dequantized
+    /// with tensor ops).
     ///
     /// # Shapes
-    /// As [`Self::grouped_experts`].
+    /// - as [`Self::grouped_experts`]; `gate_up.values` `[E, 2I, H]`, `gate_up.scales`
+    ///   `[E, 2I, H / block]`, `down.values` `[E, H, I]`, `down.scales` `[E, H, I / block']`
     fn grouped_experts_q8(
         x: FloatTensor<Self>,
         expert_ids: IntTensor<Self>,
         weights: FloatTensor<Self>,
-        gate_up: QuantizedTensor<Self>,
-        down: QuantizedTensor<Self>,
+        gate_up: Q8Primitive<Self>,
+        down: Q8Primitive<Self>,
     ) -> FloatTensor<Self> {
         reference::grouped_experts_q8_primitive::<Self>(x, expert_ids, weights, gate_up, down)
     }
@@ -145,22 +145,23 @@ pub trait LinearBackend: Backend {
         ))
     }
 
-    /// [`Self::linear_out_in`] with a quantized weight (q8, [`quant`]): `x · dequantize(W)ᵀ`.
-    /// The default dequantizes the weight, then runs the reference.
+    /// [`Self::linear_out_in`] with a q8 weight ([`quant`]): `x · dequantize(W)ᵀ`. The default
+    /// dequantizes the weight with tensor ops, then runs the reference.
     ///
     /// # Shapes
-    /// As [`Self::linear_out_in`].
-    fn linear_out_in_q8(x: FloatTensor<Self>, weight: QuantizedTensor<Self>) -> FloatTensor<Self> {
-        let weight = Tensor::<Self, 2>::from_primitive(TensorPrimitive::QFloat(weight));
+    /// - `x`: `[T, in]`, `weight.values`: `[out, in]`, `weight.scales`: `[out, in / block]`;
+    ///   output `[T, out]`
+    fn linear_out_in_q8(x: FloatTensor<Self>, weight: Q8Primitive<Self>) -> FloatTensor<Self> {
         primitive(reference::linear_out_in_reference::<Self>(
             float(x),
-            weight.dequantize(),
+            quant::Q8Tensor::<Self, 2>::from_primitive(weight).dequantize(),
         ))
     }
 
     /// Whether this backend runs q8 weights ([`quant`]) in place, reading their int8 blocks
     /// (burn's `Flex`); `false` (the default) makes the model loader dequantize q8 weights once
-    /// at load to the precision it would otherwise hold (the same values, full-size bytes).
+    /// at load to the precision it would otherwise hold (the same values, full-size bytes), so
+    /// the fast paths of those backends serve them.
     fn q8_in_place() -> bool {
         false
     }
@@ -172,9 +173,7 @@ pub trait MoeBackend: GroupedExpertsBackend + LinearBackend {}
 
 impl<B: GroupedExpertsBackend + LinearBackend> MoeBackend for B {}
 
-/// Calls [`GroupedExpertsBackend::grouped_experts`] on tensors, or
-/// [`GroupedExpertsBackend::grouped_experts_q8`] when both expert weights are quantized (burn
-/// quantized tensors, [`quant`]). Shapes as documented there.
+/// Calls [`GroupedExpertsBackend::grouped_experts`] on tensors. Shapes as documented there.
 pub fn grouped_experts<B: GroupedExpertsBackend>(
     x: Tensor<B, 2>,
     expert_ids: Tensor<B, 2, Int>,
@@ -182,27 +181,63 @@ pub fn grouped_experts<B: GroupedExpertsBackend>(
     gate_up: Tensor<B, 3>,
     down: Tensor<B, 3>,
 ) -> Tensor<B, 2> {
-    let (x, ids) = (x.into_primitive().tensor(), expert_ids.into_primitive());
-    let weights = weights.into_primitive().tensor();
-    float(match (gate_up.into_primitive(), down.into_primitive()) {
-        (TensorPrimitive::QFloat(gate_up), TensorPrimitive::QFloat(down)) => {
-            B::grouped_experts_q8(x, ids, weights, gate_up, down)
-        }
-        (gate_up, down) => B::grouped_experts(x, ids, weights, gate_up.tensor(), down.tensor()),
-    })
+    float(B::grouped_experts(
+        x.into_primitive().tensor(),
+        expert_ids.into_primitive(),
+        weights.into_primitive().tensor(),
+        gate_up.into_primitive().tensor(),
+        down.into_primitive().tensor(),
+    ))
+}
+
+/// Calls [`GroupedExpertsBackend::grouped_experts_q8`] on tensors. Shapes as documented there.
+pub fn grouped_experts_q8<B: GroupedExpertsBackend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    gate_up: quant::Q8Tensor<B, 3>,
+    down: quant::Q8Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    float(B::grouped_experts_q8(
+        x.into_primitive().tensor(),
+        expert_ids.into_primitive(),
+        weights.into_primitive().tensor(),
+        gate_up.into_primitive(),
+        down.into_primitive(),
+    ))
+}
+
+/// The primitives of a q8 weight ([`quant::Q8Tensor`]): int8 `values` (an `I8` int tensor) and
+/// `f32` `scales`, one per block of consecutive values along the last dimension.
+#[derive(Debug)]
+pub struct Q8Primitive<B: Backend> {
+    /// `[.., C]` int8 values.
+    pub values: IntTensor<B>,
+    /// `[.., C / block]` scales.
+    pub scales: FloatTensor<B>,
 }
 
 /// `x · Wᵀ` for a weight stored `[out, in]`, through [`LinearBackend::linear_out_in`].
 ///
 /// # Shapes
 /// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
-/// A quantized weight (q8) goes to [`LinearBackend::linear_out_in_q8`].
 pub fn linear_out_in<B: LinearBackend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
-    let x = x.into_primitive().tensor();
-    float(match weight.into_primitive() {
-        TensorPrimitive::QFloat(weight) => B::linear_out_in_q8(x, weight),
-        TensorPrimitive::Float(weight) => B::linear_out_in(x, weight),
-    })
+    float(B::linear_out_in(
+        x.into_primitive().tensor(),
+        weight.into_primitive().tensor(),
+    ))
+}
+
+/// `x · dequantize(W)ᵀ` for a q8 weight stored `[out, in]`, through
+/// [`LinearBackend::linear_out_in_q8`]. Shapes as documented there.
+pub fn linear_out_in_q8<B: LinearBackend>(
+    x: Tensor<B, 2>,
+    weight: quant::Q8Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    float(B::linear_out_in_q8(
+        x.into_primitive().tensor(),
+        weight.into_primitive(),
+    ))
 }
 
 /// A float primitive as a tensor.

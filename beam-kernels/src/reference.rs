@@ -11,11 +11,13 @@
 //!   accumulated in `f64`.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::{FloatTensor, IntTensor, QuantizedTensor};
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::activation::silu;
 use crate::plan::{DispatchPlan, MoeDims};
+use crate::quant::Q8Tensor;
+use crate::Q8Primitive;
 use crate::{float, primitive};
 
 /// `down · (silu(gate · x) ⊙ up · x)` on rows `x` (`[N, H]`), with `gate_up` `[2I, H]` (gate rows
@@ -73,11 +75,84 @@ pub fn grouped_experts_reference<B: Backend>(
     gate_up: Tensor<B, 3>,
     down: Tensor<B, 3>,
 ) -> Tensor<B, 2> {
+    let [experts, _, _] = gate_up.dims();
+    let dtype = x.dtype();
+    // 16-bit weights (Flex, cubecl) are widened to the activations' dtype one routed expert at a
+    // time.
+    grouped_by_expert(x, expert_ids, weights, experts, |expert| {
+        (
+            like(expert_weights(gate_up.clone(), expert), dtype),
+            like(expert_weights(down.clone(), expert), dtype),
+        )
+    })
+}
+
+/// Reference for [`GroupedExpertsBackend::grouped_experts_q8`](crate::GroupedExpertsBackend::grouped_experts_q8):
+/// [`grouped_experts_reference`] with each routed expert's q8 weights sliced out and dequantized
+/// with tensor ops (idle experts' values and scales are not touched).
+///
+/// # Shapes
+/// As [`grouped_experts_reference`], with `gate_up`, `down` as [`Q8Tensor`]s of those shapes.
+pub fn grouped_experts_q8_reference<B: Backend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    gate_up: Q8Tensor<B, 3>,
+    down: Q8Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    let [experts, two_i, hidden] = gate_up.dims();
+    let [_, _, inter] = down.dims();
+    let dtype = x.dtype();
+    grouped_by_expert(x, expert_ids, weights, experts, |expert| {
+        (
+            like(
+                gate_up
+                    .narrow_first(expert)
+                    .dequantize()
+                    .reshape([two_i, hidden]),
+                dtype,
+            ),
+            like(
+                down.narrow_first(expert)
+                    .dequantize()
+                    .reshape([hidden, inter]),
+                dtype,
+            ),
+        )
+    })
+}
+
+/// [`grouped_experts_q8_reference`] on primitives: the default of
+/// [`GroupedExpertsBackend::grouped_experts_q8`](crate::GroupedExpertsBackend::grouped_experts_q8).
+pub fn grouped_experts_q8_primitive<B: Backend>(
+    x: FloatTensor<B>,
+    expert_ids: IntTensor<B>,
+    weights: FloatTensor<B>,
+    gate_up: Q8Primitive<B>,
+    down: Q8Primitive<B>,
+) -> FloatTensor<B> {
+    primitive(grouped_experts_q8_reference::<B>(
+        float(x),
+        Tensor::from_primitive(expert_ids),
+        float(weights),
+        Q8Tensor::from_primitive(gate_up),
+        Q8Tensor::from_primitive(down),
+    ))
+}
+
+/// The grouped pipeline of the references: reads the id table back, groups kept pairs by
+/// expert, runs each routed expert once on its tokens' rows with the `[2I, H]` and `[H, I]`
+/// weights `expert_weights(e)` gives, weights the rows and scatter-adds them back.
+fn grouped_by_expert<B: Backend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    experts: usize,
+    expert_weights: impl Fn(usize) -> (Tensor<B, 2>, Tensor<B, 2>),
+) -> Tensor<B, 2> {
     let [tokens, hidden] = x.dims();
     let [_, top_k] = expert_ids.dims();
-    let [experts, _, _] = gate_up.dims();
     let device = x.device();
-    let dtype = x.dtype();
     let ids = expert_ids
         .into_data()
         .convert::<i64>()
@@ -100,13 +175,8 @@ pub fn grouped_experts_reference<B: Backend>(
     let outputs: Vec<Tensor<B, 2>> = plan
         .groups()
         .map(|(expert, start, len)| {
-            // 16-bit weights (Flex, cubecl) are widened to the activations' dtype one routed
-            // expert at a time.
-            swiglu(
-                rows.clone().narrow(0, start, len),
-                like(expert_weights(gate_up.clone(), expert), dtype),
-                like(expert_weights(down.clone(), expert), dtype),
-            )
+            let (gate_up, down) = expert_weights(expert);
+            swiglu(rows.clone().narrow(0, start, len), gate_up, down)
         })
         .collect();
     scatter_add_rows(Tensor::cat(outputs, 0), pair_weights, token_index, tokens)
@@ -128,28 +198,6 @@ pub fn grouped_experts_primitive<B: Backend>(
         float(weights),
         float(gate_up),
         float(down),
-    ))
-}
-
-/// Reference for [`GroupedExpertsBackend::grouped_experts_q8`](crate::GroupedExpertsBackend::grouped_experts_q8):
-/// both weights dequantized (whole: burn's quantized slicing does not carry block scales on every
-/// backend), then [`grouped_experts_reference`].
-pub fn grouped_experts_q8_primitive<B: Backend>(
-    x: FloatTensor<B>,
-    expert_ids: IntTensor<B>,
-    weights: FloatTensor<B>,
-    gate_up: QuantizedTensor<B>,
-    down: QuantizedTensor<B>,
-) -> FloatTensor<B> {
-    let dequantized = |q: QuantizedTensor<B>| {
-        Tensor::<B, 3>::from_primitive(TensorPrimitive::QFloat(q)).dequantize()
-    };
-    primitive(grouped_experts_reference::<B>(
-        float(x),
-        Tensor::from_primitive(expert_ids),
-        float(weights),
-        dequantized(gate_up),
-        dequantized(down),
     ))
 }
 

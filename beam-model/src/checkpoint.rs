@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+
+use crate::weight::Weight;
 use safetensors::tensor::TensorInfo;
 use safetensors::Dtype;
 
@@ -149,9 +151,9 @@ impl From<WeightDtype> for WeightFormat {
     }
 }
 
-/// `data` (in `format.dtype`, rows along its last dimension) as a tensor on `device`: as [`held`]
+/// `data` (in `format.dtype`, rows along its last dimension) as a weight on `device`: as [`held`]
 /// when `format` quantizes nothing; quantized to q8 ([`beam_kernels::quant::quantize_q8`])
-/// otherwise — a burn quantized tensor where the backend runs q8 in place (`q8_in_place`, see
+/// otherwise — int8 values and scales where the backend runs q8 in place (`q8_in_place`, see
 /// [`beam_kernels::LinearBackend::q8_in_place`]), else dequantized back into `format.dtype` once
 /// (the q8 model's values; rounded to it when it is 16-bit). `path` and `name` name the tensor in
 /// the error for rows no q8 block length tiles ([`beam_kernels::quant::q8_block_len`]).
@@ -161,10 +163,10 @@ pub fn held_as<B: Backend, const D: usize>(
     q8_in_place: bool,
     device: &B::Device,
     (path, name): (&Path, &str),
-) -> Result<Tensor<B, D>, LoadError> {
-    use beam_kernels::quant::{q8_block_len, q8_scheme, quantize_q8};
+) -> Result<Weight<B, D>, LoadError> {
+    use beam_kernels::quant::{q8_block_len, quantize_q8, Q8Tensor};
     let Some(Quantization::Q8) = format.quantize else {
-        return Ok(held(data, format.dtype, device));
+        return Ok(held(data, format.dtype, device).into());
     };
     let shape = data.shape.clone();
     let row_len = shape.last().copied().unwrap_or(0);
@@ -202,15 +204,15 @@ pub fn held_as<B: Backend, const D: usize>(
     };
     drop(data);
     if q8_in_place {
-        let q_data = TensorData::quantized(q.values, shape, q8_scheme(block), &q.scales);
-        return Ok(Tensor::from_data(q_data, device));
+        let shape: [usize; D] = shape.as_slice().try_into().expect("a rank-D tensor");
+        return Ok(Weight::q8(Q8Tensor::new(q, shape, device)));
     }
     let dequantized = TensorData::new(q.dequantize(), shape);
     let dequantized = match format.dtype {
         WeightDtype::F32 => dequantized,
         other => dequantized.convert_dtype(other.dtype()),
     };
-    Ok(held(dequantized, format.dtype, device))
+    Ok(held(dequantized, format.dtype, device).into())
 }
 
 /// Element types a tensor can be read into ([`TensorStore::read_into`]).

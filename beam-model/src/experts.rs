@@ -3,13 +3,14 @@
 //! experts op for the routed experts, the `[out, in]` linear op for the shared expert.
 
 use crate::activation::{sigmoid, silu};
-use beam_kernels::{grouped_experts, linear_out_in, GroupedExpertsBackend, LinearBackend};
+use beam_kernels::{linear_out_in, GroupedExpertsBackend, LinearBackend};
 use burn::module::{Module, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
 use crate::config::{BeamMoeConfig, SharedExpertConfig};
 use crate::init::{normal_param, Init};
+use crate::weight::{grouped, Weight};
 
 /// The E routed experts, stacked in the layout the kernels read.
 ///
@@ -19,10 +20,10 @@ use crate::init::{normal_param, Init};
 /// - `down`: `[E, H, I]`
 #[derive(Module, Debug)]
 pub struct Experts<B: Backend> {
-    /// Stacked gate+up projections `[E, 2I, H]`.
-    pub gate_up: Param<Tensor<B, 3>>,
-    /// Stacked down projections `[E, H, I]`.
-    pub down: Param<Tensor<B, 3>>,
+    /// Stacked gate+up projections `[E, 2I, H]` (float or q8).
+    pub gate_up: Weight<B, 3>,
+    /// Stacked down projections `[E, H, I]` (float or q8).
+    pub down: Weight<B, 3>,
 }
 
 impl<B: Backend> Experts<B> {
@@ -38,8 +39,8 @@ impl<B: Backend> Experts<B> {
             config.intermediate_size,
         );
         Self {
-            gate_up: normal_param([e, 2 * i, h], init, device),
-            down: normal_param([e, h, i], init, device),
+            gate_up: normal_param([e, 2 * i, h], init, device).into(),
+            down: normal_param([e, h, i], init, device).into(),
         }
     }
 
@@ -62,7 +63,7 @@ impl<B: GroupedExpertsBackend> Experts<B> {
         expert_ids: Tensor<B, 2, Int>,
         weights: Tensor<B, 2>,
     ) -> Tensor<B, 2> {
-        grouped_experts(x, expert_ids, weights, self.gate_up.val(), self.down.val())
+        grouped(x, expert_ids, weights, &self.gate_up, &self.down)
     }
 }
 
@@ -73,10 +74,10 @@ impl<B: GroupedExpertsBackend> Experts<B> {
 /// - `gate`: `[1, H]` when gated (Qwen2-MoE `shared_expert_gate`)
 #[derive(Module, Debug)]
 pub struct SharedExpert<B: Backend> {
-    /// Gate+up projection `[2I_s, H]`.
-    pub gate_up: Param<Tensor<B, 2>>,
-    /// Down projection `[H, I_s]`.
-    pub down: Param<Tensor<B, 2>>,
+    /// Gate+up projection `[2I_s, H]` (float or q8).
+    pub gate_up: Weight<B, 2>,
+    /// Down projection `[H, I_s]` (float or q8).
+    pub down: Weight<B, 2>,
     /// Sigmoid output gate `[1, H]`, if any.
     pub gate: Option<Param<Tensor<B, 2>>>,
 }
@@ -100,8 +101,8 @@ impl<B: Backend> SharedExpert<B> {
     ) -> Self {
         let i = shared.intermediate_size;
         Self {
-            gate_up: normal_param([2 * i, hidden_size], init, device),
-            down: normal_param([hidden_size, i], init, device),
+            gate_up: normal_param([2 * i, hidden_size], init, device).into(),
+            down: normal_param([hidden_size, i], init, device).into(),
             gate: shared
                 .gated
                 .then(|| normal_param([1, hidden_size], init, device)),
@@ -114,9 +115,9 @@ impl<B: LinearBackend> SharedExpert<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let [two_i, _] = self.gate_up.dims();
         let inter = two_i / 2;
-        let gate_up = linear_out_in(x.clone(), self.gate_up.val()); // [T, 2I]
+        let gate_up = self.gate_up.linear(x.clone()); // [T, 2I]
         let h = silu(gate_up.clone().narrow(1, 0, inter)) * gate_up.narrow(1, inter, inter);
-        let y = linear_out_in(h, self.down.val());
+        let y = self.down.linear(h);
         match &self.gate {
             Some(gate) => y * sigmoid(linear_out_in(x, gate.val())),
             None => y,

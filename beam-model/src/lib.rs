@@ -44,6 +44,7 @@ pub mod mask;
 pub mod model;
 pub mod peers;
 pub mod router;
+pub mod weight;
 
 pub use beam_kernels::{
     grouped_experts, linear_out_in, GroupedExpertsBackend, LinearBackend, MoeBackend,

@@ -10,13 +10,15 @@ use super::cache::KvCache;
 use super::config::{AttentionOptions, ModelConfig, QkNorm};
 use super::norm::RmsNorm;
 use super::rope::apply_rope;
-use beam_kernels::{linear_out_in, LinearBackend};
+use beam_kernels::LinearBackend;
+
+use crate::weight::Weight;
 
 /// A linear projection stored as on disk: weight `[out, in]`, optional bias `[out]`.
 #[derive(Module, Debug)]
 pub struct Projection<B: Backend> {
-    /// Weight `[out, in]`.
-    pub weight: Param<Tensor<B, 2>>,
+    /// Weight `[out, in]` (float or q8).
+    pub weight: Weight<B, 2>,
     /// Bias `[out]`.
     pub bias: Option<Param<Tensor<B, 1>>>,
 }
@@ -25,7 +27,7 @@ impl<B: LinearBackend> Projection<B> {
     /// `x · Wᵀ + b` on `[B, T, in]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [batch, tokens, input] = x.dims();
-        let y = linear_out_in(x.reshape([batch * tokens, input]), self.weight.val());
+        let y = self.weight.linear(x.reshape([batch * tokens, input]));
         let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze::<2>(),
             None => y,

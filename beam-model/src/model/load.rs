@@ -2,10 +2,9 @@
 
 use std::path::Path;
 
-use burn::module::Param;
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::TensorData;
 
 use super::attention::{Attention, Projection};
 use super::config::{ModelConfig, QkNorm};
@@ -15,6 +14,7 @@ use super::{DecoderLayer, FeedForward, ModelError, MoeLm};
 use crate::checkpoint::{held_as, LoadError, Quantization, TensorStore, WeightDtype, WeightFormat};
 use crate::experts::SharedExpert;
 use crate::layer::BeamMoe;
+use crate::weight::Weight;
 use crate::{LinearBackend, MoeBackend};
 
 /// How [`load_model_with`] holds the weights.
@@ -116,7 +116,7 @@ fn weight<B: LinearBackend, const D: usize>(
     expected: [usize; D],
     format: WeightFormat,
     device: &B::Device,
-) -> Result<Tensor<B, D>, LoadError> {
+) -> Result<Weight<B, D>, LoadError> {
     let data = store.data(name, &expected, format.dtype)?;
     held_as(
         data,
@@ -144,13 +144,13 @@ fn build<B: MoeBackend>(
     let projection =
         |name: String, out: usize, input: usize, bias: bool| -> Result<Projection<B>, LoadError> {
             Ok(Projection {
-                weight: Param::from_tensor(weight(
+                weight: weight(
                     store,
                     &format!("{name}.weight"),
                     [out, input],
                     format,
                     device,
-                )?),
+                )?,
                 bias: bias
                     .then(|| store.param(&format!("{name}.bias"), [out], device))
                     .transpose()?,
@@ -225,16 +225,10 @@ fn build<B: MoeBackend>(
         weight: store.param_as("model.embed_tokens.weight", [v, h], dtype, device)?,
     };
     let final_norm = norm("model.norm.weight".into(), h)?;
-    let lm_head: Option<Param<_>> = if config.tie_word_embeddings {
+    let lm_head = if config.tie_word_embeddings {
         None
     } else {
-        Some(Param::from_tensor(weight(
-            store,
-            "lm_head.weight",
-            [v, h],
-            format,
-            device,
-        )?))
+        Some(weight(store, "lm_head.weight", [v, h], format, device)?)
     };
     Ok(MoeLm::from_parts(
         config, embed, layers, final_norm, lm_head,
@@ -350,8 +344,8 @@ fn moe_block<B: Backend>(
         )?;
         (gate_up, downs)
     };
-    layer.experts.gate_up = Param::from_tensor(gate_up);
-    layer.experts.down = Param::from_tensor(down);
+    layer.experts.gate_up = gate_up;
+    layer.experts.down = down;
 
     if let (Some(shared), Some(shared_config)) = (layer.shared_expert.take(), &config.shared_expert)
     {
@@ -466,7 +460,7 @@ fn swiglu<B: Backend>(
     let down_name = format!("{base}down_proj.weight");
     let down = file.data(&down_name, &[h, i], dtype)?;
     Ok(SharedExpert {
-        gate_up: Param::from_tensor(held_as(
+        gate_up: held_as(
             gate_up,
             format,
             q8_in_place,
@@ -475,14 +469,14 @@ fn swiglu<B: Backend>(
                 file.path_of(&gate_name),
                 &format!("{base}{{gate,up}}_proj.weight"),
             ),
-        )?),
-        down: Param::from_tensor(held_as(
+        )?,
+        down: held_as(
             down,
             format,
             q8_in_place,
             device,
             (file.path_of(&down_name), &down_name),
-        )?),
+        )?,
         gate: gate
             .map(|name| file.param(name, [1, h], device))
             .transpose()?,

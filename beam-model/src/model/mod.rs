@@ -16,7 +16,7 @@ pub mod rope;
 
 use std::path::PathBuf;
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
@@ -25,6 +25,7 @@ use crate::checkpoint::LoadError;
 use crate::experts::SharedExpert;
 use crate::layer::{BeamMoe, MaskSource, RoutingFacts};
 use crate::peers::MaskRule;
+use crate::weight::Weight;
 use crate::{linear_out_in, MoeBackend};
 use attention::{attention_mask, Attention};
 use cache::KvCache;
@@ -198,7 +199,7 @@ pub struct MoeLm<B: Backend> {
     /// `model.norm`.
     pub norm: RmsNorm<B>,
     /// `lm_head.weight` `[V, H]`; `None` when tied to the embeddings.
-    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    pub lm_head: Option<Weight<B, 2>>,
     #[module(skip)]
     config: ModelConfig,
 }
@@ -209,7 +210,7 @@ impl<B: Backend> MoeLm<B> {
         embed: Embedding<B>,
         layers: Vec<DecoderLayer<B>>,
         norm: RmsNorm<B>,
-        lm_head: Option<Param<Tensor<B, 2>>>,
+        lm_head: Option<Weight<B, 2>>,
     ) -> Self {
         Self {
             embed,
@@ -254,12 +255,13 @@ impl<B: Backend> MoeLm<B> {
 }
 
 impl<B: Backend> MoeLm<B> {
-    /// The quantization the linear weights are held in (`Some(Q8)` when they are burn quantized
-    /// tensors: a q8 load on a backend that runs q8 in place; a q8 load dequantized at load on
-    /// another backend holds plain floats and gives `None`).
+    /// The quantization the linear weights are held in (`Some(Q8)` after a q8 load on a backend
+    /// that runs q8 in place; a q8 load dequantized at load on another backend holds floats and
+    /// gives `None`).
     pub fn quantization(&self) -> Option<crate::checkpoint::Quantization> {
         let weight = &self.layers.first()?.attention.q_proj.weight;
-        matches!(weight.val().dtype(), DType::QFloat(_))
+        weight
+            .is_q8()
             .then_some(crate::checkpoint::Quantization::Q8)
     }
 }
@@ -358,18 +360,18 @@ impl<B: MoeBackend> MoeLm<B> {
         if hidden_states {
             states.push(h.clone());
         }
-        let head = match &self.lm_head {
-            Some(w) => w.val(),
-            None => self.embed.weight.val(),
-        };
         let [b, t, hidden] = h.dims();
         let (h, t) = if last_only && t > 1 {
             (h.narrow(1, t - 1, 1), 1)
         } else {
             (h, t)
         };
-        let logits =
-            linear_out_in(h.reshape([b * t, hidden]), head).reshape([b, t, self.config.vocab_size]);
+        let h = h.reshape([b * t, hidden]);
+        let logits = match &self.lm_head {
+            Some(head) => head.linear(h),
+            None => linear_out_in(h, self.embed.weight.val()),
+        }
+        .reshape([b, t, self.config.vocab_size]);
         LmOutput {
             logits,
             hidden_states: states,

@@ -1,0 +1,128 @@
+//! A large weight as a model holds it: a float tensor (`f32`, `f16`, `bf16`) or q8 (int8 values
+//! and block scales, [`beam_kernels::quant`]). The linear layers, experts and LM head hold one;
+//! routers, norms and embeddings stay plain float parameters.
+
+use beam_kernels::quant::Q8Tensor;
+use beam_kernels::{grouped_experts, grouped_experts_q8, linear_out_in, linear_out_in_q8};
+use beam_kernels::{GroupedExpertsBackend, LinearBackend};
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor};
+
+/// A weight of shape `[.., C]`: float, or q8 (one `f32` scale per block of consecutive values
+/// along `C`).
+#[derive(Module, Debug)]
+pub enum Weight<B: Backend, const D: usize> {
+    /// A float tensor in the precision it is held in.
+    Float(Param<Tensor<B, D>>),
+    /// int8 values and block scales.
+    Q8(Q8Param<B, D>),
+}
+
+/// The parameters of a q8 [`Weight`].
+///
+/// # Shapes
+/// - `values`: the weight's shape `[.., C]` (`I8` int tensor)
+/// - `scales`: `[.., C / block]` (`f32`)
+#[derive(Module, Debug)]
+pub struct Q8Param<B: Backend, const D: usize> {
+    /// int8 values.
+    pub values: Param<Tensor<B, D, Int>>,
+    /// Block scales.
+    pub scales: Param<Tensor<B, D>>,
+}
+
+impl<B: Backend, const D: usize> Weight<B, D> {
+    /// A q8 weight from its tensors.
+    pub fn q8(q: Q8Tensor<B, D>) -> Self {
+        Self::Q8(Q8Param {
+            values: Param::initialized(ParamId::new(), q.values),
+            scales: Param::from_tensor(q.scales),
+        })
+    }
+
+    /// The weight's shape.
+    pub fn dims(&self) -> [usize; D] {
+        match self {
+            Self::Float(w) => w.dims(),
+            Self::Q8(q) => q.values.dims(),
+        }
+    }
+
+    /// The weight as a float tensor: itself, or the q8 values dequantized (`q · s`, `f32`, a new
+    /// full-size tensor: for inspection and tests, not for the forward pass).
+    pub fn val(&self) -> Tensor<B, D> {
+        match self {
+            Self::Float(w) => w.val(),
+            Self::Q8(q) => q.tensor().dequantize(),
+        }
+    }
+
+    /// Whether the weight is q8.
+    pub fn is_q8(&self) -> bool {
+        matches!(self, Self::Q8(_))
+    }
+
+    /// The device the weight is on.
+    pub fn device(&self) -> B::Device {
+        match self {
+            Self::Float(w) => w.device(),
+            Self::Q8(q) => q.scales.device(),
+        }
+    }
+}
+
+impl<B: Backend, const D: usize> Q8Param<B, D> {
+    /// The q8 tensors (clones share storage).
+    pub fn tensor(&self) -> Q8Tensor<B, D> {
+        Q8Tensor {
+            values: self.values.val(),
+            scales: self.scales.val(),
+        }
+    }
+}
+
+impl<B: Backend, const D: usize> From<Param<Tensor<B, D>>> for Weight<B, D> {
+    fn from(param: Param<Tensor<B, D>>) -> Self {
+        Self::Float(param)
+    }
+}
+
+impl<B: Backend, const D: usize> From<Tensor<B, D>> for Weight<B, D> {
+    fn from(tensor: Tensor<B, D>) -> Self {
+        Self::Float(Param::from_tensor(tensor))
+    }
+}
+
+impl<B: LinearBackend> Weight<B, 2> {
+    /// `x · Wᵀ` for this `[out, in]` weight (the backend's q8 op when it is q8).
+    ///
+    /// # Shapes
+    /// - `x`: `[T, in]`; output `[T, out]`
+    pub fn linear(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match self {
+            Self::Float(w) => linear_out_in(x, w.val()),
+            Self::Q8(q) => linear_out_in_q8(x, q.tensor()),
+        }
+    }
+}
+
+/// The grouped experts op on stacked `[E, 2I, H]` / `[E, H, I]` weights: the q8 op when both are
+/// q8, else the float op (a q8 weight beside a float one is dequantized).
+///
+/// # Shapes
+/// As [`beam_kernels::GroupedExpertsBackend::grouped_experts`].
+pub fn grouped<B: GroupedExpertsBackend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    gate_up: &Weight<B, 3>,
+    down: &Weight<B, 3>,
+) -> Tensor<B, 2> {
+    match (gate_up, down) {
+        (Weight::Q8(gate_up), Weight::Q8(down)) => {
+            grouped_experts_q8(x, expert_ids, weights, gate_up.tensor(), down.tensor())
+        }
+        _ => grouped_experts(x, expert_ids, weights, gate_up.val(), down.val()),
+    }
+}
