@@ -86,8 +86,12 @@ fn q8_on_flex_runs_the_int8_blocks_and_matches_the_dequantized_f64_model() {
         assert!(want.iter().any(|v| v.abs() > 1e-2), "not a test on zeros");
         let got = logits(&q8, MaskMode::TopK);
         let err = max_rel(&got, &want);
+        // Few tokens per expert: Flex's dots round the activations to int8 per block of 32 (as
+        // llama.cpp's Q8_0 does); the f64 model keeps them exact. The kernels' own tests bound
+        // each step exactly; end to end on these random tiny models that is a few percent (a
+        // wrong scale or block would be 100%).
         assert!(
-            err <= 2e-5,
+            err <= 6e-2,
             "{family}: q8 Flex vs dequantized f64: {err:.2e}"
         );
 
@@ -98,7 +102,7 @@ fn q8_on_flex_runs_the_int8_blocks_and_matches_the_dequantized_f64_model() {
         let want = logits(&reference, MaskMode::Learned);
         let err = max_rel(&got, &want);
         assert!(
-            err <= 2e-5,
+            err <= 6e-2,
             "{family} BEAM: q8 Flex vs dequantized f64: {err:.2e}"
         );
         assert!(
@@ -193,6 +197,53 @@ fn kjv_q8_eval_loss_is_within_one_percent_of_f32_top_k_and_beam() {
         );
         assert!((q8.next_token_accuracy - full.next_token_accuracy).abs() < 0.01);
     }
+}
+
+#[test]
+fn kjv_q8_decoding_follows_the_f32_model() {
+    // Token-by-token decoding (the int8-activation dots): the q8 model's next-token logits stay
+    // close to the f32 model's and pick the same token (a prompt of arbitrary ids).
+    let dir = repo_root().join("assets/models/kjv-moe");
+    let f32_model = load::<Flex>(&dir, Some(WeightDtype::F32), None);
+    let q8_model = load::<Flex>(&dir, Some(WeightDtype::F32), Some(Quantization::Q8));
+    let prompt: Vec<i64> = (0..48).map(|i| (i * 37 + 11) % 1024).collect();
+    let (mut a, mut b) = (f32_model.new_cache(), q8_model.new_cache());
+    let (mut agree, mut worst, mut mean) = (0, 0.0f64, 0.0f64);
+    let step = |model: &MoeLm<Flex>, cache: &mut _, id: i64| -> Vec<f64> {
+        let ids = Tensor::<Flex, 2, Int>::from_data(
+            TensorData::new(vec![id], [1, 1]),
+            &Default::default(),
+        );
+        model
+            .forward(ids, Some(cache), MaskMode::TopK, HiddenStates::Skip)
+            .logits
+            .into_data()
+            .convert::<f64>()
+            .into_vec()
+            .unwrap()
+    };
+    let argmax = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+    for &id in &prompt {
+        let (full, q8) = (step(&f32_model, &mut a, id), step(&q8_model, &mut b, id));
+        agree += usize::from(argmax(&full) == argmax(&q8));
+        worst = worst.max(max_rel(&q8, &full));
+        mean += q8
+            .iter()
+            .zip(&full)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f64>()
+            / (full.len() * prompt.len()) as f64;
+    }
+    eprintln!(
+        "kjv decode: q8 picks the f32 model's token {agree}/{}, mean |logit err| {mean:.2e}, \
+         max rel {worst:.2e}",
+        prompt.len()
+    );
+    // The maximum over 48 × 1024 logits is where a perturbed state flips a top-K choice (also
+    // in the full-sequence forward, whose activations stay f32); the mean and the chosen
+    // tokens are what decoding feels.
+    assert!(agree * 10 >= prompt.len() * 9, "{agree}/{}", prompt.len());
+    assert!(mean < 0.15, "{mean:.2e}");
 }
 
 #[test]

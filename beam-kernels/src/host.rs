@@ -210,6 +210,29 @@ pub trait HostMatrix<F: HostFloat>: Copy + Send + Sync {
     /// Elements `range` as `F`: borrowed in place when they are `F` already, else widened (or
     /// dequantized) into `buffer`.
     fn tile<'s>(&'s self, range: core::ops::Range<usize>, buffer: &'s mut Vec<F>) -> &'s [F];
+    /// `emit(n, r - rows.start, row_r · inputs[n])` for the `row_len`-element rows `rows` (row
+    /// `r` from element `base + r · row_len`) and every input (each `row_len` long);
+    /// `quantized` is empty or holds each input as [`Self::quantize_inputs`] made it. The
+    /// default reads each row once per [`TOKENS_PER_PASS`] inputs through [`Self::dots`].
+    fn project(
+        self,
+        base: usize,
+        row_len: usize,
+        rows: core::ops::Range<usize>,
+        inputs: &[&[F]],
+        quantized: &[(&[i8], &[f32])],
+        emit: impl FnMut(usize, usize, F),
+    ) {
+        let _ = quantized;
+        project_by_dots(self, base, row_len, rows, inputs, emit)
+    }
+    /// The rows of `data` (`row_len` each) in the form [`Self::project`] reads fastest, made
+    /// once per call of a kernel rather than per row block: empty (the default: the `f32` rows
+    /// themselves), or int8 blocks for q8 weights (see `Q8Matrix`'s `project`).
+    fn quantize_inputs(&self, data: &[F], row_len: usize) -> Vec<crate::quant::Q8Weights> {
+        let _ = (data, row_len);
+        Vec::new()
+    }
 }
 
 impl<F: HostFloat, W: HostWeight<F>> HostMatrix<F> for &[W] {
@@ -265,6 +288,98 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
         self.dequantize_into(range, buffer);
         buffer
     }
+    /// With blocks of [`Q8_BLOCK`](crate::quant::Q8_BLOCK) values on a CPU with AVX2: the
+    /// inputs are quantized the same way once (int8 per block of 32, one `f32` scale each) and
+    /// every row dotted with them in int8 (`Σ_b s_w · s_x · Σ q_w · q_x`, as llama.cpp's
+    /// `Q8_0 × Q8_0`): a third of the instructions of widening each weight to `f32`, at the
+    /// cost of rounding the activations to 8 bits per block (within `s_x / 2` each). Otherwise
+    /// the `f32` dots on the dequantized weights.
+    fn project(
+        self,
+        base: usize,
+        row_len: usize,
+        rows: core::ops::Range<usize>,
+        inputs: &[&[f32]],
+        quantized: &[(&[i8], &[f32])],
+        mut emit: impl FnMut(usize, usize, f32),
+    ) {
+        let block = crate::quant::Q8_BLOCK;
+        #[cfg(target_arch = "x86_64")]
+        if !quantized.is_empty() && self.int8_inputs(row_len) {
+            assert_eq!(quantized.len(), inputs.len(), "one quantized row per input");
+            for (x, s) in quantized {
+                assert!(
+                    x.len() == row_len && s.len() == row_len / block,
+                    "whole blocks"
+                );
+            }
+            assert!(
+                base % block == 0 && base + rows.end * row_len <= self.len(),
+                "rows within the matrix"
+            );
+            let blocks = row_len / block;
+            let xs = quantized;
+            for (r, row) in rows.enumerate() {
+                let start = base + row * row_len;
+                let values = &self.values()[start..start + row_len];
+                let scales = &self.scales()[start / block..start / block + blocks];
+                for (pass, group) in xs.chunks(TOKENS_PER_PASS).enumerate() {
+                    // SAFETY: the CPU has AVX2 and FMA; the row and every input are `blocks`
+                    // whole blocks of 32 with one scale each.
+                    let dots = unsafe { avx2::dots_q8_q8(values, scales, group) };
+                    for (n, &dot) in dots[..group.len()].iter().enumerate() {
+                        emit(pass * TOKENS_PER_PASS + n, r, dot);
+                    }
+                }
+            }
+            return;
+        }
+        let _ = (quantized, block);
+        project_by_dots(self, base, row_len, rows, inputs, emit)
+    }
+    fn quantize_inputs(&self, data: &[f32], row_len: usize) -> Vec<crate::quant::Q8Weights> {
+        if !self.int8_inputs(row_len) {
+            return Vec::new();
+        }
+        data.chunks_exact(row_len)
+            .map(|row| crate::quant::quantize_q8_serial(row, crate::quant::Q8_BLOCK))
+            .collect()
+    }
+}
+
+impl Q8Matrix<'_> {
+    /// Whether [`HostMatrix::project`] dots rows of `row_len` with int8 inputs: blocks of 32 on a
+    /// CPU with AVX2 and FMA.
+    fn int8_inputs(&self, row_len: usize) -> bool {
+        let block = crate::quant::Q8_BLOCK;
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.block() == block && row_len % block == 0 && avx2::available()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (row_len, block);
+            false
+        }
+    }
+}
+
+/// The quantized inputs of `index` (empty when the matrix takes `f32` inputs).
+fn pick<'q>(
+    quantized: &'q [crate::quant::Q8Weights],
+    index: impl Iterator<Item = usize>,
+) -> Vec<(&'q [i8], &'q [f32])> {
+    if quantized.is_empty() {
+        return Vec::new();
+    }
+    index
+        .map(|i| {
+            (
+                quantized[i].values.as_slice(),
+                quantized[i].scales.as_slice(),
+            )
+        })
+        .collect()
 }
 
 /// [`portable_dots`] on q8 rows: a chunk of blocks at a time dequantized into a stack buffer.
@@ -322,11 +437,12 @@ fn block_product<F: HostFloat, M: HostMatrix<F>>(
     row_len: usize,
     rows: core::ops::Range<usize>,
     inputs: &[&[F]],
+    quantized: &[(&[i8], &[f32])],
 ) -> Vec<F> {
     let width = rows.len();
     let mut out = vec![F::ZERO; inputs.len() * width];
     if inputs.len() < GEMM_MIN_TOKENS || row_len == 0 {
-        project(matrix, base, row_len, rows, inputs, |n, r, dot| {
+        matrix.project(base, row_len, rows, inputs, quantized, |n, r, dot| {
             out[n * width + r] = dot;
         });
         return out;
@@ -430,6 +546,7 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
     }
 
     // Gate+up: `act[p, i] = silu(gate_i · x_p) · (up_i · x_p)` for kept pair `p` (plan order).
+    let x_quantized = gate_up.quantize_inputs(x, hidden);
     let gate_up_blocks = row_blocks(plan, intermediate, 2 * hidden);
     let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block| {
         let base = block.expert * 2 * intermediate * hidden;
@@ -438,14 +555,23 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
             .map(|&t| &x[t * hidden..(t + 1) * hidden])
             .collect();
         let up_rows = intermediate + block.rows.start..intermediate + block.rows.end;
-        let gate = block_product(gate_up, base, hidden, block.rows.clone(), &inputs);
-        let up = block_product(gate_up, base, hidden, up_rows, &inputs);
+        let quantized = pick(&x_quantized, token_of[block.pairs.clone()].iter().copied());
+        let gate = block_product(
+            gate_up,
+            base,
+            hidden,
+            block.rows.clone(),
+            &inputs,
+            &quantized,
+        );
+        let up = block_product(gate_up, base, hidden, up_rows, &inputs, &quantized);
         gate.into_iter()
             .zip(up)
             .map(|(g, u)| g.silu() * u)
             .collect::<Vec<F>>()
     });
     let act = assemble(&gate_up_blocks, &act_blocks, plan.kept(), intermediate);
+    let act_quantized = down.quantize_inputs(&act, intermediate);
 
     // Down: `pair_rows[p, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
     let down_blocks = row_blocks(plan, hidden, intermediate);
@@ -457,7 +583,15 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
             .map(|p| &act[p * intermediate..(p + 1) * intermediate])
             .collect();
         let width = block.rows.len();
-        let mut rows_out = block_product(down, base, intermediate, block.rows.clone(), &inputs);
+        let quantized = pick(&act_quantized, block.pairs.clone());
+        let mut rows_out = block_product(
+            down,
+            base,
+            intermediate,
+            block.rows.clone(),
+            &inputs,
+            &quantized,
+        );
         for (n, row) in rows_out.chunks_exact_mut(width.max(1)).enumerate() {
             let scale = weights[plan.pairs[block.pairs.start + n]];
             for y in row {
@@ -564,7 +698,7 @@ fn blocks_of(
 
 /// Dots rows `rows` of the row-major `matrix` (`row_len` columns, from element `base`) with every input, each row read
 /// once per [`TOKENS_PER_PASS`] inputs: `emit(input, row - rows.start, dot)`.
-fn project<F: HostFloat, M: HostMatrix<F>>(
+fn project_by_dots<F: HostFloat, M: HostMatrix<F>>(
     matrix: M,
     base: usize,
     row_len: usize,
@@ -620,9 +754,18 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
         return vec![F::ZERO; tokens * out_features];
     }
     let inputs: Vec<&[F]> = x.chunks_exact(in_features).collect();
+    let x_quantized = weight.quantize_inputs(x, in_features);
+    let quantized = pick(&x_quantized, 0..tokens);
     let blocks: Vec<RowBlock> = blocks_of(0, 0..tokens, out_features, in_features).collect();
     let block_outputs = map_blocks(&blocks, in_features, |block| {
-        block_product(weight, 0, in_features, block.rows.clone(), &inputs)
+        block_product(
+            weight,
+            0,
+            in_features,
+            block.rows.clone(),
+            &inputs,
+            &quantized,
+        )
     });
     assemble(&blocks, &block_outputs, tokens, out_features)
 }
@@ -742,6 +885,101 @@ mod avx2 {
                 result
             }
         };
+    }
+
+    /// Dots of one q8 row (blocks of 32) with 1 to [`TOKENS_PER_PASS`] inputs quantized the same
+    /// way, in int8: per block, `|w| · sign(x, w)` summed in pairs (`maddubs`, no overflow: the
+    /// values lie in `[-127, 127]`), then in fours (`madd`), widened and scaled by `s_w · s_x`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `values` and every input's values are `scales.len()`
+    /// blocks of 32, each input with as many scales.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dots_q8_q8(
+        values: &[i8],
+        scales: &[f32],
+        inputs: &[(&[i8], &[f32])],
+    ) -> [f32; TOKENS_PER_PASS] {
+        let mut out = [0.0; TOKENS_PER_PASS];
+        // SAFETY (all arms): the caller's contract.
+        match *inputs {
+            [a] => out[..1].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a]) }),
+            [a, b] => out[..2].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b]) }),
+            [a, b, c] => {
+                out[..3].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b, c]) })
+            }
+            [a, b, c, d] => {
+                out.copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b, c, d]) })
+            }
+            _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pass_q8_q8<const N: usize>(
+        values: &[i8],
+        scales: &[f32],
+        inputs: [(&[i8], &[f32]); N],
+    ) -> [f32; N] {
+        let blocks = scales.len();
+        assert_eq!(values.len(), blocks * 32);
+        for (x, s) in &inputs {
+            assert!(x.len() == blocks * 32 && s.len() == blocks);
+        }
+        let ones = _mm256_set1_epi16(1);
+        // Two accumulators per input (even and odd blocks) to hide the FMA latency.
+        let mut even = [_mm256_setzero_ps(); N];
+        let mut odd = [_mm256_setzero_ps(); N];
+        let block_dot = |b: usize, w: __m256i, abs_w: __m256i, x: &[i8], xs: &[f32]| {
+            // SAFETY: block b of 32 lies within x; the scales have index b.
+            unsafe {
+                let xv = _mm256_loadu_si256(x.as_ptr().add(b * 32) as *const __m256i);
+                let pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(xv, w));
+                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                (
+                    sums,
+                    _mm256_set1_ps(*scales.get_unchecked(b) * *xs.get_unchecked(b)),
+                )
+            }
+        };
+        // SAFETY: block b of 32 lies within values.
+        let load = |b: usize| unsafe {
+            let w = _mm256_loadu_si256(values.as_ptr().add(b * 32) as *const __m256i);
+            (w, _mm256_sign_epi8(w, w))
+        };
+        let mut b = 0;
+        while b + 2 <= blocks {
+            let ((w0, a0), (w1, a1)) = (load(b), load(b + 1));
+            for n in 0..N {
+                let (sums, scale) = block_dot(b, w0, a0, inputs[n].0, inputs[n].1);
+                even[n] = _mm256_fmadd_ps(sums, scale, even[n]);
+                let (sums, scale) = block_dot(b + 1, w1, a1, inputs[n].0, inputs[n].1);
+                odd[n] = _mm256_fmadd_ps(sums, scale, odd[n]);
+            }
+            b += 2;
+        }
+        if b < blocks {
+            let (w, a) = load(b);
+            for n in 0..N {
+                let (sums, scale) = block_dot(b, w, a, inputs[n].0, inputs[n].1);
+                even[n] = _mm256_fmadd_ps(sums, scale, even[n]);
+            }
+        }
+        let mut result = [0.0; N];
+        for n in 0..N {
+            let mut lanes = [0.0f32; 8];
+            // SAFETY: `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(even[n], odd[n])) };
+            let quads = [
+                lanes[0] + lanes[4],
+                lanes[1] + lanes[5],
+                lanes[2] + lanes[6],
+                lanes[3] + lanes[7],
+            ];
+            result[n] = (quads[0] + quads[2]) + (quads[1] + quads[3]);
+        }
+        result
     }
 
     dots_fn!(dots, pass, f32, "avx2,fma");
@@ -876,6 +1114,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::Q8_BLOCK;
     use crate::reference::masked_moe_f64;
 
     /// SplitMix64 in [0, 1).
@@ -1146,20 +1385,68 @@ mod tests {
             let dequantized = q.dequantize();
             let got = linear(&x, q.matrix(), in_features, out_features);
             assert_eq!(got.len(), tokens * out_features);
+            // Blocks of 32 with fewer than GEMM_MIN_TOKENS rows take the int8-activation dots
+            // on AVX2 CPUs: each activation is off by at most half its block's step.
+            let int8_activations = block == Q8_BLOCK && tokens < GEMM_MIN_TOKENS;
             for t in 0..tokens {
+                let input = &x[t * in_features..(t + 1) * in_features];
+                let steps: Vec<f64> = input
+                    .chunks(block)
+                    .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64 / 127.0)
+                    .collect();
                 for o in 0..out_features {
-                    let want = dot64(
-                        &x[t * in_features..(t + 1) * in_features],
-                        &dequantized[o * in_features..(o + 1) * in_features],
-                    );
+                    let row = &dequantized[o * in_features..(o + 1) * in_features];
+                    let want = dot64(input, row);
+                    let activation_bound: f64 = if int8_activations {
+                        row.iter()
+                            .enumerate()
+                            .map(|(j, &w)| w.abs() as f64 * steps[j / block] / 2.0)
+                            .sum()
+                    } else {
+                        0.0
+                    };
                     let g = got[t * out_features + o] as f64;
                     assert!(
-                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        (g - want).abs() <= activation_bound + 1e-5 * (1.0 + want.abs()),
                         "q8 [{tokens}, {in_features}] x [{out_features}, {in_features}]ᵀ (block {block}) at ({t}, {o}): {g} vs {want}"
                     );
                 }
             }
             assert!(got.iter().any(|g| g.abs() > 1e-2), "not a test on zeros");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn int8_dots_are_exact_products_of_the_quantized_rows_and_inputs() {
+        use crate::quant::{quantize_q8, quantize_q8_serial};
+        if !avx2::available() {
+            return;
+        }
+        let mut rng = Rng(37);
+        for blocks in [1, 2, 3, 64] {
+            let len = blocks * 32;
+            let row = quantize_q8(&rng.values(len, 0.5), 32);
+            let xs: Vec<_> = (0..TOKENS_PER_PASS)
+                .map(|_| quantize_q8_serial(&rng.values(len, 2.0), 32))
+                .collect();
+            for n in 1..=TOKENS_PER_PASS {
+                let group: Vec<(&[i8], &[f32])> = xs[..n]
+                    .iter()
+                    .map(|q| (q.values.as_slice(), q.scales.as_slice()))
+                    .collect();
+                // SAFETY: AVX2 checked above; whole blocks of 32 with their scales.
+                let got = unsafe { avx2::dots_q8_q8(&row.values, &row.scales, &group) };
+                for (k, x) in xs[..n].iter().enumerate() {
+                    let want = dot64(&x.dequantize(), &row.dequantize());
+                    assert!(
+                        (got[k] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{blocks} blocks, input {k}: {} vs {want}",
+                        got[k]
+                    );
+                }
+                assert!(got[n..].iter().all(|&v| v == 0.0));
+            }
         }
     }
 
@@ -1256,12 +1543,16 @@ mod tests {
                         down.matrix(),
                         dims,
                     );
+                    // The decode dots round the activations to int8 per block of 32 (the GEMM
+                    // path and other blocks do not): within 2% of the output's scale.
+                    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
                     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                         assert!(
-                            (g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs(),
+                            (g as f64 - w).abs() <= 1e-4 + 2e-2 * scale,
                             "q8 {dims:?}: out[{i}] = {g}, f64 reference {w}"
                         );
                     }
+                    assert!(got.iter().all(|g| g.is_finite()), "idle experts were read");
                     cases += 1;
                 }
             }

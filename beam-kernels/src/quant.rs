@@ -128,6 +128,46 @@ impl Q8Weights {
     }
 }
 
+/// Quantizes one block: its scale, and its values into `q` (see [`quantize_q8`]).
+fn quantize_block(wide: &[f32], q: &mut [i8]) -> f32 {
+    let max = wide.iter().fold(0.0f32, |m, &w| {
+        if w.is_nan() || m.is_nan() {
+            f32::NAN
+        } else {
+            m.max(w.abs())
+        }
+    });
+    if max == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    let scale = max / Q8_MAX;
+    let inverse = 1.0 / scale;
+    for (q, &w) in q.iter_mut().zip(wide) {
+        // Round half away from zero (`f32::round`, without its libm call: this loop
+        // vectorises); |w · inverse| <= 127 up to rounding.
+        let v = w * inverse;
+        *q = ((v + 0.5f32.copysign(v)) as i32).clamp(-127, 127) as i8;
+    }
+    scale
+}
+
+/// [`quantize_q8`] of `f32` values on the calling thread (activations: a vector at a time).
+pub fn quantize_q8_serial(values: &[f32], block: usize) -> Q8Weights {
+    assert!(block > 0 && values.len() % block == 0, "whole q8 blocks");
+    let mut q = vec![0i8; values.len()];
+    let scales = values
+        .chunks_exact(block)
+        .zip(q.chunks_exact_mut(block))
+        .map(|(wide, q)| quantize_block(wide, q))
+        .collect();
+    Q8Weights {
+        values: q,
+        scales,
+        block,
+    }
+}
+
 /// Values quantized per block on rayon's pool (a chunk of blocks per task).
 const QUANTIZE_CHUNK_BLOCKS: usize = 4096;
 
@@ -157,25 +197,7 @@ pub fn quantize_q8<W: HostWeight<f32>>(values: &[W], block: usize) -> Q8Weights 
                 .zip(values.chunks_exact(block))
             {
                 W::widen_into(values, &mut wide);
-                let max = wide.iter().fold(0.0f32, |m, &w| {
-                    if w.is_nan() || m.is_nan() {
-                        f32::NAN
-                    } else {
-                        m.max(w.abs())
-                    }
-                });
-                if max == 0.0 {
-                    *scale = 0.0;
-                    continue;
-                }
-                *scale = max / Q8_MAX;
-                let inverse = 1.0 / *scale;
-                for (q, &w) in q.iter_mut().zip(&wide) {
-                    // Round half away from zero (`f32::round`, without its libm call: this
-                    // loop vectorises); |w · inverse| <= 127 up to rounding.
-                    let v = w * inverse;
-                    *q = ((v + 0.5f32.copysign(v)) as i32).clamp(-127, 127) as i8;
-                }
+                *scale = quantize_block(&wide, q);
             }
         });
     Q8Weights {
