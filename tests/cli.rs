@@ -420,3 +420,77 @@ fn generation_stops_at_the_model_context_and_says_so() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("context of 128"));
 }
+
+#[test]
+fn quantize_q8_runs_logits_generate_and_bench_and_refuses_unknown_formats() {
+    let ids = reference_ids("olmoe", "input_ids");
+    let logits = |extra: &[&str]| -> Vec<f64> {
+        let mut args = vec!["logits", "--model", "assets/models/tiny-olmoe", "--ids"];
+        let joined = join(&ids);
+        args.push(&joined);
+        args.extend_from_slice(extra);
+        let json: serde_json::Value = serde_json::from_str(&stdout(&beam(&args))).unwrap();
+        json["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+            .collect()
+    };
+    let full = logits(&[]);
+    let q8 = logits(&["--quantize", "q8"]);
+    assert_eq!(q8.len(), full.len());
+    let mean = q8
+        .iter()
+        .zip(&full)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f64>()
+        / full.len() as f64;
+    assert!(mean > 0.0 && mean < 0.1, "q8 vs f32 mean |diff| {mean}");
+    // ndarray dequantizes q8 at load: the same q8 model (its prefill keeps f32 activations).
+    let on_ndarray = logits(&["--quantize", "q8", "--backend", "ndarray"]);
+    assert!(on_ndarray.iter().zip(&q8).all(|(a, b)| (a - b).abs() < 0.1));
+
+    let out = stdout(&beam(&[
+        "generate",
+        "--model",
+        "assets/models/tiny-olmoe",
+        "--ids",
+        "5,17,42",
+        "--max-new-tokens",
+        "4",
+        "--quantize",
+        "q8",
+        "--json",
+    ]));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["ids"].as_array().unwrap().len(), 4, "{out}");
+
+    let out = stdout(&beam(&[
+        "bench",
+        "--model",
+        "assets/models/tiny-qwen3_moe",
+        "--prompt-tokens",
+        "6",
+        "--new-tokens",
+        "3",
+        "--quantize",
+        "q8",
+        "--json",
+    ]));
+    let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(row["dtype"], "q8", "{row}");
+
+    let out = beam(&[
+        "logits",
+        "--model",
+        "assets/models/tiny-olmoe",
+        "--ids",
+        "1,2",
+        "--quantize",
+        "q4",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "clap's usage error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("q4") && stderr.contains("q8"), "{stderr}");
+}

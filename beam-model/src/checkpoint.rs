@@ -1053,3 +1053,83 @@ impl TensorStore {
             .map(|(dtype, _)| dtype)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    fn q8() -> WeightFormat {
+        WeightFormat {
+            dtype: WeightDtype::F32,
+            quantize: Some(Quantization::Q8),
+        }
+    }
+
+    fn data(shape: [usize; 2]) -> TensorData {
+        let n = shape[0] * shape[1];
+        TensorData::new(
+            (0..n).map(|i| (i as f32 * 0.3).sin()).collect::<Vec<f32>>(),
+            shape,
+        )
+    }
+
+    #[test]
+    fn rows_no_q8_block_tiles_are_a_typed_error_naming_the_tensor() {
+        let err = held_as::<Flex, 2>(
+            data([3, 37]),
+            q8(),
+            true,
+            &Default::default(),
+            (Path::new("model.safetensors"), "lm_head.weight"),
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert!(
+            matches!(&err, LoadError::Quantize { name, shape, .. } if name == "lm_head.weight" && shape == &[3, 37]),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("model.safetensors") && message.contains("37"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_non_float_weight_is_a_typed_dtype_error() {
+        let ints = TensorData::new(vec![1i32; 64], [2, 32]);
+        let err = held_as::<Flex, 2>(
+            ints,
+            q8(),
+            true,
+            &Default::default(),
+            (Path::new("model.safetensors"), "w"),
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert!(matches!(err, LoadError::Dtype { .. }), "{err}");
+    }
+
+    #[test]
+    fn q8_is_held_in_place_or_dequantized_into_the_requested_precision() {
+        let device = Default::default();
+        let place = ("model.safetensors".as_ref(), "w");
+        let in_place = held_as::<Flex, 2>(data([4, 64]), q8(), true, &device, place).unwrap();
+        assert!(in_place.is_q8());
+        let dequantized = held_as::<Flex, 2>(data([4, 64]), q8(), false, &device, place).unwrap();
+        assert!(!dequantized.is_q8());
+        // The same values either way.
+        assert_eq!(
+            in_place.val().into_data().to_vec::<f32>().unwrap(),
+            dequantized.val().into_data().to_vec::<f32>().unwrap()
+        );
+        // No quantization: the float tensor as read.
+        let plain =
+            held_as::<Flex, 2>(data([4, 64]), WeightDtype::F32.into(), true, &device, place);
+        assert_eq!(
+            plain.unwrap().val().into_data().to_vec::<f32>().unwrap(),
+            data([4, 64]).to_vec::<f32>().unwrap()
+        );
+    }
+}
