@@ -269,13 +269,13 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
         let len = inputs.first().map_or(0, |x| x.len());
         let block = self.block();
         assert!(
-            start % block == 0 && len % block == 0,
+            start.is_multiple_of(block) && len.is_multiple_of(block),
             "a q8 row is whole blocks"
         );
         let values = &self.values()[start..start + len];
         let scales = &self.scales()[start / block..(start + len) / block];
         #[cfg(target_arch = "x86_64")]
-        if block % 8 == 0 && avx2::available() {
+        if block.is_multiple_of(8) && avx2::available() {
             // SAFETY: the CPU has AVX2 and FMA; `project` checked the inputs' lengths, and the
             // scales cover the row's blocks (multiples of 8 values).
             return unsafe { avx2::dots_q8(values, scales, block, inputs) };
@@ -314,7 +314,7 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
                 );
             }
             assert!(
-                base % block == 0 && base + rows.end * row_len <= self.len(),
+                base.is_multiple_of(block) && base + rows.end * row_len <= self.len(),
                 "rows within the matrix"
             );
             let blocks = row_len / block;
@@ -354,7 +354,7 @@ impl Q8Matrix<'_> {
         let block = crate::quant::Q8_BLOCK;
         #[cfg(target_arch = "x86_64")]
         {
-            self.block() == block && row_len % block == 0 && avx2::available()
+            self.block() == block && row_len.is_multiple_of(block) && avx2::available()
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -365,10 +365,10 @@ impl Q8Matrix<'_> {
 }
 
 /// The quantized inputs of `index` (empty when the matrix takes `f32` inputs).
-fn pick<'q>(
-    quantized: &'q [crate::quant::Q8Weights],
+fn pick(
+    quantized: &[crate::quant::Q8Weights],
     index: impl Iterator<Item = usize>,
-) -> Vec<(&'q [i8], &'q [f32])> {
+) -> Vec<(&[i8], &[f32])> {
     if quantized.is_empty() {
         return Vec::new();
     }
@@ -1053,7 +1053,7 @@ mod avx2 {
         block: usize,
         inputs: [&[f32]; N],
     ) -> [f32; N] {
-        assert!(block % 8 == 0 && values.len() % block == 0);
+        assert!(block.is_multiple_of(8) && values.len().is_multiple_of(block));
         assert_eq!(scales.len(), values.len() / block);
         let mut low = [_mm256_setzero_ps(); N];
         let mut high = [_mm256_setzero_ps(); N];

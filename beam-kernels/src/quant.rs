@@ -42,7 +42,7 @@ pub fn q8_block_len(row_len: usize) -> Option<usize> {
     }
     (Q8_MIN_BLOCK..=Q8_BLOCK)
         .rev()
-        .find(|block| row_len % block == 0)
+        .find(|block| row_len.is_multiple_of(*block))
 }
 
 /// A borrowed q8 matrix: `values` row-major, one scale per `block` consecutive values (blocks
@@ -57,7 +57,7 @@ pub struct Q8Matrix<'a> {
 impl<'a> Q8Matrix<'a> {
     /// `None` unless `block > 0`, `values` is whole blocks and `scales` has one per block.
     pub fn new(values: &'a [i8], scales: &'a [f32], block: usize) -> Option<Self> {
-        (block > 0 && values.len() % block == 0 && scales.len() == values.len() / block).then_some(
+        (block > 0 && values.len().is_multiple_of(block) && scales.len() == values.len() / block).then_some(
             Self {
                 values,
                 scales,
@@ -154,7 +154,7 @@ fn quantize_block(wide: &[f32], q: &mut [i8]) -> f32 {
 
 /// [`quantize_q8`] of `f32` values on the calling thread (activations: a vector at a time).
 pub fn quantize_q8_serial(values: &[f32], block: usize) -> Q8Weights {
-    assert!(block > 0 && values.len() % block == 0, "whole q8 blocks");
+    assert!(block > 0 && values.len().is_multiple_of(block), "whole q8 blocks");
     let mut q = vec![0i8; values.len()];
     let scales = values
         .chunks_exact(block)
@@ -179,7 +179,7 @@ const QUANTIZE_CHUNK_BLOCKS: usize = 4096;
 /// If `block` is 0 or does not divide `values.len()` (callers pick it with [`q8_block_len`]).
 pub fn quantize_q8<W: HostWeight<f32>>(values: &[W], block: usize) -> Q8Weights {
     assert!(
-        block > 0 && values.len() % block == 0,
+        block > 0 && values.len().is_multiple_of(block),
         "{} values are not whole q8 blocks of {block}",
         values.len()
     );
@@ -225,7 +225,7 @@ impl<B: Backend, const D: usize> Q8Tensor<B, D> {
     pub fn new(weights: Q8Weights, shape: [usize; D], device: &B::Device) -> Self {
         let row_len = shape[D - 1];
         assert!(
-            row_len % weights.block == 0 && shape.iter().product::<usize>() == weights.values.len(),
+            row_len.is_multiple_of(weights.block) && shape.iter().product::<usize>() == weights.values.len(),
             "{shape:?} is not rows of whole blocks of {}",
             weights.block
         );
@@ -240,11 +240,7 @@ impl<B: Backend, const D: usize> Q8Tensor<B, D> {
     /// Values per block.
     pub fn block(&self) -> usize {
         let (c, blocks) = (self.values.dims()[D - 1], self.scales.dims()[D - 1]);
-        if blocks == 0 {
-            0
-        } else {
-            c / blocks
-        }
+        c.checked_div(blocks).unwrap_or(0)
     }
 
     /// The shape of the weight.
