@@ -20,7 +20,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::host::HostWeight;
 use crate::Q8Primitive;
 
 /// The block length along the input dimension where the row length allows it.
@@ -57,13 +56,12 @@ pub struct Q8Matrix<'a> {
 impl<'a> Q8Matrix<'a> {
     /// `None` unless `block > 0`, `values` is whole blocks and `scales` has one per block.
     pub fn new(values: &'a [i8], scales: &'a [f32], block: usize) -> Option<Self> {
-        (block > 0 && values.len().is_multiple_of(block) && scales.len() == values.len() / block).then_some(
-            Self {
+        (block > 0 && values.len().is_multiple_of(block) && scales.len() == values.len() / block)
+            .then_some(Self {
                 values,
                 scales,
                 block,
-            },
-        )
+            })
     }
 
     /// The int8 values.
@@ -154,7 +152,10 @@ fn quantize_block(wide: &[f32], q: &mut [i8]) -> f32 {
 
 /// [`quantize_q8`] of `f32` values on the calling thread (activations: a vector at a time).
 pub fn quantize_q8_serial(values: &[f32], block: usize) -> Q8Weights {
-    assert!(block > 0 && values.len().is_multiple_of(block), "whole q8 blocks");
+    assert!(
+        block > 0 && values.len().is_multiple_of(block),
+        "whole q8 blocks"
+    );
     let mut q = vec![0i8; values.len()];
     let scales = values
         .chunks_exact(block)
@@ -177,7 +178,7 @@ const QUANTIZE_CHUNK_BLOCKS: usize = 4096;
 ///
 /// # Panics
 /// If `block` is 0 or does not divide `values.len()` (callers pick it with [`q8_block_len`]).
-pub fn quantize_q8<W: HostWeight<f32>>(values: &[W], block: usize) -> Q8Weights {
+pub fn quantize_q8<W: Copy + Send + Sync + Into<f32>>(values: &[W], block: usize) -> Q8Weights {
     assert!(
         block > 0 && values.len().is_multiple_of(block),
         "{} values are not whole q8 blocks of {block}",
@@ -196,7 +197,9 @@ pub fn quantize_q8<W: HostWeight<f32>>(values: &[W], block: usize) -> Q8Weights 
                 .zip(scales.iter_mut())
                 .zip(values.chunks_exact(block))
             {
-                W::widen_into(values, &mut wide);
+                for (wide, &w) in wide.iter_mut().zip(values) {
+                    *wide = w.into();
+                }
                 *scale = quantize_block(&wide, q);
             }
         });
@@ -225,7 +228,8 @@ impl<B: Backend, const D: usize> Q8Tensor<B, D> {
     pub fn new(weights: Q8Weights, shape: [usize; D], device: &B::Device) -> Self {
         let row_len = shape[D - 1];
         assert!(
-            row_len.is_multiple_of(weights.block) && shape.iter().product::<usize>() == weights.values.len(),
+            row_len.is_multiple_of(weights.block)
+                && shape.iter().product::<usize>() == weights.values.len(),
             "{shape:?} is not rows of whole blocks of {}",
             weights.block
         );
