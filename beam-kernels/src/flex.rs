@@ -10,7 +10,11 @@
 //!   for `f32` weights, while the kept pairs per routed expert are few (at most
 //!   [`HOST_MAX_PAIRS_PER_EXPERT`] on average); the tensor-ops reference otherwise;
 //! - `[out, in]` linear layers: the host GEMV for 16-bit weights and for `f32` weights up to
-//!   [`LINEAR_MAX_ROWS`] rows; above, Flex's `matmul` on the transposed view (no copy).
+//!   [`LINEAR_MAX_ROWS`] rows; above, Flex's `matmul` on the transposed view (no copy);
+//! - q8 weights ([`crate::quant`]: `I8` values and `f32` scales) always take the host kernels
+//!   ([`masked_moe_q8`], [`linear_q8`]): int8 dots with the activations quantized once per call
+//!   for few tokens per row block, dequantized tiles and the GEMM for many. Flex therefore says
+//!   `q8_in_place() == true`, and the model loader hands it the int8 blocks.
 //!
 //! Anything else (activations in a 16-bit dtype, mixed activation dtypes) runs the reference,
 //! which widens 16-bit weights to the activations' dtype first.

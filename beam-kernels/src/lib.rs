@@ -77,7 +77,7 @@ use burn::tensor::{Int, Tensor, TensorPrimitive};
 /// | backend | implementation |
 /// |---|---|
 /// | `NdArray` (feature `ndarray`) | few kept pairs per expert (decode, or a heavily masked prefill): the host GEMVs ([`host`], AVX2+FMA where the CPU has them) on the weight storage in place; many: the reference |
-/// | `Flex` (feature `flex`) | the host GEMVs on `f32`, `bf16` or `f16` weights in place with `f32` activations (always for 16-bit weights; for `f32` while few pairs per expert are kept), else the reference |
+/// | `Flex` (feature `flex`) | the host GEMVs on `f32`, `bf16` or `f16` weights in place with `f32` activations (always for 16-bit weights; for `f32` while few pairs per expert are kept), else the reference; q8 (`grouped_experts_q8`) always on the host, int8 blocks in place |
 /// | burn's `CubeBackend` — `Cuda`, `Wgpu` (feature `cubecl`) | the cubecl kernels ([`masked_moe`]): routing compaction on the device, grouped SwiGLU GEMMs, deterministic combine |
 /// | `Fusion<B>` — `Cuda`/`Wgpu` with burn's `fusion` feature (feature `fusion`) | `B`'s implementation, registered as a custom fusion operation |
 /// | `Autodiff<B>` (feature `autodiff`) | the reference, built from burn tensor ops on `Autodiff<B>`: exact gradients for training |
@@ -131,7 +131,7 @@ pub trait GroupedExpertsBackend: Backend {
 /// | backend | implementation |
 /// |---|---|
 /// | `NdArray` (feature `ndarray`) | host GEMV up to 32 rows ([`host::linear`]), else `W · xᵀ` (ndarray's `matmul` would copy a transposed weight) |
-/// | `Flex` (feature `flex`) | host GEMV for 16-bit weights (`bf16`, `f16`; `f32` activations) and for `f32` up to 32 rows, else Flex's `matmul` on the transposed view |
+/// | `Flex` (feature `flex`) | host GEMV for 16-bit weights (`bf16`, `f16`; `f32` activations) and for `f32` up to 32 rows, else Flex's `matmul` on the transposed view; q8 (`linear_out_in_q8`) always on the host |
 /// | every other backend | the reference, `x.matmul(weight.transpose())` (a 16-bit weight widened to `x`'s dtype first) |
 pub trait LinearBackend: Backend {
     /// `x · Wᵀ`. The default is [`reference::linear_out_in_reference`].
