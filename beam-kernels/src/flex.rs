@@ -216,7 +216,8 @@ fn q8_matrix(q: &Q8Primitive<Flex>) -> Option<Q8Matrix<'_>> {
 }
 
 /// [`masked_moe`] with q8 expert weights: `Some(output)` from the host kernels when `x` and the
-/// routing weights are `f32` and both weights are [`q8_matrix`]es (always, whatever the pairs
+/// routing weights are `f32` and both weights are contiguous `I8` values with `f32` scales, rows
+/// of whole blocks (always, whatever the pairs
 /// per expert: many tokens per expert go through dequantized tiles and the GEMM); `None` for the
 /// reference. Only kept experts' blocks (values and scales) are read.
 ///
@@ -252,8 +253,8 @@ pub fn masked_moe_q8(
     Some(output(out, dims))
 }
 
-/// `Some(x · dequantize(W)ᵀ)` from the host GEMV on a q8 weight ([`q8_matrix`]) and `f32` `x`,
-/// whatever the rows; `None` for the reference.
+/// `Some(x · dequantize(W)ᵀ)` from the host GEMV on a q8 weight (contiguous `I8` values and
+/// `f32` scales) and `f32` `x`, whatever the rows; `None` for the reference.
 ///
 /// # Shapes
 /// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
