@@ -179,13 +179,34 @@ const QUANTIZE_CHUNK_BLOCKS: usize = 4096;
 /// # Panics
 /// If `block` is 0 or does not divide `values.len()` (callers pick it with [`q8_block_len`]).
 pub fn quantize_q8<W: Copy + Send + Sync + Into<f32>>(values: &[W], block: usize) -> Q8Weights {
+    quantize_q8_into(
+        values,
+        block,
+        vec![0i8; values.len()],
+        vec![0.0f32; values.len() / block.max(1)],
+    )
+}
+
+/// [`quantize_q8`] into buffers the caller allocated (`q` as long as `values`, `scales` one per
+/// block), e.g. backed by huge pages: the int8 values are what decode streams.
+///
+/// # Panics
+/// If `block` does not divide `values.len()` or a buffer has the wrong length.
+pub fn quantize_q8_into<W: Copy + Send + Sync + Into<f32>>(
+    values: &[W],
+    block: usize,
+    mut q: Vec<i8>,
+    mut scales: Vec<f32>,
+) -> Q8Weights {
     assert!(
         block > 0 && values.len().is_multiple_of(block),
         "{} values are not whole q8 blocks of {block}",
         values.len()
     );
-    let mut q = vec![0i8; values.len()];
-    let mut scales = vec![0.0f32; values.len() / block];
+    assert!(
+        q.len() == values.len() && scales.len() == values.len() / block,
+        "buffer lengths"
+    );
     let chunk = QUANTIZE_CHUNK_BLOCKS * block;
     q.par_chunks_mut(chunk)
         .zip(scales.par_chunks_mut(QUANTIZE_CHUNK_BLOCKS))

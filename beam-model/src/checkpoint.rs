@@ -164,7 +164,7 @@ pub fn held_as<B: Backend, const D: usize>(
     device: &B::Device,
     (path, name): (&Path, &str),
 ) -> Result<Weight<B, D>, LoadError> {
-    use beam_kernels::quant::{q8_block_len, quantize_q8, Q8Tensor};
+    use beam_kernels::quant::{q8_block_len, quantize_q8_into, Q8Tensor};
     let Some(Quantization::Q8) = format.quantize else {
         return Ok(held(data, format.dtype, device).into());
     };
@@ -184,21 +184,30 @@ pub fn held_as<B: Backend, const D: usize>(
         expected: "F32, F16 or BF16 to quantize",
         actual: format!("{actual:?}"),
     };
+    // Huge-page-backed buffers (see `weight_buffer`): decode streams these values.
+    let n = data.num_elements();
+    let (q, scales) = (weight_buffer::<i8>(n), weight_buffer::<f32>(n / block));
     let q = match data.dtype {
-        DType::F32 => quantize_q8(
+        DType::F32 => quantize_q8_into(
             data.as_slice::<f32>()
                 .map_err(|_| dtype_error(data.dtype))?,
             block,
+            q,
+            scales,
         ),
-        DType::BF16 => quantize_q8(
+        DType::BF16 => quantize_q8_into(
             data.as_slice::<half::bf16>()
                 .map_err(|_| dtype_error(data.dtype))?,
             block,
+            q,
+            scales,
         ),
-        DType::F16 => quantize_q8(
+        DType::F16 => quantize_q8_into(
             data.as_slice::<half::f16>()
                 .map_err(|_| dtype_error(data.dtype))?,
             block,
+            q,
+            scales,
         ),
         other => return Err(dtype_error(other)),
     };
