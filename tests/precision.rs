@@ -14,7 +14,7 @@ use beam_model::model::{HiddenStates, MaskMode, ModelError, MoeLm};
 use beam_model::MoeBackend;
 use burn::backend::{Flex, NdArray};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::{repo_root, Converted};
+use common::{max_rel, repo_root, Converted};
 use safetensors::Dtype;
 
 const FAMILIES: [&str; 4] = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"];
@@ -46,15 +46,6 @@ fn flex(dir: &Path, dtype: Option<WeightDtype>) -> MoeLm<Flex> {
         },
     )
     .unwrap()
-}
-
-/// Largest `|a - b| / (1 + |b|)`.
-fn max_rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
-        .fold(0.0, f64::max)
 }
 
 #[test]

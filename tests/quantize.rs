@@ -17,7 +17,7 @@ use beam_train::eval::{evaluate, EvalOptions};
 use beam_train::TokenData;
 use burn::backend::{Flex, NdArray};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::{random_adapter, repo_root, Converted};
+use common::{max_rel, random_adapter, repo_root, Converted};
 use safetensors::Dtype;
 
 const FAMILIES: [&str; 4] = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"];
@@ -46,15 +46,6 @@ fn logits<B: MoeBackend>(model: &MoeLm<B>, mask: MaskMode) -> Vec<f64> {
         .convert::<f64>()
         .into_vec()
         .unwrap()
-}
-
-/// Largest `|a - b| / (1 + |b|)`.
-fn max_rel(a: &[f64], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
-        .fold(0.0, f64::max)
 }
 
 #[test]

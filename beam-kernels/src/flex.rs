@@ -26,9 +26,10 @@ use half::{bf16, f16};
 
 use crate::host::{linear as host_linear, masked_moe_planned};
 use crate::plan::{DispatchPlan, MoeDims};
-use crate::quant::{Q8Matrix, Q8Tensor};
+use crate::quant::Q8Matrix;
 use crate::reference::{
-    grouped_experts_primitive, grouped_experts_q8_primitive, linear_out_in_reference,
+    grouped_experts_primitive, grouped_experts_q8_primitive, linear_out_in_q8_primitive,
+    linear_out_in_reference,
 };
 use crate::{float, primitive, GroupedExpertsBackend, LinearBackend, Q8Primitive};
 
@@ -67,10 +68,7 @@ impl LinearBackend for Flex {
     }
 
     fn linear_out_in_q8(x: FloatTensor<Self>, weight: Q8Primitive<Self>) -> FloatTensor<Self> {
-        linear_q8(&x, &weight).unwrap_or_else(|| {
-            let weight = Q8Tensor::<Self, 2>::from_primitive(weight).dequantize();
-            primitive(linear_out_in_reference::<Self>(float(x), weight))
-        })
+        linear_q8(&x, &weight).unwrap_or_else(|| linear_out_in_q8_primitive::<Self>(x, weight))
     }
 
     fn q8_in_place() -> bool {

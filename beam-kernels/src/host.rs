@@ -869,16 +869,7 @@ mod avx2 {
                 }
                 let mut result = [0.0; N];
                 for n in 0..N {
-                    let mut lanes = [0.0f32; 8];
-                    // SAFETY: `lanes` holds 8 floats.
-                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(low[n], high[n])) };
-                    let quads = [
-                        lanes[0] + lanes[4],
-                        lanes[1] + lanes[5],
-                        lanes[2] + lanes[6],
-                        lanes[3] + lanes[7],
-                    ];
-                    let sum = (quads[0] + quads[2]) + (quads[1] + quads[3]);
+                    let sum = sum_lanes(low[n], high[n]);
                     result[n] =
                         (body..len).fold(sum, |total, i| total + $widen(row[i]) * inputs[n][i]);
                 }
@@ -968,18 +959,25 @@ mod avx2 {
         }
         let mut result = [0.0; N];
         for n in 0..N {
-            let mut lanes = [0.0f32; 8];
-            // SAFETY: `lanes` holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(even[n], odd[n])) };
-            let quads = [
-                lanes[0] + lanes[4],
-                lanes[1] + lanes[5],
-                lanes[2] + lanes[6],
-                lanes[3] + lanes[7],
-            ];
-            result[n] = (quads[0] + quads[2]) + (quads[1] + quads[3]);
+            result[n] = sum_lanes(even[n], odd[n]);
         }
         result
+    }
+
+    /// The 16 lanes of two accumulators summed in one fixed order (pairwise across halves), the
+    /// reduction every pass ends with.
+    #[target_feature(enable = "avx2")]
+    fn sum_lanes(a: __m256, b: __m256) -> f32 {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(a, b)) };
+        let quads = [
+            lanes[0] + lanes[4],
+            lanes[1] + lanes[5],
+            lanes[2] + lanes[6],
+            lanes[3] + lanes[7],
+        ];
+        (quads[0] + quads[2]) + (quads[1] + quads[3])
     }
 
     dots_fn!(dots, pass, f32, "avx2,fma");
@@ -1096,16 +1094,7 @@ mod avx2 {
         }
         let mut result = [0.0; N];
         for n in 0..N {
-            let mut lanes = [0.0f32; 8];
-            // SAFETY: `lanes` holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(low[n], high[n])) };
-            let quads = [
-                lanes[0] + lanes[4],
-                lanes[1] + lanes[5],
-                lanes[2] + lanes[6],
-                lanes[3] + lanes[7],
-            ];
-            result[n] = (quads[0] + quads[2]) + (quads[1] + quads[3]);
+            result[n] = sum_lanes(low[n], high[n]);
         }
         result
     }

@@ -152,10 +152,7 @@ pub trait LinearBackend: Backend {
     /// - `x`: `[T, in]`, `weight.values`: `[out, in]`, `weight.scales`: `[out, in / block]`;
     ///   output `[T, out]`
     fn linear_out_in_q8(x: FloatTensor<Self>, weight: Q8Primitive<Self>) -> FloatTensor<Self> {
-        primitive(reference::linear_out_in_reference::<Self>(
-            float(x),
-            quant::Q8Tensor::<Self, 2>::from_primitive(weight).dequantize(),
-        ))
+        reference::linear_out_in_q8_primitive::<Self>(x, weight)
     }
 
     /// Whether this backend runs q8 weights ([`quant`]) in place, reading their int8 blocks

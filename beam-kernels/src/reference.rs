@@ -212,6 +212,19 @@ pub fn linear_out_in_reference<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>
     x.matmul(like(weight, dtype).transpose())
 }
 
+/// Reference for [`LinearBackend::linear_out_in_q8`](crate::LinearBackend::linear_out_in_q8):
+/// the weight dequantized with tensor ops, then [`linear_out_in_reference`]; on primitives (the
+/// trait's default and the fallback of backends whose fast path declines a call).
+pub fn linear_out_in_q8_primitive<B: Backend>(
+    x: FloatTensor<B>,
+    weight: Q8Primitive<B>,
+) -> FloatTensor<B> {
+    primitive(linear_out_in_reference::<B>(
+        float(x),
+        Q8Tensor::<B, 2>::from_primitive(weight).dequantize(),
+    ))
+}
+
 /// `tensor` in float dtype `dtype` (unchanged if it is already).
 pub fn like<B: Backend, const D: usize>(tensor: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
     if tensor.dtype() == dtype {

@@ -95,6 +95,15 @@ pub fn max_abs_diff(actual: &[f64], expected: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Largest `|a - b| / (1 + |b|)`.
+pub fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+        .fold(0.0, f64::max)
+}
+
 /// Asserts `|actual − expected| ≤ tol` elementwise and that the data is not trivially zero.
 pub fn assert_close(actual: &[f64], expected: &[f64], tol: f64, what: &str) {
     let diff = max_abs_diff(actual, expected);
