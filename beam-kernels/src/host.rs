@@ -754,7 +754,13 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
         return vec![F::ZERO; tokens * out_features];
     }
     let inputs: Vec<&[F]> = x.chunks_exact(in_features).collect();
-    let x_quantized = weight.quantize_inputs(x, in_features);
+    // Every block gets all rows of `x`: from GEMM_MIN_TOKENS rows on they all take the GEMM,
+    // which reads `x` as it is.
+    let x_quantized = if tokens < GEMM_MIN_TOKENS {
+        weight.quantize_inputs(x, in_features)
+    } else {
+        Vec::new()
+    };
     let quantized = pick(&x_quantized, 0..tokens);
     let blocks: Vec<RowBlock> = blocks_of(0, 0..tokens, out_features, in_features).collect();
     let block_outputs = map_blocks(&blocks, in_features, |block| {
