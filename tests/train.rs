@@ -225,8 +225,53 @@ fn resuming_gives_the_same_adapter_and_metrics_as_an_uninterrupted_run() {
     .unwrap_err();
     assert!(matches!(err, TrainError::Checkpoint { .. }), "{err}");
     assert!(err.to_string().contains("other settings"), "{err}");
+    refuses_other_inputs(&split, &config);
     std::fs::remove_dir_all(whole).ok();
     std::fs::remove_dir_all(split).ok();
+}
+
+/// A checkpoint folder is refused for another model or other text (with the same settings),
+/// naming what differs, and nothing in it is touched.
+fn refuses_other_inputs(dir: &Path, config: &TrainConfig) {
+    let before = std::fs::read(dir.join("train_config.json")).unwrap();
+    let attempt = |model: &Path, data: &TokenData| {
+        train::<AB>(
+            model,
+            data,
+            &config.clone().with_steps(30),
+            dir,
+            &Default::default(),
+            &mut |_, _| {},
+        )
+        .unwrap_err()
+    };
+    // Other text: the first half of the corpus.
+    let mut half = corpus();
+    half.tokens.truncate(half.tokens.len() / 2);
+    let err = attempt(&tiny_model(), &half);
+    assert!(matches!(err, TrainError::Checkpoint { .. }), "{err}");
+    assert!(err.to_string().contains("training data differs"), "{err}");
+    assert!(!err.to_string().contains("model's"), "only the data differs: {err}");
+    // Another model: the same folder with one config value changed.
+    let other = temp_dir("other-model");
+    std::fs::create_dir_all(&other).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), other.join(entry.file_name())).unwrap();
+    }
+    let config_json = std::fs::read_to_string(other.join("config.json")).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&config_json).unwrap();
+    value["rms_norm_eps"] = serde_json::json!(1e-3);
+    std::fs::write(other.join("config.json"), value.to_string()).unwrap();
+    let err = attempt(&other, &corpus());
+    assert!(err.to_string().contains("config.json differs"), "{err}");
+    assert!(!err.to_string().contains("data differs"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.join("train_config.json")).unwrap(),
+        before,
+        "a refused run leaves the folder as it was"
+    );
+    std::fs::remove_dir_all(other).ok();
 }
 
 fn train_args(out: &Path) -> Vec<String> {

@@ -7,7 +7,9 @@
 //! 4. older checkpoints are deleted.
 //!
 //! A checkpoint holds the whole model record (`model.mpk`), the optimiser state
-//! (`optimizer.mpk`) and `state.json` (step, settings, metric history).
+//! (`optimizer.mpk`) and `state.json` (step, settings, metric history, and a [`RunFingerprint`]
+//! of the model and data it was trained on: a resume with other settings, another model or other
+//! text is refused, naming what differs).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -31,6 +33,81 @@ pub struct CheckpointState {
     pub config: serde_json::Value,
     /// Metrics of every completed step.
     pub history: Vec<StepMetrics>,
+    /// The model and data the run trains on (absent in checkpoints of older versions, which are
+    /// then checked on their settings only).
+    #[serde(default)]
+    pub fingerprint: Option<RunFingerprint>,
+}
+
+/// What identifies a run's inputs beyond its settings: the checkpoint folder's `config.json`
+/// (hashed) and the names and sizes of its safetensors files (a content hash would read every
+/// byte of a many-gigabyte checkpoint on each start), and the training tokens (count and hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunFingerprint {
+    /// FNV-1a 64 of `config.json`, hex.
+    pub model_config: String,
+    /// `name:bytes` of each `*.safetensors` file, sorted by name.
+    pub model_files: Vec<String>,
+    /// Training tokens.
+    pub data_tokens: usize,
+    /// FNV-1a 64 of the training token ids (little-endian `u32`s), hex.
+    pub data_hash: String,
+}
+
+/// 64-bit FNV-1a: a fingerprint of bytes (not a cryptographic hash).
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+impl RunFingerprint {
+    /// The fingerprint of training on the checkpoint folder `model_dir` with `tokens`.
+    pub fn new(model_dir: &Path, tokens: &[u32]) -> Result<Self, TrainError> {
+        let config = model_dir.join("config.json");
+        let config_bytes = fs::read(&config).map_err(io_error(&config))?;
+        let mut model_files = Vec::new();
+        for entry in fs::read_dir(model_dir).map_err(io_error(model_dir))? {
+            let entry = entry.map_err(io_error(model_dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".safetensors") {
+                let len = entry.metadata().map_err(io_error(entry.path()))?.len();
+                model_files.push(format!("{name}:{len}"));
+            }
+        }
+        model_files.sort();
+        Ok(Self {
+            model_config: format!("{:016x}", fnv1a(config_bytes)),
+            model_files,
+            data_tokens: tokens.len(),
+            data_hash: format!(
+                "{:016x}",
+                fnv1a(tokens.iter().flat_map(|t| t.to_le_bytes()))
+            ),
+        })
+    }
+
+    /// What differs from `now`, in words, or `None` when both describe the same inputs.
+    pub fn differences(&self, now: &RunFingerprint) -> Option<String> {
+        let mut what = Vec::new();
+        if self.model_config != now.model_config {
+            what.push("the model's config.json differs".to_string());
+        }
+        if self.model_files != now.model_files {
+            what.push(format!(
+                "the model's safetensors files differ (checkpoint: {}; now: {})",
+                self.model_files.join(", "),
+                now.model_files.join(", ")
+            ));
+        }
+        if self.data_tokens != now.data_tokens || self.data_hash != now.data_hash {
+            what.push(format!(
+                "the training data differs (checkpoint: {} tokens, hash {}; now: {} tokens, hash {})",
+                self.data_tokens, self.data_hash, now.data_tokens, now.data_hash
+            ));
+        }
+        (!what.is_empty()).then(|| what.join("; "))
+    }
 }
 
 /// The bytes of a checkpoint.
@@ -113,13 +190,28 @@ pub fn load_latest(dir: &Path) -> Result<Option<CheckpointFiles>, TrainError> {
     }))
 }
 
-/// Checks that a checkpoint was written with `config`, up to the number of steps and the
-/// checkpoint interval (a run may be resumed to train longer).
+/// Checks that a checkpoint was written with `config` (up to the number of steps and the
+/// checkpoint interval: a run may be resumed to train longer) and, when it records one, on the
+/// inputs `fingerprint` describes.
 pub fn check_config(
     dir: &Path,
     state: &CheckpointState,
     config: &TrainConfig,
+    fingerprint: &RunFingerprint,
 ) -> Result<(), TrainError> {
+    if let Some(differences) = state
+        .fingerprint
+        .as_ref()
+        .and_then(|saved| saved.differences(fingerprint))
+    {
+        return Err(checkpoint_error(
+            dir,
+            format!(
+                "was written for other inputs: {differences}; resume with the same --model and \
+                 --data or use a new output folder"
+            ),
+        ));
+    }
     let comparable = |v: &serde_json::Value| {
         let mut v = v.clone();
         if let Some(map) = v.as_object_mut() {

@@ -15,7 +15,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 
-use crate::checkpoint::{self, CheckpointFiles, CheckpointState};
+use crate::checkpoint::{self, CheckpointFiles, CheckpointState, RunFingerprint};
 use crate::config::{TaskLoss, TrainConfig, Trainable};
 use crate::data::TokenData;
 use crate::error::{io_error, TrainError};
@@ -98,6 +98,13 @@ where
     config.validate()?;
     let start = Instant::now();
     std::fs::create_dir_all(out_dir).map_err(io_error(out_dir))?;
+    // A checkpoint already here must be of this run (settings, model, data): checked before the
+    // model loads and before anything in the folder is written.
+    let fingerprint = RunFingerprint::new(model_dir, &data.tokens)?;
+    let resume = checkpoint::load_latest(out_dir)?;
+    if let Some(files) = &resume {
+        checkpoint::check_config(out_dir, &files.state, config, &fingerprint)?;
+    }
     let config_json = serde_json::to_value(config).expect("config serialises");
     beam_model::model::adapter::write_atomically(
         &out_dir.join("train_config.json"),
@@ -117,8 +124,7 @@ where
     let mut optimizer = AdamConfig::new().init::<B, MoeLm<B>>();
     let mut history = Vec::new();
     let mut first_step = 0;
-    if let Some(files) = checkpoint::load_latest(out_dir)? {
-        checkpoint::check_config(out_dir, &files.state, config)?;
+    if let Some(files) = resume {
         let bad = |what: &str, e: burn::record::RecorderError| TrainError::Checkpoint {
             path: out_dir.join(checkpoint::LATEST),
             reason: format!("{what}: {e}"),
@@ -236,6 +242,7 @@ where
                     step: done,
                     config: config_json.clone(),
                     history: history.clone(),
+                    fingerprint: Some(fingerprint.clone()),
                 },
             };
             checkpoint::save(out_dir, &files)?;
