@@ -46,7 +46,7 @@ fn main() {
         #[cfg(not(feature = "cuda"))]
         "cuda" => Err("this example was built without CUDA: add `--features cuda` (or use --backend wgpu / ndarray)".into()),
         #[cfg(feature = "wgpu")]
-        "wgpu" => run::<burn::backend::Wgpu>(&args, &Default::default()),
+        "wgpu" => beam::wgpu_device().and_then(|d| run::<burn::backend::Wgpu>(&args, &d)),
         other => Err(format!("backend {other} is not available in this build")),
     };
     if let Err(err) = result {

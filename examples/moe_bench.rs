@@ -283,7 +283,7 @@ fn main() {
     let result = parse().and_then(|args| match args.backend.as_str() {
         "ndarray" => bench::<burn::backend::NdArray>(&args, &Default::default()),
         #[cfg(feature = "wgpu")]
-        "wgpu" => bench::<burn::backend::Wgpu>(&args, &Default::default()),
+        "wgpu" => beam::wgpu_device().and_then(|d| bench::<burn::backend::Wgpu>(&args, &d)),
         #[cfg(feature = "cuda")]
         "cuda" => beam::cuda_device().and_then(|d| bench::<burn::backend::Cuda>(&args, &d)),
         other => Err(format!(

@@ -352,6 +352,24 @@ fn out_of_range_options_are_one_line_errors_before_any_work() {
         args.extend_from_slice(extra);
         args
     };
+    let train = |extra: &[&'static str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            "assets/models/kjv-moe",
+            "--data",
+            "assets/corpus/kjv-valid.txt.gz",
+            "--out",
+            "/nonexistent/never-written",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+    let bench = |extra: &[&'static str]| {
+        let mut args = vec!["bench", "--model", "assets/models/tiny-olmoe"];
+        args.extend_from_slice(extra);
+        args
+    };
     for (args, needle) in [
         (generate(&["--temperature", "NaN"]), "--temperature NaN"),
         (generate(&["--temperature=-1"]), "--temperature -1"),
@@ -361,6 +379,22 @@ fn out_of_range_options_are_one_line_errors_before_any_work() {
         (eval(&["--seq-len", "0"]), "seq_len (0)"),
         (eval(&["--batch-size", "0"]), "batch_size (0)"),
         (eval(&["--max-tokens", "0"]), "max_tokens (0)"),
+        (
+            eval(&["--seq-len", "513"]),
+            "seq_len 513 exceeds the model's context of 512",
+        ),
+        (
+            eval(&["--adapter", "/nonexistent.safetensors"]),
+            "/nonexistent.safetensors",
+        ),
+        (
+            train(&["--seq-len", "513"]),
+            "seq_len 513 exceeds the model's context of 512",
+        ),
+        (
+            bench(&["--prompt-tokens", "18446744073709551615"]),
+            "exceeds the model's context",
+        ),
     ] {
         let out = beam(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -493,4 +527,45 @@ fn quantize_q8_runs_logits_generate_and_bench_and_refuses_unknown_formats() {
     assert_eq!(out.status.code(), Some(2), "clap's usage error");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("q4") && stderr.contains("q8"), "{stderr}");
+}
+
+/// `--backend wgpu` is probed once before any work: without a Vulkan driver (the loader pointed
+/// at a driver list that does not exist) every command says so in one line instead of
+/// panicking on wgpu's device thread.
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_without_an_adapter_is_one_clear_error() {
+    for args in [
+        vec!["info", "--model", "assets/models/tiny-olmoe"],
+        vec![
+            "logits",
+            "--model",
+            "assets/models/tiny-olmoe",
+            "--ids",
+            "1,2",
+        ],
+        vec![
+            "eval",
+            "--model",
+            "assets/models/tiny-olmoe",
+            "--data",
+            "assets/corpus/kjv-valid.txt.gz",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_beam"))
+            .args(&args)
+            .args(["--backend", "wgpu"])
+            .current_dir(repo_root())
+            .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")
+            .env("VK_DRIVER_FILES", "/nonexistent/icd.json")
+            .output()
+            .expect("run beam");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: no usable wgpu adapter"),
+            "{args:?}: {stderr}"
+        );
+    }
 }

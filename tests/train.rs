@@ -251,7 +251,10 @@ fn refuses_other_inputs(dir: &Path, config: &TrainConfig) {
     let err = attempt(&tiny_model(), &half);
     assert!(matches!(err, TrainError::Checkpoint { .. }), "{err}");
     assert!(err.to_string().contains("training data differs"), "{err}");
-    assert!(!err.to_string().contains("model's"), "only the data differs: {err}");
+    assert!(
+        !err.to_string().contains("model's"),
+        "only the data differs: {err}"
+    );
     // Another model: the same folder with one config value changed.
     let other = temp_dir("other-model");
     std::fs::create_dir_all(&other).unwrap();

@@ -26,21 +26,9 @@ fn ids<B: MoeBackend>(tokens: &[i64], device: &B::Device) -> Tensor<B, 2, Int> {
     Tensor::from_data(TensorData::new(tokens.to_vec(), [1, tokens.len()]), device)
 }
 
-/// The default wgpu device, or a loud failure naming the fix.
+/// The default wgpu device (the CLI's probe), or a loud failure naming the fix.
 fn wgpu_device() -> burn::backend::wgpu::WgpuDevice {
-    let device = burn::backend::wgpu::WgpuDevice::default();
-    let probe = std::panic::catch_unwind(|| {
-        Tensor::<Wgpu, 1>::from_floats([1.0, 2.0], &device)
-            .sum()
-            .into_scalar()
-    });
-    match probe {
-        Ok(3.0) => device,
-        Ok(other) => panic!("wgpu adapter computed 1 + 2 = {other}"),
-        Err(_) => panic!(
-            "no wgpu adapter: install a Vulkan driver (CPU: `apt-get install mesa-vulkan-drivers libvulkan1`)"
-        ),
-    }
+    beam::wgpu_device().unwrap_or_else(|err| panic!("{err}"))
 }
 
 const TOKENS: [i64; 9] = [3, 141, 59, 26, 53, 58, 97, 93, 23];

@@ -58,6 +58,18 @@ pub struct EvalReport {
     pub top_k: usize,
 }
 
+/// A typed error when windows of `seq_len` tokens do not fit the model's context
+/// (`max_position_embeddings`, when the config states one).
+pub fn check_context(seq_len: usize, context: Option<usize>) -> Result<(), TrainError> {
+    match context {
+        Some(context) if seq_len > context => Err(TrainError::Config(format!(
+            "seq_len {seq_len} exceeds the model's context of {context} positions \
+             (max_position_embeddings)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Evaluates `model` with mask `mode` on `data`.
 pub fn evaluate<B: MoeBackend>(
     model: &MoeLm<B>,
@@ -66,6 +78,7 @@ pub fn evaluate<B: MoeBackend>(
     options: &EvalOptions,
     label: &str,
 ) -> Result<EvalReport, TrainError> {
+    check_context(options.seq_len, model.config().max_position_embeddings)?;
     let batches = data.eval_batches(options.seq_len, options.batch_size, options.max_tokens)?;
     let device = model.embed.weight.device();
     let moe_configs = model

@@ -96,6 +96,8 @@ where
     B::InnerBackend: MoeBackend,
 {
     config.validate()?;
+    let model_config = beam_model::model::config::ModelConfig::from_dir(model_dir)?;
+    crate::eval::check_context(config.seq_len, model_config.max_position_embeddings)?;
     let start = Instant::now();
     std::fs::create_dir_all(out_dir).map_err(io_error(out_dir))?;
     // A checkpoint already here must be of this run (settings, model, data): checked before the

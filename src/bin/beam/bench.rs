@@ -65,11 +65,11 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
         }
     };
     if let Some(context) = config.max_position_embeddings {
-        if args.prompt_tokens + args.new_tokens > context {
+        let positions = args.prompt_tokens.saturating_add(args.new_tokens);
+        if positions > context {
             return Err(format!(
-                "--prompt-tokens + --new-tokens = {} exceeds the model's context of {context} \
-                 positions",
-                args.prompt_tokens + args.new_tokens
+                "--prompt-tokens + --new-tokens = {positions} exceeds the model's context of \
+                 {context} positions"
             ));
         }
     }

@@ -184,7 +184,7 @@ fn main() -> ExitCode {
 
 #[cfg(feature = "wgpu")]
 fn run_wgpu(command: &Command) -> Result<(), String> {
-    run::<burn::backend::Wgpu>(command, &Default::default())
+    beam::wgpu_device().and_then(|device| run::<burn::backend::Wgpu>(command, &device))
 }
 
 #[cfg(not(feature = "wgpu"))]

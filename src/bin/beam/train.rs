@@ -179,6 +179,9 @@ where
 {
     let config = args.config();
     config.validate().map_err(|e| e.to_string())?;
+    let model_config = ModelConfig::from_dir(&args.input.model).map_err(|e| e.to_string())?;
+    beam_train::eval::check_context(config.seq_len, model_config.max_position_embeddings)
+        .map_err(|e| e.to_string())?;
     let data = corpus(&args.input)?;
     eprintln!(
         "[beam train] {} tokens from {}, {} steps of {}×{} tokens, λ = {}",
@@ -308,6 +311,26 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
         quantize: args.quantize,
     };
     let base = load_model_with::<B>(&args.input.model, device, &load).map_err(|e| e.to_string())?;
+    // Every adapter is loaded (and checked against the model) before anything is evaluated.
+    let mut adapters = Vec::new();
+    for spec in &args.adapters {
+        let (label, file) = match spec.rsplit_once('=') {
+            Some((label, file)) => (label.to_string(), PathBuf::from(file)),
+            None => (
+                Path::new(spec)
+                    .file_stem()
+                    .map_or(spec.clone(), |s| s.to_string_lossy().into_owned()),
+                PathBuf::from(spec),
+            ),
+        };
+        let model = base
+            .clone()
+            .load_beam_adapter(&file, device)
+            .map_err(|e| e.to_string())?;
+        adapters.push((label, model));
+    }
+    beam_train::eval::check_context(args.seq_len, base.config().max_position_embeddings)
+        .map_err(|e| e.to_string())?;
     let mut reports = Vec::new();
     let mut run = |report: Result<EvalReport, beam_train::TrainError>| -> Result<(), String> {
         let report = report.map_err(|e| e.to_string())?;
@@ -323,22 +346,9 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
         Ok(())
     };
     run(evaluate(&base, &data, MaskMode::TopK, &options, "top-k"))?;
-    for spec in &args.adapters {
-        let (label, file) = match spec.rsplit_once('=') {
-            Some((label, file)) => (label.to_string(), PathBuf::from(file)),
-            None => (
-                Path::new(spec)
-                    .file_stem()
-                    .map_or(spec.clone(), |s| s.to_string_lossy().into_owned()),
-                PathBuf::from(spec),
-            ),
-        };
-        let model = base
-            .clone()
-            .load_beam_adapter(&file, device)
-            .map_err(|e| e.to_string())?;
+    for (label, model) in &adapters {
         run(evaluate(
-            &model,
+            model,
             &data,
             MaskMode::Learned,
             &options,
