@@ -6,6 +6,7 @@ mod common;
 
 use beam_model::grouped_experts;
 use beam_model::kernels::reference::{dense_experts_reference, grouped_experts_reference};
+use beam_model::kernels::{flex, ndarray};
 use beam_model::mask::drop_masked_slots;
 use beam_model::{BeamMoeConfig, MaskSource};
 use burn::backend::{Autodiff, NdArray};
@@ -106,49 +107,77 @@ fn all_masked_gives_exact_zero() {
 
 #[test]
 fn masked_experts_read_no_weights() {
-    // T · K = 24 ≤ 4E: decode regime (ndarray's host GEMV); 36 > 4E: prefill (the reference).
-    for t in [8, 12] {
-        masked_experts_read_no_weights_at(t);
+    // Up to 256 kept pairs per routed expert: the host GEMVs (decode, a masked prefill); 1000
+    // tokens keep ~375 per expert: the reference (ndarray's / Flex's matmul), where masked
+    // experts must be skipped too.
+    for t in [8, 12, 1000] {
+        let kept = masked_experts_read_no_weights_at::<B>(t);
+        masked_experts_read_no_weights_at::<burn::backend::Flex>(t);
+        // Mean kept pairs per routed expert, against both backends' switch-over points.
+        let per_expert = kept / 4;
+        let host = per_expert <= ndarray::HOST_MAX_PAIRS_PER_EXPERT
+            && per_expert <= flex::HOST_MAX_PAIRS_PER_EXPERT;
+        let reference = per_expert > ndarray::HOST_MAX_PAIRS_PER_EXPERT
+            && per_expert > flex::HOST_MAX_PAIRS_PER_EXPERT;
+        assert!(
+            if t == 1000 { reference } else { host },
+            "T {t}: {per_expert}"
+        );
     }
 }
 
-fn masked_experts_read_no_weights_at(t: usize) {
-    // Experts 4..8 are only ever reached through masked slots; poison their weights with NaN.
-    // If dispatch touched them (even multiplied by a zero weight), NaN would leak into the output.
+/// The kept pairs of a problem of `t` tokens where experts 4..8 are only reached through masked
+/// slots and their weights are NaN; panics if the output differs from the dense reference on
+/// clean weights. If dispatch touched them (even multiplied by a zero weight), NaN would leak
+/// into the output.
+fn masked_experts_read_no_weights_at<Bk: beam_model::MoeBackend>(t: usize) -> usize {
     let device = Default::default();
     let (k, e, h, i) = (3, 8, 8, 6);
     let mut rng = Rng::new(5);
     let ids: Vec<i64> = (0..t * k).map(|_| rng.below(e) as i64).collect();
+    let kept = ids.iter().filter(|&&id| id < 4).count();
     let mask: Vec<f32> = ids
         .iter()
         .map(|&id| if id < 4 { 1.0 } else { 0.0 })
         .collect();
-    let ids = ints::<B, 2>(ids, [t, k], &device);
-    let mask = Tensor::<B, 2>::from_data(TensorData::new(mask, [t, k]), &device);
-    let x = rng.tensor::<B, 2>([t, h], 1.0, &device);
-    let weights = rng.tensor::<B, 2>([t, k], 0.5, &device) * mask.clone();
-    let clean_gate_up = rng.tensor::<B, 3>([e, 2 * i, h], 0.3, &device);
-    let clean_down = rng.tensor::<B, 3>([e, h, i], 0.3, &device);
-    let poison = |w: Tensor<B, 3>| {
+    let ids = ints::<Bk, 2>(ids, [t, k], &device);
+    let mask = Tensor::<Bk, 2>::from_data(TensorData::new(mask, [t, k]), &device);
+    let x = rng.tensor::<Bk, 2>([t, h], 1.0, &device);
+    let weights = rng.tensor::<Bk, 2>([t, k], 0.5, &device) * mask.clone();
+    let clean_gate_up = rng.tensor::<Bk, 3>([e, 2 * i, h], 0.3, &device);
+    let clean_down = rng.tensor::<Bk, 3>([e, h, i], 0.3, &device);
+    let poison = |w: Tensor<Bk, 3>| {
         let [_, r, c] = w.dims();
-        let nan = Tensor::<B, 3>::full([e - 4, r, c], f32::NAN, &device);
+        let nan = Tensor::<Bk, 3>::full([e - 4, r, c], f32::NAN, &device);
         Tensor::cat(vec![w.narrow(0, 0, 4), nan], 0)
     };
     let dispatch_ids = drop_masked_slots(ids.clone(), mask, e);
+    let expected = values(dense_experts_reference(
+        x.clone(),
+        ids,
+        weights.clone(),
+        clean_gate_up.clone(),
+        clean_down.clone(),
+    ));
     let out = grouped_experts(
         x.clone(),
-        dispatch_ids,
+        dispatch_ids.clone(),
         weights.clone(),
         poison(clean_gate_up.clone()),
         poison(clean_down.clone()),
     );
-    let expected = dense_experts_reference(x, ids, weights, clean_gate_up, clean_down);
-    assert_close(
-        &values(out),
-        &values(expected),
-        1e-5,
-        "poisoned masked experts",
+    let what = format!("T {t}: poisoned masked experts");
+    assert_close(&values(out), &expected, 1e-5, &what);
+    // The reference itself (what the backends fall back to) skips them as well.
+    let reference = grouped_experts_reference(
+        x,
+        dispatch_ids,
+        weights,
+        poison(clean_gate_up),
+        poison(clean_down),
     );
+    assert_close(&values(reference), &expected, 1e-5, &what);
+    kept
 }
 
 #[test]

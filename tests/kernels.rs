@@ -1,7 +1,8 @@
 //! beam-kernels' cubecl kernels against their host references on random routing tables:
 //! T ∈ {1, 3, 64, 1000}, E ∈ {8, 64}, K ∈ {1, 2, 8}, 0–100% of slots masked, skewed (imbalanced)
 //! routing with experts that get no tokens, both regimes (GEMV decode, tiled prefill), every
-//! scratch and output buffer poisoned with NaN / `u32::MAX` first so an unwritten element fails.
+//! scratch and output buffer poisoned with NaN / `u32::MAX` first so an unwritten element fails,
+//! and the weights of idle experts (all slots masked, or never picked) NaN so a read one fails.
 //!
 //! wgpu (feature `wgpu`; in CI on the CPU through Mesa's lavapipe) and CUDA (feature `cuda`, run
 //! on the GPU machine) share the cases.
@@ -289,6 +290,59 @@ fn repeated_ids_match_the_reference<R: CubeRuntime>(device: &R::Device) {
     }
 }
 
+/// Experts whose slots are all masked (and experts no token picked) are never read: their
+/// weights are NaN here, so a kernel that loaded them, even to multiply by a zero routing
+/// weight, would put NaN in the output. Both regimes, from one token to a prefill of 300.
+fn idle_experts_weights_are_never_read<R: CubeRuntime>(device: &R::Device) {
+    let mut rng = Rng::new(23);
+    let (experts, top_k, hidden, intermediate) = (8, 2, 32, 16);
+    for regime in [Regime::Decode, Regime::Prefill] {
+        for tokens in [1, 3, 64, 300] {
+            let dims = MoeDims {
+                tokens,
+                top_k,
+                experts,
+                hidden,
+                intermediate,
+            };
+            // Experts 4 and 5 are picked by the router but every slot of theirs is masked;
+            // 6 and 7 are never picked (see `routing`).
+            let ids: Vec<i64> = routing(&mut rng, tokens, top_k, experts, 0.2)
+                .into_iter()
+                .map(|id| if id >= 4 { experts as i64 } else { id })
+                .collect();
+            let x = uniform(&mut rng, tokens * hidden, -1.0, 1.0);
+            let weights = uniform(&mut rng, tokens * top_k, 0.05, 1.0);
+            let gate_up = uniform(&mut rng, experts * 2 * intermediate * hidden, -0.5, 0.5);
+            let down = uniform(&mut rng, experts * hidden * intermediate, -0.5, 0.5);
+            let expected = masked_moe_f64(&x, &ids, &weights, &gate_up, &down, dims);
+            let poison = |w: &[f32]| {
+                let per_expert = w.len() / experts;
+                let mut w = w.to_vec();
+                w[4 * per_expert..].fill(f32::NAN);
+                w
+            };
+            let out = run_masked_moe::<R>(
+                &ids,
+                &x,
+                &weights,
+                &poison(&gate_up),
+                &poison(&down),
+                dims,
+                regime,
+                |t| t,
+                device,
+            );
+            for (got, want) in float_values(out).iter().zip(&expected) {
+                assert!(
+                    (*got as f64 - want).abs() <= 1e-4 + 1e-4 * want.abs(),
+                    "{regime:?} T {tokens}: {got} vs {want} (idle experts' weights read?)"
+                );
+            }
+        }
+    }
+}
+
 /// f16 / bf16 storage with f32 accumulation: inputs are rounded to the storage type first, so the
 /// f64 reference sees the same inputs and only accumulation and the output rounding differ.
 fn half_precision_matches_the_reference<R: CubeRuntime>(dtype: FloatDType, device: &R::Device) {
@@ -379,6 +433,11 @@ mod wgpu {
     }
 
     #[test]
+    fn idle_experts_unread() {
+        idle_experts_weights_are_never_read::<WgpuRuntime>(&device());
+    }
+
+    #[test]
     fn f16_storage() {
         half_precision_matches_the_reference::<WgpuRuntime>(FloatDType::F16, &device());
     }
@@ -413,6 +472,11 @@ mod cuda {
     #[test]
     fn repeated_ids() {
         repeated_ids_match_the_reference::<CudaRuntime>(&CudaDevice::default());
+    }
+
+    #[test]
+    fn idle_experts_unread() {
+        idle_experts_weights_are_never_read::<CudaRuntime>(&CudaDevice::default());
     }
 
     #[test]
