@@ -61,25 +61,88 @@ fn logits_agree_with_ndarray() {
     }
 }
 
+/// A 100-token prompt: T · K = 300 routed pairs on 8 experts, the cubecl kernels' prefill
+/// (tiled) regime (above 4 pairs per expert), where [`TOKENS`] is the GEMV regime.
+fn long_prompt() -> Vec<i64> {
+    let mut rng = common::Rng::new(31);
+    (0..100).map(|_| rng.below(300) as i64).collect()
+}
+
 #[test]
-fn cached_greedy_generation_agrees_with_ndarray() {
+fn beam_adapters_and_long_prompts_agree_with_ndarray() {
+    use beam_kernels::Regime;
+    let device = wgpu_device();
+    let prompt = long_prompt();
+    for family in ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"] {
+        let cpu = common::random_adapter(load::<NdArray>(family, &Default::default()), 7);
+        let gpu = common::random_adapter(load::<Wgpu>(family, &device), 7);
+        let (experts, top_k) = (cpu.config().moe.num_experts, cpu.config().moe.top_k);
+        assert_eq!(
+            Regime::from_shape(prompt.len(), top_k, experts),
+            Regime::Prefill,
+            "{family}: the long prompt takes the prefill kernels"
+        );
+        for (tokens, what) in [(&TOKENS[..], "short prompt"), (&prompt[..], "long prompt")] {
+            for mode in [MaskMode::Learned, MaskMode::TopK] {
+                let (expected, cpu_kept) = forward(&cpu, tokens, mode, &Default::default());
+                let (got, gpu_kept) = forward(&gpu, tokens, mode, &device);
+                let what = format!("{family}, {what}, {mode:?}");
+                assert_eq!(gpu_kept, cpu_kept, "{what}: kept pairs");
+                let all = tokens.len() * top_k * cpu.moe_layers().count();
+                if matches!(mode, MaskMode::Learned) {
+                    assert!(cpu_kept > 0 && cpu_kept < all, "{what}: a partial mask");
+                }
+                assert_close(&got, &expected, 1e-4, &what);
+            }
+        }
+    }
+}
+
+/// Logits and kept (token, expert) pairs over all MoE layers.
+fn forward<B: MoeBackend>(
+    model: &MoeLm<B>,
+    tokens: &[i64],
+    mode: MaskMode,
+    device: &B::Device,
+) -> (Vec<f64>, usize) {
+    let out = model.forward(ids::<B>(tokens, device), None, mode, HiddenStates::Skip);
+    let kept = out.routing.iter().map(|f| f.kept_pairs()).sum();
+    (values(out.logits), kept)
+}
+
+/// A shipped tiny model, with a seeded random BEAM adapter when `beam`.
+fn model<B: MoeBackend>(family: &str, beam: bool, device: &B::Device) -> MoeLm<B> {
+    let model = load::<B>(family, device);
+    if beam {
+        common::random_adapter(model, 7)
+    } else {
+        model
+    }
+}
+
+#[test]
+fn cached_generation_agrees_with_ndarray_on_every_family() {
     let device = wgpu_device();
     let config = GenerateConfig {
         max_new_tokens: 6,
         ..GenerateConfig::default()
     };
-    let cpu = generate(
-        &load::<NdArray>("mixtral", &Default::default()),
-        &[3, 141, 59, 26],
-        &config,
-    );
-    let gpu = generate(
-        &load::<Wgpu>("mixtral", &device),
-        &[3, 141, 59, 26],
-        &config,
-    );
-    assert_eq!(gpu.ids, cpu.ids);
-    assert_eq!(gpu.kept_pairs, cpu.kept_pairs);
+    let prompt: Vec<u32> = long_prompt().iter().map(|&t| t as u32).collect();
+    for family in ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"] {
+        for beam in [false, true] {
+            for prompt in [&[3, 141, 59, 26][..], &prompt[..]] {
+                let cpu = generate(
+                    &model::<NdArray>(family, beam, &Default::default()),
+                    prompt,
+                    &config,
+                );
+                let gpu = generate(&model::<Wgpu>(family, beam, &device), prompt, &config);
+                let what = format!("{family}, BEAM {beam}, {} prompt tokens", prompt.len());
+                assert_eq!(gpu.ids, cpu.ids, "{what}");
+                assert_eq!(gpu.kept_pairs, cpu.kept_pairs, "{what}");
+            }
+        }
+    }
 }
 
 /// A BEAM layer with the same seeded weights on any backend.
