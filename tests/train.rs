@@ -185,7 +185,48 @@ fn training_base_parameters_also_writes_the_whole_trained_model() {
     .unwrap();
     let record = summary.trained_model.expect("a trained-model record");
     assert!(std::fs::metadata(&record).unwrap().len() > 10_000);
+
+    // The record reloads to the model training ended with: its cross-entropy on the batch of
+    // step 2 is what a 3-step run (deterministic, same settings) measured at its step 2, with
+    // the model after two updates.
+    let longer = temp_dir("all-longer");
+    let three = train::<AB>(
+        &tiny_model(),
+        &corpus(),
+        &config.clone().with_steps(3),
+        &longer,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(three.history[..2], summary.history[..]);
+    let reloaded =
+        beam_train::load_trained_model::<B>(&tiny_model(), &out, &Default::default()).unwrap();
+    let batch = corpus()
+        .train_batch(config.seed, 2, config.batch_size, config.seq_len)
+        .unwrap();
+    let (inputs, targets) = batch.tensors::<B>(&Default::default());
+    let out_logits = reloaded.forward(inputs.clone(), None, MaskMode::Learned, HiddenStates::Skip);
+    let kept: usize = out_logits.routing.iter().map(|f| f.kept_pairs()).sum();
+    let (nll, _) = beam_train::eval::token_losses(out_logits.logits, targets.clone());
+    let ce = nll.mean().into_scalar() as f64;
+    let step2 = &three.history[2];
+    assert!(
+        (ce - step2.cross_entropy).abs() < 1e-5,
+        "reloaded {ce} vs trained {}",
+        step2.cross_entropy
+    );
+    let layers = reloaded.moe_layers().count() as f64;
+    let tokens = (batch.batch_size * batch.seq_len) as f64;
+    assert!((kept as f64 / (tokens * layers) - step2.mean_active_experts).abs() < 1e-9);
+    // …and it is not the original checkpoint (base parameters did train).
+    let base = load_model::<B>(tiny_model(), &Default::default()).unwrap();
+    let base_out = base.forward(inputs, None, MaskMode::TopK, HiddenStates::Skip);
+    let (base_nll, _) = beam_train::eval::token_losses(base_out.logits, targets);
+    let base_ce = base_nll.mean().into_scalar() as f64;
+    assert!((ce - base_ce).abs() > 1e-4, "{ce} vs base {base_ce}");
     std::fs::remove_dir_all(out).ok();
+    std::fs::remove_dir_all(longer).ok();
 }
 
 #[test]

@@ -32,4 +32,4 @@ pub use data::{Batch, TokenData};
 pub use error::TrainError;
 pub use eval::{evaluate, EvalOptions, EvalReport};
 pub use metrics::StepMetrics;
-pub use trainer::{train, TrainSummary, ADAPTER_FILE};
+pub use trainer::{load_trained_model, train, TrainSummary, ADAPTER_FILE};

@@ -27,8 +27,36 @@ pub const ADAPTER_FILE: &str = "adapter.safetensors";
 
 /// File name of the whole trained model (burn record, full precision) in the output folder,
 /// written only when base parameters train: the adapter alone then does not reproduce the model.
-/// Load it with `load_model(dir)?.enable_beam(config.beam, device)?.load_record(..)`.
+/// Load it with [`load_trained_model`].
 pub const TRAINED_MODEL_FILE: &str = "trained_model.mpk";
+
+/// The model a run that trained base parameters left in `run_dir`: the checkpoint in `model_dir`
+/// with the run's mask routers (settings from `run_dir/train_config.json`), every parameter
+/// replaced by [`TRAINED_MODEL_FILE`]'s.
+pub fn load_trained_model<B: MoeBackend>(
+    model_dir: &Path,
+    run_dir: &Path,
+    device: &B::Device,
+) -> Result<MoeLm<B>, TrainError> {
+    let config_path = run_dir.join("train_config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
+    let config: TrainConfig = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: config_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let record_path = run_dir.join(TRAINED_MODEL_FILE);
+    let bytes = std::fs::read(&record_path).map_err(io_error(&record_path))?;
+    let model = load_model::<B>(model_dir, device)?
+        .enable_beam(config.beam, device)
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+    let record = recorder()
+        .load(bytes, device)
+        .map_err(|e| TrainError::Checkpoint {
+            path: record_path,
+            reason: e.to_string(),
+        })?;
+    Ok(model.load_record(record))
+}
 
 /// What a finished run returns.
 #[derive(Debug, Clone)]
