@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use beam_model::checkpoint::TensorStore;
 use beam_model::model::load::load_model;
@@ -341,7 +341,7 @@ fn train_args(out: &Path) -> Vec<String> {
         "--lambda",
         "1",
         "--checkpoint-every",
-        "3",
+        "1",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -349,41 +349,53 @@ fn train_args(out: &Path) -> Vec<String> {
 }
 
 #[test]
-fn a_killed_cli_run_resumes_to_the_uninterrupted_result() {
+fn a_cli_run_killed_at_random_moments_resumes_to_the_uninterrupted_result() {
     let beam = env!("CARGO_BIN_EXE_beam");
     let whole = temp_dir("cli-whole");
+    let start = Instant::now();
     let status = Command::new(beam)
         .args(train_args(&whole))
         .output()
         .unwrap();
     assert!(status.status.success());
+    let duration = start.elapsed();
 
+    // SIGKILL (no chance to clean up) at random moments of a run that checkpoints every step:
+    // before the first checkpoint, inside a save (temporary folder, rename, `latest`), between
+    // saves. Each kill is followed by a restart of the same command, which resumes from whatever
+    // the kill left behind, and is killed again in turn.
     let killed = temp_dir("cli-killed");
-    let mut child = Command::new(beam)
-        .args(train_args(&killed))
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !killed.join("latest").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "no checkpoint written"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL: no chance to clean up
-    child.wait().unwrap();
     let latest_state = |dir: &Path| {
         checkpoint::load_latest(dir)
             .unwrap()
-            .expect("a checkpoint")
-            .state
+            .map_or(0, |files| files.state.step)
     };
-    let killed_at = latest_state(&killed).step;
-    assert!(killed_at < 60, "the run finished before it could be killed");
-
+    let mut rng = common::Rng::new(4);
+    let mut kills = Vec::new();
+    for kill in 0..6 {
+        let mut child = Command::new(beam)
+            .args(train_args(&killed))
+            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        // The first kill lands during start-up, the others each a few steps further on.
+        let at = if kill == 0 {
+            0.005
+        } else {
+            0.03 + 0.2 * rng.uniform()
+        };
+        std::thread::sleep(duration.mul_f64(at));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Whatever the moment, the folder holds a readable checkpoint or none.
+        kills.push(latest_state(&killed));
+    }
+    eprintln!("checkpoint step after each kill: {kills:?}");
+    assert!(
+        kills.iter().any(|&step| step > 0 && step < 60),
+        "kills landed mid-run: {kills:?}"
+    );
     let out = Command::new(beam)
         .args(train_args(&killed))
         .output()
@@ -402,7 +414,14 @@ fn a_killed_cli_run_resumes_to_the_uninterrupted_result() {
         adapter_tensors(&killed.join("adapter.safetensors")),
         adapter_tensors(&whole.join("adapter.safetensors"))
     );
-    assert_eq!(latest_state(&killed).history, latest_state(&whole).history);
+    let history = |dir: &Path| {
+        checkpoint::load_latest(dir)
+            .unwrap()
+            .expect("a checkpoint")
+            .state
+            .history
+    };
+    assert_eq!(history(&killed), history(&whole));
     // The trained adapter drives `beam generate`, which reports fewer than K experts per token.
     let gen = Command::new(beam)
         .args([
