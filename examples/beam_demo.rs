@@ -6,10 +6,14 @@
 //!
 //! ```text
 //! cargo run --release --example beam_demo [-- --max-tokens N --train-steps 0 --report out.json]
+//!     [--check docs/eval/kjv-moe.json]
 //! ```
 //! `--report FILE` writes JSON with `k, topk_eval_loss, beam_eval_loss, topk_next_token_accuracy,
-//! beam_next_token_accuracy, moe_flops_reduction, mean_active_experts` (BEAM's numbers are those of
-//! the shipped adapter).
+//! beam_next_token_accuracy, moe_flops_reduction, mean_active_experts, eval_tokens` (BEAM's
+//! numbers are those of the shipped adapter). `--check FILE` compares top-K's and the shipped
+//! adapter's numbers with a `beam eval --json` report (entries `top-k` and `--check-label`) and
+//! fails if any is off by more than [`TOLERANCES`]: CI runs it against `docs/eval/kjv-moe.json`,
+//! so a change that costs quality fails CI.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -48,6 +52,51 @@ struct Args {
     /// Write the headline numbers as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Compare with a `beam eval --json` report (whole split): exit 1 if a number is off.
+    #[arg(long)]
+    check: Option<PathBuf>,
+    /// The entry of `--check`'s report that the shipped adapter must reproduce.
+    #[arg(long, default_value = "beam lambda=0.3")]
+    check_label: String,
+}
+
+/// Largest differences `--check` accepts, per number: evaluation is deterministic, so only
+/// floating-point summation order (other CPUs, other thread counts) may move them, by far less
+/// than these; a change in quality moves them by more.
+const TOLERANCES: [(&str, f64); 4] = [
+    ("loss", 2e-3),
+    ("next_token_accuracy", 1e-3),
+    ("mean_active_experts", 1e-2),
+    ("moe_flops_reduction", 2e-3),
+];
+
+/// Differences of `got` from the entry `label` of the report at `path`, beyond [`TOLERANCES`].
+fn check(path: &std::path::Path, label: &str, got: &EvalReport) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let entries: Vec<serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let want = entries
+        .iter()
+        .find(|e| e["label"] == label)
+        .ok_or_else(|| format!("{}: no entry labelled {label:?}", path.display()))?;
+    let got = serde_json::to_value(got).map_err(|e| e.to_string())?;
+    let mut off = Vec::new();
+    if got["tokens"] != want["tokens"] {
+        off.push(format!(
+            "{label}: evaluated {} tokens, the report {} (run on the whole split)",
+            got["tokens"], want["tokens"]
+        ));
+    }
+    for (key, tolerance) in TOLERANCES {
+        let (g, w) = (got[key].as_f64(), want[key].as_f64());
+        match (g, w) {
+            (Some(g), Some(w)) if (g - w).abs() <= tolerance => {}
+            _ => off.push(format!(
+                "{label}: {key} {g:?}, the report says {w:?} (tolerance {tolerance})"
+            )),
+        }
+    }
+    Ok(off)
 }
 
 fn main() {
@@ -73,15 +122,6 @@ fn run(args: Args) -> Result<(), String> {
         batch_size: 8,
         max_tokens: args.max_tokens,
     };
-    println!(
-        "model {} ({} layers, {} experts, top-{k}); {} validation tokens",
-        args.model.display(),
-        base.config().num_layers,
-        base.config().moe.num_experts,
-        args.max_tokens
-            .unwrap_or(usize::MAX)
-            .min((data.tokens.len() - 1) / 256 * 256)
-    );
     let timed = |model: &MoeLm<B>, mode, label: &str| -> Result<(EvalReport, f64), String> {
         let start = Instant::now();
         let report = evaluate(model, &data, mode, &options, label).map_err(|e| e.to_string())?;
@@ -138,6 +178,14 @@ fn run(args: Args) -> Result<(), String> {
     }
 
     let top_k = rows[0].0.clone();
+    // The tokens actually evaluated (whole windows of 256).
+    println!(
+        "model {} ({} layers, {} experts, top-{k}); {} validation tokens",
+        args.model.display(),
+        base.config().num_layers,
+        base.config().moe.num_experts,
+        top_k.tokens
+    );
     println!();
     println!(
         "{:<24} {:>9} {:>10} {:>9} {:>10} {:>14} {:>14} {:>8}",
@@ -213,6 +261,22 @@ fn run(args: Args) -> Result<(), String> {
         std::fs::write(path, serde_json::to_string_pretty(&json).unwrap())
             .map_err(|e| format!("{}: {e}", path.display()))?;
         println!("\nreport written to {}", path.display());
+    }
+    if let Some(path) = &args.check {
+        let mut off = check(path, "top-k", &top_k)?;
+        off.extend(check(path, &args.check_label, shipped)?);
+        if !off.is_empty() {
+            return Err(format!(
+                "the numbers differ from {}: {}",
+                path.display(),
+                off.join("; ")
+            ));
+        }
+        println!(
+            "numbers match {} (top-k and {:?}) within {TOLERANCES:?}",
+            path.display(),
+            args.check_label
+        );
     }
     Ok(())
 }

@@ -569,3 +569,101 @@ fn wgpu_without_an_adapter_is_one_clear_error() {
         );
     }
 }
+
+/// `beam eval` end to end: top-K, an adapter and the peers on held-out text, as a table, JSON
+/// and two plots; the JSON's numbers are the library's (`beam_train::evaluate`) on the same model.
+#[test]
+fn eval_reports_what_the_library_computes() {
+    use beam_model::model::load::load_model;
+    use beam_model::model::MaskMode;
+    use beam_train::{evaluate, EvalOptions, TokenData};
+    use burn::backend::NdArray;
+
+    let dir = repo_root().join("assets/models/tiny-qwen3_moe");
+    let model =
+        common::random_adapter(load_model::<NdArray>(&dir, &Default::default()).unwrap(), 9);
+    let scratch = std::env::temp_dir().join(format!("beam-cli-eval-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let adapter = scratch.join("random.safetensors");
+    model.save_beam_adapter(&adapter).unwrap();
+    let json = scratch.join("eval.json");
+    let plot = scratch.join("quality.png");
+    let layers = scratch.join("layers.png");
+    let out = beam(&[
+        "eval",
+        "--model",
+        dir.to_str().unwrap(),
+        "--data",
+        "assets/corpus/kjv-valid.txt.gz",
+        "--adapter",
+        &format!("mine={}", adapter.display()),
+        "--peers",
+        "--max-tokens",
+        "1024",
+        "--seq-len",
+        "64",
+        "--json",
+        json.to_str().unwrap(),
+        "--plot",
+        plot.to_str().unwrap(),
+        "--layer-plot",
+        layers.to_str().unwrap(),
+    ]);
+    let table = stdout(&out);
+    assert!(
+        table.contains("| top-k |") && table.contains("| beam mine |"),
+        "{table}"
+    );
+    let reports: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let labels: Vec<&str> = reports
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(&labels[..2], ["top-k", "beam mine"]);
+    assert_eq!(labels.len(), 2 + 22, "top-k, the adapter, 22 peer settings");
+    for png in [&plot, &layers] {
+        let bytes = std::fs::read(png).unwrap();
+        assert!(
+            bytes.starts_with(b"\x89PNG") && bytes.len() > 5000,
+            "{png:?}"
+        );
+    }
+
+    let data = TokenData::from_file(
+        &repo_root().join("assets/corpus/kjv-valid.txt.gz"),
+        &dir.join("tokenizer.json"),
+        300,
+    )
+    .unwrap();
+    let options = EvalOptions {
+        seq_len: 64,
+        batch_size: 8,
+        max_tokens: Some(1024),
+    };
+    for (report, mode) in [
+        (&reports[0], MaskMode::TopK),
+        (&reports[1], MaskMode::Learned),
+    ] {
+        let want = evaluate(&model, &data, mode, &options, "library").unwrap();
+        assert_eq!(report["tokens"], want.tokens);
+        for (key, value) in [
+            ("loss", want.loss),
+            ("next_token_accuracy", want.next_token_accuracy),
+            ("mean_active_experts", want.mean_active_experts),
+            ("moe_flops_reduction", want.moe_flops_reduction),
+        ] {
+            let got = report[key].as_f64().unwrap();
+            assert!(
+                (got - value).abs() < 1e-9,
+                "{key}: CLI {got}, library {value}"
+            );
+        }
+    }
+    let beam = &reports[1];
+    assert!(
+        beam["mean_active_experts"].as_f64().unwrap() < 2.0,
+        "BEAM masks: {beam}"
+    );
+    std::fs::remove_dir_all(scratch).ok();
+}

@@ -203,6 +203,34 @@ fn sampling_is_seeded_and_respects_max_tokens() {
         .ids
         .iter()
         .all(|&t| (t as usize) < model.config().vocab_size));
+    // Near-zero temperature is greedy (transformers' greedy ids); a hot one leaves them.
+    let greedy = generate(
+        &model,
+        &prompt,
+        &GenerateConfig {
+            max_new_tokens: 10,
+            ..GenerateConfig::default()
+        },
+    );
+    let cold = generate(
+        &model,
+        &prompt,
+        &GenerateConfig {
+            temperature: 1e-4,
+            ..config(1)
+        },
+    );
+    assert_eq!(cold.ids, greedy.ids);
+    let hot = generate(
+        &model,
+        &prompt,
+        &GenerateConfig {
+            temperature: 3.0,
+            top_p: 1.0,
+            ..config(1)
+        },
+    );
+    assert_ne!(hot.ids, greedy.ids);
 }
 
 /// The trained KJV model shipped for the demo and training (`scripts/train_base_model.py`) loads

@@ -81,9 +81,17 @@ pub fn evaluate<B: MoeBackend>(
     check_context(options.seq_len, model.config().max_position_embeddings)?;
     let batches = data.eval_batches(options.seq_len, options.batch_size, options.max_tokens)?;
     let device = model.embed.weight.device();
+    // The mask routers run (and cost FLOPs) only when the learned mask is asked for.
+    let learned = matches!(mode, MaskMode::Learned);
     let moe_configs = model
         .moe_layers()
-        .map(|m| m.config().clone())
+        .map(|m| {
+            let mut config = m.config().clone();
+            if !learned {
+                config.beam = None;
+            }
+            config
+        })
         .collect::<Vec<_>>();
     let mut loss_sum = 0.0;
     let mut correct = 0usize;

@@ -217,3 +217,96 @@ impl Sampler {
         probs[kept - 1].0 as u32
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOGITS: [f32; 5] = [2.0, 1.0, 0.5, -1.0, 0.0];
+    const DRAWS: usize = 40_000;
+
+    fn sampler(temperature: f64, top_p: f64, seed: u64) -> Sampler {
+        Sampler::new(&GenerateConfig {
+            temperature,
+            top_p,
+            seed,
+            ..GenerateConfig::default()
+        })
+    }
+
+    /// Relative frequency of each token over [`DRAWS`] draws.
+    fn frequencies(sampler: &mut Sampler) -> Vec<f64> {
+        let mut counts = vec![0usize; LOGITS.len()];
+        for _ in 0..DRAWS {
+            counts[sampler.next(&LOGITS) as usize] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / DRAWS as f64).collect()
+    }
+
+    /// softmax(logits / T) in f64, restricted to `keep` tokens and renormalised.
+    fn expected(temperature: f64, keep: &[usize]) -> Vec<f64> {
+        let weights: Vec<f64> = (0..LOGITS.len())
+            .map(|i| {
+                if keep.contains(&i) {
+                    (LOGITS[i] as f64 / temperature).exp()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let total: f64 = weights.iter().sum();
+        weights.iter().map(|w| w / total).collect()
+    }
+
+    /// Each frequency within 4.5 binomial standard deviations of its probability (a false
+    /// alarm about once in 10⁵ per token).
+    fn assert_distribution(got: &[f64], want: &[f64], what: &str) {
+        for (i, (&g, &p)) in got.iter().zip(want).enumerate() {
+            let sd = (p * (1.0 - p) / DRAWS as f64).sqrt();
+            assert!(
+                (g - p).abs() <= 4.5 * sd + 1e-12,
+                "{what}: token {i} drawn {g:.4}, probability {p:.4}"
+            );
+        }
+    }
+
+    #[test]
+    fn temperature_sampling_follows_the_tempered_softmax() {
+        let all = [0, 1, 2, 3, 4];
+        for temperature in [0.5, 1.0, 2.0] {
+            let got = frequencies(&mut sampler(temperature, 1.0, 3));
+            assert_distribution(
+                &got,
+                &expected(temperature, &all),
+                &format!("T {temperature}"),
+            );
+        }
+        // Temperature changes the distribution: colder concentrates on the argmax.
+        let cold = frequencies(&mut sampler(0.5, 1.0, 3));
+        let hot = frequencies(&mut sampler(2.0, 1.0, 3));
+        assert!(cold[0] > 0.7 && hot[0] < 0.5, "cold {cold:?}, hot {hot:?}");
+        // Temperature 0 is greedy: always the first maximum.
+        let mut greedy = sampler(0.0, 1.0, 3);
+        assert!((0..100).all(|_| greedy.next(&[1.0, 3.0, 3.0, 0.0]) == 1));
+    }
+
+    #[test]
+    fn top_p_samples_from_the_smallest_nucleus() {
+        // At T = 1 the probabilities are 0.56, 0.21, 0.13, 0.08, 0.03 (tokens 0, 1, 2, 4, 3):
+        // top-p 0.7 keeps {0, 1} (0.77 ≥ 0.7), renormalised; 0.5 keeps token 0 alone.
+        let got = frequencies(&mut sampler(1.0, 0.7, 5));
+        assert_distribution(&got, &expected(1.0, &[0, 1]), "top-p 0.7");
+        let got = frequencies(&mut sampler(1.0, 0.5, 5));
+        assert_eq!(got[0], 1.0);
+    }
+
+    #[test]
+    fn the_seed_reproduces_and_other_seeds_differ() {
+        let draws = |seed| {
+            let mut s = sampler(1.0, 1.0, seed);
+            (0..64).map(|_| s.next(&LOGITS)).collect::<Vec<_>>()
+        };
+        assert_eq!(draws(7), draws(7));
+        assert_ne!(draws(7), draws(8));
+    }
+}
