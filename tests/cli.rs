@@ -667,3 +667,36 @@ fn eval_reports_what_the_library_computes() {
     );
     std::fs::remove_dir_all(scratch).ok();
 }
+
+/// Output piped into a reader that stops early (`beam logits … | head`) ends `beam` like any Unix
+/// tool (SIGPIPE), without a panic message.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    use std::io::Read;
+    use std::process::Stdio;
+    let ids = (0..200)
+        .map(|i| (i % 300).to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_beam"))
+        .args([
+            "logits",
+            "--model",
+            "assets/models/tiny-olmoe",
+            "--ids",
+            &ids,
+        ])
+        .current_dir(repo_root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap(); // then dropped: closed
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(first.starts_with(b"{\"logits\""));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}

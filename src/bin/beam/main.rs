@@ -166,6 +166,13 @@ impl Command {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a program that stops reading (`beam logits … | head`) ends `beam` quietly,
+    // as it does any Unix tool, instead of panicking in `println!` on the broken pipe.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command.backend() {
         BackendChoice::Flex => run::<burn::backend::Flex>(&cli.command, &Default::default()),
