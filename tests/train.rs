@@ -315,6 +315,23 @@ fn refuses_other_inputs(dir: &Path, config: &TrainConfig) {
         before,
         "a refused run leaves the folder as it was"
     );
+    // The same model elsewhere, with an adapter saved into its folder: the same inputs, resumed.
+    std::fs::write(other.join("config.json"), config_json).unwrap();
+    std::fs::copy(
+        dir.join("adapter.safetensors"),
+        other.join("beam-adapter.safetensors"),
+    )
+    .unwrap();
+    let resumed = train::<AB>(
+        &other,
+        &corpus(),
+        &config.clone().with_steps(22),
+        dir,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(resumed.resumed_from, 20);
     std::fs::remove_dir_all(other).ok();
 }
 

@@ -749,6 +749,15 @@ impl TensorStore {
         }
     }
 
+    /// The files the store reads (the shards, in index order, or the single file) with their
+    /// sizes in bytes.
+    pub fn files(&self) -> Vec<(PathBuf, u64)> {
+        self.shards
+            .iter()
+            .map(|s| (s.path.clone(), s.file_len))
+            .collect()
+    }
+
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
         self.index.keys().cloned().collect()

@@ -40,13 +40,13 @@ pub struct CheckpointState {
 }
 
 /// What identifies a run's inputs beyond its settings: the checkpoint folder's `config.json`
-/// (hashed) and the names and sizes of its safetensors files (a content hash would read every
+/// (hashed) and the names and sizes of its weight files (a content hash would read every
 /// byte of a many-gigabyte checkpoint on each start), and the training tokens (count and hash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunFingerprint {
     /// FNV-1a 64 of `config.json`, hex.
     pub model_config: String,
-    /// `name:bytes` of each `*.safetensors` file, sorted by name.
+    /// `name:bytes` of each weight file, sorted by name.
     pub model_files: Vec<String>,
     /// Training tokens.
     pub data_tokens: usize,
@@ -62,19 +62,22 @@ fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
 }
 
 impl RunFingerprint {
-    /// The fingerprint of training on the checkpoint folder `model_dir` with `tokens`.
+    /// The fingerprint of training on the checkpoint folder `model_dir` with `tokens`. Only the
+    /// files the loader reads count (`model.safetensors`, or the shards the index names): an
+    /// adapter saved into the model's folder does not change it.
     pub fn new(model_dir: &Path, tokens: &[u32]) -> Result<Self, TrainError> {
         let config = model_dir.join("config.json");
         let config_bytes = fs::read(&config).map_err(io_error(&config))?;
-        let mut model_files = Vec::new();
-        for entry in fs::read_dir(model_dir).map_err(io_error(model_dir))? {
-            let entry = entry.map_err(io_error(model_dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".safetensors") {
-                let len = entry.metadata().map_err(io_error(entry.path()))?.len();
-                model_files.push(format!("{name}:{len}"));
-            }
-        }
+        let store = beam_model::checkpoint::TensorStore::open_dir_headers(model_dir)
+            .map_err(beam_model::model::ModelError::from)?;
+        let mut model_files: Vec<String> = store
+            .files()
+            .into_iter()
+            .map(|(path, len)| {
+                let name = path.file_name().unwrap_or_default().to_string_lossy();
+                format!("{name}:{len}")
+            })
+            .collect();
         model_files.sort();
         Ok(Self {
             model_config: format!("{:016x}", fnv1a(config_bytes)),
