@@ -602,6 +602,8 @@ fn eval_reports_what_the_library_computes() {
         "1024",
         "--seq-len",
         "64",
+        "--choice-items",
+        "2",
         "--json",
         json.to_str().unwrap(),
         "--plot",
@@ -665,6 +667,22 @@ fn eval_reports_what_the_library_computes() {
         beam["mean_active_experts"].as_f64().unwrap() < 2.0,
         "BEAM masks: {beam}"
     );
+    // --choice-items: every row has the multiple-choice accuracy, top-K's the library's.
+    let text =
+        beam_train::data::read_text(&repo_root().join("assets/corpus/kjv-valid.txt.gz")).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let choice = beam_train::choice::ChoiceOptions {
+        max_items: Some(2),
+        max_len: Some(128),
+        ..Default::default()
+    };
+    let items = beam_train::choice::choice_items(&text, &tokenizer, &choice).unwrap();
+    let want = beam_train::choice::evaluate_choice(&model, &items, MaskMode::TopK, 32).unwrap();
+    assert_eq!(reports[0]["choice_accuracy"].as_f64(), Some(want.accuracy));
+    assert!(reports
+        .iter()
+        .all(|r| r["choice_accuracy"].as_f64().is_some()));
+    assert!(table.contains("choice acc."), "{table}");
     std::fs::remove_dir_all(scratch).ok();
 }
 

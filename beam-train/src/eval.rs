@@ -56,6 +56,9 @@ pub struct EvalReport {
     pub moe_flops_reduction: f64,
     /// K of the base router.
     pub top_k: usize,
+    /// Multiple-choice continuation accuracy ([`crate::choice`]), when it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub choice_accuracy: Option<f64>,
 }
 
 /// A typed error when windows of `seq_len` tokens do not fit the model's context
@@ -133,6 +136,7 @@ pub fn evaluate<B: MoeBackend>(
         per_layer_active_experts: per_layer,
         moe_flops_reduction,
         top_k: moe_configs.first().map_or(0, |c| c.top_k),
+        choice_accuracy: None,
     })
 }
 

@@ -13,12 +13,14 @@
 //! - [`metrics`]: what each step reports ([`StepMetrics`]), kept in checkpoints.
 //! - [`eval`]: held-out loss, perplexity, next-token accuracy, experts per token (per layer too)
 //!   and MoE FLOPs cut, for top-K, BEAM and the training-free peers ([`beam_model::MaskRule`]).
+//! - [`choice`]: a benchmark-style task metric, multiple-choice continuation of held-out verses.
 //! - [`plot`]: quality-vs-FLOPs and experts-per-layer charts (PNG).
 //!
 //! The `beam train` and `beam eval` commands of the `beam` CLI drive this crate.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
+pub mod choice;
 pub mod config;
 pub mod data;
 pub mod error;

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use beam_model::checkpoint::WeightDtype;
 use beam_model::model::config::ModelConfig;
 use beam_model::model::load::{load_model_with, LoadOptions};
-use beam_model::model::MaskMode;
+use beam_model::model::{MaskMode, MoeLm};
 use beam_model::{BeamMaskConfig, MaskRouterShape, MaskRule, MoeBackend, SparsityLossConfig};
+use beam_train::choice::{choice_items, evaluate_choice, ChoiceOptions};
 use beam_train::eval::{interpolate_accuracy, EvalOptions, EvalReport};
 use beam_train::{evaluate, plot, StepMetrics, TaskLoss, TokenData, TrainConfig, Trainable};
 use burn::tensor::backend::AutodiffBackend;
@@ -272,6 +273,11 @@ pub struct EvalArgs {
     /// Draw experts per token in each layer (PNG) here.
     #[arg(long)]
     layer_plot: Option<PathBuf>,
+    /// Also score this many multiple-choice items (each held-out verse cut at 1/3 and 2/3, the
+    /// true ending against 3 endings of other verses, by mean log-likelihood per token) and
+    /// report the accuracy (chance: 0.25).
+    #[arg(long)]
+    choice_items: Option<usize>,
     /// Quantize the model's linear weights at load (q8: block-wise int8); the adapters' mask
     /// routers stay f32.
     #[arg(long)]
@@ -301,6 +307,22 @@ pub fn peer_rules() -> Vec<MaskRule> {
 
 pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), String> {
     let data = corpus(&args.input)?;
+    let choice_items = match args.choice_items {
+        Some(n) => {
+            let config = ModelConfig::from_dir(&args.input.model).map_err(|e| e.to_string())?;
+            let options = ChoiceOptions {
+                max_items: Some(n),
+                max_len: config.max_position_embeddings,
+                ..ChoiceOptions::default()
+            };
+            let text = beam_train::data::read_text(&args.input.data).map_err(|e| e.to_string())?;
+            let tokenizer =
+                beam_train::data::load_tokenizer(&args.input.model.join("tokenizer.json"))
+                    .map_err(|e| e.to_string())?;
+            Some(choice_items(&text, &tokenizer, &options).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
     let options = EvalOptions {
         seq_len: args.seq_len,
         batch_size: args.batch_size,
@@ -332,39 +354,36 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
     beam_train::eval::check_context(args.seq_len, base.config().max_position_embeddings)
         .map_err(|e| e.to_string())?;
     let mut reports = Vec::new();
-    let mut run = |report: Result<EvalReport, beam_train::TrainError>| -> Result<(), String> {
-        let report = report.map_err(|e| e.to_string())?;
+    let mut run = |model: &MoeLm<B>, mode: MaskMode, label: &str| -> Result<(), String> {
+        let mut report =
+            evaluate(model, &data, mode, &options, label).map_err(|e| e.to_string())?;
+        if let Some(items) = &choice_items {
+            let choice = evaluate_choice(model, items, mode, ChoiceOptions::default().batch_size)
+                .map_err(|e| e.to_string())?;
+            report.choice_accuracy = Some(choice.accuracy);
+        }
         eprintln!(
-            "[beam eval] {:<22} loss {:.4}  accuracy {:.4}  experts/token {:.2}  MoE FLOPs cut {:.1}%",
+            "[beam eval] {:<22} loss {:.4}  accuracy {:.4}{}  experts/token {:.2}  MoE FLOPs cut {:.1}%",
             report.label,
             report.loss,
             report.next_token_accuracy,
+            report
+                .choice_accuracy
+                .map_or(String::new(), |a| format!("  choice accuracy {a:.4}")),
             report.mean_active_experts,
             100.0 * report.moe_flops_reduction
         );
         reports.push(report);
         Ok(())
     };
-    run(evaluate(&base, &data, MaskMode::TopK, &options, "top-k"))?;
+    run(&base, MaskMode::TopK, "top-k")?;
     for (label, model) in &adapters {
-        run(evaluate(
-            model,
-            &data,
-            MaskMode::Learned,
-            &options,
-            &format!("beam {label}"),
-        ))?;
+        run(model, MaskMode::Learned, &format!("beam {label}"))?;
     }
     if args.peers {
         for rule in peer_rules() {
             let label = format!("{} {}", rule.name(), rule.parameter());
-            run(evaluate(
-                &base,
-                &data,
-                MaskMode::Rule(rule),
-                &options,
-                &label,
-            ))?;
+            run(&base, MaskMode::Rule(rule), &label)?;
         }
     }
     print_table(&reports);
@@ -393,18 +412,25 @@ fn print_table(reports: &[EvalReport]) {
     let Some(base) = reports.iter().find(|r| r.method == "top-k") else {
         return;
     };
+    let choice = base.choice_accuracy.is_some();
     println!(
-        "| variant | loss | perplexity | next-token acc. | acc. kept | experts/token | MoE FLOPs cut |"
+        "| variant | loss | perplexity | next-token acc. | acc. kept |{} experts/token | MoE FLOPs cut |",
+        if choice { " choice acc. |" } else { "" }
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "|---|---|---|---|---|{}---|---|",
+        if choice { "---|" } else { "" }
+    );
     for r in reports {
         println!(
-            "| {} | {:.4} | {:.2} | {:.4} | {:.1}% | {:.2} / {} | {:.1}% |",
+            "| {} | {:.4} | {:.2} | {:.4} | {:.1}% |{} {:.2} / {} | {:.1}% |",
             r.label,
             r.loss,
             r.perplexity,
             r.next_token_accuracy,
             100.0 * r.next_token_accuracy / base.next_token_accuracy,
+            r.choice_accuracy
+                .map_or(String::new(), |a| format!(" {a:.4} |")),
             r.mean_active_experts,
             r.top_k,
             100.0 * r.moe_flops_reduction
