@@ -9,7 +9,8 @@
 //!     [--check docs/eval/kjv-moe.json]
 //! ```
 //! `--report FILE` writes JSON with `k, topk_eval_loss, beam_eval_loss, topk_next_token_accuracy,
-//! beam_next_token_accuracy, moe_flops_reduction, mean_active_experts, eval_tokens` (BEAM's
+//! beam_next_token_accuracy, moe_flops_reduction, mean_active_experts, eval_tokens,
+//! topk_choice_accuracy, beam_choice_accuracy, choice_items` (BEAM's
 //! numbers are those of the shipped adapter). `--check FILE` compares top-K's and the shipped
 //! adapter's numbers with a `beam eval --json` report (entries `top-k` and `--check-label`) and
 //! fails if any is off by more than [`TOLERANCES`]: CI runs it against `docs/eval/kjv-moe.json`,
@@ -21,6 +22,7 @@ use std::time::Instant;
 use beam_model::model::generate::{generate, GenerateConfig};
 use beam_model::model::load::load_model;
 use beam_model::model::{MaskMode, MoeLm};
+use beam_train::choice::{choice_items, evaluate_choice, ChoiceOptions};
 use beam_train::eval::{evaluate, EvalOptions, EvalReport};
 use beam_train::{TokenData, TrainConfig};
 use burn::backend::{Autodiff, NdArray};
@@ -49,6 +51,9 @@ struct Args {
     /// λ of that training run.
     #[arg(long, default_value_t = 0.3)]
     lambda: f64,
+    /// Multiple-choice items to score each variant on (0: skip the task metric).
+    #[arg(long, default_value_t = 1000)]
+    choice_items: usize,
     /// Write the headline numbers as JSON here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -122,9 +127,28 @@ fn run(args: Args) -> Result<(), String> {
         batch_size: 8,
         max_tokens: args.max_tokens,
     };
+    // The multiple-choice task (beam_train::choice): held-out verses, true ending vs 3 others.
+    let items = if args.choice_items > 0 {
+        let text = beam_train::data::read_text(&args.data).map_err(|e| e.to_string())?;
+        let tok = beam_train::data::load_tokenizer(&tokenizer).map_err(|e| e.to_string())?;
+        let options = ChoiceOptions {
+            max_items: Some(args.choice_items),
+            max_len: base.config().max_position_embeddings,
+            ..ChoiceOptions::default()
+        };
+        choice_items(&text, &tok, &options).map_err(|e| e.to_string())?
+    } else {
+        Vec::new()
+    };
     let timed = |model: &MoeLm<B>, mode, label: &str| -> Result<(EvalReport, f64), String> {
         let start = Instant::now();
-        let report = evaluate(model, &data, mode, &options, label).map_err(|e| e.to_string())?;
+        let mut report =
+            evaluate(model, &data, mode, &options, label).map_err(|e| e.to_string())?;
+        if !items.is_empty() {
+            let choice = evaluate_choice(model, &items, mode, ChoiceOptions::default().batch_size)
+                .map_err(|e| e.to_string())?;
+            report.choice_accuracy = Some(choice.accuracy);
+        }
         Ok((report, start.elapsed().as_secs_f64()))
     };
     let mut rows = vec![
@@ -188,27 +212,43 @@ fn run(args: Args) -> Result<(), String> {
     );
     println!();
     println!(
-        "{:<24} {:>9} {:>10} {:>9} {:>10} {:>14} {:>14} {:>8}",
+        "{:<24} {:>9} {:>10} {:>9} {:>10} {:>8} {:>10} {:>14} {:>14} {:>8}",
         "variant",
         "loss",
         "perplexity",
         "accuracy",
         "acc. kept",
+        "choice",
+        "ch. kept",
         "experts/token",
         "MoE FLOPs cut",
         "eval s"
     );
+    let choice = |r: &EvalReport| match (r.choice_accuracy, top_k.choice_accuracy) {
+        (Some(a), Some(base)) => (format!("{a:.4}"), format!("{:.1}%", 100.0 * a / base)),
+        _ => ("-".to_string(), "-".to_string()),
+    };
     for (r, secs) in &rows {
+        let (accuracy, kept) = choice(r);
         println!(
-            "{:<24} {:>9.4} {:>10.2} {:>9.4} {:>9.1}% {:>9.2} / {k} {:>13.1}% {:>8.1}",
+            "{:<24} {:>9.4} {:>10.2} {:>9.4} {:>9.1}% {:>8} {:>10} {:>9.2} / {k} {:>13.1}% {:>8.1}",
             r.label,
             r.loss,
             r.perplexity,
             r.next_token_accuracy,
             100.0 * r.next_token_accuracy / top_k.next_token_accuracy,
+            accuracy,
+            kept,
             r.mean_active_experts,
             100.0 * r.moe_flops_reduction,
             secs
+        );
+    }
+    if !items.is_empty() {
+        println!(
+            "choice: multiple-choice continuation of held-out verses, {} items, 4 endings each \
+             (chance 0.25)",
+            items.len()
         );
     }
     let shipped = &rows[1].0;
@@ -257,6 +297,9 @@ fn run(args: Args) -> Result<(), String> {
             "mean_active_experts": shipped.mean_active_experts,
             "eval_tokens": shipped.tokens,
             "per_layer_active_experts": shipped.per_layer_active_experts,
+            "topk_choice_accuracy": top_k.choice_accuracy,
+            "beam_choice_accuracy": shipped.choice_accuracy,
+            "choice_items": items.len(),
         });
         std::fs::write(path, serde_json::to_string_pretty(&json).unwrap())
             .map_err(|e| format!("{}: {e}", path.display()))?;

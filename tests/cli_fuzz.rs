@@ -169,6 +169,8 @@ fn case(rng: &mut Rng) -> Vec<String> {
             args.push(format!("--max-tokens={max_tokens}"));
             maybe(rng, &mut args, "adapter", ADAPTERS);
             maybe(rng, &mut args, "quantize", QUANTIZE);
+            // Each item is four forwards: kept to a few.
+            maybe(rng, &mut args, "choice-items", &["0", "1", "2", "-1"]);
             if rng.below(2) == 0 {
                 args.push("--json=SCRATCH/eval.json".into());
             }

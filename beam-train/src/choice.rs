@@ -192,9 +192,29 @@ pub fn choice_items(
 }
 
 /// Mean log-likelihood per token of each `(context, ending)` sequence's ending, in order.
-/// Sequences are right-padded into batches (causal attention: padding after a sequence does not
-/// change its logits).
+/// Sequences are batched by length (little padding) and right-padded (causal attention: padding
+/// after a sequence does not change its logits).
 pub fn ending_scores<B: MoeBackend>(
+    model: &MoeLm<B>,
+    sequences: &[(&[u32], &[u32])],
+    mode: MaskMode,
+    batch_size: usize,
+) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..sequences.len()).collect();
+    order.sort_by_key(|&i| sequences[i].0.len() + sequences[i].1.len());
+    let sorted: Vec<(&[u32], &[u32])> = order.iter().map(|&i| sequences[i]).collect();
+    let mut scores = vec![0.0; sequences.len()];
+    for (&i, score) in order
+        .iter()
+        .zip(padded_scores(model, &sorted, mode, batch_size))
+    {
+        scores[i] = score;
+    }
+    scores
+}
+
+/// [`ending_scores`] in the given order, `batch_size` sequences per forward.
+fn padded_scores<B: MoeBackend>(
     model: &MoeLm<B>,
     sequences: &[(&[u32], &[u32])],
     mode: MaskMode,
