@@ -151,6 +151,17 @@ fn run_masked_moe<R: CubeRuntime>(
     )
 }
 
+/// Every output within `1e-4 + 1e-4·|reference|` of the f64 reference.
+fn assert_near_reference(actual: &[f32], expected: &[f64], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}");
+    for (got, want) in actual.iter().zip(expected) {
+        assert!(
+            (*got as f64 - want).abs() <= 1e-4 + 1e-4 * want.abs(),
+            "{what}: {got} vs {want}"
+        );
+    }
+}
+
 /// Runs the kernels on one random problem and compares with the f64 reference.
 fn check_case<R: CubeRuntime>(
     rng: &mut Rng,
@@ -281,12 +292,7 @@ fn repeated_ids_match_the_reference<R: CubeRuntime>(device: &R::Device) {
             |t| t,
             device,
         );
-        for (got, want) in float_values(out).iter().zip(&expected) {
-            assert!(
-                (*got as f64 - want).abs() <= 1e-4 + 1e-4 * want.abs(),
-                "{regime:?}"
-            );
-        }
+        assert_near_reference(&float_values(out), &expected, &format!("{regime:?}"));
     }
 }
 
@@ -333,12 +339,8 @@ fn idle_experts_weights_are_never_read<R: CubeRuntime>(device: &R::Device) {
                 |t| t,
                 device,
             );
-            for (got, want) in float_values(out).iter().zip(&expected) {
-                assert!(
-                    (*got as f64 - want).abs() <= 1e-4 + 1e-4 * want.abs(),
-                    "{regime:?} T {tokens}: {got} vs {want} (idle experts' weights read?)"
-                );
-            }
+            let what = format!("{regime:?} T {tokens} (idle experts' weights read?)");
+            assert_near_reference(&float_values(out), &expected, &what);
         }
     }
 }

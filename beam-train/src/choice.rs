@@ -12,6 +12,7 @@ use beam_model::MoeBackend;
 use burn::tensor::{Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
+use crate::data::splitmix64;
 use crate::error::TrainError;
 use crate::eval::token_losses;
 
@@ -63,14 +64,6 @@ pub struct ChoiceReport {
     pub choices: usize,
     /// Fraction of items whose true ending scored highest.
     pub accuracy: f64,
-}
-
-fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// `(context, ending)` texts of a verse cut at the word boundaries nearest 1/3 and 2/3 of its
