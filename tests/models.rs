@@ -1,6 +1,7 @@
 //! Whole models against Hugging Face transformers: the tiny random checkpoints in
-//! `assets/models/tiny-*` (made by `scripts/gen_tiny_models.py`, transformers 5.24, f32, eager
-//! attention) with reference outputs in `assets/fixtures/models/`.
+//! `assets/models/tiny-*` (made by `scripts/gen_tiny_models.py` and
+//! `scripts/gen_deepseek_models.py`, transformers 5.24, f32, eager attention) with reference
+//! outputs in `assets/fixtures/models/`.
 //! Tolerances: logits and hidden states 1e-4 absolute; greedy ids equal; cached decoding equals
 //! the uncached forward to 1e-5.
 
@@ -16,7 +17,19 @@ use common::{assert_close, repo_root, values};
 
 type B = NdArray<f32>;
 
-const FAMILIES: [&str; 4] = ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"];
+/// Every family, DeepSeek in four variants (`scripts/gen_deepseek_models.py`): V2 group-limited
+/// greedy; V2 greedy with q-LoRA, YaRN and attention biases; V3 with q-LoRA, groups, interleaved
+/// RoPE and MTP tensors to skip; V3 with FP8 block-scaled weights.
+const FAMILIES: [&str; 8] = [
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "mixtral",
+    "deepseek_v2",
+    "deepseek_v2_yarn",
+    "deepseek_v3",
+    "deepseek_v3_fp8",
+];
 
 struct Reference {
     ids: Vec<u32>,

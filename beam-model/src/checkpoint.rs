@@ -471,6 +471,22 @@ fn shape_matches(
     })
 }
 
+/// The 256 values of `float8_e4m3fn` (1 sign, 4 exponent bits with bias 7, 3 mantissa bits; no
+/// infinities, `S.1111.111` is NaN), by bit pattern.
+fn fp8_e4m3_table() -> [f32; 256] {
+    std::array::from_fn(|bits| {
+        let sign = if bits & 0x80 != 0 { -1.0 } else { 1.0 };
+        let exponent = ((bits >> 3) & 0xF) as i32;
+        let mantissa = (bits & 0x7) as f32;
+        let magnitude = match (exponent, mantissa as u32) {
+            (15, 7) => f32::NAN,
+            (0, _) => mantissa / 8.0 * 2f32.powi(-6),
+            _ => (1.0 + mantissa / 8.0) * 2f32.powi(exponent - 7),
+        };
+        sign * magnitude
+    })
+}
+
 /// Header size limit (as the safetensors crate's): a corrupted length field cannot make the
 /// reader allocate more.
 const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -625,6 +641,8 @@ pub struct TensorStore {
     /// Tensor name → (shard, header entry); each header is parsed once, when the store is built.
     index: BTreeMap<String, (usize, TensorInfo)>,
     used: RefCell<BTreeSet<String>>,
+    /// Block size of FP8 weights' `weight_scale_inv` ([`Self::set_fp8_block`]).
+    fp8_block: Option<[usize; 2]>,
 }
 
 impl TensorStore {
@@ -718,6 +736,7 @@ impl TensorStore {
             shards,
             index,
             used: RefCell::new(BTreeSet::new()),
+            fp8_block: None,
         })
     }
 
@@ -761,6 +780,14 @@ impl TensorStore {
     /// All tensor names, sorted.
     pub fn names(&self) -> Vec<String> {
         self.index.keys().cloned().collect()
+    }
+
+    /// Accepts FP8 (`F8_E4M3`) weights, each dequantized on read with its `{name}_scale_inv`
+    /// block scales (`[⌈rows / block[0]⌉, ⌈cols / block[1]⌉]`, f32): `w = q · scale_inv[block]`,
+    /// as DeepSeek-V3 ships them (`quantization_config.weight_block_size`). Without it an FP8
+    /// tensor is a dtype error.
+    pub fn set_fp8_block(&mut self, block: Option<[usize; 2]>) {
+        self.fp8_block = block;
     }
 
     /// Whether a tensor of that name exists.
@@ -870,6 +897,9 @@ impl TensorStore {
             expected.iter().product::<usize>(),
             "{name}: buffer size"
         );
+        if self.entry(name)?.1.dtype == Dtype::F8_E4M3 {
+            return self.read_fp8_into(name, expected, out);
+        }
         self.view(name, |path, info, bytes| {
             shape_matches(path, name, info, expected)?;
             macro_rules! convert {
@@ -895,6 +925,47 @@ impl TensorStore {
                         expected: "F32, F16, BF16 or F64",
                         actual: format!("{other:?}"),
                     })
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// [`Self::read_into`] for an `F8_E4M3` tensor: each value times its block's scale from
+    /// `{name}_scale_inv`, rounded once to `T`.
+    fn read_fp8_into<T: StoredFloat>(
+        &self,
+        name: &str,
+        expected: &[usize],
+        out: &mut [T],
+    ) -> Result<(), LoadError> {
+        let (shard, info) = self.entry(name)?;
+        let (Some([block_rows, block_cols]), &[rows, cols]) = (self.fp8_block, expected) else {
+            return Err(LoadError::Dtype {
+                path: shard.path.clone(),
+                name: name.to_string(),
+                expected: if self.fp8_block.is_none() {
+                    "F32, F16, BF16 or F64 (F8_E4M3 needs an fp8 quantization_config)"
+                } else {
+                    "F32, F16, BF16 or F64 (F8_E4M3 only for 2-D weights)"
+                },
+                actual: format!("{:?}", info.dtype),
+            });
+        };
+        shape_matches(&shard.path, name, info, expected)?;
+        let scale_name = format!("{name}_scale_inv");
+        let scale_shape = [rows.div_ceil(block_rows), cols.div_ceil(block_cols)];
+        let scales = self.f32_values(&scale_name, &scale_shape)?;
+        let table = fp8_e4m3_table();
+        self.view(name, |_, _, bytes| {
+            for (row, (out, bytes)) in out
+                .chunks_exact_mut(cols.max(1))
+                .zip(bytes.chunks_exact(cols.max(1)))
+                .enumerate()
+            {
+                let scale_row = &scales[(row / block_rows) * scale_shape[1]..];
+                for (col, (o, &b)) in out.iter_mut().zip(bytes).enumerate() {
+                    *o = T::from_f32(table[b as usize] * scale_row[col / block_cols]);
                 }
             }
             Ok(())

@@ -8,6 +8,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use super::cache::KvCache;
 use super::config::{AttentionOptions, ModelConfig, QkNorm};
+use super::mla::MlaAttention;
 use super::norm::RmsNorm;
 use super::rope::apply_rope;
 use beam_kernels::LinearBackend;
@@ -152,6 +153,42 @@ impl<B: LinearBackend> Attention<B> {
             self.heads * self.head_dim,
         ]);
         self.o_proj.forward(out)
+    }
+}
+
+/// The self-attention of a decoder layer: grouped-query ([`Attention`]) or DeepSeek's
+/// Multi-head Latent Attention ([`MlaAttention`]).
+#[derive(Module, Debug)]
+pub enum SelfAttention<B: Backend> {
+    /// Grouped-query attention (Qwen, OLMoE, Mixtral).
+    Gqa(Attention<B>),
+    /// Multi-head Latent Attention (DeepSeek-V2/V3).
+    Mla(MlaAttention<B>),
+}
+
+impl<B: Backend> SelfAttention<B> {
+    /// The output projection's weight (every kind has one).
+    pub fn o_proj(&self) -> &Projection<B> {
+        match self {
+            Self::Gqa(a) => &a.o_proj,
+            Self::Mla(a) => &a.o_proj,
+        }
+    }
+}
+
+impl<B: LinearBackend> SelfAttention<B> {
+    /// `[B, T, H]` → `[B, T, H]` (see [`Attention::forward`], [`MlaAttention::forward`]).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: (Tensor<B, 2>, Tensor<B, 2>),
+        mask: Tensor<B, 4>,
+        cache: Option<(&mut KvCache<B>, usize)>,
+    ) -> Tensor<B, 3> {
+        match self {
+            Self::Gqa(a) => a.forward(x, rope, mask, cache),
+            Self::Mla(a) => a.forward(x, rope, mask, cache),
+        }
     }
 }
 

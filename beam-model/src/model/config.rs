@@ -18,13 +18,34 @@ pub enum TokenIds {
     Many(Vec<u32>),
 }
 
-/// `rope_parameters` (transformers 5).
+/// `rope_parameters` (transformers 5) or `rope_scaling` (transformers 4 and DeepSeek's own
+/// configs, which spell the type `type`).
 #[derive(Debug, Clone, Default, Deserialize)]
+#[allow(missing_docs)]
 pub struct RopeParameters {
     /// Base θ.
     pub rope_theta: Option<f64>,
-    /// `default` is the only supported type.
+    /// `default` or `yarn`.
+    #[serde(alias = "type")]
     pub rope_type: Option<String>,
+    pub factor: Option<f64>,
+    pub original_max_position_embeddings: Option<usize>,
+    pub beta_fast: Option<f64>,
+    pub beta_slow: Option<f64>,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+    pub attention_factor: Option<f64>,
+    pub truncate: Option<bool>,
+}
+
+/// `quantization_config` of an FP8 checkpoint (DeepSeek-V3's `fp8` with block scales).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[allow(missing_docs)]
+pub struct QuantizationConfig {
+    pub quant_method: Option<String>,
+    pub fmt: Option<String>,
+    pub weight_block_size: Option<Vec<usize>>,
+    pub activation_scheme: Option<String>,
 }
 
 /// The fields of `config.json` the supported families use. Both spellings of renamed fields are
@@ -53,6 +74,7 @@ pub struct HfConfig {
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
     pub rope_parameters: Option<RopeParameters>,
+    pub rope_scaling: Option<RopeParameters>,
     pub tie_word_embeddings: Option<bool>,
     pub qkv_bias: Option<bool>,
     pub attention_bias: Option<bool>,
@@ -62,6 +84,35 @@ pub struct HfConfig {
     pub eos_token_id: Option<TokenIds>,
     pub hidden_act: Option<String>,
     pub max_position_embeddings: Option<usize>,
+    // DeepSeek-V2/V3. `q_lora_rank`: absent (`None`) vs `null` (`Some(None)`: a plain `q_proj`).
+    #[serde(default, deserialize_with = "present")]
+    pub q_lora_rank: Option<Option<usize>>,
+    pub kv_lora_rank: Option<usize>,
+    pub qk_nope_head_dim: Option<usize>,
+    pub qk_rope_head_dim: Option<usize>,
+    pub v_head_dim: Option<usize>,
+    pub rope_interleave: Option<bool>,
+    pub first_k_dense_replace: Option<usize>,
+    pub moe_layer_freq: Option<usize>,
+    pub n_shared_experts: Option<usize>,
+    pub routed_scaling_factor: Option<f64>,
+    pub topk_method: Option<String>,
+    pub n_group: Option<usize>,
+    pub topk_group: Option<usize>,
+    pub scoring_func: Option<String>,
+    pub num_nextn_predict_layers: Option<usize>,
+    pub num_mtp_layers: Option<usize>,
+    pub mlp_bias: Option<bool>,
+    pub quantization_config: Option<QuantizationConfig>,
+}
+
+/// A field that is present (possibly `null`): `Some(value)`; absent fields default to `None`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 impl HfConfig {
@@ -87,6 +138,76 @@ impl HfConfig {
             .and_then(|r| r.rope_theta)
             .or(self.rope_theta)
             .unwrap_or(10_000.0)
+    }
+
+    /// The RoPE parameters under either spelling (`rope_parameters`, else `rope_scaling`).
+    pub fn rope(&self) -> Option<&RopeParameters> {
+        self.rope_parameters.as_ref().or(self.rope_scaling.as_ref())
+    }
+}
+
+/// How RoPE frequencies are computed (transformers' `rope_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// `default`: `inv_freq_i = θ^(−2i/d)`.
+    #[default]
+    Default,
+    /// `yarn`: frequencies blended between interpolated (÷ `factor`) and original ones over the
+    /// dimensions whose wavelengths fall between `beta_fast` and `beta_slow` rotations of the
+    /// original context; cos and sin scaled by `attention_factor`.
+    Yarn {
+        /// Context extension factor.
+        factor: f64,
+        /// The context the model was pretrained for.
+        original_max_position_embeddings: usize,
+        /// Rotations at which extrapolation stops (default 32).
+        beta_fast: f64,
+        /// Rotations at which interpolation starts (default 1).
+        beta_slow: f64,
+        /// Scale of cos and sin (`attention_factor`, or from `mscale` / `mscale_all_dim`).
+        attention_factor: f64,
+        /// Round the correction range to whole dimensions (default true).
+        truncate: bool,
+        /// DeepSeek's `mscale_all_dim` (0 when absent): the softmax scale is multiplied by
+        /// `yarn_mscale(factor, mscale_all_dim)²`.
+        mscale_all_dim: f64,
+    },
+}
+
+/// YaRN's magnitude correction `0.1 · m · ln(s) + 1` (1 for `s ≤ 1`).
+pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
+}
+
+/// Multi-head Latent Attention sizes (DeepSeek-V2/V3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MlaConfig {
+    /// Rank of the query LoRA (`q_a_proj` → `q_a_layernorm` → `q_b_proj`); `None`: one `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Rank of the compressed KV latent (what the cache stores per token, with the rotary key).
+    pub kv_lora_rank: usize,
+    /// Per-head query/key dimensions without RoPE.
+    pub qk_nope_head_dim: usize,
+    /// Rotary query/key dimensions (the rotary key is shared by all heads).
+    pub qk_rope_head_dim: usize,
+    /// Per-head value size.
+    pub v_head_dim: usize,
+    /// RoPE on interleaved pairs `(2i, 2i+1)` (DeepSeek-V3 `rope_interleave`, and V2's complex
+    /// rotary form) instead of halves `(i, i + d/2)`.
+    pub rope_interleave: bool,
+    /// q/kv down-projections and `o_proj` have biases (`attention_bias`).
+    pub attention_bias: bool,
+}
+
+impl MlaConfig {
+    /// Query/key head size: `qk_nope_head_dim + qk_rope_head_dim`.
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
     }
 }
 
@@ -128,6 +249,10 @@ pub enum Family {
     Olmoe,
     /// `mixtral`
     Mixtral,
+    /// `deepseek_v2`
+    DeepseekV2,
+    /// `deepseek_v3`
+    DeepseekV3,
 }
 
 impl Family {
@@ -138,6 +263,8 @@ impl Family {
             "qwen3_moe" => Self::Qwen3Moe,
             "olmoe" => Self::Olmoe,
             "mixtral" => Self::Mixtral,
+            "deepseek_v2" => Self::DeepseekV2,
+            "deepseek_v3" => Self::DeepseekV3,
             _ => return None,
         })
     }
@@ -149,6 +276,8 @@ impl Family {
             Self::Qwen3Moe => "qwen3_moe",
             Self::Olmoe => "olmoe",
             Self::Mixtral => "mixtral",
+            Self::DeepseekV2 => "deepseek_v2",
+            Self::DeepseekV3 => "deepseek_v3",
         }
     }
 }
@@ -195,6 +324,21 @@ pub struct ModelConfig {
     /// The context the model was trained for (`max_position_embeddings`), if the config says.
     #[serde(default)]
     pub max_position_embeddings: Option<usize>,
+    /// How RoPE frequencies are computed.
+    #[serde(default)]
+    pub rope_scaling: RopeScaling,
+    /// Multi-head Latent Attention (DeepSeek) instead of grouped-query attention; `head_dim` is
+    /// then the query/key head size and `num_kv_heads = num_heads`.
+    #[serde(default)]
+    pub mla: Option<MlaConfig>,
+    /// Extra decoder layers stored after the last one that the model does not run (DeepSeek-V3's
+    /// multi-token-prediction layers, `num_nextn_predict_layers`): their tensors are skipped.
+    #[serde(default)]
+    pub skipped_layers: usize,
+    /// FP8 block size `[rows, cols]` of `weight_scale_inv` (`quantization_config`), when the
+    /// checkpoint stores FP8 weights.
+    #[serde(default)]
+    pub fp8_block: Option<[usize; 2]>,
 }
 
 impl ModelConfig {
@@ -212,11 +356,37 @@ impl ModelConfig {
                 return Err(format!("`{field}` must be greater than 0"));
             }
         }
-        if !self.head_dim.is_multiple_of(2) {
+        if let Some(mla) = &self.mla {
+            for (field, value) in [
+                ("kv_lora_rank", mla.kv_lora_rank),
+                ("qk_nope_head_dim", mla.qk_nope_head_dim),
+                ("qk_rope_head_dim", mla.qk_rope_head_dim),
+                ("v_head_dim", mla.v_head_dim),
+                ("q_lora_rank", mla.q_lora_rank.unwrap_or(1)),
+            ] {
+                if value == 0 {
+                    return Err(format!("`{field}` must be greater than 0"));
+                }
+            }
+            if !mla.qk_rope_head_dim.is_multiple_of(2) {
+                return Err(format!(
+                    "qk_rope_head_dim = {} must be even (RoPE rotates pairs of dimensions)",
+                    mla.qk_rope_head_dim
+                ));
+            }
+            if self.head_dim != mla.qk_head_dim() || self.num_kv_heads != self.num_heads {
+                return Err("internal: MLA head sizes".into());
+            }
+        } else if !self.head_dim.is_multiple_of(2) {
             return Err(format!(
                 "head_dim = {} must be even (RoPE rotates pairs of dimensions)",
                 self.head_dim
             ));
+        }
+        if let Some([rows, cols]) = self.fp8_block {
+            if rows == 0 || cols == 0 {
+                return Err("FP8 weight_block_size must be > 0".into());
+            }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
@@ -244,6 +414,59 @@ impl ModelConfig {
         self.moe
             .validate()
             .map_err(|err| format!("MoE block: {err}"))
+    }
+
+    /// The number of dimensions RoPE rotates per head: `qk_rope_head_dim` with MLA, else
+    /// `head_dim`.
+    pub fn rope_dim(&self) -> usize {
+        self.mla
+            .as_ref()
+            .map_or(self.head_dim, |mla| mla.qk_rope_head_dim)
+    }
+
+    /// The softmax scale of attention: `1/√head_dim`; with MLA and YaRN's `mscale_all_dim`,
+    /// times `yarn_mscale(factor, mscale_all_dim)²` (DeepSeek).
+    pub fn attention_scale(&self) -> f64 {
+        let base = (self.head_dim as f64).powf(-0.5);
+        match (&self.mla, self.rope_scaling) {
+            (
+                Some(_),
+                RopeScaling::Yarn {
+                    factor,
+                    mscale_all_dim,
+                    ..
+                },
+            ) if mscale_all_dim != 0.0 => {
+                let m = yarn_mscale(factor, mscale_all_dim);
+                base * m * m
+            }
+            _ => base,
+        }
+    }
+
+    /// Values the KV cache holds per token and layer: with MLA the compressed latent and the
+    /// shared rotary key (`kv_lora_rank + qk_rope_head_dim`), else keys and values
+    /// (`2 · kv_heads · head_dim`).
+    pub fn kv_cache_values_per_token(&self) -> usize {
+        match &self.mla {
+            Some(mla) => mla.kv_lora_rank + mla.qk_rope_head_dim,
+            None => 2 * self.num_kv_heads * self.head_dim,
+        }
+    }
+
+    /// What full per-head keys and values would take per token and layer
+    /// (`heads · (qk_head_dim + v_head_dim)` with MLA; the same as
+    /// [`Self::kv_cache_values_per_token`] otherwise).
+    pub fn full_kv_values_per_token(&self) -> usize {
+        match &self.mla {
+            Some(mla) => self.num_heads * (mla.qk_head_dim() + mla.v_head_dim),
+            None => self.kv_cache_values_per_token(),
+        }
+    }
+
+    /// Bytes the KV cache takes per token over all layers (f32 values, as the cache holds).
+    pub fn kv_cache_bytes_per_token(&self) -> usize {
+        self.num_layers * self.kv_cache_values_per_token() * 4
     }
 
     /// Number of MoE layers.
@@ -313,11 +536,28 @@ impl ModelConfig {
             QkNorm::PerHead => 2 * n(self.head_dim),
             QkNorm::Whole => q + kv,
         };
+        let attention = match &self.mla {
+            None => h * q + 2 * h * kv + q * h + bias + qk_norm,
+            Some(mla) => {
+                let heads = n(self.num_heads);
+                let (r, rope) = (n(mla.kv_lora_rank), n(mla.qk_rope_head_dim));
+                let bias = |size: u128| if mla.attention_bias { size } else { 0 };
+                let query = match mla.q_lora_rank {
+                    None => h * q,
+                    // q_a_proj (+ bias), q_a_layernorm, q_b_proj.
+                    Some(rank) => h * n(rank) + bias(n(rank)) + n(rank) + n(rank) * q,
+                };
+                let kv_a = h * (r + rope) + bias(r + rope) + r;
+                let kv_b = r * heads * n(mla.qk_nope_head_dim + mla.v_head_dim);
+                let o = heads * n(mla.v_head_dim) * h + bias(h);
+                query + kv_a + kv_b + o
+            }
+        };
         let moe = &self.moe;
         ParameterParts {
             hidden: h,
             embedding: v * h,
-            attention: h * q + 2 * h * kv + q * h + bias + qk_norm + 2 * h,
+            attention: attention + 2 * h,
             expert: 3 * h * n(moe.intermediate_size),
             experts: n(moe.num_experts),
             moe_shared: n(moe.num_experts) * h

@@ -6,9 +6,10 @@ use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::TensorData;
 
-use super::attention::{Attention, Projection};
+use super::attention::{Attention, Projection, SelfAttention};
 use super::config::{ModelConfig, QkNorm};
 use super::family::MoeTensorNames;
+use super::mla::{MlaAttention, MlaQuery, MlaQueryLoRa, MLA_NORM_EPS};
 use super::norm::RmsNorm;
 use super::{DecoderLayer, FeedForward, ModelError, MoeLm};
 use crate::checkpoint::{held_as, LoadError, Quantization, TensorStore, WeightDtype, WeightFormat};
@@ -96,15 +97,23 @@ pub fn load_model_with<B: MoeBackend>(
         });
     }
     let config = ModelConfig::from_dir(dir)?;
-    let store = TensorStore::open_dir(dir)?;
+    let mut store = TensorStore::open_dir(dir)?;
+    store.set_fp8_block(config.fp8_block);
     let format = WeightFormat {
         dtype: options.resolve::<B>(dir, &store, device)?,
         quantize: options.quantize,
     };
     let model = build(config, &store, format, device)?;
     let tied = model.config().tie_word_embeddings;
+    let config = model.config();
+    // DeepSeek-V3's multi-token-prediction layers follow the last decoder layer.
+    let skipped: Vec<String> = (config.num_layers..config.num_layers + config.skipped_layers)
+        .map(|l| format!("model.layers.{l}."))
+        .collect();
     store.check_all_used(|name| {
-        name.ends_with("rotary_emb.inv_freq") || (tied && name == "lm_head.weight")
+        name.ends_with("rotary_emb.inv_freq")
+            || (tied && name == "lm_head.weight")
+            || skipped.iter().any(|prefix| name.starts_with(prefix))
     })?;
     Ok(model)
 }
@@ -178,17 +187,51 @@ fn build<B: MoeBackend>(
                 Some(norm(format!("{p}self_attn.k_norm.weight"), kv_out)?),
             ),
         };
-        let attention = Attention::new(
-            &config,
-            [
-                projection(format!("{p}self_attn.q_proj"), q_out, h, bias)?,
-                projection(format!("{p}self_attn.k_proj"), kv_out, h, bias)?,
-                projection(format!("{p}self_attn.v_proj"), kv_out, h, bias)?,
-                projection(format!("{p}self_attn.o_proj"), h, q_out, false)?,
-            ],
-            q_norm,
-            k_norm,
-        );
+        let attention = match &config.mla {
+            None => SelfAttention::Gqa(Attention::new(
+                &config,
+                [
+                    projection(format!("{p}self_attn.q_proj"), q_out, h, bias)?,
+                    projection(format!("{p}self_attn.k_proj"), kv_out, h, bias)?,
+                    projection(format!("{p}self_attn.v_proj"), kv_out, h, bias)?,
+                    projection(format!("{p}self_attn.o_proj"), h, q_out, false)?,
+                ],
+                q_norm,
+                k_norm,
+            )),
+            Some(mla) => {
+                let a = format!("{p}self_attn.");
+                let heads = config.num_heads;
+                let bias = mla.attention_bias;
+                let (c, r) = (mla.kv_lora_rank, mla.qk_rope_head_dim);
+                let mla_norm = |name: String, size: usize| -> Result<RmsNorm<B>, LoadError> {
+                    Ok(RmsNorm::new(store.param(&name, [size], device)?, MLA_NORM_EPS))
+                };
+                let query = match mla.q_lora_rank {
+                    None => MlaQuery::Plain(projection(format!("{a}q_proj"), q_out, h, false)?),
+                    Some(rank) => MlaQuery::LoRa(MlaQueryLoRa {
+                        a: projection(format!("{a}q_a_proj"), rank, h, bias)?,
+                        norm: mla_norm(format!("{a}q_a_layernorm.weight"), rank)?,
+                        b: projection(format!("{a}q_b_proj"), q_out, rank, false)?,
+                    }),
+                };
+                SelfAttention::Mla(MlaAttention::new(
+                    &config,
+                    query,
+                    [
+                        projection(format!("{a}kv_a_proj_with_mqa"), c + r, h, bias)?,
+                        projection(
+                            format!("{a}kv_b_proj"),
+                            heads * (mla.qk_nope_head_dim + mla.v_head_dim),
+                            c,
+                            false,
+                        )?,
+                        projection(format!("{a}o_proj"), h, heads * mla.v_head_dim, bias)?,
+                    ],
+                    mla_norm(format!("{a}kv_a_layernorm.weight"), c)?,
+                ))
+            }
+        };
         let block = format!("{p}{}.", config.family.moe_block_name());
         let feed_forward = if is_moe {
             // Placeholders: every routed weight is overwritten from the checkpoint right away.

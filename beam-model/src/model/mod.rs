@@ -1,8 +1,8 @@
-//! Mixture-of-Experts language models (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral) built on the BEAM
-//! layer, loadable from Hugging Face checkpoint folders.
+//! Mixture-of-Experts language models (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V2/V3)
+//! built on the BEAM layer, loadable from Hugging Face checkpoint folders.
 //!
-//! Shared parts ([`attention`], [`norm`], [`rope`], [`cache`], the decoder here) serve every
-//! family; what differs per family lives in [`family`].
+//! Shared parts ([`attention`], [`mla`], [`norm`], [`rope`], [`cache`], the decoder here) serve
+//! every family; what differs per family lives in [`family`].
 
 pub mod adapter;
 pub mod attention;
@@ -11,6 +11,7 @@ pub mod config;
 pub mod family;
 pub mod generate;
 pub mod load;
+pub mod mla;
 pub mod norm;
 pub mod rope;
 
@@ -27,7 +28,7 @@ use crate::layer::{BeamMoe, MaskSource, RoutingFacts};
 use crate::peers::MaskRule;
 use crate::weight::Weight;
 use crate::{linear_out_in, MoeBackend};
-use attention::{attention_mask, Attention};
+use attention::{attention_mask, SelfAttention};
 use cache::KvCache;
 use config::ModelConfig;
 use norm::RmsNorm;
@@ -53,7 +54,7 @@ pub enum ModelError {
         reason: String,
     },
     /// `model_type` names a family this crate does not support.
-    #[error("{}: unsupported model_type `{model_type}` (supported: qwen2_moe, qwen3_moe, olmoe, mixtral)", path.display())]
+    #[error("{}: unsupported model_type `{model_type}` (supported: qwen2_moe, qwen3_moe, olmoe, mixtral, deepseek_v2, deepseek_v3)", path.display())]
     UnknownModelType {
         /// The config file.
         path: PathBuf,
@@ -131,7 +132,7 @@ pub struct DecoderLayer<B: Backend> {
     /// `input_layernorm`.
     pub input_norm: RmsNorm<B>,
     /// `self_attn`.
-    pub attention: Attention<B>,
+    pub attention: SelfAttention<B>,
     /// `post_attention_layernorm`.
     pub post_attention_norm: RmsNorm<B>,
     /// `mlp` / `block_sparse_moe`.
@@ -259,7 +260,7 @@ impl<B: Backend> MoeLm<B> {
     /// that runs q8 in place; a q8 load dequantized at load on another backend holds floats and
     /// gives `None`).
     pub fn quantization(&self) -> Option<crate::checkpoint::Quantization> {
-        let weight = &self.layers.first()?.attention.q_proj.weight;
+        let weight = &self.layers.first()?.attention.o_proj().weight;
         weight
             .is_q8()
             .then_some(crate::checkpoint::Quantization::Q8)
@@ -311,7 +312,8 @@ impl<B: MoeBackend> MoeLm<B> {
         let device = h.device();
         let rope = rope_tables::<B>(
             self.config.rope_theta,
-            self.config.head_dim,
+            &self.config.rope_scaling,
+            self.config.rope_dim(),
             past,
             tokens,
             &device,

@@ -1,7 +1,7 @@
 //! The supported model families: how each maps its `config.json` onto [`ModelConfig`] and names
-//! its MoE block's tensors on disk ([`MoeTensorNames`]). A new family (e.g. DeepSeek with MLA
-//! attention) adds a file here.
+//! its MoE block's tensors on disk ([`MoeTensorNames`]). A new family adds a file here.
 
+mod deepseek;
 mod mixtral;
 mod olmoe;
 mod qwen2_moe;
@@ -10,7 +10,9 @@ mod qwen3_moe;
 use std::path::Path;
 
 pub use super::config::Family;
-use super::config::{AttentionOptions, HfConfig, ModelConfig, QkNorm, TokenIds};
+use super::config::{
+    yarn_mscale, AttentionOptions, HfConfig, ModelConfig, QkNorm, RopeScaling, TokenIds,
+};
 use super::ModelError;
 use crate::config::{BeamMoeConfig, RoutingRule, SharedExpertConfig};
 
@@ -28,6 +30,7 @@ impl Family {
         match self {
             Self::Mixtral => MoeTensorNames::MIXTRAL,
             Self::Qwen2Moe | Self::Qwen3Moe | Self::Olmoe => MoeTensorNames::QWEN,
+            Self::DeepseekV2 | Self::DeepseekV3 => MoeTensorNames::DEEPSEEK,
         }
     }
 
@@ -38,6 +41,7 @@ impl Family {
             Self::Qwen3Moe => qwen3_moe::config(hf),
             Self::Olmoe => olmoe::config(hf),
             Self::Mixtral => mixtral::config(hf),
+            Self::DeepseekV2 | Self::DeepseekV3 => deepseek::config(self, hf),
         }
     }
 }
@@ -138,6 +142,15 @@ fn check_sizes(hf: &HfConfig) -> Result<(), String> {
         ("num_experts", hf.experts()),
         ("num_experts_per_tok", hf.num_experts_per_tok),
         ("sliding_window", hf.sliding_window),
+        ("q_lora_rank", hf.q_lora_rank.flatten()),
+        ("kv_lora_rank", hf.kv_lora_rank),
+        ("qk_nope_head_dim", hf.qk_nope_head_dim),
+        ("qk_rope_head_dim", hf.qk_rope_head_dim),
+        ("v_head_dim", hf.v_head_dim),
+        ("n_shared_experts", hf.n_shared_experts),
+        ("n_group", hf.n_group),
+        ("num_nextn_predict_layers", hf.num_nextn_predict_layers),
+        ("num_mtp_layers", hf.num_mtp_layers),
     ];
     match sizes.iter().find(|(_, v)| v.is_some_and(|v| v > MAX_SIZE)) {
         Some((field, Some(value))) => {
@@ -162,17 +175,8 @@ fn common(
             return Err(format!("hidden_act `{act}` is not supported (only `silu`)"));
         }
     }
-    if let Some(kind) = hf
-        .rope_parameters
-        .as_ref()
-        .and_then(|r| r.rope_type.as_deref())
-    {
-        if kind != "default" {
-            return Err(format!(
-                "rope_type `{kind}` is not supported (only `default`)"
-            ));
-        }
-    }
+    let rope_scaling = rope_scaling(hf)?;
+    let fp8_block = fp8_block(hf)?;
     let heads = hf.num_attention_heads;
     let head_dim = match hf.head_dim {
         Some(d) => d,
@@ -211,7 +215,96 @@ fn common(
             None => Vec::new(),
         },
         max_position_embeddings: hf.max_position_embeddings.filter(|&n| n > 0),
+        rope_scaling,
+        mla: None,
+        skipped_layers: 0,
+        fp8_block,
     })
+}
+
+/// RoPE frequencies as transformers computes them (`rope_parameters` or `rope_scaling`):
+/// `default` or `yarn`; any other type is an error.
+fn rope_scaling(hf: &HfConfig) -> Result<RopeScaling, String> {
+    let Some(rope) = hf.rope() else {
+        return Ok(RopeScaling::Default);
+    };
+    match rope.rope_type.as_deref().unwrap_or("default") {
+        "default" => Ok(RopeScaling::Default),
+        "yarn" => {
+            let original = rope
+                .original_max_position_embeddings
+                .or(hf.max_position_embeddings)
+                .filter(|&n| n > 0)
+                .ok_or("yarn RoPE needs `original_max_position_embeddings`")?;
+            // transformers: without `factor`, the ratio of the two contexts.
+            let factor = match (rope.factor, hf.max_position_embeddings) {
+                (Some(f), _) => f,
+                (None, Some(max)) => max as f64 / original as f64,
+                (None, None) => return Err("yarn RoPE needs `factor`".into()),
+            };
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(format!("yarn RoPE factor = {factor} must be > 0"));
+            }
+            // Python's `x or default`: 0 and null both take the default.
+            let nonzero = |v: Option<f64>| v.filter(|v| *v != 0.0);
+            let (mscale, mscale_all_dim) = (nonzero(rope.mscale), nonzero(rope.mscale_all_dim));
+            let attention_factor = rope.attention_factor.unwrap_or(match (mscale, mscale_all_dim) {
+                (Some(m), Some(all)) => yarn_mscale(factor, m) / yarn_mscale(factor, all),
+                _ => yarn_mscale(factor, 1.0),
+            });
+            let beta_fast = nonzero(rope.beta_fast).unwrap_or(32.0);
+            let beta_slow = nonzero(rope.beta_slow).unwrap_or(1.0);
+            for (name, v) in [
+                ("attention_factor", attention_factor),
+                ("beta_fast", beta_fast),
+                ("beta_slow", beta_slow),
+            ] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(format!("yarn RoPE {name} = {v} must be > 0"));
+                }
+            }
+            Ok(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: original,
+                beta_fast,
+                beta_slow,
+                attention_factor,
+                truncate: rope.truncate.unwrap_or(true),
+                mscale_all_dim: mscale_all_dim.unwrap_or(0.0),
+            })
+        }
+        other => Err(format!(
+            "rope_type `{other}` is not supported (supported: default, yarn)"
+        )),
+    }
+}
+
+/// The FP8 block size of a `quantization_config` (`fp8`, `e4m3`, default 128 × 128); other
+/// quantization methods are an error.
+fn fp8_block(hf: &HfConfig) -> Result<Option<[usize; 2]>, String> {
+    let Some(q) = &hf.quantization_config else {
+        return Ok(None);
+    };
+    match q.quant_method.as_deref() {
+        Some("fp8") => {}
+        other => {
+            return Err(format!(
+                "quantization_config.quant_method {other:?} is not supported (only \"fp8\")"
+            ))
+        }
+    }
+    if let Some(fmt) = q.fmt.as_deref().filter(|f| *f != "e4m3") {
+        return Err(format!(
+            "quantization_config.fmt `{fmt}` is not supported (only `e4m3`)"
+        ));
+    }
+    match q.weight_block_size.as_deref() {
+        None => Ok(Some([128, 128])),
+        Some(&[rows, cols]) if rows > 0 && cols > 0 => Ok(Some([rows, cols])),
+        Some(other) => Err(format!(
+            "quantization_config.weight_block_size {other:?} must be two sizes > 0"
+        )),
+    }
 }
 
 /// Qwen's rule: layer `l` is MoE unless listed in `mlp_only_layers`, every `decoder_sparse_step`.
