@@ -37,7 +37,7 @@ fn temp(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn fresh_adapter_is_exactly_top_k() {
-    for family in ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"] {
+    for family in common::MODELS {
         let base = model(family);
         let x = ids(&[3, 14, 15, 92, 65]);
         let top_k = base.forward(x.clone(), None, MaskMode::TopK, HiddenStates::Skip);

@@ -37,20 +37,48 @@ fn join(ids: &[i64]) -> String {
 
 #[test]
 fn info_describes_each_family() {
-    for (family, needle) in [
-        ("qwen2_moe", "3 (2 MoE)"),
-        ("qwen3_moe", "top-2"),
-        ("olmoe", "top-3"),
-        ("mixtral", "6 routed"),
+    // (shipped model, model_type, a line it prints, decoder layers if MLA).
+    for (name, family, needle, mla_layers) in [
+        ("qwen2_moe", "qwen2_moe", "3 (2 MoE)", None),
+        ("qwen3_moe", "qwen3_moe", "top-2", None),
+        ("olmoe", "olmoe", "top-3", None),
+        ("mixtral", "mixtral", "6 routed", None),
+        (
+            "deepseek_v2",
+            "deepseek_v2",
+            "MLA, kv_lora_rank 12, q_proj",
+            Some(3),
+        ),
+        (
+            "deepseek_v2_yarn",
+            "deepseek_v2",
+            "yarn, factor 4 of 32 positions",
+            Some(2),
+        ),
+        ("deepseek_v3", "deepseek_v3", "3 (2 MoE)", Some(3)),
+        ("deepseek_v3_fp8", "deepseek_v3", "F8_E4M3", Some(2)),
     ] {
         let out = stdout(&beam(&[
             "info",
             "--model",
-            &format!("assets/models/tiny-{family}"),
+            &format!("assets/models/tiny-{name}"),
         ]));
         assert!(out.contains(&format!("family:      {family}")), "{out}");
-        assert!(out.contains(needle), "{family}: {out}");
+        assert!(out.contains(needle), "{name}: {out}");
         assert!(out.contains("no adapter"), "{out}");
+        match mla_layers {
+            // MLA caches the latent and the rotary key, (12 + 4) f32 per token and layer, where
+            // full keys and values would be 4 heads · (12 + 6).
+            Some(layers) => {
+                let line = format!(
+                    "KV cache:    {} B per token (f32; compressed latent, full K/V would take {} B",
+                    layers * 16 * 4,
+                    layers * 4 * 18 * 4
+                );
+                assert!(out.contains(&line), "{name}: {out}");
+            }
+            None => assert!(out.contains("per token (f32 keys and values)"), "{out}"),
+        }
     }
 }
 

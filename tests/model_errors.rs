@@ -413,3 +413,202 @@ fn a_store_from_bytes_in_memory_reads_like_the_mapped_file() {
     let err = TensorStore::from_bytes(&path, vec![1, 2, 3]).unwrap_err();
     assert!(matches!(err, LoadError::Format { .. }), "{err}");
 }
+
+/// DeepSeek: a missing MLA tensor, MLA sizes that disagree with the tensors, an unknown RoPE type,
+/// unsupported routing, and FP8 scales missing, misshaped or without a quantization_config are
+/// each one typed error naming the tensor or field.
+#[test]
+fn deepseek_mla_rope_and_fp8_errors_are_typed() {
+    let kv_b = "model.layers.0.self_attn.kv_b_proj.weight";
+    let scratch = Scratch::copy_of("deepseek_v3", "mla-missing");
+    scratch.edit_tensors(|t| {
+        t.remove(kv_b);
+    });
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Missing { name, .. }) => assert_eq!(name, kv_b),
+        other => panic!("expected Missing, got {other}"),
+    }
+    let scratch = Scratch::copy_of("deepseek_v3", "mla-qlora");
+    scratch.edit_tensors(|t| {
+        t.remove("model.layers.1.self_attn.q_a_layernorm.weight");
+    });
+    assert!(load_error(scratch.load())
+        .to_string()
+        .contains("model.layers.1.self_attn.q_a_layernorm.weight"));
+
+    // kv_lora_rank 12 on disk, 10 in the config: kv_a_proj_with_mqa is [10 + 4, 32] expected.
+    let scratch = Scratch::copy_of("deepseek_v3", "mla-dims");
+    scratch.edit_config(|c| c["kv_lora_rank"] = 10.into());
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Shape {
+            name,
+            expected,
+            actual,
+            ..
+        }) => {
+            assert_eq!(name, "model.layers.0.self_attn.kv_a_proj_with_mqa.weight");
+            assert_eq!((expected, actual), (vec![14, 32], vec![16, 32]));
+        }
+        other => panic!("expected Shape, got {other}"),
+    }
+    for (tag, edit, needle) in [
+        (
+            "rope-type",
+            (
+                "rope_parameters",
+                serde_json::json!({"rope_type": "longrope", "rope_theta": 1e4}),
+            ),
+            "rope_type `longrope` is not supported (supported: default, yarn)",
+        ),
+        (
+            "rope-old",
+            (
+                "rope_scaling",
+                serde_json::json!({"type": "dynamic", "factor": 2.0}),
+            ),
+            "rope_type `dynamic` is not supported",
+        ),
+        (
+            "rope-factor",
+            (
+                "rope_parameters",
+                serde_json::json!({"rope_type": "yarn", "factor": -1.0}),
+            ),
+            "yarn RoPE factor = -1 must be > 0",
+        ),
+        (
+            "odd-rope",
+            ("qk_rope_head_dim", serde_json::json!(5)),
+            "qk_rope_head_dim = 5 must be even",
+        ),
+        (
+            "no-rank",
+            ("kv_lora_rank", serde_json::Value::Null),
+            "missing `kv_lora_rank`",
+        ),
+        (
+            "topk-method",
+            ("topk_method", serde_json::json!("random")),
+            "topk_method `random` is not supported for deepseek_v3",
+        ),
+        ("groups", ("n_group", serde_json::json!(3)), "3"),
+        (
+            "quant",
+            (
+                "quantization_config",
+                serde_json::json!({"quant_method": "gptq"}),
+            ),
+            "quant_method Some(\"gptq\") is not supported",
+        ),
+    ] {
+        let scratch = Scratch::copy_of("deepseek_v3", tag);
+        scratch.edit_config(|c| {
+            if edit.0 == "rope_scaling" {
+                // transformers 4 / DeepSeek's own spelling: no `rope_parameters`.
+                c.as_object_mut().unwrap().remove("rope_parameters");
+            }
+            c[edit.0] = edit.1.clone()
+        });
+        let err = scratch
+            .load()
+            .err()
+            .unwrap_or_else(|| panic!("{tag}: loading should fail"));
+        assert!(matches!(err, ModelError::Config { .. }), "{tag}: {err}");
+        assert!(err.to_string().contains(needle), "{tag}: {err}");
+        assert!(err.to_string().contains("config.json"), "{tag}: {err}");
+    }
+    let scratch = Scratch::copy_of("deepseek_v3", "no-q-lora");
+    scratch.edit_config(|c| {
+        c.as_object_mut().unwrap().remove("q_lora_rank");
+    });
+    assert!(load_error(scratch.load())
+        .to_string()
+        .contains("missing `q_lora_rank` (null for a plain q_proj)"));
+
+    let o_proj = "model.layers.1.self_attn.o_proj.weight";
+    let scale = format!("{o_proj}_scale_inv");
+    let scratch = Scratch::copy_of("deepseek_v3_fp8", "fp8-missing");
+    scratch.edit_tensors(|t| {
+        t.remove(&scale);
+    });
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Missing { name, .. }) => assert_eq!(name, scale),
+        other => panic!("expected Missing, got {other}"),
+    }
+    let scratch = Scratch::copy_of("deepseek_v3_fp8", "fp8-shape");
+    scratch.edit_tensors(|t| {
+        let entry = t.get_mut(&scale).unwrap();
+        entry.1 = vec![4, 1];
+    });
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Shape {
+            name,
+            expected,
+            actual,
+            ..
+        }) => {
+            // o_proj is [32, 24]: 16 × 16 blocks give a [2, 2] scale.
+            assert_eq!(
+                (name, expected, actual),
+                (scale.clone(), vec![2, 2], vec![4, 1])
+            );
+        }
+        other => panic!("expected Shape, got {other}"),
+    }
+    let scratch = Scratch::copy_of("deepseek_v3_fp8", "fp8-noconfig");
+    scratch.edit_config(|c| {
+        c.as_object_mut().unwrap().remove("quantization_config");
+    });
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Dtype {
+            name,
+            actual,
+            expected,
+            ..
+        }) => {
+            assert_eq!(actual, "F8_E4M3");
+            assert!(
+                expected.contains("needs an fp8 quantization_config"),
+                "{expected}"
+            );
+            assert!(name.ends_with(".weight"), "{name}");
+        }
+        other => panic!("expected Dtype, got {other}"),
+    }
+    // A scale nobody reads (its weight is not FP8) is an unexpected tensor, not ignored.
+    let scratch = Scratch::copy_of("deepseek_v3", "fp8-stray");
+    scratch.edit_tensors(|t| {
+        t.insert(scale.clone(), (Dtype::F32, vec![2, 2], vec![0; 16]));
+    });
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Unexpected { name, .. }) => assert_eq!(name, scale),
+        other => panic!("expected Unexpected, got {other}"),
+    }
+}
+
+/// DeepSeek-V3's MTP layers are skipped, but only those: a tensor past them is unexpected.
+#[test]
+fn deepseek_mtp_layers_are_skipped_and_nothing_else() {
+    let scratch = Scratch::copy_of("deepseek_v3", "mtp");
+    assert!(scratch.load().is_ok());
+    scratch.edit_tensors(|t| {
+        t.insert(
+            "model.layers.4.enorm.weight".into(),
+            (Dtype::F32, vec![2], vec![0; 8]),
+        );
+    });
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Unexpected { name, .. }) => {
+            assert_eq!(name, "model.layers.4.enorm.weight")
+        }
+        other => panic!("expected Unexpected, got {other}"),
+    }
+    let scratch = Scratch::copy_of("deepseek_v3", "mtp-none");
+    scratch.edit_config(|c| c["num_nextn_predict_layers"] = 0.into());
+    match load_error(scratch.load()) {
+        ModelError::Load(LoadError::Unexpected { name, .. }) => {
+            assert!(name.starts_with("model.layers.3."), "{name}")
+        }
+        other => panic!("expected Unexpected, got {other}"),
+    }
+}

@@ -17,19 +17,7 @@ use common::{assert_close, repo_root, values};
 
 type B = NdArray<f32>;
 
-/// Every family, DeepSeek in four variants (`scripts/gen_deepseek_models.py`): V2 group-limited
-/// greedy; V2 greedy with q-LoRA, YaRN and attention biases; V3 with q-LoRA, groups, interleaved
-/// RoPE and MTP tensors to skip; V3 with FP8 block-scaled weights.
-const FAMILIES: [&str; 8] = [
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "mixtral",
-    "deepseek_v2",
-    "deepseek_v2_yarn",
-    "deepseek_v3",
-    "deepseek_v3_fp8",
-];
+use common::MODELS as FAMILIES;
 
 struct Reference {
     ids: Vec<u32>,
@@ -374,4 +362,67 @@ fn forward_last_gives_the_last_row_of_forward_and_the_same_cache() {
         };
         assert_eq!(next(&mut full_cache), next(&mut last_cache), "{family}");
     }
+}
+
+/// The parameter count the config gives (what `beam info` prints and the weights-read limit is
+/// built from) is the loaded model's, for every family: MLA's projections and norms, shared and
+/// dense layers, V3's correction bias included.
+#[test]
+fn parameter_count_is_the_loaded_models() {
+    use burn::module::Module;
+    for family in FAMILIES {
+        let model = model(family);
+        assert_eq!(
+            model.config().parameters() as usize,
+            model.num_params(),
+            "{family}"
+        );
+    }
+}
+
+/// DeepSeek's own config spelling (`rope_scaling` with `type`, a top-level `rope_theta`, as the
+/// original DeepSeek-V2 checkpoints and transformers 4 write it) loads the same YaRN model.
+#[test]
+fn yarn_under_the_rope_scaling_spelling_is_the_same_model() {
+    let source = repo_root().join("assets/models/tiny-deepseek_v2_yarn");
+    let dir = std::env::temp_dir().join(format!("beam-rope-scaling-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(source.join(file), dir.join(file)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
+    let mut rope = config["rope_parameters"].take();
+    let object = config.as_object_mut().unwrap();
+    object.remove("rope_parameters");
+    object.insert("rope_theta".into(), rope["rope_theta"].take());
+    let rope = rope.as_object_mut().unwrap();
+    rope.remove("rope_theta");
+    let kind = rope.remove("rope_type").unwrap();
+    rope.insert("type".into(), kind);
+    object.insert(
+        "rope_scaling".into(),
+        serde_json::Value::Object(rope.clone()),
+    );
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let model = load_model::<B>(&dir, &Default::default()).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(matches!(
+        model.config().rope_scaling,
+        beam_model::model::config::RopeScaling::Yarn { .. }
+    ));
+    let reference = reference("deepseek_v2_yarn");
+    let out = model.forward(
+        ids(&reference.ids),
+        None,
+        MaskMode::TopK,
+        HiddenStates::Skip,
+    );
+    assert_close(
+        &values(out.logits),
+        &reference.logits,
+        1e-4,
+        "rope_scaling spelling",
+    );
 }

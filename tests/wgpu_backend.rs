@@ -47,7 +47,7 @@ fn top_k_logits<B: MoeBackend>(model: &MoeLm<B>, device: &B::Device) -> Vec<f64>
 #[test]
 fn logits_agree_with_ndarray() {
     let device = wgpu_device();
-    for family in ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"] {
+    for family in common::MODELS {
         let cpu = load::<NdArray>(family, &Default::default());
         let gpu = load::<Wgpu>(family, &device);
         let expected = top_k_logits(&cpu, &Default::default());
@@ -73,7 +73,7 @@ fn beam_adapters_and_long_prompts_agree_with_ndarray() {
     use beam_kernels::Regime;
     let device = wgpu_device();
     let prompt = long_prompt();
-    for family in ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"] {
+    for family in common::MODELS {
         let cpu = common::random_adapter(load::<NdArray>(family, &Default::default()), 7);
         let gpu = common::random_adapter(load::<Wgpu>(family, &device), 7);
         let (experts, top_k) = (cpu.config().moe.num_experts, cpu.config().moe.top_k);
@@ -128,7 +128,7 @@ fn cached_generation_agrees_with_ndarray_on_every_family() {
         ..GenerateConfig::default()
     };
     let prompt: Vec<u32> = long_prompt().iter().map(|&t| t as u32).collect();
-    for family in ["qwen2_moe", "qwen3_moe", "olmoe", "mixtral"] {
+    for family in common::MODELS {
         for beam in [false, true] {
             for prompt in [&[3, 141, 59, 26][..], &prompt[..]] {
                 let cpu = generate(

@@ -10,6 +10,22 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 
 /// Repository root (the facade package's manifest directory).
+/// Every shipped tiny model (`assets/models/tiny-{name}`): the four GQA families and DeepSeek in
+/// four variants (`scripts/gen_deepseek_models.py`): V2 group-limited greedy; V2 greedy with
+/// q-LoRA, YaRN and attention biases; V3 with q-LoRA, groups, interleaved RoPE and MTP tensors to
+/// skip; V3 with FP8 block-scaled weights.
+#[allow(dead_code)]
+pub const MODELS: [&str; 8] = [
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "mixtral",
+    "deepseek_v2",
+    "deepseek_v2_yarn",
+    "deepseek_v3",
+    "deepseek_v3_fp8",
+];
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -158,6 +158,9 @@ impl<B: LinearBackend> Attention<B> {
 
 /// The self-attention of a decoder layer: grouped-query ([`Attention`]) or DeepSeek's
 /// Multi-head Latent Attention ([`MlaAttention`]).
+// One per decoder layer: as for `FeedForward`, a `Box` would put an indirection into burn's
+// module and record types for a few KB per model.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum SelfAttention<B: Backend> {
     /// Grouped-query attention (Qwen, OLMoE, Mixtral).

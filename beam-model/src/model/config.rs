@@ -560,7 +560,13 @@ impl ModelConfig {
             attention: attention + 2 * h,
             expert: 3 * h * n(moe.intermediate_size),
             experts: n(moe.num_experts),
+            // Router (and DeepSeek-V3's correction bias) and shared expert.
             moe_shared: n(moe.num_experts) * h
+                + if matches!(moe.routing, crate::config::RoutingRule::DeepSeekV3 { .. }) {
+                    n(moe.num_experts)
+                } else {
+                    0
+                }
                 + moe.shared_expert.as_ref().map_or(0, |s| {
                     3 * h * n(s.intermediate_size) + if s.gated { h } else { 0 }
                 }),

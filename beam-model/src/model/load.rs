@@ -205,7 +205,10 @@ fn build<B: MoeBackend>(
                 let bias = mla.attention_bias;
                 let (c, r) = (mla.kv_lora_rank, mla.qk_rope_head_dim);
                 let mla_norm = |name: String, size: usize| -> Result<RmsNorm<B>, LoadError> {
-                    Ok(RmsNorm::new(store.param(&name, [size], device)?, MLA_NORM_EPS))
+                    Ok(RmsNorm::new(
+                        store.param(&name, [size], device)?,
+                        MLA_NORM_EPS,
+                    ))
                 };
                 let query = match mla.q_lora_rank {
                     None => MlaQuery::Plain(projection(format!("{a}q_proj"), q_out, h, false)?),

@@ -29,6 +29,7 @@ use beam_kernels::LinearBackend;
 pub const MLA_NORM_EPS: f64 = 1e-6;
 
 /// How queries are projected.
+#[allow(clippy::large_enum_variant)] // one per layer
 #[derive(Module, Debug)]
 pub enum MlaQuery<B: Backend> {
     /// `q_proj` `[heads·(n + r), H]`.

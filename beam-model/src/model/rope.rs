@@ -157,7 +157,9 @@ mod tests {
         assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-15);
         let ratio: Vec<f64> = plain.iter().zip(&scaled).map(|(p, s)| s / p).collect();
         assert!(ratio.windows(2).all(|w| w[1] <= w[0] + 1e-15), "{ratio:?}");
-        assert!(ratio.iter().any(|r| *r < 1.0 - 1e-3 && *r > 1.0 / 8.0 + 1e-3));
+        assert!(ratio
+            .iter()
+            .any(|r| *r < 1.0 - 1e-3 && *r > 1.0 / 8.0 + 1e-3));
         // Untruncated boundaries move the ramp (a different, still monotone, blend).
         assert_ne!(yarn(8.0, 64, false).inv_freq(theta, dim), scaled);
     }
@@ -169,7 +171,10 @@ mod tests {
         let values: Vec<f64> = (0..2 * d).map(|i| (i as f64 * 0.37).sin() + 0.1).collect();
         let x = Tensor::<B, 4>::from_data(TensorData::new(values.clone(), [1, 1, 2, d]), &device);
         let (cos, sin) = rope_tables::<B>(100.0, &RopeScaling::Default, d, 3, 2, &device);
-        let out: Vec<f64> = apply_rope_interleaved(x, cos, sin).into_data().to_vec().unwrap();
+        let out: Vec<f64> = apply_rope_interleaved(x, cos, sin)
+            .into_data()
+            .to_vec()
+            .unwrap();
         // Reference: rotate each interleaved pair (x_{2i}, x_{2i+1}) by pos · θ^(−2i/d).
         for t in 0..2 {
             let pos = (3 + t) as f64;

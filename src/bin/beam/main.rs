@@ -275,6 +275,33 @@ fn info(common: &Common) -> Result<(), String> {
         config.num_kv_heads,
         config.head_dim
     );
+    if let Some(mla) = &config.mla {
+        println!(
+            "attention:   MLA, kv_lora_rank {}, {}, qk_nope {} + qk_rope {}, v {}, RoPE {}",
+            mla.kv_lora_rank,
+            mla.q_lora_rank
+                .map_or("q_proj".to_string(), |r| format!("q LoRA rank {r}")),
+            mla.qk_nope_head_dim,
+            mla.qk_rope_head_dim,
+            mla.v_head_dim,
+            if mla.rope_interleave {
+                "interleaved"
+            } else {
+                "halves"
+            },
+        );
+    }
+    if let beam_model::model::config::RopeScaling::Yarn {
+        factor,
+        original_max_position_embeddings,
+        ..
+    } = config.rope_scaling
+    {
+        println!(
+            "rope:        yarn, factor {factor} of {original_max_position_embeddings} positions"
+        );
+    }
+    println!("KV cache:    {}", kv_cache_line(&config));
     println!("vocabulary:  {}", config.vocab_size);
     println!("parameters:  {}", config.parameters());
     match (&common.beam_adapter, beam) {
@@ -305,6 +332,27 @@ fn info(common: &Common) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// Bytes the KV cache takes per token, and with MLA what full per-head keys and values would.
+fn kv_cache_line(config: &beam_model::model::config::ModelConfig) -> String {
+    let bytes = config.kv_cache_bytes_per_token();
+    let kib = |b: usize| match b {
+        0..10_240 => format!("{b} B"),
+        10_240..10_485_760 => format!("{:.1} KiB", b as f64 / 1024.0),
+        _ => format!("{:.1} MiB", b as f64 / 1048576.0),
+    };
+    if config.mla.is_some() {
+        let full = config.num_layers * config.full_kv_values_per_token() * 4;
+        format!(
+            "{} per token (f32; compressed latent, full K/V would take {}: {:.1}× less)",
+            kib(bytes),
+            kib(full),
+            full as f64 / bytes as f64
+        )
+    } else {
+        format!("{} per token (f32 keys and values)", kib(bytes))
+    }
 }
 
 /// Range checks of the options of info, logits, generate and bench, before anything is read.
@@ -466,6 +514,11 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
                 generation.mean_active_experts(),
                 config.moe.top_k,
                 if model.has_beam() { " (BEAM)" } else { " (top-K)" },
+            );
+            eprintln!(
+                "[beam] KV cache: {} tokens, {}",
+                prompt_ids.len() + generation.ids.len(),
+                kv_cache_line(config)
             );
             if generation.context_limit_reached {
                 eprintln!(

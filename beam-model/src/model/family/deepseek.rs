@@ -34,7 +34,9 @@ pub(super) fn config(family: Family, hf: &HfConfig) -> Result<ModelConfig, Strin
         rope_interleave: !v3 || hf.rope_interleave.unwrap_or(true),
         attention_bias: hf.attention_bias.unwrap_or(false),
     };
-    let scaling = hf.routed_scaling_factor.unwrap_or(if v3 { 2.5 } else { 1.0 });
+    let scaling = hf
+        .routed_scaling_factor
+        .unwrap_or(if v3 { 2.5 } else { 1.0 });
     let group = || -> Result<GroupLimit, String> {
         let n_group = hf.n_group.unwrap_or(if v3 { 8 } else { 1 });
         let topk_group = hf.topk_group.unwrap_or(if v3 { 4 } else { 1 });

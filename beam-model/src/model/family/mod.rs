@@ -248,10 +248,12 @@ fn rope_scaling(hf: &HfConfig) -> Result<RopeScaling, String> {
             // Python's `x or default`: 0 and null both take the default.
             let nonzero = |v: Option<f64>| v.filter(|v| *v != 0.0);
             let (mscale, mscale_all_dim) = (nonzero(rope.mscale), nonzero(rope.mscale_all_dim));
-            let attention_factor = rope.attention_factor.unwrap_or(match (mscale, mscale_all_dim) {
-                (Some(m), Some(all)) => yarn_mscale(factor, m) / yarn_mscale(factor, all),
-                _ => yarn_mscale(factor, 1.0),
-            });
+            let attention_factor =
+                rope.attention_factor
+                    .unwrap_or(match (mscale, mscale_all_dim) {
+                        (Some(m), Some(all)) => yarn_mscale(factor, m) / yarn_mscale(factor, all),
+                        _ => yarn_mscale(factor, 1.0),
+                    });
             let beta_fast = nonzero(rope.beta_fast).unwrap_or(32.0);
             let beta_slow = nonzero(rope.beta_slow).unwrap_or(1.0);
             for (name, v) in [
