@@ -17,7 +17,15 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use common::{max_rel, repo_root, Converted};
 use safetensors::Dtype;
 
-const FAMILIES: [&str; 4] = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"];
+const FAMILIES: [&str; 7] = [
+    "mixtral",
+    "olmoe",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v2_yarn",
+    "deepseek_v3",
+];
 
 fn ids<B: MoeBackend>() -> Tensor<B, 2, Int> {
     Tensor::from_data(
@@ -173,4 +181,54 @@ fn weight_dtype_names_parse_and_print() {
     assert_eq!(WeightDtype::BF16.to_string(), "bf16");
     let err = "int8".parse::<WeightDtype>().unwrap_err();
     assert!(err.contains("int8") && err.contains("bf16"), "{err}");
+}
+
+/// FP8 (DeepSeek-V3's block-scaled `float8_e4m3fn`) dequantizes on load into the precision asked
+/// for: held in bf16, each weight (attention projections, dense MLP, stacked experts) is its
+/// dequantized f32 value rounded once to bf16, with no f32 copy kept. (The logits of a random tiny
+/// model are no test here: bf16 rounding flips near-tied sigmoid routing choices.)
+#[test]
+fn fp8_weights_dequantize_into_the_held_precision() {
+    let dir = repo_root().join("assets/models/tiny-deepseek_v3_fp8");
+    let f32_model = flex(&dir, None);
+    // The tiny checkpoint's other tensors are f32, so by default the FP8 weights become f32.
+    assert_eq!(f32_model.weight_dtype(), WeightDtype::F32);
+    let bf16_model = flex(&dir, Some(WeightDtype::BF16));
+    assert_eq!(bf16_model.weight_dtype(), WeightDtype::BF16);
+    let weights = |model: &MoeLm<Flex>| -> Vec<Tensor<Flex, 3>> {
+        let mut out = Vec::new();
+        for layer in &model.layers {
+            let beam_model::model::attention::SelfAttention::Mla(mla) = &layer.attention else {
+                panic!("an MLA model");
+            };
+            for p in [&mla.kv_a_proj, &mla.kv_b_proj, &mla.o_proj] {
+                out.push(p.weight.val().unsqueeze::<3>());
+            }
+            match &layer.feed_forward {
+                beam_model::model::FeedForward::Moe(moe) => {
+                    out.push(moe.experts.gate_up.val());
+                    out.push(moe.experts.down.val());
+                }
+                beam_model::model::FeedForward::Dense(mlp) => {
+                    out.push(mlp.gate_up.val().unsqueeze::<3>());
+                    out.push(mlp.down.val().unsqueeze::<3>());
+                }
+            }
+        }
+        out
+    };
+    let (full, held) = (weights(&f32_model), weights(&bf16_model));
+    assert_eq!(full.len(), 10);
+    for (i, (full, held)) in full.into_iter().zip(held).enumerate() {
+        assert_eq!(held.dtype(), DType::BF16, "weight {i}");
+        let full: Vec<f32> = full.into_data().convert::<f32>().into_vec().unwrap();
+        assert!(full.iter().any(|v| v.abs() > 1e-2), "not a test on zeros");
+        let rounded: Vec<f32> = full
+            .iter()
+            .map(|&v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let held: Vec<f32> = held.into_data().convert::<f32>().into_vec().unwrap();
+        assert_eq!(held, rounded, "weight {i}");
+    }
+    assert!(logits(&bf16_model).iter().all(|v| v.is_finite()));
 }

@@ -20,7 +20,15 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use common::{max_rel, random_adapter, repo_root, Converted};
 use safetensors::Dtype;
 
-const FAMILIES: [&str; 4] = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"];
+const FAMILIES: [&str; 7] = [
+    "mixtral",
+    "olmoe",
+    "qwen2_moe",
+    "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v2_yarn",
+    "deepseek_v3",
+];
 
 fn tiny(family: &str) -> PathBuf {
     repo_root().join(format!("assets/models/tiny-{family}"))

@@ -1148,6 +1148,22 @@ mod tests {
     use super::*;
     use burn::backend::Flex;
 
+    #[test]
+    fn fp8_e4m3fn_values_are_the_formats() {
+        let t = fp8_e4m3_table();
+        // 1.0, the largest normal (448), the smallest normal (2^-6) and subnormal (2^-9), signs.
+        assert_eq!(t[0x38], 1.0);
+        assert_eq!(t[0xB8], -1.0);
+        assert_eq!(t[0x7E], 448.0);
+        assert_eq!(t[0x08], 2f32.powi(-6));
+        assert_eq!(t[0x01], 2f32.powi(-9));
+        assert_eq!(t[0x00], 0.0);
+        assert!(t[0x7F].is_nan() && t[0xFF].is_nan());
+        // Every other pattern is finite, and the positive ones increase with their bits.
+        assert_eq!(t.iter().filter(|v| v.is_nan()).count(), 2);
+        assert!(t[..0x7F].windows(2).all(|w| w[0] < w[1]));
+    }
+
     fn q8() -> WeightFormat {
         WeightFormat {
             dtype: WeightDtype::F32,
