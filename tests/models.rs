@@ -426,3 +426,71 @@ fn yarn_under_the_rope_scaling_spelling_is_the_same_model() {
         "rope_scaling spelling",
     );
 }
+
+/// The published DeepSeek configs (their `config.json` fields as on the Hub, weights not needed):
+/// the parameter counts DeepSeek states (V3: 671 B in the main model, 37 B activated per token;
+/// V2-Lite: 15.7 B, 2.4 B activated) come out of MLA's, the dense layers' and the shared experts'
+/// sizes, and the KV cache keeps 576 values per token and layer.
+#[test]
+fn published_deepseek_configs_give_the_stated_sizes() {
+    use beam_model::model::config::{HfConfig, ModelConfig, RopeScaling};
+    let v3 = r#"{"model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+        "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+        "num_nextn_predict_layers": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
+        "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+        "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+        "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3,
+        "norm_topk_prob": true, "scoring_func": "sigmoid", "hidden_act": "silu",
+        "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+        "tie_word_embeddings": false, "attention_bias": false, "bos_token_id": 0, "eos_token_id": 1,
+        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3",
+            "quant_method": "fp8", "weight_block_size": [128, 128]}}"#;
+    let v2_lite = r#"{"model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048,
+        "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "n_shared_experts": 2,
+        "n_routed_experts": 64, "routed_scaling_factor": 1.0, "kv_lora_rank": 512,
+        "q_lora_rank": null, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+        "topk_method": "greedy", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6,
+        "moe_layer_freq": 1, "first_k_dense_replace": 1, "norm_topk_prob": false,
+        "scoring_func": "softmax", "hidden_act": "silu", "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-06, "rope_theta": 10000, "rope_scaling": {"beta_fast": 32,
+            "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+            "original_max_position_embeddings": 4096, "type": "yarn"},
+        "tie_word_embeddings": false, "attention_bias": false}"#;
+    let parse = |text: &str| {
+        let path = std::path::Path::new("config.json");
+        ModelConfig::from_hf(&HfConfig::parse(text, path).unwrap(), path).unwrap()
+    };
+    for (text, total, active, layers) in [(v3, 671e9, 37e9, 61), (v2_lite, 15.7e9, 2.4e9, 27)] {
+        let config = parse(text);
+        let k = config.moe.top_k as f64;
+        let (params, read) = (
+            config.parameters() as f64,
+            config.weights_read_per_token(k, 0),
+        );
+        assert!(
+            (params / total - 1.0).abs() < 0.01,
+            "{params:e} vs {total:e}"
+        );
+        eprintln!(
+            "{}: {params:.4e} parameters, {read:.4e} read per token",
+            config.family
+        );
+        // Activated: what one token reads (one embedding row, the LM head, top-K experts).
+        assert!((read / active - 1.0).abs() < 0.03, "{read:e} vs {active:e}");
+        assert_eq!(config.kv_cache_values_per_token(), 576);
+        assert_eq!(config.kv_cache_bytes_per_token(), layers * 576 * 4);
+        assert!(matches!(config.rope_scaling, RopeScaling::Yarn { factor, .. } if factor == 40.0));
+    }
+    let v3 = parse(v3);
+    assert_eq!(v3.skipped_layers, 1);
+    assert_eq!(v3.fp8_block, Some([128, 128]));
+    assert_eq!(v3.num_moe_layers(), 58);
+    // YaRN's softmax scale: (0.1 · ln 40 + 1)² / √192.
+    let m = 0.1 * 40f64.ln() + 1.0;
+    assert!((v3.attention_scale() - m * m / 192f64.sqrt()).abs() < 1e-12);
+    assert_eq!(v3.full_kv_values_per_token(), 128 * (192 + 128));
+}
