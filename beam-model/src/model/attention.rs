@@ -1,7 +1,7 @@
 //! Grouped-query self-attention with rotary embeddings and the families' variations
 //! (q/k/v bias, per-head or whole-projection q/k norm, `clip_qkv`, sliding window).
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -13,30 +13,7 @@ use super::norm::RmsNorm;
 use super::rope::apply_rope;
 use beam_kernels::LinearBackend;
 
-use crate::weight::Weight;
-
-/// A linear projection stored as on disk: weight `[out, in]`, optional bias `[out]`.
-#[derive(Module, Debug)]
-pub struct Projection<B: Backend> {
-    /// Weight `[out, in]` (float or q8).
-    pub weight: Weight<B, 2>,
-    /// Bias `[out]`.
-    pub bias: Option<Param<Tensor<B, 1>>>,
-}
-
-impl<B: LinearBackend> Projection<B> {
-    /// `x · Wᵀ + b` on `[B, T, in]`.
-    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [batch, tokens, input] = x.dims();
-        let y = self.weight.linear(x.reshape([batch * tokens, input]));
-        let y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze::<2>(),
-            None => y,
-        };
-        let [_, out] = y.dims();
-        y.reshape([batch, tokens, out])
-    }
-}
+pub use super::projection::Projection;
 
 /// Self-attention of one decoder layer.
 #[derive(Module, Debug)]

@@ -6,7 +6,9 @@ use burn::tensor::Tensor;
 /// Keys and values of every attention layer for the tokens seen so far.
 ///
 /// # Shapes
-/// - per layer: keys and values `[B, kv_heads, S, head_dim]`
+/// - per layer, grouped-query attention: keys and values `[B, kv_heads, S, head_dim]`
+/// - per layer, MLA (DeepSeek): the compressed latent `[B, 1, S, kv_lora_rank]` and the shared
+///   rotary key `[B, 1, S, qk_rope_head_dim]` (keys and values are expanded from them each step)
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
@@ -32,8 +34,8 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
-    /// Appends `k`, `v` (`[B, kv_heads, T, head_dim]`) to layer `layer` and returns all keys and
-    /// values of that layer.
+    /// Appends `k`, `v` (`[B, kv_heads, T, head_dim]`, or MLA's latent and rotary key) to layer
+    /// `layer` along the sequence dimension and returns all of that layer's entries.
     pub(crate) fn append(
         &mut self,
         layer: usize,

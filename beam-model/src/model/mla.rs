@@ -17,10 +17,10 @@ use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
-use super::attention::Projection;
 use super::cache::KvCache;
 use super::config::{MlaConfig, ModelConfig};
 use super::norm::RmsNorm;
+use super::projection::Projection;
 use super::rope::{apply_rope, apply_rope_interleaved};
 use beam_kernels::LinearBackend;
 
@@ -100,7 +100,7 @@ impl<B: Backend> MlaAttention<B> {
 
 impl<B: LinearBackend> MlaAttention<B> {
     /// `[B, T, H]` → `[B, T, H]`; `rope`, `mask` and `cache` as for
-    /// [`Attention::forward`](super::attention::Attention::forward) (rope tables of
+    /// `Attention::forward` (rope tables of
     /// `qk_rope_head_dim`).
     pub fn forward(
         &self,

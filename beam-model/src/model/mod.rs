@@ -1,8 +1,8 @@
 //! Mixture-of-Experts language models (Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V2/V3)
 //! built on the BEAM layer, loadable from Hugging Face checkpoint folders.
 //!
-//! Shared parts ([`attention`], [`mla`], [`norm`], [`rope`], [`cache`], the decoder here) serve
-//! every family; what differs per family lives in [`family`].
+//! Shared parts ([`attention`], [`mla`], [`projection`], [`norm`], [`rope`], [`cache`], the
+//! decoder here) serve every family; what differs per family lives in [`family`].
 
 pub mod adapter;
 pub mod attention;
@@ -13,6 +13,7 @@ pub mod generate;
 pub mod load;
 pub mod mla;
 pub mod norm;
+pub mod projection;
 pub mod rope;
 
 use std::path::PathBuf;
