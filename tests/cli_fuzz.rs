@@ -58,9 +58,11 @@ const IDS: &[&str] = &[
 /// Prompts.
 const PROMPTS: &[&str] = &["And God said", "", " ", "\u{7}\t", "ñ✓🙂", "\n\n\n"];
 
-/// Models: shipped ones (context 128 and 512), a folder without a model, a missing one.
+/// Models: shipped ones (context 128 and 512; DeepSeek's MLA and FP8), a folder without a model,
+/// a missing one.
 const MODELS: &[&str] = &[
     "assets/models/tiny-olmoe",
+    "assets/models/tiny-deepseek_v3_fp8",
     "assets/models/tiny-qwen3_moe",
     "assets/models/kjv-moe",
     "assets/corpus",
