@@ -173,6 +173,7 @@ mod tests {
         let (cos, sin) = rope_tables::<B>(100.0, &RopeScaling::Default, d, 3, 2, &device);
         let out: Vec<f64> = apply_rope_interleaved(x, cos, sin)
             .into_data()
+            .convert::<f64>()
             .to_vec()
             .unwrap();
         // Reference: rotate each interleaved pair (x_{2i}, x_{2i+1}) by pos · θ^(−2i/d).
