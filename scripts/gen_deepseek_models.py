@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gen_tiny_models import EOS, ROOT, VOCAB, tokenizer  # noqa: E402
+from gen_tiny_models import EOS, ROOT, VOCAB, randomize, save_reference, tokenizer  # noqa: E402
 
 FP8_BLOCK = 16
 
@@ -67,18 +67,6 @@ def configs(eos_id):
     )
 
 
-def randomize(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))  # not all ones, so a missed norm shows
-            else:
-                p.copy_(0.2 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.05 * torch.randn_like(b))  # zeros would hide a bias that is not read
-
-
 def fp8_quantize(w):
     """DeepSeek-V3's block FP8: per 16 x 16 block, q = w / s in float8_e4m3fn, s = amax / 448."""
     rows, cols = w.shape
@@ -106,7 +94,7 @@ def main():
     prompt = "And God said, Let there be light"
     ids = tok.encode(prompt).ids
     input_ids = torch.tensor([ids])
-    for variant, config, in ((v, c) for v, c in configs(eos_id)):
+    for variant, config in configs(eos_id):
         config._attn_implementation = "eager"
         model = AutoModelForCausalLM.from_config(config).eval().float()
         randomize(model)
@@ -168,16 +156,7 @@ def main():
             generated = model.generate(
                 input_ids, max_new_tokens=12, do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id
             )[0, len(ids):]
-        hidden = torch.stack(out.hidden_states)
-        save_file(
-            {
-                "input_ids": input_ids.to(torch.int64).contiguous(),
-                "logits": out.logits.float().contiguous(),
-                "hidden_states": hidden.float().contiguous(),
-                "generated": generated.to(torch.int64).contiguous(),
-            },
-            os.path.join(ROOT, "assets", "fixtures", "models", f"{variant}.safetensors"),
-        )
+        save_reference(variant, input_ids, out, generated)
         print(variant, "files", sorted(os.listdir(out_dir)), "generated", generated.tolist())
     with open(os.path.join(ROOT, "assets", "fixtures", "models", "VERSIONS-deepseek.json"), "w") as f:
         json.dump({"transformers": transformers.__version__, "torch": torch.__version__, "prompt": prompt}, f)

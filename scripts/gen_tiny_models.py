@@ -67,6 +67,35 @@ def configs(eos_id):
     ), dict(max_shard_size="40KB")
 
 
+def randomize(model):
+    """Random weights (norms around 1, not all ones, so a missed norm shows); DeepSeek-V3's correction
+    bias buffer random too (zeros would hide a bias that is not read)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
+
+
+def save_reference(name, input_ids, out, generated):
+    """`assets/fixtures/models/<name>.safetensors`: input ids, logits, hidden states, greedy ids."""
+    ref_dir = os.path.join(ROOT, "assets", "fixtures", "models")
+    os.makedirs(ref_dir, exist_ok=True)
+    save_file(
+        {
+            "input_ids": input_ids.to(torch.int64).contiguous(),
+            "logits": out.logits.float().contiguous(),
+            "hidden_states": torch.stack(out.hidden_states).float().contiguous(),
+            "generated": generated.to(torch.int64).contiguous(),
+        },
+        os.path.join(ref_dir, f"{name}.safetensors"),
+    )
+
+
 def main():
     torch.manual_seed(20261124)
     tok = tokenizer()
@@ -78,12 +107,7 @@ def main():
     for family, config, save_kwargs in configs(eos_id):
         config._attn_implementation = "eager"
         model = AutoModelForCausalLM.from_config(config).eval().float()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.copy_(1.0 + 0.1 * torch.randn_like(p))  # not all ones, so a missed norm shows
-                else:
-                    p.copy_(0.2 * torch.randn_like(p))
+        randomize(model)
         out_dir = os.path.join(ROOT, "assets", "models", f"tiny-{family}")
         os.makedirs(out_dir, exist_ok=True)
         for f in os.listdir(out_dir):
@@ -95,18 +119,7 @@ def main():
             generated = model.generate(
                 input_ids, max_new_tokens=12, do_sample=False, eos_token_id=eos_id, pad_token_id=eos_id
             )[0, len(ids):]
-        hidden = torch.stack(out.hidden_states)
-        ref_dir = os.path.join(ROOT, "assets", "fixtures", "models")
-        os.makedirs(ref_dir, exist_ok=True)
-        save_file(
-            {
-                "input_ids": input_ids.to(torch.int64).contiguous(),
-                "logits": out.logits.float().contiguous(),
-                "hidden_states": hidden.float().contiguous(),
-                "generated": generated.to(torch.int64).contiguous(),
-            },
-            os.path.join(ref_dir, f"{family}.safetensors"),
-        )
+        save_reference(family, input_ids, out, generated)
         print(family, "files", sorted(os.listdir(out_dir)), "generated", generated.tolist())
     with open(os.path.join(ROOT, "assets", "fixtures", "models", "VERSIONS.json"), "w") as f:
         json.dump({"transformers": transformers.__version__, "torch": torch.__version__, "prompt": prompt}, f)

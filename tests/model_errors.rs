@@ -93,6 +93,35 @@ fn load_error(err: Result<MoeLm<B>, ModelError>) -> ModelError {
     }
 }
 
+/// The tensor a [`LoadError::Missing`] names (any other result fails the test).
+fn missing_tensor(result: Result<MoeLm<B>, ModelError>) -> String {
+    match load_error(result) {
+        ModelError::Load(LoadError::Missing { name, .. }) => name,
+        other => panic!("expected Missing, got {other}"),
+    }
+}
+
+/// The tensor a [`LoadError::Unexpected`] names (any other result fails the test).
+fn unexpected_tensor(result: Result<MoeLm<B>, ModelError>) -> String {
+    match load_error(result) {
+        ModelError::Load(LoadError::Unexpected { name, .. }) => name,
+        other => panic!("expected Unexpected, got {other}"),
+    }
+}
+
+/// The tensor, expected and actual shape of a [`LoadError::Shape`] (any other result fails).
+fn shape_error(result: Result<MoeLm<B>, ModelError>) -> (String, Vec<usize>, Vec<usize>) {
+    match load_error(result) {
+        ModelError::Load(LoadError::Shape {
+            name,
+            expected,
+            actual,
+            ..
+        }) => (name, expected, actual),
+        other => panic!("expected Shape, got {other}"),
+    }
+}
+
 const ROUTER: &str = "model.layers.1.mlp.gate.weight";
 
 #[test]
@@ -200,32 +229,20 @@ fn missing_extra_misshaped_and_non_float_tensors() {
             (Dtype::F32, vec![2], vec![0; 8]),
         );
     });
-    match load_error(scratch.load()) {
-        ModelError::Load(LoadError::Unexpected { name, .. }) => {
-            assert_eq!(name, "model.layers.9.mlp.gate.weight")
-        }
-        other => panic!("expected Unexpected, got {other}"),
-    }
+    assert_eq!(
+        unexpected_tensor(scratch.load()),
+        "model.layers.9.mlp.gate.weight"
+    );
 
     let scratch = Scratch::copy_of("qwen3_moe", "shape");
     scratch.edit_tensors(|t| {
         let entry = t.get_mut(ROUTER).unwrap();
         entry.1 = vec![4, 64];
     });
-    match load_error(scratch.load()) {
-        ModelError::Load(LoadError::Shape {
-            name,
-            expected,
-            actual,
-            ..
-        }) => {
-            assert_eq!(
-                (name.as_str(), expected, actual),
-                (ROUTER, vec![8, 32], vec![4, 64])
-            );
-        }
-        other => panic!("expected Shape, got {other}"),
-    }
+    assert_eq!(
+        shape_error(scratch.load()),
+        (ROUTER.to_string(), vec![8, 32], vec![4, 64])
+    );
 
     let scratch = Scratch::copy_of("qwen3_moe", "dtype");
     scratch.edit_tensors(|t| {
@@ -424,10 +441,7 @@ fn deepseek_mla_rope_and_fp8_errors_are_typed() {
     scratch.edit_tensors(|t| {
         t.remove(kv_b);
     });
-    match load_error(scratch.load()) {
-        ModelError::Load(LoadError::Missing { name, .. }) => assert_eq!(name, kv_b),
-        other => panic!("expected Missing, got {other}"),
-    }
+    assert_eq!(missing_tensor(scratch.load()), kv_b);
     let scratch = Scratch::copy_of("deepseek_v3", "mla-qlora");
     scratch.edit_tensors(|t| {
         t.remove("model.layers.1.self_attn.q_a_layernorm.weight");
@@ -439,18 +453,14 @@ fn deepseek_mla_rope_and_fp8_errors_are_typed() {
     // kv_lora_rank 12 on disk, 10 in the config: kv_a_proj_with_mqa is [10 + 4, 32] expected.
     let scratch = Scratch::copy_of("deepseek_v3", "mla-dims");
     scratch.edit_config(|c| c["kv_lora_rank"] = 10.into());
-    match load_error(scratch.load()) {
-        ModelError::Load(LoadError::Shape {
-            name,
-            expected,
-            actual,
-            ..
-        }) => {
-            assert_eq!(name, "model.layers.0.self_attn.kv_a_proj_with_mqa.weight");
-            assert_eq!((expected, actual), (vec![14, 32], vec![16, 32]));
-        }
-        other => panic!("expected Shape, got {other}"),
-    }
+    assert_eq!(
+        shape_error(scratch.load()),
+        (
+            "model.layers.0.self_attn.kv_a_proj_with_mqa.weight".to_string(),
+            vec![14, 32],
+            vec![16, 32]
+        )
+    );
     for (tag, edit, needle) in [
         (
             "rope-type",
@@ -531,30 +541,17 @@ fn deepseek_mla_rope_and_fp8_errors_are_typed() {
     scratch.edit_tensors(|t| {
         t.remove(&scale);
     });
-    match load_error(scratch.load()) {
-        ModelError::Load(LoadError::Missing { name, .. }) => assert_eq!(name, scale),
-        other => panic!("expected Missing, got {other}"),
-    }
+    assert_eq!(missing_tensor(scratch.load()), scale);
     let scratch = Scratch::copy_of("deepseek_v3_fp8", "fp8-shape");
     scratch.edit_tensors(|t| {
         let entry = t.get_mut(&scale).unwrap();
         entry.1 = vec![4, 1];
     });
-    match load_error(scratch.load()) {
-        ModelError::Load(LoadError::Shape {
-            name,
-            expected,
-            actual,
-            ..
-        }) => {
-            // o_proj is [32, 24]: 16 × 16 blocks give a [2, 2] scale.
-            assert_eq!(
-                (name, expected, actual),
-                (scale.clone(), vec![2, 2], vec![4, 1])
-            );
-        }
-        other => panic!("expected Shape, got {other}"),
-    }
+    // o_proj is [32, 24]: 16 × 16 blocks give a [2, 2] scale.
+    assert_eq!(
+        shape_error(scratch.load()),
+        (scale.clone(), vec![2, 2], vec![4, 1])
+    );
     let scratch = Scratch::copy_of("deepseek_v3_fp8", "fp8-noconfig");
     scratch.edit_config(|c| {
         c.as_object_mut().unwrap().remove("quantization_config");
@@ -580,10 +577,7 @@ fn deepseek_mla_rope_and_fp8_errors_are_typed() {
     scratch.edit_tensors(|t| {
         t.insert(scale.clone(), (Dtype::F32, vec![2, 2], vec![0; 16]));
     });
-    match load_error(scratch.load()) {
-        ModelError::Load(LoadError::Unexpected { name, .. }) => assert_eq!(name, scale),
-        other => panic!("expected Unexpected, got {other}"),
-    }
+    assert_eq!(unexpected_tensor(scratch.load()), scale);
 }
 
 /// DeepSeek-V3's MTP layers are skipped, but only those: a tensor past them is unexpected.
@@ -597,18 +591,12 @@ fn deepseek_mtp_layers_are_skipped_and_nothing_else() {
             (Dtype::F32, vec![2], vec![0; 8]),
         );
     });
-    match load_error(scratch.load()) {
-        ModelError::Load(LoadError::Unexpected { name, .. }) => {
-            assert_eq!(name, "model.layers.4.enorm.weight")
-        }
-        other => panic!("expected Unexpected, got {other}"),
-    }
+    assert_eq!(
+        unexpected_tensor(scratch.load()),
+        "model.layers.4.enorm.weight"
+    );
     let scratch = Scratch::copy_of("deepseek_v3", "mtp-none");
     scratch.edit_config(|c| c["num_nextn_predict_layers"] = 0.into());
-    match load_error(scratch.load()) {
-        ModelError::Load(LoadError::Unexpected { name, .. }) => {
-            assert!(name.starts_with("model.layers.3."), "{name}")
-        }
-        other => panic!("expected Unexpected, got {other}"),
-    }
+    let name = unexpected_tensor(scratch.load());
+    assert!(name.starts_with("model.layers.3."), "{name}");
 }

@@ -17,16 +17,6 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use common::{max_rel, repo_root, Converted};
 use safetensors::Dtype;
 
-const FAMILIES: [&str; 7] = [
-    "mixtral",
-    "olmoe",
-    "qwen2_moe",
-    "qwen3_moe",
-    "deepseek_v2",
-    "deepseek_v2_yarn",
-    "deepseek_v3",
-];
-
 fn ids<B: MoeBackend>() -> Tensor<B, 2, Int> {
     Tensor::from_data(
         TensorData::new(vec![5i64, 17, 42, 7, 3, 11], [1, 6]),
@@ -60,7 +50,7 @@ fn flex(dir: &Path, dtype: Option<WeightDtype>) -> MoeLm<Flex> {
 fn sixteen_bit_checkpoints_are_held_as_stored_and_match_an_f64_run_of_the_same_values() {
     for dtype in [Dtype::BF16, Dtype::F16] {
         let held = WeightDtype::of_stored(dtype).unwrap();
-        for family in FAMILIES {
+        for family in common::float_models() {
             let ck = Converted::new(family, dtype);
             let model = flex(&ck.0, None);
             assert_eq!(model.weight_dtype(), held, "{family}: kept as stored");

@@ -20,16 +20,6 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use common::{max_rel, random_adapter, repo_root, Converted};
 use safetensors::Dtype;
 
-const FAMILIES: [&str; 7] = [
-    "mixtral",
-    "olmoe",
-    "qwen2_moe",
-    "qwen3_moe",
-    "deepseek_v2",
-    "deepseek_v2_yarn",
-    "deepseek_v3",
-];
-
 fn tiny(family: &str) -> PathBuf {
     repo_root().join(format!("assets/models/tiny-{family}"))
 }
@@ -58,7 +48,7 @@ fn logits<B: MoeBackend>(model: &MoeLm<B>, mask: MaskMode) -> Vec<f64> {
 
 #[test]
 fn q8_on_flex_runs_the_int8_blocks_and_matches_the_dequantized_f64_model() {
-    for family in FAMILIES {
+    for family in common::float_models() {
         let dir = tiny(family);
         let q8 = load::<Flex>(&dir, None, Some(Quantization::Q8));
         assert_eq!(q8.quantization(), Some(Quantization::Q8), "{family}");
@@ -116,7 +106,7 @@ fn q8_on_flex_runs_the_int8_blocks_and_matches_the_dequantized_f64_model() {
 fn q8_costs_little_against_the_unquantized_models() {
     // The logits' error of q8 against the same weights unquantized: f32 checkpoints (the shipped
     // tiny models) and bf16 copies of them (q8 quantized from bf16).
-    for family in FAMILIES {
+    for family in common::float_models() {
         let bf16 = Converted::new(family, Dtype::BF16);
         for (dir, label) in [(tiny(family), "f32"), (bf16.0.clone(), "bf16")] {
             let full = logits(&load::<Flex>(&dir, None, None), MaskMode::TopK);

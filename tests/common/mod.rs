@@ -26,6 +26,13 @@ pub const MODELS: [&str; 8] = [
     "deepseek_v3_fp8",
 ];
 
+/// [`MODELS`] whose weights are stored as floats (all but the FP8 one), for tests that re-encode
+/// a checkpoint's float tensors ([`Converted`]) or compare against them.
+#[allow(dead_code)]
+pub fn float_models() -> impl Iterator<Item = &'static str> {
+    MODELS.into_iter().filter(|m| !m.ends_with("_fp8"))
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

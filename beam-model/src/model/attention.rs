@@ -38,6 +38,9 @@ pub struct Attention<B: Backend> {
     kv_heads: usize,
     #[module(skip)]
     head_dim: usize,
+    /// Softmax scale ([`ModelConfig::attention_scale`]: `1/√head_dim`).
+    #[module(skip)]
+    scale: f64,
 }
 
 impl<B: Backend> Attention<B> {
@@ -59,6 +62,7 @@ impl<B: Backend> Attention<B> {
             heads: config.num_heads,
             kv_heads: config.num_kv_heads,
             head_dim: config.head_dim,
+            scale: config.attention_scale(),
         }
     }
 }
@@ -122,7 +126,7 @@ impl<B: LinearBackend> Attention<B> {
                 self.head_dim,
             ])
         };
-        let scores = q.matmul(repeat(k).swap_dims(2, 3)) * (self.head_dim as f64).powf(-0.5);
+        let scores = q.matmul(repeat(k).swap_dims(2, 3)) * self.scale;
         let probs = softmax(scores + mask, 3);
         let out = probs.matmul(repeat(v)).swap_dims(1, 2).reshape([
             batch,

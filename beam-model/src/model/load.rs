@@ -147,9 +147,10 @@ fn build<B: MoeBackend>(
     let q_out = config.num_heads * config.head_dim;
     let kv_out = config.num_kv_heads * config.head_dim;
     let eps = config.rms_norm_eps;
-    let norm = |name: String, size: usize| -> Result<RmsNorm<B>, LoadError> {
+    let norm_with = |name: String, size: usize, eps: f64| -> Result<RmsNorm<B>, LoadError> {
         Ok(RmsNorm::new(store.param(&name, [size], device)?, eps))
     };
+    let norm = |name: String, size: usize| norm_with(name, size, eps);
     let projection =
         |name: String, out: usize, input: usize, bias: bool| -> Result<Projection<B>, LoadError> {
             Ok(Projection {
@@ -204,12 +205,7 @@ fn build<B: MoeBackend>(
                 let heads = config.num_heads;
                 let bias = mla.attention_bias;
                 let (c, r) = (mla.kv_lora_rank, mla.qk_rope_head_dim);
-                let mla_norm = |name: String, size: usize| -> Result<RmsNorm<B>, LoadError> {
-                    Ok(RmsNorm::new(
-                        store.param(&name, [size], device)?,
-                        MLA_NORM_EPS,
-                    ))
-                };
+                let mla_norm = |name: String, size: usize| norm_with(name, size, MLA_NORM_EPS);
                 let query = match mla.q_lora_rank {
                     None => MlaQuery::Plain(projection(format!("{a}q_proj"), q_out, h, false)?),
                     Some(rank) => MlaQuery::LoRa(MlaQueryLoRa {

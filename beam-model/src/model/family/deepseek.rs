@@ -37,11 +37,6 @@ pub(super) fn config(family: Family, hf: &HfConfig) -> Result<ModelConfig, Strin
     let scaling = hf
         .routed_scaling_factor
         .unwrap_or(if v3 { 2.5 } else { 1.0 });
-    let group = || -> Result<GroupLimit, String> {
-        let n_group = hf.n_group.unwrap_or(if v3 { 8 } else { 1 });
-        let topk_group = hf.topk_group.unwrap_or(if v3 { 4 } else { 1 });
-        Ok(GroupLimit::new(n_group, topk_group))
-    };
     let routing = if v3 {
         if let Some(method) = hf.topk_method.as_deref().filter(|m| *m != "noaux_tc") {
             return Err(format!(
@@ -54,7 +49,7 @@ pub(super) fn config(family: Family, hf: &HfConfig) -> Result<ModelConfig, Strin
             ));
         }
         RoutingRule::DeepSeekV3 {
-            group: group()?,
+            group: GroupLimit::new(hf.n_group.unwrap_or(8), hf.topk_group.unwrap_or(4)),
             normalize_top_k: hf.norm_topk_prob.unwrap_or(true),
             routed_scaling_factor: scaling,
         }
