@@ -194,7 +194,13 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
         let fresh = base
             .clone()
-            .load_beam_adapter(&summary.adapter, &device)
+            .load_beam_adapter(
+                summary
+                    .adapter
+                    .as_ref()
+                    .expect("a BEAM run writes an adapter"),
+                &device,
+            )
             .map_err(|e| e.to_string())?;
         let label = format!("BEAM ({} steps here)", args.train_steps);
         rows.push(timed(&fresh, MaskMode::Learned, &label)?);

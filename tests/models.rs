@@ -234,17 +234,27 @@ fn sampling_is_seeded_and_respects_max_tokens() {
     assert_ne!(hot.ids, greedy.ids);
 }
 
-/// The trained KJV model shipped for the demo and training (`scripts/train_base_model.py`) loads
-/// and computes transformers' logits on a validation snippet. Tolerance 1e-4 absolute.
+/// The trained KJV models shipped for the demo and training (`scripts/train_base_model.py`):
+/// the coarse one (16 experts, top-4, f32) and the fine-grained one (64 experts, top-8, stored
+/// in bf16, computed here in f32 as transformers computed its reference from the same bf16
+/// values) load and compute transformers' logits on a validation snippet. Tolerance 1e-4
+/// absolute.
 #[test]
-fn the_shipped_trained_model_matches_transformers() {
+fn the_shipped_trained_models_match_transformers() {
+    for name in ["kjv-moe", "kjv-moe-fine"] {
+        shipped_model_matches_transformers(name);
+    }
+}
+
+fn shipped_model_matches_transformers(name: &str) {
     let model = load_model::<B>(
-        repo_root().join("assets/models/kjv-moe"),
+        repo_root().join(format!("assets/models/{name}")),
         &Default::default(),
     )
     .unwrap();
     let store =
-        TensorStore::open(repo_root().join("assets/fixtures/models/kjv-moe.safetensors")).unwrap();
+        TensorStore::open(repo_root().join(format!("assets/fixtures/models/{name}.safetensors")))
+            .unwrap();
     let tokens: Vec<u32> = store
         .i64_values("input_ids")
         .unwrap()
@@ -260,7 +270,7 @@ fn the_shipped_trained_model_matches_transformers() {
         .map(f64::from)
         .collect();
     let out = model.forward(ids(&tokens), None, MaskMode::TopK, HiddenStates::Skip);
-    assert_close(&values(out.logits), &expected, 1e-4, "kjv-moe logits");
+    assert_close(&values(out.logits), &expected, 1e-4, &format!("{name} logits"));
 }
 
 #[test]

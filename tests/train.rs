@@ -104,7 +104,7 @@ fn a_short_run_cuts_active_experts_and_the_sparsity_term_with_finite_loss() {
     let device = Default::default();
     let model = load_model::<B>(tiny_model(), &device)
         .unwrap()
-        .load_beam_adapter(&summary.adapter, &device)
+        .load_beam_adapter(summary.adapter.as_ref().expect("a BEAM run writes an adapter"), &device)
         .unwrap();
     let options = EvalOptions {
         seq_len: 32,
@@ -230,6 +230,134 @@ fn training_base_parameters_also_writes_the_whole_trained_model() {
 }
 
 #[test]
+fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained() {
+    let data = corpus();
+    // Settings that cannot work are refused before anything is written.
+    let out = temp_dir("fixed-k-bad");
+    for (config, expect) in [
+        (small_config(2).with_fixed_k(Some(1)), "trains no mask routers"),
+        (
+            small_config(2)
+                .with_fixed_k(Some(0))
+                .with_trainable(Trainable::All),
+            "at least 1",
+        ),
+        (
+            small_config(2)
+                .with_fixed_k(Some(3))
+                .with_trainable(Trainable::All),
+            "exceeds the model's top-k of 2",
+        ),
+    ] {
+        match train::<AB>(&tiny_model(), &data, &config, &out, &Default::default(), &mut |_, _| {}) {
+            Err(TrainError::Config(m)) => assert!(m.contains(expect), "{m}"),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+    std::fs::remove_dir_all(&out).ok();
+
+    // Distilled to the top-2 teacher at K' = 1 for 30 steps, on the held-out text itself.
+    let out = temp_dir("fixed-k");
+    let config = small_config(30)
+        .with_fixed_k(Some(1))
+        .with_trainable(Trainable::All)
+        .with_learning_rate(0.01)
+        .with_task_loss(TaskLoss::CrossEntropy);
+    let summary = train::<AB>(&tiny_model(), &data, &config, &out, &Default::default(), &mut |_, _| {})
+        .unwrap();
+    assert!(summary.adapter.is_none(), "a fixed-K run has no mask routers");
+    assert!(!out.join(beam_train::ADAPTER_FILE).exists());
+    assert!(summary.history.iter().all(|m| m.mean_active_experts == 1.0 && m.sparsity == 0.0));
+    let read = beam_train::read_train_config(&out).unwrap();
+    assert_eq!(read, config);
+    let mode = beam_train::trained_mask_mode(&read);
+    assert_eq!(mode, MaskMode::Rule(MaskRule::FixedK { k: 1 }));
+    let trained = beam_train::load_trained_model::<B>(&tiny_model(), &out, &Default::default()).unwrap();
+    assert!(!trained.has_beam());
+    let base = load_model::<B>(tiny_model(), &Default::default()).unwrap();
+    let options = EvalOptions {
+        seq_len: 32,
+        batch_size: 4,
+        max_tokens: Some(512),
+    };
+    let after = evaluate(&trained, &data, mode, &options, "trained").unwrap();
+    let before = evaluate(&base, &data, mode, &options, "untrained").unwrap();
+    assert_eq!(after.mean_active_experts, 1.0);
+    assert_eq!(after.moe_flops_reduction, before.moe_flops_reduction);
+    assert!(
+        after.loss < before.loss - 0.05,
+        "trained at K' = 1: {} vs untrained {}",
+        after.loss,
+        before.loss
+    );
+    std::fs::remove_dir_all(out).ok();
+}
+
+#[test]
+fn the_token_map_counts_each_tokens_kept_experts_and_shows_every_token() {
+    use beam_train::token_map::{token_map, token_map_html, write_token_map, TokenMapOptions};
+    let device = Default::default();
+    let model = load_model::<B>(tiny_model(), &device).unwrap();
+    let data = corpus();
+    let tokenizer = beam_train::data::load_tokenizer(&tiny_model().join("tokenizer.json")).unwrap();
+    let options = TokenMapOptions {
+        tokens: 70,
+        seq_len: 32,
+        label: "test".into(),
+    };
+    let (top, k) = token_map(&model, MaskMode::TopK, &data, &options).unwrap();
+    assert_eq!((top.len(), k), (70, 2));
+    assert!(top.iter().all(|t| t.kept == vec![2, 2]));
+    assert_eq!(
+        top.iter().map(|t| t.id).collect::<Vec<_>>(),
+        data.tokens[..70].to_vec()
+    );
+    // A rule that drops experts by weight: the per-token counts sum to what evaluation counts
+    // on the same windows (70 tokens = windows of 32, 32 and 6).
+    let rule = MaskMode::Rule(MaskRule::DynamicSkip { beta: 0.6 });
+    let (skip, _) = token_map(&model, rule, &data, &options).unwrap();
+    assert!(skip.iter().all(|t| t.kept.iter().all(|&k| (1..=2).contains(&k))));
+    let ones = skip.iter().flat_map(|t| &t.kept).filter(|&&k| k == 1).count();
+    assert!(ones > 0 && ones < 140, "{ones} of 140 (token, layer) pairs keep one expert");
+    let mut expected = 0;
+    for window in data.tokens[..70].chunks(32) {
+        let inputs = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(window.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, window.len()]),
+            &device,
+        );
+        let out = model.forward(inputs, None, rule, HiddenStates::Skip);
+        expected += out.routing.iter().map(|f| f.kept_pairs()).sum::<usize>();
+    }
+    assert_eq!(skip.iter().flat_map(|t| &t.kept).sum::<usize>(), expected);
+
+    // The page has one span per token, and its token texts put together are the decoded text.
+    let html = token_map_html(&skip, 2, &tokenizer, "a <title>");
+    assert_eq!(html.matches("<span class=\"t\"").count(), 70);
+    assert!(html.contains("a &lt;title&gt;") && !html.contains("<title>a <title>"));
+    assert!(html.contains("layer 0: ") && html.contains("layer 1: "));
+    let shown: String = html
+        .split("<span class=\"t\"")
+        .skip(1)
+        .map(|s| {
+            let text = &s[s.find('>').unwrap() + 1..s.find("</span>").unwrap()];
+            text.replace("↵<br>", "\n")
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&quot;", "\"")
+                .replace("&amp;", "&")
+        })
+        .collect();
+    assert_eq!(shown, tokenizer.decode(&data.tokens[..70], false).unwrap());
+    let path = temp_dir("token-map.html");
+    write_token_map(&path, &model, rule, &data, &tokenizer, &options).unwrap();
+    assert!(std::fs::read_to_string(&path).unwrap().starts_with("<!DOCTYPE html>"));
+    std::fs::remove_file(path).ok();
+    // Zero tokens is a typed error.
+    let zero = TokenMapOptions { tokens: 0, ..options };
+    assert!(matches!(token_map(&model, rule, &data, &zero), Err(TrainError::Config(_))));
+}
+
+#[test]
 fn resuming_gives_the_same_adapter_and_metrics_as_an_uninterrupted_run() {
     let config = small_config(20).with_task_loss(TaskLoss::Both);
     let whole = temp_dir("whole");
@@ -251,8 +379,8 @@ fn resuming_gives_the_same_adapter_and_metrics_as_an_uninterrupted_run() {
     assert_eq!(resumed.resumed_from, 10);
     assert_eq!(resumed.history, uninterrupted.history);
     assert_eq!(
-        adapter_tensors(&resumed.adapter),
-        adapter_tensors(&uninterrupted.adapter)
+        adapter_tensors(resumed.adapter.as_ref().unwrap()),
+        adapter_tensors(uninterrupted.adapter.as_ref().unwrap())
     );
     // Other settings in the same folder are refused, naming the checkpoint.
     let err = train::<AB>(
@@ -551,7 +679,23 @@ fn peers_reduce_experts_monotonically_and_never_below_one() {
     // The charts are written as PNG files.
     let dir = temp_dir("plots");
     std::fs::create_dir_all(&dir).unwrap();
-    beam_train::plot::quality_vs_flops(&dir.join("q.png"), &reports, "test").unwrap();
+    beam_train::plot::quality_vs_flops(
+        &dir.join("q.png"),
+        &reports,
+        beam_train::plot::Quality::NextTokenAccuracy,
+        "test",
+    )
+    .unwrap();
+    // Without choice accuracies there is nothing to plot: a typed error, not an empty chart.
+    assert!(matches!(
+        beam_train::plot::quality_vs_flops(
+            &dir.join("c.png"),
+            &reports,
+            beam_train::plot::Quality::ChoiceAccuracy,
+            "test",
+        ),
+        Err(beam_train::TrainError::Plot { .. })
+    ));
     beam_train::plot::experts_per_layer(&dir.join("l.png"), &reports[..2], "test").unwrap();
     for f in ["q.png", "l.png"] {
         let bytes = std::fs::read(dir.join(f)).unwrap();

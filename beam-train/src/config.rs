@@ -68,6 +68,12 @@ pub struct TrainConfig {
     /// Write a checkpoint every this many steps (and at the end).
     #[config(default = 50)]
     pub checkpoint_every: usize,
+    /// Train a *fixed smaller K* instead of BEAM masks: every token keeps its `k` highest-weight
+    /// experts ([`MaskRule::FixedK`](beam_model::MaskRule::FixedK)), no mask routers are added and
+    /// λ is unused; `trainable` must then include base parameters. This is the "retrain at a
+    /// smaller K" baseline BEAM is compared with at the same token budget.
+    #[config(default = "None")]
+    pub fixed_k: Option<usize>,
 }
 
 impl TrainConfig {
@@ -91,6 +97,16 @@ impl TrainConfig {
         }
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return bad(format!("temperature {} must be positive", self.temperature));
+        }
+        if let Some(k) = self.fixed_k {
+            if k == 0 {
+                return bad("fixed_k must be at least 1".into());
+            }
+            if self.trainable == Trainable::MaskRouters {
+                return bad(format!(
+                    "fixed_k = {k} trains no mask routers: choose trainable routers or all"
+                ));
+            }
         }
         if self.checkpoint_every == 0 {
             return bad("checkpoint_every must be positive".into());

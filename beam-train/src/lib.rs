@@ -14,7 +14,9 @@
 //! - [`eval`]: held-out loss, perplexity, next-token accuracy, experts per token (per layer too)
 //!   and MoE FLOPs cut, for top-K, BEAM and the training-free peers ([`beam_model::MaskRule`]).
 //! - [`choice`]: a benchmark-style task metric, multiple-choice continuation of held-out verses.
-//! - [`plot`]: quality-vs-FLOPs and experts-per-layer charts (PNG).
+//! - [`plot`]: quality-vs-FLOPs (next-token or multiple-choice accuracy) and experts-per-layer
+//!   charts (PNG).
+//! - [`token_map`]: held-out text coloured by the experts each token kept (HTML).
 //!
 //! The `beam train` and `beam eval` commands of the `beam` CLI drive this crate.
 #![warn(missing_docs)]
@@ -27,6 +29,7 @@ pub mod error;
 pub mod eval;
 pub mod metrics;
 pub mod plot;
+pub mod token_map;
 pub mod trainer;
 
 pub use config::{TaskLoss, TrainConfig, Trainable};
@@ -34,4 +37,6 @@ pub use data::{Batch, TokenData};
 pub use error::TrainError;
 pub use eval::{evaluate, EvalOptions, EvalReport};
 pub use metrics::StepMetrics;
-pub use trainer::{load_trained_model, train, TrainSummary, ADAPTER_FILE};
+pub use trainer::{
+    load_trained_model, read_train_config, train, trained_mask_mode, TrainSummary, ADAPTER_FILE,
+};

@@ -30,18 +30,50 @@ fn plot_error(path: &Path, e: impl std::fmt::Display) -> TrainError {
     }
 }
 
-const METHODS: [(&str, RGBColor); 4] = [
+/// Every method a report can carry, with its colour: BEAM with only the mask routers trained,
+/// BEAM trained end-to-end (base parameters too), the fixed smaller K with and without training,
+/// and the training-free peers.
+const METHODS: [(&str, RGBColor); 7] = [
     ("beam", RGBColor(214, 39, 40)),
+    ("beam-e2e", RGBColor(255, 127, 14)),
+    ("fixed-k-trained", RGBColor(140, 86, 75)),
+    ("fixed-k", RGBColor(127, 127, 127)),
     ("dynamic-skip", RGBColor(31, 119, 180)),
     ("top-p", RGBColor(44, 160, 44)),
     ("entropy-k", RGBColor(148, 103, 189)),
 ];
 
-/// Next-token accuracy relative to top-K (%) against MoE FLOPs cut (%), one curve per method;
-/// top-K itself is the point (0, 100).
+/// The quality measure a chart plots, relative to top-K's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quality {
+    /// [`EvalReport::next_token_accuracy`].
+    NextTokenAccuracy,
+    /// [`EvalReport::choice_accuracy`] (reports without it are left out).
+    ChoiceAccuracy,
+}
+
+impl Quality {
+    fn of(self, report: &EvalReport) -> Option<f64> {
+        match self {
+            Quality::NextTokenAccuracy => Some(report.next_token_accuracy),
+            Quality::ChoiceAccuracy => report.choice_accuracy,
+        }
+    }
+
+    fn axis(self) -> &'static str {
+        match self {
+            Quality::NextTokenAccuracy => "next-token accuracy, % of top-K",
+            Quality::ChoiceAccuracy => "multiple-choice accuracy, % of top-K",
+        }
+    }
+}
+
+/// `quality` relative to top-K (%) against MoE FLOPs cut (%), one curve per method; top-K
+/// itself is the point (0, 100).
 pub fn quality_vs_flops(
     path: &Path,
     reports: &[EvalReport],
+    quality: Quality,
     title: &str,
 ) -> Result<(), TrainError> {
     register_font();
@@ -49,14 +81,25 @@ pub fn quality_vs_flops(
         .iter()
         .find(|r| r.method == "top-k")
         .ok_or_else(|| plot_error(path, "no top-k report to compare against"))?;
-    let relative = |r: &EvalReport| 100.0 * r.next_token_accuracy / baseline.next_token_accuracy;
+    let base = quality
+        .of(baseline)
+        .filter(|b| *b > 0.0)
+        .ok_or_else(|| plot_error(path, format!("the top-k report has no {quality:?}")))?;
+    let relative = |r: &EvalReport| quality.of(r).map(|q| 100.0 * q / base);
     let y_min = reports
         .iter()
-        .map(relative)
+        .filter_map(relative)
         .fold(100.0f64, f64::min)
         .floor()
         .min(95.0)
         - 1.0;
+    // A trained smaller K can beat top-K on a metric: keep such points in view.
+    let y_max = reports
+        .iter()
+        .filter_map(relative)
+        .fold(100.0f64, f64::max)
+        .ceil()
+        + 1.0;
     let root = BitMapBackend::new(path, (960, 640)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_error(path, e))?;
     let mut chart = ChartBuilder::on(&root)
@@ -64,12 +107,12 @@ pub fn quality_vs_flops(
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0f64..100.0, y_min..101.0f64)
+        .build_cartesian_2d(0.0f64..100.0, y_min..y_max)
         .map_err(|e| plot_error(path, e))?;
     chart
         .configure_mesh()
         .x_desc("MoE FLOPs cut vs top-K (%)")
-        .y_desc("next-token accuracy, % of top-K")
+        .y_desc(quality.axis())
         .label_style(("sans-serif", 16))
         .axis_desc_style(("sans-serif", 18))
         .draw()
@@ -87,7 +130,7 @@ pub fn quality_vs_flops(
         let mut points = reports
             .iter()
             .filter(|r| r.method == method)
-            .map(|r| (100.0 * r.moe_flops_reduction, relative(r)))
+            .filter_map(|r| Some((100.0 * r.moe_flops_reduction, relative(r)?)))
             .collect::<Vec<_>>();
         if points.is_empty() {
             continue;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use beam_model::model::load::load_model;
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
-use beam_model::MoeBackend;
+use beam_model::{MaskRule, MoeBackend};
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
@@ -31,24 +31,18 @@ pub const ADAPTER_FILE: &str = "adapter.safetensors";
 pub const TRAINED_MODEL_FILE: &str = "trained_model.mpk";
 
 /// The model a run that trained base parameters left in `run_dir`: the checkpoint in `model_dir`
-/// with the run's mask routers (settings from `run_dir/train_config.json`), every parameter
-/// replaced by [`TRAINED_MODEL_FILE`]'s.
+/// with the run's mask routers (settings from `run_dir/train_config.json`; none for a fixed-K
+/// run), every parameter replaced by [`TRAINED_MODEL_FILE`]'s. Evaluate it with
+/// [`trained_mask_mode`] of [`read_train_config`].
 pub fn load_trained_model<B: MoeBackend>(
     model_dir: &Path,
     run_dir: &Path,
     device: &B::Device,
 ) -> Result<MoeLm<B>, TrainError> {
-    let config_path = run_dir.join("train_config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
-    let config: TrainConfig = serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
-        path: config_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let config = read_train_config(run_dir)?;
     let record_path = run_dir.join(TRAINED_MODEL_FILE);
     let bytes = std::fs::read(&record_path).map_err(io_error(&record_path))?;
-    let model = load_model::<B>(model_dir, device)?
-        .enable_beam(config.beam, device)
-        .map_err(|e| TrainError::Config(e.to_string()))?;
+    let model = with_masks(load_model::<B>(model_dir, device)?, &config, device)?;
     let record = recorder()
         .load(bytes, device)
         .map_err(|e| TrainError::Checkpoint {
@@ -58,11 +52,45 @@ pub fn load_trained_model<B: MoeBackend>(
     Ok(model.load_record(record))
 }
 
+/// The settings of the run in `run_dir` (its `train_config.json`).
+pub fn read_train_config(run_dir: &Path) -> Result<TrainConfig, TrainError> {
+    let config_path = run_dir.join("train_config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+        path: config_path,
+        reason: e.to_string(),
+    })
+}
+
+/// The student a run trains: the base model with BEAM mask routers, or as it is when the run
+/// trains a fixed smaller K (no mask routers then).
+fn with_masks<B: MoeBackend>(
+    model: MoeLm<B>,
+    config: &TrainConfig,
+    device: &B::Device,
+) -> Result<MoeLm<B>, TrainError> {
+    if config.fixed_k.is_some() {
+        return Ok(model);
+    }
+    model
+        .enable_beam(config.beam.clone(), device)
+        .map_err(|e| TrainError::Config(e.to_string()))
+}
+
+/// The mask mode a run's student trains and is evaluated with: its learned masks, or the fixed
+/// smaller K it trained.
+pub fn trained_mask_mode(config: &TrainConfig) -> MaskMode {
+    match config.fixed_k {
+        Some(k) => MaskMode::Rule(MaskRule::FixedK { k }),
+        None => MaskMode::Learned,
+    }
+}
+
 /// What a finished run returns.
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
-    /// The adapter file written.
-    pub adapter: PathBuf,
+    /// The adapter file written (`None` for a fixed-K run, which has no mask routers).
+    pub adapter: Option<PathBuf>,
     /// The whole trained model, when base parameters trained ([`TRAINED_MODEL_FILE`]).
     pub trained_model: Option<PathBuf>,
     /// Step at which this invocation started (non-zero after a resume).
@@ -148,9 +176,16 @@ where
     // The frozen top-K teacher is the base model itself, without autodiff.
     let teacher =
         matches!(config.task_loss, TaskLoss::Distill | TaskLoss::Both).then(|| base.valid());
-    let mut model = base
-        .enable_beam(config.beam.clone(), device)
-        .map_err(|e| TrainError::Config(e.to_string()))?;
+    if let Some(k) = config.fixed_k {
+        let top_k = base.moe_layers().map(|m| m.config().top_k).max().unwrap_or(0);
+        if k > top_k {
+            return Err(TrainError::Config(format!(
+                "fixed_k = {k} exceeds the model's top-k of {top_k}"
+            )));
+        }
+    }
+    let mut model = with_masks(base, config, device)?;
+    let mode = trained_mask_mode(config);
     let mut optimizer = AdamConfig::new().init::<B, MoeLm<B>>();
     let mut history = Vec::new();
     let mut first_step = 0;
@@ -175,7 +210,7 @@ where
     for step in first_step..config.steps {
         let batch = data.train_batch(config.seed, step, config.batch_size, config.seq_len)?;
         let (inputs, targets) = batch.tensors::<B>(device);
-        let out = model.forward(inputs.clone(), None, MaskMode::Learned, HiddenStates::Skip);
+        let out = model.forward(inputs.clone(), None, mode, HiddenStates::Skip);
         let (nll, _) = token_losses(out.logits.clone(), targets);
         let cross_entropy = nll.mean();
         let distill = teacher.as_ref().map(|teacher| {
@@ -194,9 +229,11 @@ where
             (TaskLoss::Both, Some(kl)) => cross_entropy.clone() + kl,
         };
         let layers = out.routing.len().max(1) as f64;
+        // A fixed-K run has no mask to make sparser (its sparsity term is a constant).
         let sparsity = out
             .routing
             .iter()
+            .filter(|_| config.fixed_k.is_none())
             .map(|f| f.sparsity_loss.clone())
             .reduce(|a, b| a + b)
             .map(|s| s.div_scalar(layers));
@@ -277,9 +314,11 @@ where
             };
             checkpoint::save(out_dir, &files)?;
             // The adapter is usable at every checkpoint, not only at the end.
-            model
-                .valid()
-                .save_beam_adapter(out_dir.join(ADAPTER_FILE))?;
+            if config.fixed_k.is_none() {
+                model
+                    .valid()
+                    .save_beam_adapter(out_dir.join(ADAPTER_FILE))?;
+            }
             if config.trainable != Trainable::MaskRouters {
                 beam_model::model::adapter::write_atomically(
                     &out_dir.join(TRAINED_MODEL_FILE),
@@ -288,10 +327,10 @@ where
             }
         }
     }
-    let adapter = out_dir.join(ADAPTER_FILE);
-    if first_step >= config.steps {
+    let adapter = config.fixed_k.is_none().then(|| out_dir.join(ADAPTER_FILE));
+    if let (Some(adapter), true) = (&adapter, first_step >= config.steps) {
         // Nothing left to train: make sure the adapter of the finished run is there.
-        model.valid().save_beam_adapter(&adapter)?;
+        model.valid().save_beam_adapter(adapter)?;
     }
     Ok(TrainSummary {
         adapter,

@@ -103,6 +103,11 @@ pub struct TrainArgs {
     /// Renormalise the kept routing weights to their top-K sum.
     #[arg(long)]
     renormalize: bool,
+    /// Train a fixed smaller K instead of BEAM masks: every token keeps its K' highest-weight
+    /// experts, no mask routers, λ unused (the retrained-at-smaller-K baseline; needs
+    /// `--train routers` or `--train all`).
+    #[arg(long, value_name = "K'")]
+    fixed_k: Option<usize>,
     /// Seed of batches and initialisation.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -148,6 +153,7 @@ impl TrainArgs {
                 TrainableChoice::Routers => Trainable::MaskAndBaseRouters,
                 TrainableChoice::All => Trainable::All,
             })
+            .with_fixed_k(self.fixed_k)
             .with_seed(self.seed)
             .with_checkpoint_every(self.checkpoint_every)
     }
@@ -221,20 +227,32 @@ where
         &mut on_step,
     )
     .map_err(|e| e.to_string())?;
-    if let Some(record) = &summary.trained_model {
+    if let (Some(record), None) = (&summary.trained_model, &summary.adapter) {
+        eprintln!(
+            "[beam train] trained at a fixed K' = {}: evaluate {} with `beam eval --trained {}`",
+            config.fixed_k.unwrap_or_default(),
+            record.display(),
+            args.out.display()
+        );
+    } else if let Some(record) = &summary.trained_model {
         eprintln!(
             "[beam train] base parameters trained too: the adapter only fits the trained model saved in {} \
-             (a burn record), not the original checkpoint",
-            record.display()
+             (a burn record), not the original checkpoint; evaluate it with `beam eval --trained {}`",
+            record.display(),
+            args.out.display()
         );
     }
     if summary.resumed_from > 0 {
         eprintln!("[beam train] resumed from step {}", summary.resumed_from);
     }
     let last = summary.history.last();
+    let written = match (&summary.adapter, &summary.trained_model) {
+        (Some(adapter), _) => format!("adapter: {}", adapter.display()),
+        (None, Some(model)) => format!("trained model: {}", model.display()),
+        (None, None) => "nothing written".to_string(),
+    };
     println!(
-        "adapter: {} ({:.1} s{})",
-        summary.adapter.display(),
+        "{written} ({:.1} s{})",
         summary.seconds,
         last.map_or(String::new(), |m| format!(
             "; last step: {:.2} experts/token, {:.1}% MoE FLOPs cut",
@@ -252,7 +270,13 @@ pub struct EvalArgs {
     /// BEAM adapters to evaluate, as FILE or LABEL=FILE (repeatable; the last `=` splits).
     #[arg(long = "adapter")]
     adapters: Vec<String>,
-    /// Also sweep the training-free peers (dynamic skipping, top-p, entropy-adaptive K).
+    /// Runs of `beam train` that trained base parameters (`--train routers|all`, or
+    /// `--fixed-k`), as RUN_DIR or LABEL=RUN_DIR (repeatable): each run's whole trained model
+    /// is evaluated with its learned masks, or at the K' it trained.
+    #[arg(long = "trained")]
+    trained: Vec<String>,
+    /// Also sweep the training-free peers (dynamic skipping, top-p, entropy-adaptive K, and the
+    /// fixed smaller K' = 1 .. K-1 without training).
     #[arg(long)]
     peers: bool,
     /// Evaluate at most this many tokens (default: all).
@@ -267,9 +291,16 @@ pub struct EvalArgs {
     /// Write all reports as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Draw quality vs MoE FLOPs cut (PNG) here.
+    /// Draw next-token accuracy kept vs MoE FLOPs cut (PNG) here.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Draw multiple-choice accuracy kept vs MoE FLOPs cut (PNG) here (needs --choice-items).
+    #[arg(long)]
+    choice_plot: Option<PathBuf>,
+    /// Write held-out text coloured by the experts each token kept (HTML; per layer on hover)
+    /// for the first adapter or trained run (else top-K), on the first 512 evaluated tokens.
+    #[arg(long)]
+    token_map: Option<PathBuf>,
     /// Draw experts per token in each layer (PNG) here.
     #[arg(long)]
     layer_plot: Option<PathBuf>,
@@ -290,8 +321,9 @@ impl EvalArgs {
     }
 }
 
-/// Parameter grids of the peers: from keeping almost all K to keeping about one expert.
-pub fn peer_rules() -> Vec<MaskRule> {
+/// Parameter grids of the peers: from keeping almost all K to keeping about one expert, then
+/// the fixed smaller K' = K-1 .. 1 of a model whose router picks `top_k`.
+pub fn peer_rules(top_k: usize) -> Vec<MaskRule> {
     let mut rules = Vec::new();
     for beta in [0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 0.95] {
         rules.push(MaskRule::DynamicSkip { beta });
@@ -302,7 +334,23 @@ pub fn peer_rules() -> Vec<MaskRule> {
     for alpha in [1.2, 1.0, 0.8, 0.6, 0.45, 0.3, 0.15] {
         rules.push(MaskRule::EntropyK { alpha });
     }
+    for k in (1..top_k).rev() {
+        rules.push(MaskRule::FixedK { k });
+    }
     rules
+}
+
+/// `LABEL=PATH` (the last `=` splits) or `PATH`, labelled by its file stem.
+fn label_and_path(spec: &str) -> (String, PathBuf) {
+    match spec.rsplit_once('=') {
+        Some((label, file)) => (label.to_string(), PathBuf::from(file)),
+        None => (
+            Path::new(spec)
+                .file_stem()
+                .map_or(spec.to_string(), |s| s.to_string_lossy().into_owned()),
+            PathBuf::from(spec),
+        ),
+    }
 }
 
 pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), String> {
@@ -336,27 +384,38 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
     // Every adapter is loaded (and checked against the model) before anything is evaluated.
     let mut adapters = Vec::new();
     for spec in &args.adapters {
-        let (label, file) = match spec.rsplit_once('=') {
-            Some((label, file)) => (label.to_string(), PathBuf::from(file)),
-            None => (
-                Path::new(spec)
-                    .file_stem()
-                    .map_or(spec.clone(), |s| s.to_string_lossy().into_owned()),
-                PathBuf::from(spec),
-            ),
-        };
+        let (label, file) = label_and_path(spec);
         let model = base
             .clone()
             .load_beam_adapter(&file, device)
             .map_err(|e| e.to_string())?;
-        adapters.push((label, model));
+        adapters.push((label, model, MaskMode::Learned, "beam"));
+    }
+    for spec in &args.trained {
+        let (label, dir) = label_and_path(spec);
+        let config = beam_train::read_train_config(&dir).map_err(|e| e.to_string())?;
+        let model = beam_train::load_trained_model::<B>(&args.input.model, &dir, device)
+            .map_err(|e| e.to_string())?;
+        let method = if config.fixed_k.is_some() {
+            "fixed-k-trained"
+        } else {
+            "beam-e2e"
+        };
+        adapters.push((label, model, beam_train::trained_mask_mode(&config), method));
     }
     beam_train::eval::check_context(args.seq_len, base.config().max_position_embeddings)
         .map_err(|e| e.to_string())?;
     let mut reports = Vec::new();
-    let mut run = |model: &MoeLm<B>, mode: MaskMode, label: &str| -> Result<(), String> {
+    let mut run = |model: &MoeLm<B>,
+                   mode: MaskMode,
+                   label: &str,
+                   method: Option<&str>|
+     -> Result<(), String> {
         let mut report =
             evaluate(model, &data, mode, &options, label).map_err(|e| e.to_string())?;
+        if let Some(method) = method {
+            report.method = method.to_string();
+        }
         if let Some(items) = &choice_items {
             let choice = evaluate_choice(model, items, mode, ChoiceOptions::default().batch_size)
                 .map_err(|e| e.to_string())?;
@@ -376,15 +435,41 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
         reports.push(report);
         Ok(())
     };
-    run(&base, MaskMode::TopK, "top-k")?;
-    for (label, model) in &adapters {
-        run(model, MaskMode::Learned, &format!("beam {label}"))?;
+    run(&base, MaskMode::TopK, "top-k", None)?;
+    for (label, model, mode, method) in &adapters {
+        let label = match *method {
+            "beam" => format!("beam {label}"),
+            _ => label.clone(),
+        };
+        run(model, *mode, &label, Some(method))?;
     }
     if args.peers {
-        for rule in peer_rules() {
+        let top_k = base.moe_layers().map(|m| m.config().top_k).max().unwrap_or(0);
+        for rule in peer_rules(top_k) {
             let label = format!("{} {}", rule.name(), rule.parameter());
-            run(&base, MaskMode::Rule(rule), &label)?;
+            run(&base, MaskMode::Rule(rule), &label, None)?;
         }
+    }
+    if let Some(path) = &args.token_map {
+        let (model, mode, label) = match adapters.first() {
+            Some((label, model, mode, _)) => (model, *mode, label.as_str()),
+            None => (&base, MaskMode::TopK, "top-k"),
+        };
+        let tokenizer = beam_train::data::load_tokenizer(&args.input.model.join("tokenizer.json"))
+            .map_err(|e| e.to_string())?;
+        beam_train::token_map::write_token_map(
+            path,
+            model,
+            mode,
+            &data,
+            &tokenizer,
+            &beam_train::token_map::TokenMapOptions {
+                label: label.to_string(),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        eprintln!("[beam eval] token map of {label}: {}", path.display());
     }
     print_table(&reports);
     if let Some(path) = &args.json {
@@ -393,13 +478,27 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
             .map_err(|e| e.to_string())?;
     }
     if let Some(path) = &args.plot {
-        plot::quality_vs_flops(path, &reports, "Quality kept vs MoE FLOPs cut")
-            .map_err(|e| e.to_string())?;
+        plot::quality_vs_flops(
+            path,
+            &reports,
+            plot::Quality::NextTokenAccuracy,
+            "Next-token accuracy kept vs MoE FLOPs cut",
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    if let Some(path) = &args.choice_plot {
+        plot::quality_vs_flops(
+            path,
+            &reports,
+            plot::Quality::ChoiceAccuracy,
+            "Multiple-choice accuracy kept vs MoE FLOPs cut",
+        )
+        .map_err(|e| e.to_string())?;
     }
     if let Some(path) = &args.layer_plot {
         let chosen = reports
             .iter()
-            .filter(|r| r.method == "top-k" || r.method == "beam")
+            .filter(|r| r.method == "top-k" || r.method.starts_with("beam"))
             .cloned()
             .collect::<Vec<_>>();
         plot::experts_per_layer(path, &chosen, "Experts run per token, by layer")
@@ -438,9 +537,15 @@ fn print_table(reports: &[EvalReport]) {
     }
     let beams = reports
         .iter()
-        .filter(|r| r.method == "beam")
+        .filter(|r| r.method.starts_with("beam"))
         .collect::<Vec<_>>();
-    let peers = ["dynamic-skip", "top-p", "entropy-k"]
+    let peers = [
+        "dynamic-skip",
+        "top-p",
+        "entropy-k",
+        "fixed-k",
+        "fixed-k-trained",
+    ]
         .into_iter()
         .filter(|p| reports.iter().any(|r| r.method == *p))
         .collect::<Vec<_>>();
