@@ -270,7 +270,12 @@ fn shipped_model_matches_transformers(name: &str) {
         .map(f64::from)
         .collect();
     let out = model.forward(ids(&tokens), None, MaskMode::TopK, HiddenStates::Skip);
-    assert_close(&values(out.logits), &expected, 1e-4, &format!("{name} logits"));
+    assert_close(
+        &values(out.logits),
+        &expected,
+        1e-4,
+        &format!("{name} logits"),
+    );
 }
 
 #[test]

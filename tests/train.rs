@@ -104,7 +104,13 @@ fn a_short_run_cuts_active_experts_and_the_sparsity_term_with_finite_loss() {
     let device = Default::default();
     let model = load_model::<B>(tiny_model(), &device)
         .unwrap()
-        .load_beam_adapter(summary.adapter.as_ref().expect("a BEAM run writes an adapter"), &device)
+        .load_beam_adapter(
+            summary
+                .adapter
+                .as_ref()
+                .expect("a BEAM run writes an adapter"),
+            &device,
+        )
         .unwrap();
     let options = EvalOptions {
         seq_len: 32,
@@ -235,7 +241,10 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
     // Settings that cannot work are refused before anything is written.
     let out = temp_dir("fixed-k-bad");
     for (config, expect) in [
-        (small_config(2).with_fixed_k(Some(1)), "trains no mask routers"),
+        (
+            small_config(2).with_fixed_k(Some(1)),
+            "trains no mask routers",
+        ),
         (
             small_config(2)
                 .with_fixed_k(Some(0))
@@ -249,7 +258,14 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
             "exceeds the model's top-k of 2",
         ),
     ] {
-        match train::<AB>(&tiny_model(), &data, &config, &out, &Default::default(), &mut |_, _| {}) {
+        match train::<AB>(
+            &tiny_model(),
+            &data,
+            &config,
+            &out,
+            &Default::default(),
+            &mut |_, _| {},
+        ) {
             Err(TrainError::Config(m)) => assert!(m.contains(expect), "{m}"),
             other => panic!("expected a config error, got {other:?}"),
         }
@@ -263,16 +279,30 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
         .with_trainable(Trainable::All)
         .with_learning_rate(0.01)
         .with_task_loss(TaskLoss::CrossEntropy);
-    let summary = train::<AB>(&tiny_model(), &data, &config, &out, &Default::default(), &mut |_, _| {})
-        .unwrap();
-    assert!(summary.adapter.is_none(), "a fixed-K run has no mask routers");
+    let summary = train::<AB>(
+        &tiny_model(),
+        &data,
+        &config,
+        &out,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert!(
+        summary.adapter.is_none(),
+        "a fixed-K run has no mask routers"
+    );
     assert!(!out.join(beam_train::ADAPTER_FILE).exists());
-    assert!(summary.history.iter().all(|m| m.mean_active_experts == 1.0 && m.sparsity == 0.0));
+    assert!(summary
+        .history
+        .iter()
+        .all(|m| m.mean_active_experts == 1.0 && m.sparsity == 0.0));
     let read = beam_train::read_train_config(&out).unwrap();
     assert_eq!(read, config);
     let mode = beam_train::trained_mask_mode(&read);
     assert_eq!(mode, MaskMode::Rule(MaskRule::FixedK { k: 1 }));
-    let trained = beam_train::load_trained_model::<B>(&tiny_model(), &out, &Default::default()).unwrap();
+    let trained =
+        beam_train::load_trained_model::<B>(&tiny_model(), &out, &Default::default()).unwrap();
     assert!(!trained.has_beam());
     let base = load_model::<B>(tiny_model(), &Default::default()).unwrap();
     let options = EvalOptions {
@@ -291,6 +321,63 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
         before.loss
     );
     std::fs::remove_dir_all(out).ok();
+}
+
+#[test]
+fn end_to_end_training_can_start_from_a_trained_adapter() {
+    let data = corpus();
+    let first = temp_dir("stage1");
+    let stage1 = train::<AB>(
+        &tiny_model(),
+        &data,
+        &small_config(10),
+        &first,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let adapter = stage1.adapter.unwrap();
+    // Stage 2 starts where stage 1 ended: its first step keeps what the adapter keeps on that
+    // batch, not everything (a fresh mask starts at init_bias 2: every expert kept).
+    let second = temp_dir("stage2");
+    let config = small_config(1)
+        .with_trainable(Trainable::All)
+        .with_learning_rate(1e-3)
+        .with_init_adapter(Some(adapter.to_string_lossy().into_owned()));
+    let stage2 = train::<AB>(
+        &tiny_model(),
+        &data,
+        &config,
+        &second,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let model = load_model::<B>(tiny_model(), &Default::default())
+        .unwrap()
+        .load_beam_adapter(&adapter, &Default::default())
+        .unwrap();
+    let batch = data
+        .train_batch(config.seed, 0, config.batch_size, config.seq_len)
+        .unwrap();
+    let (inputs, _) = batch.tensors::<B>(&Default::default());
+    let out = model.forward(inputs, None, MaskMode::Learned, HiddenStates::Skip);
+    let kept: usize = out.routing.iter().map(|f| f.kept_pairs()).sum();
+    let expected = kept as f64 / (batch.batch_size * batch.seq_len * out.routing.len()) as f64;
+    assert!(
+        expected < 2.0,
+        "the stage-1 adapter masks some experts ({expected})"
+    );
+    assert!((stage2.history[0].mean_active_experts - expected).abs() < 1e-12);
+    // The whole model it leaves reloads (through the same adapter) and evaluates.
+    let reloaded =
+        beam_train::load_trained_model::<B>(&tiny_model(), &second, &Default::default()).unwrap();
+    assert!(reloaded.has_beam());
+    // A fixed-K run cannot start from an adapter.
+    let bad = config.clone().with_fixed_k(Some(1));
+    assert!(matches!(bad.validate(), Err(TrainError::Config(m)) if m.contains("init_adapter")));
+    std::fs::remove_dir_all(first).ok();
+    std::fs::remove_dir_all(second).ok();
 }
 
 #[test]
@@ -316,13 +403,25 @@ fn the_token_map_counts_each_tokens_kept_experts_and_shows_every_token() {
     // on the same windows (70 tokens = windows of 32, 32 and 6).
     let rule = MaskMode::Rule(MaskRule::DynamicSkip { beta: 0.6 });
     let (skip, _) = token_map(&model, rule, &data, &options).unwrap();
-    assert!(skip.iter().all(|t| t.kept.iter().all(|&k| (1..=2).contains(&k))));
-    let ones = skip.iter().flat_map(|t| &t.kept).filter(|&&k| k == 1).count();
-    assert!(ones > 0 && ones < 140, "{ones} of 140 (token, layer) pairs keep one expert");
+    assert!(skip
+        .iter()
+        .all(|t| t.kept.iter().all(|&k| (1..=2).contains(&k))));
+    let ones = skip
+        .iter()
+        .flat_map(|t| &t.kept)
+        .filter(|&&k| k == 1)
+        .count();
+    assert!(
+        ones > 0 && ones < 140,
+        "{ones} of 140 (token, layer) pairs keep one expert"
+    );
     let mut expected = 0;
     for window in data.tokens[..70].chunks(32) {
         let inputs = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(window.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, window.len()]),
+            TensorData::new(
+                window.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                [1, window.len()],
+            ),
             &device,
         );
         let out = model.forward(inputs, None, rule, HiddenStates::Skip);
@@ -350,11 +449,19 @@ fn the_token_map_counts_each_tokens_kept_experts_and_shows_every_token() {
     assert_eq!(shown, tokenizer.decode(&data.tokens[..70], false).unwrap());
     let path = temp_dir("token-map.html");
     write_token_map(&path, &model, rule, &data, &tokenizer, &options).unwrap();
-    assert!(std::fs::read_to_string(&path).unwrap().starts_with("<!DOCTYPE html>"));
+    assert!(std::fs::read_to_string(&path)
+        .unwrap()
+        .starts_with("<!DOCTYPE html>"));
     std::fs::remove_file(path).ok();
     // Zero tokens is a typed error.
-    let zero = TokenMapOptions { tokens: 0, ..options };
-    assert!(matches!(token_map(&model, rule, &data, &zero), Err(TrainError::Config(_))));
+    let zero = TokenMapOptions {
+        tokens: 0,
+        ..options
+    };
+    assert!(matches!(
+        token_map(&model, rule, &data, &zero),
+        Err(TrainError::Config(_))
+    ));
 }
 
 #[test]

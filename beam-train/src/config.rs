@@ -74,6 +74,11 @@ pub struct TrainConfig {
     /// smaller K" baseline BEAM is compared with at the same token budget.
     #[config(default = "None")]
     pub fixed_k: Option<usize>,
+    /// Start the mask routers from this BEAM adapter (its mask settings replace `beam`'s)
+    /// instead of from `beam.init_bias`: the second stage of end-to-end training, where a mask
+    /// trained alone first is then trained with the whole model at a lower learning rate.
+    #[config(default = "None")]
+    pub init_adapter: Option<String>,
 }
 
 impl TrainConfig {
@@ -105,6 +110,11 @@ impl TrainConfig {
             if self.trainable == Trainable::MaskRouters {
                 return bad(format!(
                     "fixed_k = {k} trains no mask routers: choose trainable routers or all"
+                ));
+            }
+            if self.init_adapter.is_some() {
+                return bad(format!(
+                    "fixed_k = {k} has no mask routers to start from init_adapter"
                 ));
             }
         }

@@ -73,7 +73,11 @@ pub fn token_map<B: MoeBackend>(
         });
     }
     let device = model.embed.weight.device();
-    let top_k = model.moe_layers().map(|m| m.config().top_k).max().unwrap_or(0);
+    let top_k = model
+        .moe_layers()
+        .map(|m| m.config().top_k)
+        .max()
+        .unwrap_or(0);
     let mut mapped = Vec::with_capacity(ids.len());
     for window in ids.chunks(options.seq_len) {
         let data = TensorData::new(

@@ -62,8 +62,9 @@ pub fn read_train_config(run_dir: &Path) -> Result<TrainConfig, TrainError> {
     })
 }
 
-/// The student a run trains: the base model with BEAM mask routers, or as it is when the run
-/// trains a fixed smaller K (no mask routers then).
+/// The student a run trains: the base model with BEAM mask routers (fresh, or those of
+/// [`TrainConfig::init_adapter`]), or as it is when the run trains a fixed smaller K (no mask
+/// routers then).
 fn with_masks<B: MoeBackend>(
     model: MoeLm<B>,
     config: &TrainConfig,
@@ -71,6 +72,9 @@ fn with_masks<B: MoeBackend>(
 ) -> Result<MoeLm<B>, TrainError> {
     if config.fixed_k.is_some() {
         return Ok(model);
+    }
+    if let Some(adapter) = &config.init_adapter {
+        return Ok(model.load_beam_adapter(adapter, device)?);
     }
     model
         .enable_beam(config.beam.clone(), device)
@@ -177,7 +181,11 @@ where
     let teacher =
         matches!(config.task_loss, TaskLoss::Distill | TaskLoss::Both).then(|| base.valid());
     if let Some(k) = config.fixed_k {
-        let top_k = base.moe_layers().map(|m| m.config().top_k).max().unwrap_or(0);
+        let top_k = base
+            .moe_layers()
+            .map(|m| m.config().top_k)
+            .max()
+            .unwrap_or(0);
         if k > top_k {
             return Err(TrainError::Config(format!(
                 "fixed_k = {k} exceeds the model's top-k of {top_k}"

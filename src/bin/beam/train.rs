@@ -108,6 +108,10 @@ pub struct TrainArgs {
     /// `--train routers` or `--train all`).
     #[arg(long, value_name = "K'")]
     fixed_k: Option<usize>,
+    /// Start the mask routers from this adapter (its mask settings apply) instead of fresh:
+    /// with `--train all` and a lower `--lr`, the second stage of end-to-end training.
+    #[arg(long, value_name = "FILE")]
+    init_adapter: Option<PathBuf>,
     /// Seed of batches and initialisation.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -154,6 +158,11 @@ impl TrainArgs {
                 TrainableChoice::All => Trainable::All,
             })
             .with_fixed_k(self.fixed_k)
+            .with_init_adapter(
+                self.init_adapter
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned()),
+            )
             .with_seed(self.seed)
             .with_checkpoint_every(self.checkpoint_every)
     }
@@ -444,7 +453,11 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
         run(model, *mode, &label, Some(method))?;
     }
     if args.peers {
-        let top_k = base.moe_layers().map(|m| m.config().top_k).max().unwrap_or(0);
+        let top_k = base
+            .moe_layers()
+            .map(|m| m.config().top_k)
+            .max()
+            .unwrap_or(0);
         for rule in peer_rules(top_k) {
             let label = format!("{} {}", rule.name(), rule.parameter());
             run(&base, MaskMode::Rule(rule), &label, None)?;
@@ -546,9 +559,9 @@ fn print_table(reports: &[EvalReport]) {
         "fixed-k",
         "fixed-k-trained",
     ]
-        .into_iter()
-        .filter(|p| reports.iter().any(|r| r.method == *p))
-        .collect::<Vec<_>>();
+    .into_iter()
+    .filter(|p| reports.iter().any(|r| r.method == *p))
+    .collect::<Vec<_>>();
     if beams.is_empty() || peers.is_empty() {
         return;
     }
