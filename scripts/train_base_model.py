@@ -53,6 +53,8 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variant", choices=sorted(VARIANTS), default="coarse")
+    ap.add_argument("--reference-only", action="store_true",
+                    help="skip training: re-evaluate the saved model and rewrite its reference logits")
     args = ap.parse_args()
     name, experts, expert_size, top_k, stored = VARIANTS[args.variant]
     model_dir = os.path.join(ROOT, "assets", "models", name)
@@ -109,44 +111,53 @@ def main():
         model.train()
         return loss_sum / count, correct / count
 
-    gen = torch.Generator().manual_seed(1)
-    start = time.time()
-    model.train()
-    for step in range(args.steps):
-        idx = torch.randint(0, len(train) - SEQ - 1, (args.batch,), generator=gen)
-        x = torch.stack([train[i : i + SEQ] for i in idx])
-        y = torch.stack([train[i + 1 : i + SEQ + 1] for i in idx])
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        out = model(input_ids=x)
-        # transformers shifts labels itself; pass already-shifted targets through the plain CE instead.
-        ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
-        loss = ce + config.router_aux_loss_coef * out.aux_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step} ce {ce.item():.4f} aux {out.aux_loss.item():.4f} lr {lr_at(step):.2e} "
-                  f"{time.time() - start:.0f}s", flush=True)
-        if (step + 1) % 400 == 0 or step == args.steps - 1:
-            vl, va = evaluate()
-            print(f"validation: loss {vl:.4f} perplexity {math.exp(vl):.2f} next-token accuracy {va:.4f}", flush=True)
+    if not args.reference_only:
+        start = time.time()
+        gen = torch.Generator().manual_seed(1)
+        model.train()
+        for step in range(args.steps):
+            idx = torch.randint(0, len(train) - SEQ - 1, (args.batch,), generator=gen)
+            x = torch.stack([train[i : i + SEQ] for i in idx])
+            y = torch.stack([train[i + 1 : i + SEQ + 1] for i in idx])
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            out = model(input_ids=x)
+            # transformers shifts labels itself; pass already-shifted targets through the plain CE instead.
+            ce = torch.nn.functional.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]), y.reshape(-1))
+            loss = ce + config.router_aux_loss_coef * out.aux_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if step % 50 == 0 or step == args.steps - 1:
+                print(f"step {step} ce {ce.item():.4f} aux {out.aux_loss.item():.4f} lr {lr_at(step):.2e} "
+                      f"{time.time() - start:.0f}s", flush=True)
+            if (step + 1) % 400 == 0 or step == args.steps - 1:
+                vl, va = evaluate()
+                print(f"validation: loss {vl:.4f} perplexity {math.exp(vl):.2f} next-token accuracy {va:.4f}", flush=True)
 
-    # Round to the stored precision first, so every figure below is the shipped model's.
-    model = model.to(stored).to(torch.float32)
+        model.config.output_router_logits = False
+        os.makedirs(model_dir, exist_ok=True)
+        model.to(stored).save_pretrained(model_dir, safe_serialization=True)
+        if name != "kjv-moe":
+            shutil.copy(tok_path, os.path.join(model_dir, "tokenizer.json"))
+        trained = {"steps": args.steps, "train_seconds": round(time.time() - start)}
+    else:
+        with open(os.path.join(model_dir, "training.json")) as f:
+            old = json.load(f)
+        trained = {"steps": old["steps"], "train_seconds": old["train_seconds"]}
+
+    # Every figure below is the shipped model's: read back from the files in f32, as a user
+    # (and the Rust loader) reads it; buffers such as RoPE's frequencies are recomputed in f32.
+    model = Qwen3MoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config._attn_implementation = "sdpa"
     vl, va = evaluate()
-    model.config.output_router_logits = False
-    os.makedirs(model_dir, exist_ok=True)
-    model.to(stored).save_pretrained(model_dir, safe_serialization=True)
-    model = model.to(torch.float32)
-    if name != "kjv-moe":
-        shutil.copy(tok_path, os.path.join(model_dir, "tokenizer.json"))
     with open(os.path.join(model_dir, "training.json"), "w") as f:
         json.dump({
-            "script": "scripts/train_base_model.py", "variant": args.variant, "steps": args.steps, "batch": args.batch, "seq_len": SEQ,
-            "lr": args.lr, "validation_loss": vl, "validation_perplexity": math.exp(vl),
-            "validation_next_token_accuracy": va, "train_seconds": round(time.time() - start),
+            "script": "scripts/train_base_model.py", "variant": args.variant, "steps": trained["steps"],
+            "batch": args.batch, "seq_len": SEQ, "lr": args.lr, "validation_loss": vl,
+            "validation_perplexity": math.exp(vl), "validation_next_token_accuracy": va,
+            "train_seconds": trained["train_seconds"],
         }, f, indent=2)
 
     # Reference logits of transformers on a validation snippet, for the Rust loader test.
