@@ -617,6 +617,34 @@ fn eval_reports_what_the_library_computes() {
     let json = scratch.join("eval.json");
     let plot = scratch.join("quality.png");
     let layers = scratch.join("layers.png");
+    let choice_plot = scratch.join("choice.png");
+    let token_map = scratch.join("map.html");
+    // A run retrained at K' = 1 (whole model), evaluated with --trained.
+    let fixed = scratch.join("fixed1");
+    let trained = beam(&[
+        "train",
+        "--model",
+        dir.to_str().unwrap(),
+        "--data",
+        "assets/corpus/kjv-valid.txt.gz",
+        "--out",
+        fixed.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--fixed-k",
+        "1",
+        "--train",
+        "all",
+    ]);
+    assert!(
+        stdout(&trained).starts_with("trained model: "),
+        "{}",
+        stdout(&trained)
+    );
     let out = beam(&[
         "eval",
         "--model",
@@ -638,6 +666,12 @@ fn eval_reports_what_the_library_computes() {
         plot.to_str().unwrap(),
         "--layer-plot",
         layers.to_str().unwrap(),
+        "--choice-plot",
+        choice_plot.to_str().unwrap(),
+        "--token-map",
+        token_map.to_str().unwrap(),
+        "--trained",
+        &format!("fixed one={}", fixed.display()),
     ]);
     let table = stdout(&out);
     assert!(
@@ -650,9 +684,21 @@ fn eval_reports_what_the_library_computes() {
         .iter()
         .map(|r| r["label"].as_str().unwrap())
         .collect();
-    assert_eq!(&labels[..2], ["top-k", "beam mine"]);
-    assert_eq!(labels.len(), 2 + 22, "top-k, the adapter, 22 peer settings");
-    for png in [&plot, &layers] {
+    assert_eq!(&labels[..3], ["top-k", "beam mine", "fixed one"]);
+    assert_eq!(
+        labels.len(),
+        3 + 23,
+        "top-k, the adapter, the trained run, 22 peer settings and the untrained K' = 1"
+    );
+    assert_eq!(reports[2]["method"], "fixed-k-trained");
+    assert_eq!(reports[2]["mean_active_experts"], 1.0);
+    assert_eq!(reports.last().unwrap()["method"], "fixed-k");
+    assert_eq!(reports.last().unwrap()["mean_active_experts"], 1.0);
+    // The token map shows the adapter's masks (the first variant after top-K).
+    let html = std::fs::read_to_string(&token_map).unwrap();
+    assert!(html.contains("Experts kept per token: mine"), "{html:.300}");
+    assert_eq!(html.matches("<span class=\"t\"").count(), 512);
+    for png in [&plot, &layers, &choice_plot] {
         let bytes = std::fs::read(png).unwrap();
         assert!(
             bytes.starts_with(b"\x89PNG") && bytes.len() > 5000,

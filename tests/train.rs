@@ -369,6 +369,34 @@ fn end_to_end_training_can_start_from_a_trained_adapter() {
         "the stage-1 adapter masks some experts ({expected})"
     );
     assert!((stage2.history[0].mean_active_experts - expected).abs() < 1e-12);
+    // The run's sparsity settings apply to the loaded mask (adapters do not store them): with a
+    // target active fraction of 0.25 the first step's term is (a − 0.25)² of the plain mean a.
+    let targeted = temp_dir("stage2-target");
+    let with_target = train::<AB>(
+        &tiny_model(),
+        &data,
+        &config
+            .clone()
+            .with_beam(BeamMaskConfig::new().with_sparsity(
+                beam_model::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
+            )),
+        &targeted,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    // Per layer: a_l = mean mask probability on the first batch; the term is mean_l (a_l − 0.25)².
+    let per_layer: Vec<f64> = out
+        .routing
+        .iter()
+        .map(|f| f.mask_probs.clone().unwrap().mean().into_scalar() as f64)
+        .collect();
+    let plain = per_layer.iter().sum::<f64>() / per_layer.len() as f64;
+    let want = per_layer.iter().map(|a| (a - 0.25).powi(2)).sum::<f64>() / per_layer.len() as f64;
+    assert!((stage2.history[0].sparsity - plain).abs() < 1e-6);
+    let got = with_target.history[0].sparsity;
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    std::fs::remove_dir_all(targeted).ok();
     // The whole model it leaves reloads (through the same adapter) and evaluates.
     let reloaded =
         beam_train::load_trained_model::<B>(&tiny_model(), &second, &Default::default()).unwrap();

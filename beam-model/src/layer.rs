@@ -260,6 +260,29 @@ impl<B: Backend> BeamMoe<B> {
     }
 }
 
+impl<B: Backend> BeamMoe<B> {
+    /// Sets the sparsity term's settings of the layer's mask (a training setting: adapters do
+    /// not store it, so a mask loaded from one trains on with these).
+    ///
+    /// # Errors
+    /// [`ConfigError::NoMaskRouter`] if the layer has no mask router; the settings' own range
+    /// errors.
+    pub fn set_sparsity(
+        &mut self,
+        sparsity: crate::config::SparsityLossConfig,
+    ) -> Result<(), ConfigError> {
+        match (&self.mask_router, self.config.beam.as_mut()) {
+            (Some(_), Some(beam)) => {
+                let updated = beam.clone().with_sparsity(sparsity);
+                updated.validate()?;
+                *beam = updated;
+                Ok(())
+            }
+            _ => Err(ConfigError::NoMaskRouter("sparsity settings")),
+        }
+    }
+}
+
 impl<B: MoeBackend> BeamMoe<B> {
     /// Runs the layer with its learned mask (or plain top-K if BEAM is disabled).
     pub fn forward(&self, x: Tensor<B, 3>) -> BeamMoeOutput<B> {

@@ -74,7 +74,8 @@ pub struct TrainConfig {
     /// smaller K" baseline BEAM is compared with at the same token budget.
     #[config(default = "None")]
     pub fixed_k: Option<usize>,
-    /// Start the mask routers from this BEAM adapter (its mask settings replace `beam`'s)
+    /// Start the mask routers from this BEAM adapter (its shape, threshold and routing-weight
+    /// input replace `beam`'s; `beam.sparsity` still applies)
     /// instead of from `beam.init_bias`: the second stage of end-to-end training, where a mask
     /// trained alone first is then trained with the whole model at a lower learning rate.
     #[config(default = "None")]

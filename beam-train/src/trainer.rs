@@ -74,7 +74,15 @@ fn with_masks<B: MoeBackend>(
         return Ok(model);
     }
     if let Some(adapter) = &config.init_adapter {
-        return Ok(model.load_beam_adapter(adapter, device)?);
+        // The mask's shape and threshold are the adapter's; its sparsity term is this run's.
+        let mut model = model.load_beam_adapter(adapter, device)?;
+        for layer in &mut model.layers {
+            if let Some(moe) = layer.feed_forward.moe_mut() {
+                moe.set_sparsity(config.beam.sparsity.clone())
+                    .map_err(|e| TrainError::Config(e.to_string()))?;
+            }
+        }
+        return Ok(model);
     }
     model
         .enable_beam(config.beam.clone(), device)

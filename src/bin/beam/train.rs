@@ -478,6 +478,7 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
             &tokenizer,
             &beam_train::token_map::TokenMapOptions {
                 label: label.to_string(),
+                seq_len: args.seq_len,
                 ..Default::default()
             },
         )
