@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 16 on the fine-grained base model assets/models/kjv-moe-fine (64 experts of 32, top-8):
 # BEAM mask routers alone (per-expert at λ = 3, 10; per-slot at λ = 30), BEAM end-to-end (the
-# per-slot λ = 30 mask, then the whole model with it for 300 steps at lr 5e-4), the fixed K' = 1
-# retrained with the same token budget (700 steps), against top-K, the training-free peers and
-# the fixed smaller K' untrained. Writes docs/eval/kjv-moe-fine.{json,md}, the plots and the
-# token map, and copies the adapters into the model folder. CPU only: about 45 minutes on 2 cores.
+# per-slot λ = 30 mask, then the whole model with it for 300 steps at lr 5e-4: with λ = 30, or
+# holding a target active fraction of 0.07 or 0.055 with λ = 300), the fixed K' = 1 retrained
+# with the same token budget (700 steps), against top-K, the training-free peers and the fixed
+# smaller K' untrained. Then the coarse model's end-to-end and fixed-K' = 1 runs. Writes docs/eval/kjv-moe-fine.{json,md}, the plots and the
+# token map, and copies the adapters into the model folder. CPU only: about an hour on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=assets/models/kjv-moe-fine
@@ -19,6 +20,10 @@ done
   --mask-shape per-slot --log-every 100
 "$B" train --model $M --data $D --out runs/fine-slot-lambda30-all --steps 300 --lr 5e-4 --lambda 30 \
   --train all --init-adapter runs/fine-slot-lambda30/adapter.safetensors --log-every 50
+for T in 0.07 0.055; do
+  "$B" train --model $M --data $D --out runs/fine-slot-target${T#0.}-all --steps 300 --lr 5e-4 --lambda 300 \
+    --target-active-fraction $T --train all --init-adapter runs/fine-slot-lambda30/adapter.safetensors --log-every 50
+done
 "$B" train --model $M --data $D --out runs/fine-fixed1 --steps 700 --lr 5e-4 --fixed-k 1 --train all \
   --log-every 100
 for R in lambda3 lambda10 slot-lambda30; do cp runs/fine-$R/adapter.safetensors "$M/adapters/$R.safetensors"; done
@@ -27,8 +32,20 @@ for R in lambda3 lambda10 slot-lambda30; do cp runs/fine-$R/adapter.safetensors 
   --adapter "lambda=10=$M/adapters/lambda10.safetensors" \
   --adapter "lambda=3=$M/adapters/lambda3.safetensors" \
   --trained "beam e2e slot lambda=30=runs/fine-slot-lambda30-all" \
+  --trained "beam e2e slot target=0.07=runs/fine-slot-target07-all" \
+  --trained "beam e2e slot target=0.055=runs/fine-slot-target055-all" \
   --trained "fixed-k 1 trained=runs/fine-fixed1" \
+  --token-map-of "beam e2e slot target=0.07" \
   --peers --max-tokens 16384 --choice-items 2000 \
   --json docs/eval/kjv-moe-fine.json --plot docs/eval/fine_quality_vs_flops.png \
   --choice-plot docs/eval/fine_choice_vs_flops.png --layer-plot docs/eval/fine_experts_per_layer.png \
   --token-map docs/eval/fine_token_map.html | tee docs/eval/kjv-moe-fine.md
+C=assets/models/kjv-moe
+"$B" train --model $C --data $D --out runs/kjv-lambda10-all --steps 300 --lr 5e-4 --lambda 10 --train all \
+  --init-adapter $C/adapters/lambda-10.safetensors --log-every 50
+"$B" train --model $C --data $D --out runs/kjv-fixed1 --steps 700 --lr 5e-4 --fixed-k 1 --train all --log-every 100
+"$B" eval --model $C --data assets/corpus/kjv-valid.txt.gz \
+  --adapter "lambda=10=$C/adapters/lambda-10.safetensors" \
+  --trained "beam e2e lambda=10=runs/kjv-lambda10-all" \
+  --trained "fixed-k 1 trained=runs/kjv-fixed1" \
+  --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-e2e.json | tee docs/eval/kjv-moe-e2e.md

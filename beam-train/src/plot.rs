@@ -83,9 +83,15 @@ pub fn quality_vs_flops(
         .ok_or_else(|| plot_error(path, "no top-k report to compare against"))?;
     let base = quality
         .of(baseline)
-        .filter(|b| *b > 0.0)
         .ok_or_else(|| plot_error(path, format!("the top-k report has no {quality:?}")))?;
-    let relative = |r: &EvalReport| quality.of(r).map(|q| 100.0 * q / base);
+    // Relative to top-K; a point with no finite value (top-K at 0, e.g. an untrained model) is
+    // left out rather than stretching the axes.
+    let relative = |r: &EvalReport| {
+        quality
+            .of(r)
+            .map(|q| 100.0 * q / base)
+            .filter(|v| v.is_finite())
+    };
     let y_min = reports
         .iter()
         .filter_map(relative)

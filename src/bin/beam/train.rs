@@ -310,6 +310,9 @@ pub struct EvalArgs {
     /// for the first adapter or trained run (else top-K), on the first 512 evaluated tokens.
     #[arg(long)]
     token_map: Option<PathBuf>,
+    /// The adapter or trained run (its LABEL) the token map shows, instead of the first.
+    #[arg(long, value_name = "LABEL")]
+    token_map_of: Option<String>,
     /// Draw experts per token in each layer (PNG) here.
     #[arg(long)]
     layer_plot: Option<PathBuf>,
@@ -412,6 +415,13 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
         };
         adapters.push((label, model, beam_train::trained_mask_mode(&config), method));
     }
+    if let Some(wanted) = &args.token_map_of {
+        if !adapters.iter().any(|(label, ..)| label == wanted) {
+            return Err(format!(
+                "--token-map-of {wanted}: no --adapter or --trained has that label"
+            ));
+        }
+    }
     beam_train::eval::check_context(args.seq_len, base.config().max_position_embeddings)
         .map_err(|e| e.to_string())?;
     let mut reports = Vec::new();
@@ -464,7 +474,12 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
         }
     }
     if let Some(path) = &args.token_map {
-        let (model, mode, label) = match adapters.first() {
+        let chosen = match &args.token_map_of {
+            // Checked before anything was evaluated.
+            Some(wanted) => adapters.iter().find(|(label, ..)| label == wanted),
+            None => adapters.first(),
+        };
+        let (model, mode, label) = match chosen {
             Some((label, model, mode, _)) => (model, *mode, label.as_str()),
             None => (&base, MaskMode::TopK, "top-k"),
         };
