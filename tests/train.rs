@@ -445,13 +445,7 @@ fn the_token_map_counts_each_tokens_kept_experts_and_shows_every_token() {
     );
     let mut expected = 0;
     for window in data.tokens[..70].chunks(32) {
-        let inputs = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(
-                window.iter().map(|&t| t as i64).collect::<Vec<_>>(),
-                [1, window.len()],
-            ),
-            &device,
-        );
+        let inputs = beam_model::model::generate::ids_tensor::<B>(window, &device);
         let out = model.forward(inputs, None, rule, HiddenStates::Skip);
         expected += out.routing.iter().map(|f| f.kept_pairs()).sum::<usize>();
     }

@@ -5,9 +5,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use beam_model::model::generate::ids_tensor;
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use beam_model::MoeBackend;
-use burn::tensor::{Int, Tensor, TensorData};
 
 use crate::data::TokenData;
 use crate::error::TrainError;
@@ -73,18 +73,10 @@ pub fn token_map<B: MoeBackend>(
         });
     }
     let device = model.embed.weight.device();
-    let top_k = model
-        .moe_layers()
-        .map(|m| m.config().top_k)
-        .max()
-        .unwrap_or(0);
+    let top_k = model.top_k();
     let mut mapped = Vec::with_capacity(ids.len());
     for window in ids.chunks(options.seq_len) {
-        let data = TensorData::new(
-            window.iter().map(|&t| t as i64).collect::<Vec<_>>(),
-            [1, window.len()],
-        );
-        let inputs = Tensor::<B, 2, Int>::from_data(data, &device);
+        let inputs = ids_tensor::<B>(window, &device);
         let out = model.forward(inputs, None, mode, HiddenStates::Skip);
         // Per layer: kept experts of each token, `[T]`.
         let per_layer = out

@@ -189,11 +189,7 @@ where
     let teacher =
         matches!(config.task_loss, TaskLoss::Distill | TaskLoss::Both).then(|| base.valid());
     if let Some(k) = config.fixed_k {
-        let top_k = base
-            .moe_layers()
-            .map(|m| m.config().top_k)
-            .max()
-            .unwrap_or(0);
+        let top_k = base.top_k();
         if k > top_k {
             return Err(TrainError::Config(format!(
                 "fixed_k = {k} exceeds the model's top-k of {top_k}"

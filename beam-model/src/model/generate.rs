@@ -78,6 +78,15 @@ impl Generation {
     }
 }
 
+/// Token ids as the `[1, T]` input of one sequence.
+pub fn ids_tensor<B: burn::tensor::backend::Backend>(
+    ids: &[u32],
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let values: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    Tensor::from_data(TensorData::new(values, [1, ids.len()]), device)
+}
+
 /// Generates up to `config.max_new_tokens` tokens after `prompt`, stopping early at an
 /// end-of-sequence id or where the next step would pass the model's context
 /// (`max_position_embeddings`; see [`Generation::context_limit_reached`]). A prompt longer than the
@@ -95,10 +104,7 @@ pub fn generate<B: MoeBackend>(
     let mut cache = model.new_cache();
     let mut sampler = Sampler::new(config);
     let moe_layers = model.config().num_moe_layers();
-    let ids = |tokens: &[u32]| {
-        let values: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        Tensor::<B, 2, Int>::from_data(TensorData::new(values, [1, tokens.len()]), &device)
-    };
+    let ids = |tokens: &[u32]| ids_tensor::<B>(tokens, &device);
     let mut generation = Generation {
         ids: Vec::new(),
         prefill_time: Duration::ZERO,

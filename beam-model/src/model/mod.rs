@@ -228,6 +228,14 @@ impl<B: Backend> MoeLm<B> {
         &self.config
     }
 
+    /// K of the base routers (the largest over MoE layers; 0 without MoE layers).
+    pub fn top_k(&self) -> usize {
+        self.moe_layers()
+            .map(|moe| moe.config().top_k)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Whether any MoE layer has a BEAM mask router.
     pub fn has_beam(&self) -> bool {
         self.moe_layers().any(|moe| moe.mask_router.is_some())

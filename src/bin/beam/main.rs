@@ -22,11 +22,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use beam_model::checkpoint::{Quantization, WeightDtype};
-use beam_model::model::generate::{generate, GenerateConfig};
+use beam_model::model::generate::{generate, ids_tensor, GenerateConfig};
 use beam_model::model::load::{load_model_with, LoadOptions};
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use beam_model::MoeBackend;
-use burn::tensor::{Int, Tensor, TensorData};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod bench;
@@ -432,7 +431,7 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
         Command::Logits { ids, .. } => {
             check_ids(ids, config.vocab_size)?;
             let out = model.forward(
-                id_tensor::<B>(ids, device),
+                ids_tensor::<B>(ids, device),
                 None,
                 MaskMode::Learned,
                 HiddenStates::Skip,
@@ -529,9 +528,4 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
         }
     }
     Ok(())
-}
-
-fn id_tensor<B: MoeBackend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
-    let values: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
-    Tensor::from_data(TensorData::new(values, [1, ids.len()]), device)
 }

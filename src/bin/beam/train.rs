@@ -463,12 +463,7 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
         run(model, *mode, &label, Some(method))?;
     }
     if args.peers {
-        let top_k = base
-            .moe_layers()
-            .map(|m| m.config().top_k)
-            .max()
-            .unwrap_or(0);
-        for rule in peer_rules(top_k) {
+        for rule in peer_rules(base.top_k()) {
             let label = format!("{} {}", rule.name(), rule.parameter());
             run(&base, MaskMode::Rule(rule), &label, None)?;
         }
