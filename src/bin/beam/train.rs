@@ -108,7 +108,8 @@ pub struct TrainArgs {
     /// `--train routers` or `--train all`).
     #[arg(long, value_name = "K'")]
     fixed_k: Option<usize>,
-    /// Start the mask routers from this adapter (its mask settings apply) instead of fresh:
+    /// Start the mask routers from this adapter (its shape and threshold apply; the sparsity
+    /// settings are this run's) instead of fresh:
     /// with `--train all` and a lower `--lr`, the second stage of end-to-end training.
     #[arg(long, value_name = "FILE")]
     init_adapter: Option<PathBuf>,
