@@ -58,7 +58,7 @@ fn q8_on_flex_runs_the_int8_blocks_and_matches_the_dequantized_f64_model() {
             _ => panic!("{family}: experts held as int8 blocks"),
         };
         assert_eq!(gate_up.values.dtype(), DType::I8);
-        assert_eq!(gate_up.scales.dtype(), DType::F32);
+        assert_eq!(gate_up.scales.dtype(), DType::F16);
         let [_, _, h] = gate_up.dims();
         assert_eq!(
             gate_up.block(),

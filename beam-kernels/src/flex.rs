@@ -11,7 +11,7 @@
 //!   [`HOST_MAX_PAIRS_PER_EXPERT`] on average); the tensor-ops reference otherwise;
 //! - `[out, in]` linear layers: the host GEMV for 16-bit weights and for `f32` weights up to
 //!   [`LINEAR_MAX_ROWS`] rows; above, Flex's `matmul` on the transposed view (no copy);
-//! - q8 weights ([`crate::quant`]: `I8` values and `f32` scales) always take the host kernels
+//! - q8 weights ([`crate::quant`]: `I8` values and `f16` scales) always take the host kernels
 //!   ([`masked_moe_q8`], [`linear_q8`]): int8 dots with the activations quantized once per call
 //!   for few tokens per row block, dequantized tiles and the GEMM for many. Flex therefore says
 //!   `q8_in_place() == true`, and the model loader hands it the int8 blocks.
@@ -194,7 +194,7 @@ pub fn linear(x: &FlexTensor, weight: &FlexTensor) -> Option<FlexTensor> {
 }
 
 /// A q8 weight's int8 values and block scales in place, when the values are `I8` and the
-/// scales `f32`, both contiguous, with as many leading dimensions and whole blocks per row.
+/// scales `f16` (as [`crate::quant::Q8Tensor::new`] puts them on Flex), both contiguous, with as many leading dimensions and whole blocks per row.
 fn q8_matrix(q: &Q8Primitive<Flex>) -> Option<Q8Matrix<'_>> {
     let (shape, scales_shape) = (q.values.shape(), q.scales.shape());
     let (dims, scale_dims) = (shape.as_slice(), scales_shape.as_slice());
@@ -208,13 +208,13 @@ fn q8_matrix(q: &Q8Primitive<Flex>) -> Option<Q8Matrix<'_>> {
     }
     Q8Matrix::new(
         q.values.as_slice::<i8>()?,
-        q.scales.as_slice::<f32>()?,
+        q.scales.as_slice::<f16>()?,
         row_len / blocks,
     )
 }
 
 /// [`masked_moe`] with q8 expert weights: `Some(output)` from the host kernels when `x` and the
-/// routing weights are `f32` and both weights are contiguous `I8` values with `f32` scales, rows
+/// routing weights are `f32` and both weights are contiguous `I8` values with `f16` scales, rows
 /// of whole blocks (always, whatever the pairs
 /// per expert: many tokens per expert go through dequantized tiles and the GEMM); `None` for the
 /// reference. Only kept experts' blocks (values and scales) are read.
@@ -252,7 +252,7 @@ pub fn masked_moe_q8(
 }
 
 /// `Some(x · dequantize(W)ᵀ)` from the host GEMV on a q8 weight (contiguous `I8` values and
-/// `f32` scales) and `f32` `x`, whatever the rows; `None` for the reference.
+/// `f16` scales) and `f32` `x`, whatever the rows; `None` for the reference.
 ///
 /// # Shapes
 /// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`

@@ -229,7 +229,7 @@ pub trait HostMatrix<F: HostFloat>: Copy + Send + Sync {
     /// The rows of `data` (`row_len` each) in the form [`Self::project`] reads fastest, made
     /// once per call of a kernel rather than per row block: empty (the default: the `f32` rows
     /// themselves), or int8 blocks for q8 weights (see `Q8Matrix`'s `project`).
-    fn quantize_inputs(&self, data: &[F], row_len: usize) -> Vec<crate::quant::Q8Weights> {
+    fn quantize_inputs(&self, data: &[F], row_len: usize) -> Vec<crate::quant::Q8Activation> {
         let _ = (data, row_len);
         Vec::new()
     }
@@ -275,9 +275,9 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
         let values = &self.values()[start..start + len];
         let scales = &self.scales()[start / block..(start + len) / block];
         #[cfg(target_arch = "x86_64")]
-        if block.is_multiple_of(8) && avx2::available() {
-            // SAFETY: the CPU has AVX2 and FMA; `project` checked the inputs' lengths, and the
-            // scales cover the row's blocks (multiples of 8 values).
+        if block.is_multiple_of(8) && avx2::q8_available() {
+            // SAFETY: the CPU has AVX2, FMA and F16C; `project` checked the inputs' lengths, and
+            // the scales cover the row's blocks (multiples of 8 values).
             return unsafe { avx2::dots_q8(values, scales, block, inputs) };
         }
         portable_q8_dots(values, scales, block, inputs)
@@ -324,8 +324,8 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
                 let values = &self.values()[start..start + row_len];
                 let scales = &self.scales()[start / block..start / block + blocks];
                 for (pass, group) in xs.chunks(TOKENS_PER_PASS).enumerate() {
-                    // SAFETY: the CPU has AVX2 and FMA; the row and every input are `blocks`
-                    // whole blocks of 32 with one scale each.
+                    // SAFETY: the CPU has AVX2, FMA and F16C; the row and every input are
+                    // `blocks` whole blocks of 32 with one scale each.
                     let dots = unsafe { avx2::dots_q8_q8(values, scales, group) };
                     for (n, &dot) in dots[..group.len()].iter().enumerate() {
                         emit(pass * TOKENS_PER_PASS + n, r, dot);
@@ -337,24 +337,24 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
         let _ = (quantized, block);
         project_by_dots(self, base, row_len, rows, inputs, emit)
     }
-    fn quantize_inputs(&self, data: &[f32], row_len: usize) -> Vec<crate::quant::Q8Weights> {
+    fn quantize_inputs(&self, data: &[f32], row_len: usize) -> Vec<crate::quant::Q8Activation> {
         if !self.int8_inputs(row_len) {
             return Vec::new();
         }
         data.chunks_exact(row_len)
-            .map(|row| crate::quant::quantize_q8_serial(row, crate::quant::Q8_BLOCK))
+            .map(|row| crate::quant::quantize_q8_activation(row, crate::quant::Q8_BLOCK))
             .collect()
     }
 }
 
 impl Q8Matrix<'_> {
     /// Whether [`HostMatrix::project`] dots rows of `row_len` with int8 inputs: blocks of 32 on a
-    /// CPU with AVX2 and FMA.
+    /// CPU with AVX2, FMA and F16C.
     fn int8_inputs(&self, row_len: usize) -> bool {
         let block = crate::quant::Q8_BLOCK;
         #[cfg(target_arch = "x86_64")]
         {
-            self.block() == block && row_len.is_multiple_of(block) && avx2::available()
+            self.block() == block && row_len.is_multiple_of(block) && avx2::q8_available()
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -366,7 +366,7 @@ impl Q8Matrix<'_> {
 
 /// The quantized inputs of `index` (empty when the matrix takes `f32` inputs).
 fn pick(
-    quantized: &[crate::quant::Q8Weights],
+    quantized: &[crate::quant::Q8Activation],
     index: impl Iterator<Item = usize>,
 ) -> Vec<(&[i8], &[f32])> {
     if quantized.is_empty() {
@@ -385,7 +385,7 @@ fn pick(
 /// [`portable_dots`] on q8 rows: a chunk of blocks at a time dequantized into a stack buffer.
 fn portable_q8_dots(
     values: &[i8],
-    scales: &[f32],
+    scales: &[half::f16],
     block: usize,
     inputs: &[&[f32]],
 ) -> [f32; TOKENS_PER_PASS] {
@@ -400,7 +400,7 @@ fn portable_q8_dots(
             .zip(values[done..done + len].chunks(block))
             .enumerate()
         {
-            let scale = scales[done / block + b];
+            let scale = scales[done / block + b].to_f32();
             for (w, &q) in w.iter_mut().zip(q) {
                 *w = q as f32 * scale;
             }
@@ -827,6 +827,20 @@ mod avx2 {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     }
 
+    /// Whether this CPU runs the q8 kernels ([`dots_q8`], [`dots_q8_q8`]): AVX2 and FMA, and F16C
+    /// for the `f16` block scales.
+    pub(super) fn q8_available() -> bool {
+        available() && std::is_x86_feature_detected!("f16c")
+    }
+
+    /// An `f16` scale widened with F16C (one instruction; `half`'s conversion checks the CPU on
+    /// every call).
+    #[target_feature(enable = "f16c")]
+    #[inline]
+    fn widen(scale: half::f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(scale.to_bits()))))
+    }
+
     /// The dispatch from a slice of inputs to a fixed-size pass, for one weight type.
     macro_rules! dots_fn {
         ($(#[$attr:meta])* $name:ident, $pass:ident, $weight:ty, $features:literal) => {
@@ -885,90 +899,171 @@ mod avx2 {
     }
 
     /// Dots of one q8 row (blocks of 32) with 1 to [`TOKENS_PER_PASS`] inputs quantized the same
-    /// way, in int8: per block, `|w| · sign(x, w)` summed in pairs (`maddubs`, no overflow: the
-    /// values lie in `[-127, 127]`), then in fours (`madd`), widened and scaled by `s_w · s_x`.
+    /// way, in int8: per block, `|w| · sign(x, w)` summed in fours into `i32` lanes (AVX-512
+    /// VNNI's `vpdpbusd` where the CPU has it, else `maddubs` in pairs — no overflow: the values
+    /// lie in `[-127, 127]` — then `madd`), converted and scaled by `s_w · s_x`. The scale
+    /// products are made eight blocks at a time (F16C widens eight `f16` scales in one
+    /// instruction) before the blocks they scale: per block the loop is then the int8 dot, one
+    /// conversion and one FMA from a broadcast load, which keeps a core near the bytes it can
+    /// stream.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `values` and every input's values are `scales.len()`
-    /// blocks of 32, each input with as many scales.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must have AVX2, FMA and F16C; `values` and every input's values are
+    /// `scales.len()` blocks of 32, each input with as many scales.
     pub(super) unsafe fn dots_q8_q8(
         values: &[i8],
-        scales: &[f32],
+        scales: &[half::f16],
         inputs: &[(&[i8], &[f32])],
     ) -> [f32; TOKENS_PER_PASS] {
-        let mut out = [0.0; TOKENS_PER_PASS];
-        // SAFETY (all arms): the caller's contract.
-        match *inputs {
-            [a] => out[..1].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a]) }),
-            [a, b] => out[..2].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b]) }),
-            [a, b, c] => {
-                out[..3].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b, c]) })
-            }
-            [a, b, c, d] => {
-                out.copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b, c, d]) })
-            }
-            _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+        if vnni_available() {
+            // SAFETY: the caller's contract, and the CPU has AVX-512 VNNI and VL.
+            unsafe { dots_q8_q8_vnni(values, scales, inputs) }
+        } else {
+            // SAFETY: the caller's contract.
+            unsafe { dots_q8_q8_avx2(values, scales, inputs) }
         }
-        out
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn pass_q8_q8<const N: usize>(
-        values: &[i8],
-        scales: &[f32],
-        inputs: [(&[i8], &[f32]); N],
-    ) -> [f32; N] {
-        let blocks = scales.len();
-        assert_eq!(values.len(), blocks * 32);
-        for (x, s) in &inputs {
-            assert!(x.len() == blocks * 32 && s.len() == blocks);
-        }
-        let ones = _mm256_set1_epi16(1);
-        // Two accumulators per input (even and odd blocks) to hide the FMA latency.
-        let mut even = [_mm256_setzero_ps(); N];
-        let mut odd = [_mm256_setzero_ps(); N];
-        let block_dot = |b: usize, w: __m256i, abs_w: __m256i, x: &[i8], xs: &[f32]| {
-            // SAFETY: block b of 32 lies within x; the scales have index b.
-            unsafe {
-                let xv = _mm256_loadu_si256(x.as_ptr().add(b * 32) as *const __m256i);
-                let pairs = _mm256_maddubs_epi16(abs_w, _mm256_sign_epi8(xv, w));
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-                (
-                    sums,
-                    _mm256_set1_ps(*scales.get_unchecked(b) * *xs.get_unchecked(b)),
-                )
-            }
-        };
-        // SAFETY: block b of 32 lies within values.
-        let load = |b: usize| unsafe {
-            let w = _mm256_loadu_si256(values.as_ptr().add(b * 32) as *const __m256i);
-            (w, _mm256_sign_epi8(w, w))
-        };
-        let mut b = 0;
-        while b + 2 <= blocks {
-            let ((w0, a0), (w1, a1)) = (load(b), load(b + 1));
-            for n in 0..N {
-                let (sums, scale) = block_dot(b, w0, a0, inputs[n].0, inputs[n].1);
-                even[n] = _mm256_fmadd_ps(sums, scale, even[n]);
-                let (sums, scale) = block_dot(b + 1, w1, a1, inputs[n].0, inputs[n].1);
-                odd[n] = _mm256_fmadd_ps(sums, scale, odd[n]);
-            }
-            b += 2;
-        }
-        if b < blocks {
-            let (w, a) = load(b);
-            for n in 0..N {
-                let (sums, scale) = block_dot(b, w, a, inputs[n].0, inputs[n].1);
-                even[n] = _mm256_fmadd_ps(sums, scale, even[n]);
-            }
-        }
-        let mut result = [0.0; N];
-        for n in 0..N {
-            result[n] = sum_lanes(even[n], odd[n]);
-        }
-        result
+    /// Whether [`dots_q8_q8`] takes `vpdpbusd` (AVX-512 VNNI on 256-bit registers).
+    pub(super) fn vnni_available() -> bool {
+        std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl")
     }
+
+    /// The dispatch and pass of [`dots_q8_q8`] for one way of taking a block's int8 dot.
+    macro_rules! q8_q8_fn {
+        ($name:ident, $pass:ident, $features:literal, |$w:ident, $x:ident| $block_sums:expr) => {
+            /// # Safety
+            /// As [`dots_q8_q8`], and the CPU has the target features.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(
+                values: &[i8],
+                scales: &[half::f16],
+                inputs: &[(&[i8], &[f32])],
+            ) -> [f32; TOKENS_PER_PASS] {
+                let mut out = [0.0; TOKENS_PER_PASS];
+                // SAFETY (all arms): the caller's contract.
+                match *inputs {
+                    [a] => out[..1].copy_from_slice(&unsafe { $pass(values, scales, [a]) }),
+                    [a, b] => out[..2].copy_from_slice(&unsafe { $pass(values, scales, [a, b]) }),
+                    [a, b, c] => {
+                        out[..3].copy_from_slice(&unsafe { $pass(values, scales, [a, b, c]) })
+                    }
+                    [a, b, c, d] => {
+                        out.copy_from_slice(&unsafe { $pass(values, scales, [a, b, c, d]) })
+                    }
+                    _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+                }
+                out
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn $pass<const N: usize>(
+                values: &[i8],
+                scales: &[half::f16],
+                inputs: [(&[i8], &[f32]); N],
+            ) -> [f32; N] {
+                let blocks = scales.len();
+                assert_eq!(values.len(), blocks * 32);
+                for (x, s) in &inputs {
+                    assert!(x.len() == blocks * 32 && s.len() == blocks);
+                }
+                // `|w| · sign(x, w)` of block `b` in eight `i32` lanes.
+                let block_sums = |$w: __m256i, $x: __m256i| -> __m256i { $block_sums };
+                // Two accumulators per input (even and odd blocks) to hide the FMA latency.
+                let mut even = [_mm256_setzero_ps(); N];
+                let mut odd = [_mm256_setzero_ps(); N];
+                // `s_w · s_x` of the eight blocks from `chunk`, per input.
+                let mut products = [[0.0f32; 8]; N];
+                let mut chunk = 0;
+                while chunk < blocks {
+                    let len = (blocks - chunk).min(8);
+                    if len == 8 {
+                        // SAFETY: eight scales from `chunk` lie within both scale slices.
+                        unsafe {
+                            let w = _mm256_cvtph_ps(_mm_loadu_si128(
+                                scales.as_ptr().add(chunk) as *const __m128i
+                            ));
+                            for n in 0..N {
+                                let x = _mm256_loadu_ps(inputs[n].1.as_ptr().add(chunk));
+                                _mm256_storeu_ps(products[n].as_mut_ptr(), _mm256_mul_ps(w, x));
+                            }
+                        }
+                    } else {
+                        for j in 0..len {
+                            let w = widen(scales[chunk + j]);
+                            for n in 0..N {
+                                products[n][j] = w * inputs[n].1[chunk + j];
+                            }
+                        }
+                    }
+                    let mut j = 0;
+                    while j < len {
+                        let b = chunk + j;
+                        let pair = j + 1 < len;
+                        // SAFETY: blocks b (and b + 1 when `pair`) of 32 lie within the row
+                        // and every input; `products` holds their scales.
+                        unsafe {
+                            let w0 =
+                                _mm256_loadu_si256(values.as_ptr().add(b * 32) as *const __m256i);
+                            let a0 = _mm256_sign_epi8(w0, w0);
+                            let (w1, a1) = if pair {
+                                let w1 = _mm256_loadu_si256(
+                                    values.as_ptr().add((b + 1) * 32) as *const __m256i
+                                );
+                                (w1, _mm256_sign_epi8(w1, w1))
+                            } else {
+                                (w0, a0)
+                            };
+                            for n in 0..N {
+                                let x = inputs[n].0.as_ptr();
+                                let x0 = _mm256_loadu_si256(x.add(b * 32) as *const __m256i);
+                                let sums = block_sums(a0, _mm256_sign_epi8(x0, w0));
+                                even[n] = _mm256_fmadd_ps(
+                                    _mm256_cvtepi32_ps(sums),
+                                    _mm256_broadcast_ss(&products[n][j]),
+                                    even[n],
+                                );
+                                if pair {
+                                    let x1 =
+                                        _mm256_loadu_si256(x.add((b + 1) * 32) as *const __m256i);
+                                    let sums = block_sums(a1, _mm256_sign_epi8(x1, w1));
+                                    odd[n] = _mm256_fmadd_ps(
+                                        _mm256_cvtepi32_ps(sums),
+                                        _mm256_broadcast_ss(&products[n][j + 1]),
+                                        odd[n],
+                                    );
+                                }
+                            }
+                        }
+                        j += 2;
+                    }
+                    chunk += len;
+                }
+                let mut result = [0.0; N];
+                for n in 0..N {
+                    result[n] = sum_lanes(even[n], odd[n]);
+                }
+                result
+            }
+        };
+    }
+
+    q8_q8_fn!(
+        dots_q8_q8_avx2,
+        pass_q8_q8_avx2,
+        "avx2,fma,f16c",
+        |abs_w, signed_x| _mm256_madd_epi16(
+            _mm256_maddubs_epi16(abs_w, signed_x),
+            _mm256_set1_epi16(1)
+        )
+    );
+
+    q8_q8_fn!(
+        dots_q8_q8_vnni,
+        pass_q8_q8_vnni,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        |abs_w, signed_x| _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_w, signed_x)
+    );
 
     /// The 16 lanes of two accumulators summed in one fixed order (pairwise across halves), the
     /// reduction every pass ends with.
@@ -1025,12 +1120,12 @@ mod avx2 {
     /// multiplied by their block's scale as they are loaded, then the FMAs of [`dots`]' passes.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; every input is as long as `values`, which is whole blocks
-    /// of `block` (a multiple of 8) values with one scale each in `scales`.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must have AVX2, FMA and F16C; every input is as long as `values`, which is whole
+    /// blocks of `block` (a multiple of 8) values with one scale each in `scales`.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dots_q8(
         values: &[i8],
-        scales: &[f32],
+        scales: &[half::f16],
         block: usize,
         inputs: &[&[f32]],
     ) -> [f32; TOKENS_PER_PASS] {
@@ -1050,10 +1145,10 @@ mod avx2 {
         out
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn pass_q8<const N: usize>(
         values: &[i8],
-        scales: &[f32],
+        scales: &[half::f16],
         block: usize,
         inputs: [&[f32]; N],
     ) -> [f32; N] {
@@ -1071,7 +1166,7 @@ mod avx2 {
             }
         };
         for (b, &s) in scales.iter().enumerate() {
-            let scale = _mm256_set1_ps(s);
+            let scale = _mm256_set1_ps(widen(s));
             let (mut at, end) = (b * block, (b + 1) * block);
             // 16 values a step into two accumulators per input (blocks of 32: two steps).
             while at + 16 <= end {
@@ -1414,33 +1509,44 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn int8_dots_are_exact_products_of_the_quantized_rows_and_inputs() {
-        use crate::quant::{quantize_q8, quantize_q8_serial};
-        if !avx2::available() {
+        use crate::quant::{quantize_q8, quantize_q8_activation};
+        if !avx2::q8_available() {
             return;
         }
+        type Kernel = unsafe fn(&[i8], &[half::f16], &[(&[i8], &[f32])]) -> [f32; TOKENS_PER_PASS];
+        // Both ways of taking a block's dot (the dispatcher picks one per CPU): each must
+        // give the exact product of the quantized values.
+        let mut kernels: Vec<(&str, Kernel)> = vec![("avx2", avx2::dots_q8_q8_avx2)];
+        if avx2::vnni_available() {
+            kernels.push(("avx512-vnni", avx2::dots_q8_q8_vnni));
+        }
         let mut rng = Rng(37);
-        for blocks in [1, 2, 3, 64] {
+        // Scale chunks of eight blocks: whole, partial, odd tails.
+        for blocks in [1, 2, 3, 7, 8, 9, 17, 64] {
             let len = blocks * 32;
             let row = quantize_q8(&rng.values(len, 0.5), 32);
             let xs: Vec<_> = (0..TOKENS_PER_PASS)
-                .map(|_| quantize_q8_serial(&rng.values(len, 2.0), 32))
+                .map(|_| quantize_q8_activation(&rng.values(len, 2.0), 32))
                 .collect();
             for n in 1..=TOKENS_PER_PASS {
                 let group: Vec<(&[i8], &[f32])> = xs[..n]
                     .iter()
                     .map(|q| (q.values.as_slice(), q.scales.as_slice()))
                     .collect();
-                // SAFETY: AVX2 checked above; whole blocks of 32 with their scales.
-                let got = unsafe { avx2::dots_q8_q8(&row.values, &row.scales, &group) };
-                for (k, x) in xs[..n].iter().enumerate() {
-                    let want = dot64(&x.dequantize(), &row.dequantize());
-                    assert!(
-                        (got[k] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{blocks} blocks, input {k}: {} vs {want}",
-                        got[k]
-                    );
+                for (name, kernel) in &kernels {
+                    // SAFETY: the CPU features checked above; whole blocks of 32 with their
+                    // scales.
+                    let got = unsafe { kernel(&row.values, &row.scales, &group) };
+                    for (k, x) in xs[..n].iter().enumerate() {
+                        let want = dot64(&x.dequantize(), &row.dequantize());
+                        assert!(
+                            (got[k] as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{name}: {blocks} blocks, input {k}: {} vs {want}",
+                            got[k]
+                        );
+                    }
+                    assert!(got[n..].iter().all(|&v| v == 0.0));
                 }
-                assert!(got[n..].iter().all(|&v| v == 0.0));
             }
         }
     }
@@ -1525,7 +1631,7 @@ mod tests {
                                 (&mut down, hidden * intermediate),
                             ] {
                                 let per = rows_len / q.block;
-                                q.scales[e * per..(e + 1) * per].fill(f32::NAN);
+                                q.scales[e * per..(e + 1) * per].fill(half::f16::NAN);
                                 q.values[e * rows_len..(e + 1) * rows_len].fill(i8::MAX);
                             }
                         }

@@ -16,7 +16,7 @@
 //! |---|---|
 //! | `lib.rs` | the traits, the tensor-level wrappers, the kernels' options |
 //! | [`reference`] | the burn-tensor-ops reference every backend can run (the traits' defaults; exact gradients under autodiff), a dense check and a host `f64` reference |
-//! | [`quant`] | q8 weights (block-wise symmetric int8): quantizer, block choice, [`quant::Q8Tensor`] (int8 values + `f32` scales as plain burn tensors) and the borrowed [`quant::Q8Matrix`] the host kernels read |
+//! | [`quant`] | q8 weights (block-wise symmetric int8): quantizer, block choice, [`quant::Q8Tensor`] (int8 values + `f16` scales as plain burn tensors) and the borrowed [`quant::Q8Matrix`] the host kernels read |
 //! | [`plan`] | [`DispatchPlan`] (kept pairs grouped by expert: what every path computes first) and [`MoeDims`] |
 //! | `ndarray.rs` (feature `ndarray`) | burn's `NdArray`: the host kernels on borrowed storage when few pairs per expert are kept, the reference otherwise |
 //! | [`flex`] (feature `flex`) | burn's `Flex`: the host kernels on `f32`, `bf16` or `f16` weights in place (activations `f32`), the reference otherwise |
@@ -205,7 +205,8 @@ pub fn grouped_experts_q8<B: GroupedExpertsBackend>(
 }
 
 /// The primitives of a q8 weight ([`quant::Q8Tensor`]): int8 `values` (an `I8` int tensor) and
-/// `f32` `scales`, one per block of consecutive values along the last dimension.
+/// `scales` (`f16`, or `f32` where the backend holds no `f16`), one per block of consecutive
+/// values along the last dimension.
 #[derive(Debug)]
 pub struct Q8Primitive<B: Backend> {
     /// `[.., C]` int8 values.

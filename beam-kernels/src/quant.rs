@@ -2,14 +2,26 @@
 //!
 //! A weight matrix `[rows, row_len]` (row-major, the `[out, in]` layout) is cut along each row
 //! into blocks of `block` consecutive values (32 where it divides the row, see
-//! [`q8_block_len`]); each block keeps one `f32` scale `s = max|w| / 127` and the values
-//! `q = round(w / s)` in `[-127, 127]`, so `w ≈ q · s` within `s / 2` (an all-zero block has
-//! scale 0): llama.cpp's `Q8_0` with an `f32` instead of an `f16` scale, and the values of burn's
-//! `Q8S` block scheme. Bytes per weight: `1 + 4 / block` (1.125 at block 32, against 2 for
-//! `bf16` and 4 for `f32`).
+//! [`q8_block_len`]); each block keeps one `f16` scale `s`, `max|w| / 127` rounded *up* to the
+//! next `f16`, and the values `q = round(w / s)` in `[-127, 127]`, so `w ≈ q · s` within `s / 2`
+//! (an all-zero block has scale 0): llama.cpp's `Q8_0` (same block, same `f16` scale) and the
+//! values of burn's `Q8S` block scheme. Bytes per weight: `1 + 2 / block` (1.0625 at block 32,
+//! against 2 for `bf16` and 4 for `f32`); decode streams these bytes, so the scale's width is
+//! speed (an `f32` scale made every token read 6% more).
+//!
+//! Rounding the scale up (not to nearest) keeps `|w / s| <= 127` for every block, so no value is
+//! clamped and the bound holds even where the scale is an `f16` subnormal (blocks with
+//! `max|w| < 7.8e-3`, whose scale then has less than 11 significant bits but still bounds the
+//! error by `s / 2`); blocks with `max|w| > 127 · 65504 ≈ 8.3e6` have no finite `f16` scale and
+//! quantize to an infinite one, as a non-finite value does: it shows up rather than being
+//! clamped away.
+//!
+//! Activations are quantized the same way per call ([`quantize_q8_activation`]) but keep an `f32`
+//! scale: they are not streamed, and the int8 dot then stays exact on the quantized values.
 //!
 //! In a model a q8 weight is a [`Q8Tensor`]: two plain burn tensors, the int8 values (an `I8`
-//! int tensor) and the scales (`f32`, `[.., C / block]`). Not burn's own quantized tensors: burn-flex
+//! int tensor) and the scales (`f16` where the backend holds `f16`, else `f32`, `[.., C /
+//! block]`). Not burn's own quantized tensors: burn-flex
 //! 0.21 keeps a quantized tensor's block scales in a `Vec` that every clone copies, and a module's
 //! parameter is cloned on each forward (`Param::val`), which cost more than the product (an
 //! OLMoE-shaped 4-layer model decoded at 7.3 tokens/s that way, against 20 in bf16); plain
@@ -18,6 +30,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use half::f16;
 use rayon::prelude::*;
 
 use crate::Q8Primitive;
@@ -44,18 +57,18 @@ pub fn q8_block_len(row_len: usize) -> Option<usize> {
         .find(|block| row_len.is_multiple_of(*block))
 }
 
-/// A borrowed q8 matrix: `values` row-major, one scale per `block` consecutive values (blocks
-/// never straddle rows when rows are whole blocks, which [`q8_block_len`] guarantees).
+/// A borrowed q8 matrix: `values` row-major, one `f16` scale per `block` consecutive values
+/// (blocks never straddle rows when rows are whole blocks, which [`q8_block_len`] guarantees).
 #[derive(Debug, Clone, Copy)]
 pub struct Q8Matrix<'a> {
     values: &'a [i8],
-    scales: &'a [f32],
+    scales: &'a [f16],
     block: usize,
 }
 
 impl<'a> Q8Matrix<'a> {
     /// `None` unless `block > 0`, `values` is whole blocks and `scales` has one per block.
-    pub fn new(values: &'a [i8], scales: &'a [f32], block: usize) -> Option<Self> {
+    pub fn new(values: &'a [i8], scales: &'a [f16], block: usize) -> Option<Self> {
         (block > 0 && values.len().is_multiple_of(block) && scales.len() == values.len() / block)
             .then_some(Self {
                 values,
@@ -70,7 +83,7 @@ impl<'a> Q8Matrix<'a> {
     }
 
     /// One scale per block.
-    pub fn scales(&self) -> &'a [f32] {
+    pub fn scales(&self) -> &'a [f16] {
         self.scales
     }
 
@@ -86,7 +99,7 @@ impl<'a> Q8Matrix<'a> {
         while at < range.end {
             // The rest of `at`'s block (whole blocks when the range starts on one).
             let block_end = ((at / self.block + 1) * self.block).min(range.end);
-            let scale = self.scales[at / self.block];
+            let scale = self.scales[at / self.block].to_f32();
             let len = block_end - at;
             for (o, &q) in out[written..written + len]
                 .iter_mut()
@@ -106,7 +119,7 @@ pub struct Q8Weights {
     /// The int8 values, row-major like the source.
     pub values: Vec<i8>,
     /// One scale per block of [`Self::block`] values.
-    pub scales: Vec<f32>,
+    pub scales: Vec<f16>,
     /// Values per block.
     pub block: usize,
 }
@@ -126,20 +139,35 @@ impl Q8Weights {
     }
 }
 
-/// Quantizes one block: its scale, and its values into `q` (see [`quantize_q8`]).
-fn quantize_block(wide: &[f32], q: &mut [i8]) -> f32 {
-    let max = wide.iter().fold(0.0f32, |m, &w| {
+/// The largest magnitude in `wide` (NaN if any value is NaN).
+fn block_max(wide: &[f32]) -> f32 {
+    wide.iter().fold(0.0f32, |m, &w| {
         if w.is_nan() || m.is_nan() {
             f32::NAN
         } else {
             m.max(w.abs())
         }
-    });
-    if max == 0.0 {
-        q.fill(0);
-        return 0.0;
+    })
+}
+
+/// The smallest `f16` at least `value` (`value` positive or NaN; infinite above `f16::MAX`).
+fn f16_at_least(value: f32) -> f16 {
+    let near = f16::from_f32(value);
+    if near.to_f32() >= value || value.is_nan() {
+        near
+    } else {
+        // Positive and finite below: the next f16 up is the next bit pattern.
+        f16::from_bits(near.to_bits() + 1)
     }
-    let scale = max / Q8_MAX;
+}
+
+/// Rounds `wide` to int8 in `q` with the given scale (see [`quantize_q8`]); `scale` is the
+/// block's, `|w / scale| <= 127` up to rounding.
+fn round_block(wide: &[f32], scale: f32, q: &mut [i8]) {
+    if scale == 0.0 {
+        q.fill(0);
+        return;
+    }
     let inverse = 1.0 / scale;
     for (q, &w) in q.iter_mut().zip(wide) {
         // Round half away from zero (`f32::round`, without its libm call: this loop
@@ -147,11 +175,50 @@ fn quantize_block(wide: &[f32], q: &mut [i8]) -> f32 {
         let v = w * inverse;
         *q = ((v + 0.5f32.copysign(v)) as i32).clamp(-127, 127) as i8;
     }
+}
+
+/// Quantizes one weight block: its `f16` scale (`max|w| / 127` rounded up), and its values
+/// into `q` (see [`quantize_q8`]).
+fn quantize_block(wide: &[f32], q: &mut [i8]) -> f16 {
+    let max = block_max(wide);
+    if max == 0.0 {
+        q.fill(0);
+        return f16::ZERO;
+    }
+    let scale = f16_at_least(max / Q8_MAX);
+    round_block(wide, scale.to_f32(), q);
     scale
 }
 
-/// [`quantize_q8`] of `f32` values on the calling thread (activations: a vector at a time).
-pub fn quantize_q8_serial(values: &[f32], block: usize) -> Q8Weights {
+/// An activation row quantized to q8 (see [`quantize_q8_activation`]): `f32` scales.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q8Activation {
+    /// The int8 values.
+    pub values: Vec<i8>,
+    /// One `f32` scale per block of [`Self::block`] values.
+    pub scales: Vec<f32>,
+    /// Values per block.
+    pub block: usize,
+}
+
+impl Q8Activation {
+    /// Every value dequantized: `q · s`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.values
+            .chunks_exact(self.block)
+            .zip(&self.scales)
+            .flat_map(|(q, &s)| q.iter().map(move |&q| q as f32 * s))
+            .collect()
+    }
+}
+
+/// Quantizes `f32` activations on the calling thread (a vector at a time, for the int8 dots):
+/// the weights' scheme with an `f32` scale `max|x| / 127` per block (not streamed, so not
+/// narrowed).
+///
+/// # Panics
+/// If `block` is 0 or does not divide `values.len()`.
+pub fn quantize_q8_activation(values: &[f32], block: usize) -> Q8Activation {
     assert!(
         block > 0 && values.len().is_multiple_of(block),
         "whole q8 blocks"
@@ -160,9 +227,13 @@ pub fn quantize_q8_serial(values: &[f32], block: usize) -> Q8Weights {
     let scales = values
         .chunks_exact(block)
         .zip(q.chunks_exact_mut(block))
-        .map(|(wide, q)| quantize_block(wide, q))
+        .map(|(wide, q)| {
+            let scale = block_max(wide) / Q8_MAX;
+            round_block(wide, scale, q);
+            scale
+        })
         .collect();
-    Q8Weights {
+    Q8Activation {
         values: q,
         scales,
         block,
@@ -173,8 +244,9 @@ pub fn quantize_q8_serial(values: &[f32], block: usize) -> Q8Weights {
 const QUANTIZE_CHUNK_BLOCKS: usize = 4096;
 
 /// Quantizes `values` (`f32`, `bf16` or `f16`, row-major) to q8 with blocks of `block` values:
-/// `s = max|w| / 127`, `q = round(w / s)` (0 and scale 0 for an all-zero block; a non-finite
-/// value makes its block's scale non-finite, so it shows up rather than being clamped away).
+/// `s = max|w| / 127` rounded up to an `f16`, `q = round(w / s)` (0 and scale 0 for an all-zero
+/// block; a non-finite value, or a block beyond `f16`'s range, makes its block's scale
+/// non-finite, so it shows up rather than being clamped away).
 ///
 /// # Panics
 /// If `block` is 0 or does not divide `values.len()` (callers pick it with [`q8_block_len`]).
@@ -183,7 +255,7 @@ pub fn quantize_q8<W: Copy + Send + Sync + Into<f32>>(values: &[W], block: usize
         values,
         block,
         vec![0i8; values.len()],
-        vec![0.0f32; values.len() / block.max(1)],
+        vec![f16::ZERO; values.len() / block.max(1)],
     )
 }
 
@@ -196,7 +268,7 @@ pub fn quantize_q8_into<W: Copy + Send + Sync + Into<f32>>(
     values: &[W],
     block: usize,
     mut q: Vec<i8>,
-    mut scales: Vec<f32>,
+    mut scales: Vec<f16>,
 ) -> Q8Weights {
     assert!(
         block > 0 && values.len().is_multiple_of(block),
@@ -231,8 +303,9 @@ pub fn quantize_q8_into<W: Copy + Send + Sync + Into<f32>>(
     }
 }
 
-/// A q8 weight as burn tensors: int8 `values` `[.., C]` (an `I8` int tensor) and `f32` `scales`
-/// `[.., C / block]` (one per block of `block` consecutive values of the last dimension).
+/// A q8 weight as burn tensors: int8 `values` `[.., C]` (an `I8` int tensor) and `scales`
+/// `[.., C / block]` (one per block of `block` consecutive values of the last dimension): `f16`
+/// as quantized where the backend holds `f16` tensors, else the same values in `f32`.
 #[derive(Debug, Clone)]
 pub struct Q8Tensor<B: Backend, const D: usize> {
     /// The int8 values.
@@ -256,9 +329,15 @@ impl<B: Backend, const D: usize> Q8Tensor<B, D> {
         );
         let mut scales_shape = shape;
         scales_shape[D - 1] = row_len / weights.block;
+        let scales = TensorData::new(weights.scales, scales_shape);
+        let scales = if B::supports_dtype(device, DType::F16) {
+            Tensor::from_data(scales, (device, DType::F16))
+        } else {
+            Tensor::from_data(scales.convert::<f32>(), device)
+        };
         Self {
             values: Tensor::from_data(TensorData::new(weights.values, shape), (device, DType::I8)),
-            scales: Tensor::from_data(TensorData::new(weights.scales, scales_shape), device),
+            scales,
         }
     }
 
@@ -278,8 +357,14 @@ impl<B: Backend, const D: usize> Q8Tensor<B, D> {
         let shape = self.values.dims();
         let block = self.block().max(1);
         let n = shape.iter().product::<usize>() / block;
-        let values = self.values.clone().float().reshape([n, block]);
-        (values * self.scales.clone().reshape([n, 1])).reshape(shape)
+        let values = self
+            .values
+            .clone()
+            .float()
+            .cast(DType::F32)
+            .reshape([n, block]);
+        let scales = self.scales.clone().cast(DType::F32).reshape([n, 1]);
+        (values * scales).reshape(shape)
     }
 
     /// Slice `index` of the first dimension, as a `D - 1`-dimensional tensor is not expressible
@@ -334,17 +419,18 @@ mod tests {
             source[block..2 * block].fill(0.0);
             let q = quantize_q8(&source, block);
             assert_eq!((q.values.len(), q.scales.len()), (len, len / block));
-            assert_eq!(q.scales[1], 0.0, "an all-zero block");
+            assert_eq!(q.scales[1], f16::ZERO, "an all-zero block");
             let back = q.dequantize();
             for (b, (src, got)) in source.chunks(block).zip(back.chunks(block)).enumerate() {
                 let max = src.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-                assert!((q.scales[b] - max / 127.0).abs() <= 1e-6 * max);
+                // The f16 at or just above max / 127 (one f16 step: 2^-10 relative).
+                let scale = q.scales[b].to_f32();
+                assert!(scale >= max / 127.0 && scale <= max / 127.0 * (1.0 + 1.0 / 1024.0));
                 for (&w, &g) in src.iter().zip(got) {
                     // Half a quantization step, plus f32 rounding of q · s.
                     assert!(
-                        (w - g).abs() <= q.scales[b] / 2.0 * (1.0 + 1e-5) + 1e-7,
-                        "block {b}: {w} -> {g} (scale {})",
-                        q.scales[b]
+                        (w - g).abs() <= scale / 2.0 * (1.0 + 1e-5) + 1e-7,
+                        "block {b}: {w} -> {g} (scale {scale})"
                     );
                 }
             }
@@ -369,6 +455,45 @@ mod tests {
         assert!(q.scales[0].is_finite() && q.scales[1].is_nan());
     }
 
+    #[test]
+    fn scales_round_up_so_tiny_and_huge_blocks_stay_within_the_bound_or_show() {
+        // Blocks whose scale is an f16 subnormal (max / 127 below 6.1e-5) or below the smallest
+        // one (6e-8): rounding up keeps every |w / s| <= 127, so nothing is clamped and the
+        // error stays within half the stored scale.
+        for magnitude in [3e-3f32, 2e-5, 1e-6, 1e-9] {
+            let source: Vec<f32> = values(64, 1.0).iter().map(|v| v * magnitude).collect();
+            let q = quantize_q8(&source, 32);
+            let back = q.dequantize();
+            for (b, (src, got)) in source.chunks(32).zip(back.chunks(32)).enumerate() {
+                let scale = q.scales[b].to_f32();
+                assert!(scale > 0.0, "a non-zero block keeps a non-zero scale");
+                for (&w, &g) in src.iter().zip(got) {
+                    assert!(
+                        (w - g).abs() <= scale / 2.0 * (1.0 + 1e-5),
+                        "magnitude {magnitude}: {w} -> {g} (scale {scale})"
+                    );
+                }
+            }
+        }
+        // Beyond f16's range: the scale is infinite, not clamped.
+        let mut source = values(32, 1.0);
+        source[3] = 1e7;
+        assert!(quantize_q8(&source, 32).scales[0].is_infinite());
+    }
+
+    #[test]
+    fn activations_keep_f32_scales() {
+        let source = values(64, 2.0);
+        let q = quantize_q8_activation(&source, 32);
+        for (b, src) in source.chunks(32).enumerate() {
+            let max = src.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+            assert_eq!(q.scales[b], max / 127.0);
+            for (&w, &v) in src.iter().zip(&q.values[b * 32..(b + 1) * 32]) {
+                assert!((w - v as f32 * q.scales[b]).abs() <= q.scales[b] / 2.0 * (1.0 + 1e-5));
+            }
+        }
+    }
+
     #[cfg(feature = "flex")]
     #[test]
     fn a_q8_tensor_dequantizes_with_tensor_ops_to_the_quantizer_values() {
@@ -378,6 +503,11 @@ mod tests {
         let tensor = Q8Tensor::<Flex, 3>::new(q, [2, 3, 48], &Default::default());
         assert_eq!(tensor.block(), 24);
         assert_eq!(tensor.values.dtype(), DType::I8);
+        assert_eq!(
+            tensor.scales.dtype(),
+            DType::F16,
+            "Flex holds the f16 scales as they are"
+        );
         assert_eq!(tensor.scales.dims(), [2, 3, 2]);
         let got = tensor.dequantize().into_data().to_vec::<f32>().unwrap();
         assert_eq!(got, want);

@@ -110,7 +110,7 @@ impl Quantization {
     /// Bytes per weight at the default block (int8 value + its share of the scale).
     pub fn bytes_per_weight(self) -> f64 {
         match self {
-            Self::Q8 => 1.0 + 4.0 / beam_kernels::quant::Q8_BLOCK as f64,
+            Self::Q8 => 1.0 + 2.0 / beam_kernels::quant::Q8_BLOCK as f64,
         }
     }
 }
@@ -186,7 +186,10 @@ pub fn held_as<B: Backend, const D: usize>(
     };
     // Huge-page-backed buffers (see `weight_buffer`): decode streams these values.
     let n = data.num_elements();
-    let (q, scales) = (weight_buffer::<i8>(n), weight_buffer::<f32>(n / block));
+    let (q, scales) = (
+        weight_buffer::<i8>(n),
+        weight_buffer::<half::f16>(n / block),
+    );
     let q = match data.dtype {
         DType::F32 => quantize_q8_into(
             data.as_slice::<f32>()

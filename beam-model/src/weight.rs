@@ -9,7 +9,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor};
 
-/// A weight of shape `[.., C]`: float, or q8 (one `f32` scale per block of consecutive values
+/// A weight of shape `[.., C]`: float, or q8 (one `f16` scale per block of consecutive values
 /// along `C`).
 #[derive(Module, Debug)]
 pub enum Weight<B: Backend, const D: usize> {
@@ -23,7 +23,7 @@ pub enum Weight<B: Backend, const D: usize> {
 ///
 /// # Shapes
 /// - `values`: the weight's shape `[.., C]` (`I8` int tensor)
-/// - `scales`: `[.., C / block]` (`f32`)
+/// - `scales`: `[.., C / block]` (`f16`; `f32` on a backend without `f16`)
 #[derive(Module, Debug)]
 pub struct Q8Param<B: Backend, const D: usize> {
     /// int8 values.

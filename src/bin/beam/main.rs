@@ -79,7 +79,7 @@ struct Common {
     #[arg(long)]
     dtype: Option<WeightDtype>,
     /// Quantize the linear weights (attention, experts, dense MLPs, LM head) at load: q8 is
-    /// block-wise int8 (blocks of 32, one f32 scale each), read in place by flex; other backends
+    /// block-wise int8 (blocks of 32, one f16 scale each), read in place by flex; other backends
     /// dequantize it once at load. Embeddings, norms and routers keep --dtype / f32.
     #[arg(long)]
     quantize: Option<Quantization>,
