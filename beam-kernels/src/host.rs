@@ -474,6 +474,24 @@ pub const GEMM_BLOCK_WEIGHTS: usize = 1 << 19;
 /// tens of microseconds, about what reading 1 M `f32` elements from cache costs one core.
 pub const PARALLEL_MIN_WEIGHTS: usize = 1 << 20;
 
+/// Runs `f` on a thread of rayon's global pool and returns its result (directly when the
+/// caller is one already).
+///
+/// The host kernels split each product over the pool. Called from a thread outside it (a
+/// program's main thread), every parallel call sends its work to the pool and puts the caller
+/// to sleep until it is done: on a decode step that is a sleep and a wake-up per matrix, and one
+/// thread more than there are cores. Run from a worker, the caller takes part in the work and
+/// nothing sleeps between products (llama.cpp's threads work the same way). The CLI runs every
+/// command on the host backends this way; a program calling the model in a loop can do the same.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    // From outside the pool, `scope` runs its closure on one of the pool's threads and blocks
+    // the caller until it returns.
+    rayon::scope(|_| f())
+}
+
 /// Independent accumulators per dot product: lets the compiler keep them in SIMD registers without
 /// reassociating floating-point sums (two 8-wide `f32` registers per token, enough independent
 /// chains to hide the multiply-add latency with a few tokens per pass).

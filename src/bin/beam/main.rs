@@ -173,9 +173,19 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // The commands run on the pool's threads (`on_pool` below): give them the main thread's
+    // usual stack rather than rayon's 2 MiB. Fails only if the pool already exists.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .build_global();
     let result = match cli.command.backend() {
-        BackendChoice::Flex => run::<burn::backend::Flex>(&cli.command, &Default::default()),
-        BackendChoice::Ndarray => run::<burn::backend::NdArray>(&cli.command, &Default::default()),
+        // On a thread of the host kernels' pool: see `beam_kernels::host::on_pool`.
+        BackendChoice::Flex => beam_kernels::host::on_pool(|| {
+            run::<burn::backend::Flex>(&cli.command, &Default::default())
+        }),
+        BackendChoice::Ndarray => beam_kernels::host::on_pool(|| {
+            run::<burn::backend::NdArray>(&cli.command, &Default::default())
+        }),
         BackendChoice::Wgpu => run_wgpu(&cli.command),
         BackendChoice::Cuda => run_cuda(&cli.command),
     };
