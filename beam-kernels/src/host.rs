@@ -1570,6 +1570,23 @@ mod tests {
     }
 
     #[test]
+    fn on_pool_runs_the_closure_on_a_pool_thread_and_returns_its_result() {
+        assert!(
+            rayon::current_thread_index().is_none(),
+            "tests run outside the pool"
+        );
+        let (inside, value) = on_pool(|| (rayon::current_thread_index(), 6 * 7));
+        assert!(inside.is_some(), "ran on one of the pool's threads");
+        assert_eq!(value, 42);
+        // Nested: already on the pool, it runs in place.
+        let nested = on_pool(|| {
+            let outer = rayon::current_thread_index();
+            on_pool(|| rayon::current_thread_index() == outer)
+        });
+        assert!(nested);
+    }
+
+    #[test]
     fn portable_q8_dots_match_the_simd_ones() {
         use crate::quant::quantize_q8;
         let mut rng = Rng(29);
