@@ -194,7 +194,8 @@ pub fn linear(x: &FlexTensor, weight: &FlexTensor) -> Option<FlexTensor> {
 }
 
 /// A q8 weight's int8 values and block scales in place, when the values are `I8` and the
-/// scales `f16` (as [`crate::quant::Q8Tensor::new`] puts them on Flex), both contiguous, with as many leading dimensions and whole blocks per row.
+/// scales `f16` (as [`crate::quant::Q8Tensor::new`] puts them on Flex), both contiguous, with as
+/// many leading dimensions and whole blocks per row.
 fn q8_matrix(q: &Q8Primitive<Flex>) -> Option<Q8Matrix<'_>> {
     let (shape, scales_shape) = (q.values.shape(), q.scales.shape());
     let (dims, scale_dims) = (shape.as_slice(), scales_shape.as_slice());

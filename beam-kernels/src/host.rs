@@ -319,14 +319,16 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
             );
             let blocks = row_len / block;
             let xs = quantized;
+            let dots_q8_q8 = avx2::dots_q8_q8();
             for (r, row) in rows.enumerate() {
                 let start = base + row * row_len;
                 let values = &self.values()[start..start + row_len];
                 let scales = &self.scales()[start / block..start / block + blocks];
                 for (pass, group) in xs.chunks(TOKENS_PER_PASS).enumerate() {
-                    // SAFETY: the CPU has AVX2, FMA and F16C; the row and every input are
+                    // SAFETY: the CPU has the kernel's features (`int8_inputs` checked AVX2,
+                    // FMA and F16C; `dots_q8_q8` checked VNNI); the row and every input are
                     // `blocks` whole blocks of 32 with one scale each.
-                    let dots = unsafe { avx2::dots_q8_q8(values, scales, group) };
+                    let dots = unsafe { dots_q8_q8(values, scales, group) };
                     for (n, &dot) in dots[..group.len()].iter().enumerate() {
                         emit(pass * TOKENS_PER_PASS + n, r, dot);
                     }
@@ -917,28 +919,27 @@ mod avx2 {
     }
 
     /// Dots of one q8 row (blocks of 32) with 1 to [`TOKENS_PER_PASS`] inputs quantized the same
-    /// way, in int8: per block, `|w| · sign(x, w)` summed in fours into `i32` lanes (AVX-512
-    /// VNNI's `vpdpbusd` where the CPU has it, else `maddubs` in pairs — no overflow: the values
-    /// lie in `[-127, 127]` — then `madd`), converted and scaled by `s_w · s_x`. The scale
-    /// products are made eight blocks at a time (F16C widens eight `f16` scales in one
-    /// instruction) before the blocks they scale: per block the loop is then the int8 dot, one
-    /// conversion and one FMA from a broadcast load, which keeps a core near the bytes it can
-    /// stream.
+    /// way, in int8 (the kernels [`dots_q8_q8`] picks from).
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; `values` and every input's values are
+    /// The CPU must have the kernel's target features; `values` and every input's values are
     /// `scales.len()` blocks of 32, each input with as many scales.
-    pub(super) unsafe fn dots_q8_q8(
-        values: &[i8],
-        scales: &[half::f16],
-        inputs: &[(&[i8], &[f32])],
-    ) -> [f32; TOKENS_PER_PASS] {
+    pub(super) type Q8Q8Kernel =
+        unsafe fn(&[i8], &[half::f16], &[(&[i8], &[f32])]) -> [f32; TOKENS_PER_PASS];
+
+    /// The int8 dot kernel for this CPU, chosen once per product rather than per row: per
+    /// block, `|w| · sign(x, w)` summed in fours into `i32` lanes (AVX-512 VNNI's `vpdpbusd`
+    /// where the CPU has it, else `maddubs` in pairs — no overflow: the values lie in
+    /// `[-127, 127]` — then `madd`), converted and scaled by `s_w · s_x`. The scale products are
+    /// made eight blocks at a time (F16C widens eight `f16` scales in one instruction) before the
+    /// blocks they scale: per block the loop is then the int8 dot, one conversion and one FMA
+    /// from a broadcast load, which keeps a core near the bytes it can stream. Callers must have
+    /// checked [`q8_available`] (AVX2, FMA, F16C).
+    pub(super) fn dots_q8_q8() -> Q8Q8Kernel {
         if vnni_available() {
-            // SAFETY: the caller's contract, and the CPU has AVX-512 VNNI and VL.
-            unsafe { dots_q8_q8_vnni(values, scales, inputs) }
+            dots_q8_q8_vnni
         } else {
-            // SAFETY: the caller's contract.
-            unsafe { dots_q8_q8_avx2(values, scales, inputs) }
+            dots_q8_q8_avx2
         }
     }
 
@@ -951,7 +952,7 @@ mod avx2 {
     macro_rules! q8_q8_fn {
         ($name:ident, $pass:ident, $features:literal, |$w:ident, $x:ident| $block_sums:expr) => {
             /// # Safety
-            /// As [`dots_q8_q8`], and the CPU has the target features.
+            /// As [`Q8Q8Kernel`], and the CPU has the target features.
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name(
                 values: &[i8],
@@ -1531,10 +1532,9 @@ mod tests {
         if !avx2::q8_available() {
             return;
         }
-        type Kernel = unsafe fn(&[i8], &[half::f16], &[(&[i8], &[f32])]) -> [f32; TOKENS_PER_PASS];
-        // Both ways of taking a block's dot (the dispatcher picks one per CPU): each must
-        // give the exact product of the quantized values.
-        let mut kernels: Vec<(&str, Kernel)> = vec![("avx2", avx2::dots_q8_q8_avx2)];
+        // Both ways of taking a block's dot (`dots_q8_q8` picks one per CPU): each must give
+        // the exact product of the quantized values.
+        let mut kernels: Vec<(&str, avx2::Q8Q8Kernel)> = vec![("avx2", avx2::dots_q8_q8_avx2)];
         if avx2::vnni_available() {
             kernels.push(("avx512-vnni", avx2::dots_q8_q8_vnni));
         }
