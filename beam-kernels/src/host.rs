@@ -81,8 +81,14 @@ impl HostFloat for f32 {
     fn silu(self) -> Self {
         self / (1.0 + (-self).exp())
     }
-    /// AVX2 + FMA on x86-64 CPUs that have them (checked at run time), portable otherwise.
+    /// AVX-512 F, else AVX2 + FMA on x86-64 CPUs that have them (checked at run time),
+    /// portable otherwise.
     fn dots(row: &[Self], inputs: &[&[Self]]) -> [Self; TOKENS_PER_PASS] {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            // SAFETY: the CPU has AVX-512 F; `project` checked the lengths.
+            return unsafe { avx512::dots(row, inputs) };
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
             // SAFETY: the CPU has AVX2 and FMA; `project` checked the lengths.
@@ -130,10 +136,15 @@ impl<F: HostFloat> HostWeight<F> for F {
     }
 }
 
-/// `bf16` weights: AVX2 + FMA on x86-64 CPUs that have them (a `bf16` is the top half of an
-/// `f32`, so widening is a shift), portable otherwise.
+/// `bf16` weights: AVX-512 F, else AVX2 + FMA on x86-64 CPUs that have them (a `bf16` is the
+/// top half of an `f32`, so widening is a shift), portable otherwise.
 impl HostWeight<f32> for half::bf16 {
     fn dots(row: &[Self], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            // SAFETY: the CPU has AVX-512 F; `project` checked the lengths.
+            return unsafe { avx512::dots_bf16(row, inputs) };
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
             // SAFETY: the CPU has AVX2 and FMA; `project` checked the lengths.
@@ -149,9 +160,15 @@ impl HostWeight<f32> for half::bf16 {
     }
 }
 
-/// `f16` weights: AVX2 + FMA + F16C on x86-64 CPUs that have them, portable otherwise.
+/// `f16` weights: AVX-512 F, else AVX2 + FMA + F16C on x86-64 CPUs that have them, portable
+/// otherwise.
 impl HostWeight<f32> for half::f16 {
     fn dots(row: &[Self], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+        #[cfg(target_arch = "x86_64")]
+        if avx512::available() {
+            // SAFETY: the CPU has AVX-512 F; `project` checked the lengths.
+            return unsafe { avx512::dots_f16(row, inputs) };
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2::available() && std::is_x86_feature_detected!("f16c") {
             // SAFETY: the CPU has AVX2, FMA and F16C; `project` checked the lengths.
@@ -232,6 +249,15 @@ pub trait HostMatrix<F: HostFloat>: Copy + Send + Sync {
     fn quantize_inputs(&self, data: &[F], row_len: usize) -> Vec<crate::quant::Q8Activation> {
         let _ = (data, row_len);
         Vec::new()
+    }
+    /// Inputs per row block from which the block is a GEMM on a widened tile rather than
+    /// [`Self::project`]'s passes, for rows of `row_len` (every matrix takes the default,
+    /// [`GEMM_MIN_TOKENS`]; the hook is where a matrix whose passes beat the GEMM at any count
+    /// would say so — q8's int8 passes measured 1.5–1.9× faster for a 64-token prefill, but
+    /// round the prefill's activations too: docs/BENCHMARKS.md session 14).
+    fn gemm_min_tokens(&self, row_len: usize) -> usize {
+        let _ = row_len;
+        GEMM_MIN_TOKENS
     }
 }
 
@@ -443,7 +469,7 @@ fn block_product<F: HostFloat, M: HostMatrix<F>>(
 ) -> Vec<F> {
     let width = rows.len();
     let mut out = vec![F::ZERO; inputs.len() * width];
-    if inputs.len() < GEMM_MIN_TOKENS || row_len == 0 {
+    if inputs.len() < matrix.gemm_min_tokens(row_len) || row_len == 0 {
         matrix.project(base, row_len, rows, inputs, quantized, |n, r, dot| {
             out[n * width + r] = dot;
         });
@@ -567,7 +593,12 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
 
     // Gate+up: `act[p, i] = silu(gate_i · x_p) · (up_i · x_p)` for kept pair `p` (plan order).
     let x_quantized = gate_up.quantize_inputs(x, hidden);
-    let gate_up_blocks = row_blocks(plan, intermediate, 2 * hidden);
+    let gate_up_blocks = row_blocks(
+        plan,
+        intermediate,
+        2 * hidden,
+        gate_up.gemm_min_tokens(hidden),
+    );
     let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block| {
         let base = block.expert * 2 * intermediate * hidden;
         let inputs: Vec<&[F]> = token_of[block.pairs.clone()]
@@ -594,7 +625,12 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
     let act_quantized = down.quantize_inputs(&act, intermediate);
 
     // Down: `pair_rows[p, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
-    let down_blocks = row_blocks(plan, hidden, intermediate);
+    let down_blocks = row_blocks(
+        plan,
+        hidden,
+        intermediate,
+        down.gemm_min_tokens(intermediate),
+    );
     let out_blocks = map_blocks(&down_blocks, intermediate, |block| {
         let base = block.expert * hidden * intermediate;
         let inputs: Vec<&[F]> = block
@@ -684,24 +720,36 @@ fn assemble<F: HostFloat>(
 }
 
 /// Splits every expert that has kept pairs into row blocks (see [`blocks_of`]).
-fn row_blocks(plan: &DispatchPlan, rows_per_expert: usize, row_len: usize) -> Vec<RowBlock> {
+fn row_blocks(
+    plan: &DispatchPlan,
+    rows_per_expert: usize,
+    row_len: usize,
+    gemm_min_tokens: usize,
+) -> Vec<RowBlock> {
     plan.groups()
         .flat_map(|(expert, start, len)| {
-            blocks_of(expert, start..start + len, rows_per_expert, row_len)
+            blocks_of(
+                expert,
+                start..start + len,
+                rows_per_expert,
+                row_len,
+                gemm_min_tokens,
+            )
         })
         .collect()
 }
 
 /// `rows` output rows of `row_len` weight elements each, in blocks of about [`BLOCK_WEIGHTS`]
-/// elements (up to [`GEMM_BLOCK_WEIGHTS`] when the block will be a GEMM, but at least four blocks
-/// where there are rows for them), every block for `pairs`.
+/// elements (up to [`GEMM_BLOCK_WEIGHTS`] when the block will be a GEMM, from `gemm_min_tokens`
+/// pairs on, but at least four blocks where there are rows for them), every block for `pairs`.
 fn blocks_of(
     expert: usize,
     pairs: core::ops::Range<usize>,
     rows: usize,
     row_len: usize,
+    gemm_min_tokens: usize,
 ) -> impl Iterator<Item = RowBlock> {
-    let block_rows = if pairs.len() >= GEMM_MIN_TOKENS {
+    let block_rows = if pairs.len() >= gemm_min_tokens {
         (GEMM_BLOCK_WEIGHTS / row_len.max(1))
             .min(rows.div_ceil(4))
             .max(BLOCK_WEIGHTS / row_len.max(1))
@@ -774,15 +822,17 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
         return vec![F::ZERO; tokens * out_features];
     }
     let inputs: Vec<&[F]> = x.chunks_exact(in_features).collect();
-    // Every block gets all rows of `x`: from GEMM_MIN_TOKENS rows on they all take the GEMM,
-    // which reads `x` as it is.
-    let x_quantized = if tokens < GEMM_MIN_TOKENS {
+    // Every block gets all rows of `x`: from the matrix's GEMM threshold on they all take the
+    // GEMM, which reads `x` as it is.
+    let gemm_min_tokens = weight.gemm_min_tokens(in_features);
+    let x_quantized = if tokens < gemm_min_tokens {
         weight.quantize_inputs(x, in_features)
     } else {
         Vec::new()
     };
     let quantized = pick(&x_quantized, 0..tokens);
-    let blocks: Vec<RowBlock> = blocks_of(0, 0..tokens, out_features, in_features).collect();
+    let blocks: Vec<RowBlock> =
+        blocks_of(0, 0..tokens, out_features, in_features, gemm_min_tokens).collect();
     let block_outputs = map_blocks(&blocks, in_features, |block| {
         block_product(
             weight,
@@ -835,6 +885,29 @@ fn portable_dots<F: HostFloat>(row: &[F], inputs: &[&[F]]) -> [F; TOKENS_PER_PAS
     out
 }
 
+#[cfg(target_arch = "x86_64")]
+/// The dispatch from a slice of inputs to a fixed-size pass, for one weight type.
+macro_rules! dots_fn {
+    ($(#[$attr:meta])* $name:ident, $pass:ident, $weight:ty, $features:literal) => {
+        $(#[$attr])*
+        /// # Safety
+        /// The CPU must have the target features; every input is as long as `row`.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn $name(row: &[$weight], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+            let mut out = [0.0; TOKENS_PER_PASS];
+            // SAFETY (all arms): the caller's contract.
+            match *inputs {
+                [a] => out[..1].copy_from_slice(&unsafe { $pass(row, [a]) }),
+                [a, b] => out[..2].copy_from_slice(&unsafe { $pass(row, [a, b]) }),
+                [a, b, c] => out[..3].copy_from_slice(&unsafe { $pass(row, [a, b, c]) }),
+                [a, b, c, d] => out.copy_from_slice(&unsafe { $pass(row, [a, b, c, d]) }),
+                _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+            }
+            out
+        }
+    };
+}
+
 /// `f32` dots with AVX2 + FMA: two 8-wide accumulators per input (enough independent chains to
 /// cover the FMA latency with a few inputs), unaligned loads.
 #[cfg(target_arch = "x86_64")]
@@ -859,28 +932,6 @@ mod avx2 {
     #[inline]
     fn widen(scale: half::f16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(scale.to_bits()))))
-    }
-
-    /// The dispatch from a slice of inputs to a fixed-size pass, for one weight type.
-    macro_rules! dots_fn {
-        ($(#[$attr:meta])* $name:ident, $pass:ident, $weight:ty, $features:literal) => {
-            $(#[$attr])*
-            /// # Safety
-            /// The CPU must have the target features; every input is as long as `row`.
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(row: &[$weight], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
-                let mut out = [0.0; TOKENS_PER_PASS];
-                // SAFETY (all arms): the caller's contract.
-                match *inputs {
-                    [a] => out[..1].copy_from_slice(&unsafe { $pass(row, [a]) }),
-                    [a, b] => out[..2].copy_from_slice(&unsafe { $pass(row, [a, b]) }),
-                    [a, b, c] => out[..3].copy_from_slice(&unsafe { $pass(row, [a, b, c]) }),
-                    [a, b, c, d] => out.copy_from_slice(&unsafe { $pass(row, [a, b, c, d]) }),
-                    _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
-                }
-                out
-            }
-        };
     }
 
     /// One pass of `N` dots over `row`: 16 weights a step, loaded as two 8-wide `f32` registers
@@ -936,7 +987,9 @@ mod avx2 {
     /// from a broadcast load, which keeps a core near the bytes it can stream. Callers must have
     /// checked [`q8_available`] (AVX2, FMA, F16C).
     pub(super) fn dots_q8_q8() -> Q8Q8Kernel {
-        if vnni_available() {
+        if super::avx512::q8_available() {
+            super::avx512::dots_q8_q8
+        } else if vnni_available() {
             dots_q8_q8_vnni
         } else {
             dots_q8_q8_avx2
@@ -1220,6 +1273,220 @@ mod avx2 {
     }
 }
 
+/// The [`avx2`] kernels on 512-bit registers, chosen at run time on CPUs with AVX-512 (F for the
+/// float ones; BW and VNNI for the int8 one): twice the lanes per instruction and half the
+/// instructions per byte of weights, which counts most where the passes are compute-bound
+/// (several tokens per weight row: prefill) and less in single-token decode, which the bytes
+/// streamed bound. Same contracts and results as the [`avx2`] kernels up to the order of the
+/// `f32` sums (32 lanes instead of 16).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::TOKENS_PER_PASS;
+    use std::arch::x86_64::*;
+
+    /// Whether this CPU runs the float kernels ([`dots`], [`dots_bf16`], [`dots_f16`]).
+    pub(super) fn available() -> bool {
+        std::is_x86_feature_detected!("avx512f")
+    }
+
+    /// Whether this CPU runs [`dots_q8_q8`]: AVX-512 F, BW, VL and VNNI, with the AVX2, FMA and
+    /// F16C of its odd-block tail.
+    pub(super) fn q8_available() -> bool {
+        available()
+            && super::avx2::q8_available()
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512vnni")
+    }
+
+    /// One pass of `N` dots over `row`: 32 weights a step, loaded as two 16-wide `f32` registers
+    /// by `$load(pointer)`, two accumulators per input; the tail widened by `$widen`.
+    macro_rules! pass_fn {
+        ($name:ident, $weight:ty, $load:expr, $widen:expr) => {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn $name<const N: usize>(row: &[$weight], inputs: [&[f32]; N]) -> [f32; N] {
+                let len = row.len();
+                let body = len - len % 32;
+                let mut low = [_mm512_setzero_ps(); N];
+                let mut high = [_mm512_setzero_ps(); N];
+                let mut start = 0;
+                while start < body {
+                    // SAFETY: start + 32 <= body <= len, and every input has len elements.
+                    unsafe {
+                        let w = row.as_ptr().add(start);
+                        let (w_low, w_high) = ($load(w), $load(w.add(16)));
+                        for n in 0..N {
+                            let x = inputs[n].as_ptr().add(start);
+                            low[n] = _mm512_fmadd_ps(w_low, _mm512_loadu_ps(x), low[n]);
+                            high[n] = _mm512_fmadd_ps(w_high, _mm512_loadu_ps(x.add(16)), high[n]);
+                        }
+                    }
+                    start += 32;
+                }
+                let mut result = [0.0; N];
+                for n in 0..N {
+                    let sum = _mm512_reduce_add_ps(_mm512_add_ps(low[n], high[n]));
+                    result[n] =
+                        (body..len).fold(sum, |total, i| total + $widen(row[i]) * inputs[n][i]);
+                }
+                result
+            }
+        };
+    }
+
+    dots_fn!(
+        /// `f32` weights.
+        dots, pass, f32, "avx512f"
+    );
+    pass_fn!(pass, f32, |p: *const f32| _mm512_loadu_ps(p), |w: f32| w);
+
+    dots_fn!(
+        /// `bf16` weights, widened by shifting each into the top half of an `f32`.
+        dots_bf16, pass_bf16, half::bf16, "avx512f"
+    );
+    pass_fn!(
+        pass_bf16,
+        half::bf16,
+        |p: *const half::bf16| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+            _mm256_loadu_si256(p as *const __m256i)
+        ))),
+        |w: half::bf16| w.to_f32()
+    );
+
+    dots_fn!(
+        /// `f16` weights, widened by `vcvtph2ps`.
+        dots_f16, pass_f16, half::f16, "avx512f"
+    );
+    pass_fn!(
+        pass_f16,
+        half::f16,
+        |p: *const half::f16| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+        |w: half::f16| w.to_f32()
+    );
+
+    /// [`super::avx2::dots_q8_q8`]'s int8 dots two blocks of 32 at a time: `vpdpbusd` on 64
+    /// bytes gives block `b`'s sums in lanes 0–7 and block `b + 1`'s in lanes 8–15, scaled by one
+    /// register holding their two `s_w · s_x` (permuted from sixteen made at once); an odd last
+    /// block takes the 256-bit VNNI step.
+    ///
+    /// # Safety
+    /// As [`super::avx2::Q8Q8Kernel`], on a CPU with [`q8_available`]'s features.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn dots_q8_q8(
+        values: &[i8],
+        scales: &[half::f16],
+        inputs: &[(&[i8], &[f32])],
+    ) -> [f32; TOKENS_PER_PASS] {
+        let mut out = [0.0; TOKENS_PER_PASS];
+        // SAFETY (all arms): the caller's contract.
+        match *inputs {
+            [a] => out[..1].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a]) }),
+            [a, b] => out[..2].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b]) }),
+            [a, b, c] => {
+                out[..3].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b, c]) })
+            }
+            [a, b, c, d] => {
+                out.copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b, c, d]) })
+            }
+            _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn pass_q8_q8<const N: usize>(
+        values: &[i8],
+        scales: &[half::f16],
+        inputs: [(&[i8], &[f32]); N],
+    ) -> [f32; N] {
+        let blocks = scales.len();
+        assert_eq!(values.len(), blocks * 32);
+        for (x, s) in &inputs {
+            assert!(x.len() == blocks * 32 && s.len() == blocks);
+        }
+        let mut pairs = [_mm512_setzero_ps(); N];
+        let mut last = [_mm256_setzero_ps(); N];
+        // Lanes 0–7 pick product 0, lanes 8–15 product 1 (`set` lists the lanes high first).
+        let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut products = [[0.0f32; 16]; N];
+        let mut chunk = 0;
+        while chunk < blocks {
+            let len = (blocks - chunk).min(16);
+            if len == 16 {
+                // SAFETY: sixteen scales from `chunk` lie within both scale slices.
+                unsafe {
+                    let w = _mm512_cvtph_ps(_mm256_loadu_si256(
+                        scales.as_ptr().add(chunk) as *const __m256i
+                    ));
+                    for n in 0..N {
+                        let x = _mm512_loadu_ps(inputs[n].1.as_ptr().add(chunk));
+                        _mm512_storeu_ps(products[n].as_mut_ptr(), _mm512_mul_ps(w, x));
+                    }
+                }
+            } else {
+                for j in 0..len {
+                    let w = scales[chunk + j].to_f32();
+                    for n in 0..N {
+                        products[n][j] = w * inputs[n].1[chunk + j];
+                    }
+                }
+            }
+            // SAFETY: `products[n]` holds 16 floats.
+            let chunk_products: [__m512; N] =
+                core::array::from_fn(|n| unsafe { _mm512_loadu_ps(products[n].as_ptr()) });
+            let mut j = 0;
+            while j + 2 <= len {
+                let b = chunk + j;
+                // SAFETY: blocks b and b + 1 of 32 lie within the row and every input.
+                unsafe {
+                    let w = _mm512_loadu_si512(values.as_ptr().add(b * 32) as *const _);
+                    let abs_w = _mm512_abs_epi8(w);
+                    let negative = _mm512_movepi8_mask(w);
+                    let lanes = _mm512_add_epi32(halves, _mm512_set1_epi32(j as i32));
+                    for n in 0..N {
+                        let x = _mm512_loadu_si512(inputs[n].0.as_ptr().add(b * 32) as *const _);
+                        // `x · sign(w)`: negated where `w < 0` (the values lie in [-127, 127]).
+                        let signed_x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+                        let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), abs_w, signed_x);
+                        let scale = _mm512_permutexvar_ps(lanes, chunk_products[n]);
+                        pairs[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, pairs[n]);
+                    }
+                }
+                j += 2;
+            }
+            if j < len {
+                let b = chunk + j;
+                // SAFETY: block b of 32 lies within the row and every input.
+                unsafe {
+                    let w = _mm256_loadu_si256(values.as_ptr().add(b * 32) as *const __m256i);
+                    let abs_w = _mm256_sign_epi8(w, w);
+                    for n in 0..N {
+                        let x =
+                            _mm256_loadu_si256(inputs[n].0.as_ptr().add(b * 32) as *const __m256i);
+                        let sums = _mm256_dpbusd_epi32(
+                            _mm256_setzero_si256(),
+                            abs_w,
+                            _mm256_sign_epi8(x, w),
+                        );
+                        last[n] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(sums),
+                            _mm256_set1_ps(products[n][j]),
+                            last[n],
+                        );
+                    }
+                }
+            }
+            chunk += len;
+        }
+        let mut result = [0.0; N];
+        for n in 0..N {
+            result[n] =
+                _mm512_reduce_add_ps(_mm512_add_ps(pairs[n], _mm512_zextps256_ps512(last[n])));
+        }
+        result
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1381,7 +1648,7 @@ mod tests {
     #[test]
     fn blocks_cover_each_routed_expert_once() {
         let plan = DispatchPlan::from_ids(&[2, 0, 3, 2], 2, 3);
-        let blocks = row_blocks(&plan, 10, BLOCK_WEIGHTS / 4);
+        let blocks = row_blocks(&plan, 10, BLOCK_WEIGHTS / 4, GEMM_MIN_TOKENS);
         // Experts 0 and 2, rows in blocks of 4: 0..4, 4..8, 8..10.
         let covered: Vec<_> = blocks.iter().map(|b| (b.expert, b.rows.clone())).collect();
         assert_eq!(
@@ -1467,6 +1734,68 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_float_dots_match_an_f64_dot_of_the_widened_weights() {
+        // Every float kernel this CPU runs (AVX2 and AVX-512, f32, bf16 and f16 weights), on
+        // lengths with whole 16- and 32-weight steps and scalar tails, 1 to 4 inputs.
+        type Kernel<W> = unsafe fn(&[W], &[&[f32]]) -> [f32; TOKENS_PER_PASS];
+        let mut f32_kernels: Vec<(&str, Kernel<f32>)> = Vec::new();
+        let mut bf16_kernels: Vec<(&str, Kernel<half::bf16>)> = Vec::new();
+        let mut f16_kernels: Vec<(&str, Kernel<half::f16>)> = Vec::new();
+        if avx2::q8_available() {
+            f32_kernels.push(("avx2", avx2::dots));
+            bf16_kernels.push(("avx2", avx2::dots_bf16));
+            f16_kernels.push(("avx2", avx2::dots_f16));
+        }
+        if avx512::available() {
+            f32_kernels.push(("avx512", avx512::dots));
+            bf16_kernels.push(("avx512", avx512::dots_bf16));
+            f16_kernels.push(("avx512", avx512::dots_f16));
+        }
+        let mut rng = Rng(41);
+        for len in [1, 15, 16, 31, 32, 33, 47, 64, 100, 2048] {
+            let weights = rng.values(len, 1.0);
+            let inputs: Vec<Vec<f32>> =
+                (0..TOKENS_PER_PASS).map(|_| rng.values(len, 1.0)).collect();
+            let bf: Vec<half::bf16> = weights.iter().map(|&w| half::bf16::from_f32(w)).collect();
+            let hf: Vec<half::f16> = weights.iter().map(|&w| half::f16::from_f32(w)).collect();
+            for n in 1..=TOKENS_PER_PASS {
+                let group: Vec<&[f32]> = inputs[..n].iter().map(|v| v.as_slice()).collect();
+                let mut results: Vec<(String, [f32; TOKENS_PER_PASS], Vec<f32>)> = Vec::new();
+                for (name, kernel) in &f32_kernels {
+                    // SAFETY: the CPU features checked above; inputs as long as the row.
+                    let got = unsafe { kernel(&weights, &group) };
+                    results.push((format!("{name} f32"), got, weights.clone()));
+                }
+                for (name, kernel) in &bf16_kernels {
+                    // SAFETY: as above.
+                    let got = unsafe { kernel(&bf, &group) };
+                    let held = bf.iter().map(|w| w.to_f32()).collect();
+                    results.push((format!("{name} bf16"), got, held));
+                }
+                for (name, kernel) in &f16_kernels {
+                    // SAFETY: as above.
+                    let got = unsafe { kernel(&hf, &group) };
+                    let held = hf.iter().map(|w| w.to_f32()).collect();
+                    results.push((format!("{name} f16"), got, held));
+                }
+                for (name, got, held) in &results {
+                    for (k, input) in group.iter().enumerate() {
+                        let want = dot64(input, held);
+                        let bound = 1e-6 * len as f64 + 1e-5 * want.abs();
+                        assert!(
+                            (got[k] as f64 - want).abs() <= bound,
+                            "{name}, {len} weights, input {k}: {} vs {want}",
+                            got[k]
+                        );
+                    }
+                    assert!(got[n..].iter().all(|&v| v == 0.0), "unused outputs are 0");
+                }
+            }
+        }
+    }
+
     /// `f64` value of `Σ_i x[i] · w[i]`.
     fn dot64(x: &[f32], w: &[f32]) -> f64 {
         x.iter().zip(w).map(|(&x, &w)| x as f64 * w as f64).sum()
@@ -1536,11 +1865,14 @@ mod tests {
         // the exact product of the quantized values.
         let mut kernels: Vec<(&str, avx2::Q8Q8Kernel)> = vec![("avx2", avx2::dots_q8_q8_avx2)];
         if avx2::vnni_available() {
-            kernels.push(("avx512-vnni", avx2::dots_q8_q8_vnni));
+            kernels.push(("avx512-vnni (256-bit)", avx2::dots_q8_q8_vnni));
+        }
+        if avx512::q8_available() {
+            kernels.push(("avx512-vnni (512-bit)", avx512::dots_q8_q8));
         }
         let mut rng = Rng(37);
-        // Scale chunks of eight blocks: whole, partial, odd tails.
-        for blocks in [1, 2, 3, 7, 8, 9, 17, 64] {
+        // Scale chunks of eight (sixteen) blocks: whole, partial, odd tails.
+        for blocks in [1, 2, 3, 7, 8, 9, 15, 16, 17, 33, 64] {
             let len = blocks * 32;
             let row = quantize_q8(&rng.values(len, 0.5), 32);
             let xs: Vec<_> = (0..TOKENS_PER_PASS)
