@@ -250,15 +250,6 @@ pub trait HostMatrix<F: HostFloat>: Copy + Send + Sync {
         let _ = (data, row_len);
         Vec::new()
     }
-    /// Inputs per row block from which the block is a GEMM on a widened tile rather than
-    /// [`Self::project`]'s passes, for rows of `row_len` (every matrix takes the default,
-    /// [`GEMM_MIN_TOKENS`]; the hook is where a matrix whose passes beat the GEMM at any count
-    /// would say so — q8's int8 passes measured 1.5–1.9× faster for a 64-token prefill, but
-    /// round the prefill's activations too: docs/BENCHMARKS.md session 14).
-    fn gemm_min_tokens(&self, row_len: usize) -> usize {
-        let _ = row_len;
-        GEMM_MIN_TOKENS
-    }
 }
 
 impl<F: HostFloat, W: HostWeight<F>> HostMatrix<F> for &[W] {
@@ -469,7 +460,7 @@ fn block_product<F: HostFloat, M: HostMatrix<F>>(
 ) -> Vec<F> {
     let width = rows.len();
     let mut out = vec![F::ZERO; inputs.len() * width];
-    if inputs.len() < matrix.gemm_min_tokens(row_len) || row_len == 0 {
+    if inputs.len() < GEMM_MIN_TOKENS || row_len == 0 {
         matrix.project(base, row_len, rows, inputs, quantized, |n, r, dot| {
             out[n * width + r] = dot;
         });
@@ -593,12 +584,7 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
 
     // Gate+up: `act[p, i] = silu(gate_i · x_p) · (up_i · x_p)` for kept pair `p` (plan order).
     let x_quantized = gate_up.quantize_inputs(x, hidden);
-    let gate_up_blocks = row_blocks(
-        plan,
-        intermediate,
-        2 * hidden,
-        gate_up.gemm_min_tokens(hidden),
-    );
+    let gate_up_blocks = row_blocks(plan, intermediate, 2 * hidden);
     let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block| {
         let base = block.expert * 2 * intermediate * hidden;
         let inputs: Vec<&[F]> = token_of[block.pairs.clone()]
@@ -625,12 +611,7 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
     let act_quantized = down.quantize_inputs(&act, intermediate);
 
     // Down: `pair_rows[p, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
-    let down_blocks = row_blocks(
-        plan,
-        hidden,
-        intermediate,
-        down.gemm_min_tokens(intermediate),
-    );
+    let down_blocks = row_blocks(plan, hidden, intermediate);
     let out_blocks = map_blocks(&down_blocks, intermediate, |block| {
         let base = block.expert * hidden * intermediate;
         let inputs: Vec<&[F]> = block
@@ -720,36 +701,24 @@ fn assemble<F: HostFloat>(
 }
 
 /// Splits every expert that has kept pairs into row blocks (see [`blocks_of`]).
-fn row_blocks(
-    plan: &DispatchPlan,
-    rows_per_expert: usize,
-    row_len: usize,
-    gemm_min_tokens: usize,
-) -> Vec<RowBlock> {
+fn row_blocks(plan: &DispatchPlan, rows_per_expert: usize, row_len: usize) -> Vec<RowBlock> {
     plan.groups()
         .flat_map(|(expert, start, len)| {
-            blocks_of(
-                expert,
-                start..start + len,
-                rows_per_expert,
-                row_len,
-                gemm_min_tokens,
-            )
+            blocks_of(expert, start..start + len, rows_per_expert, row_len)
         })
         .collect()
 }
 
 /// `rows` output rows of `row_len` weight elements each, in blocks of about [`BLOCK_WEIGHTS`]
-/// elements (up to [`GEMM_BLOCK_WEIGHTS`] when the block will be a GEMM, from `gemm_min_tokens`
-/// pairs on, but at least four blocks where there are rows for them), every block for `pairs`.
+/// elements (up to [`GEMM_BLOCK_WEIGHTS`] when the block will be a GEMM, but at least four blocks
+/// where there are rows for them), every block for `pairs`.
 fn blocks_of(
     expert: usize,
     pairs: core::ops::Range<usize>,
     rows: usize,
     row_len: usize,
-    gemm_min_tokens: usize,
 ) -> impl Iterator<Item = RowBlock> {
-    let block_rows = if pairs.len() >= gemm_min_tokens {
+    let block_rows = if pairs.len() >= GEMM_MIN_TOKENS {
         (GEMM_BLOCK_WEIGHTS / row_len.max(1))
             .min(rows.div_ceil(4))
             .max(BLOCK_WEIGHTS / row_len.max(1))
@@ -822,17 +791,15 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
         return vec![F::ZERO; tokens * out_features];
     }
     let inputs: Vec<&[F]> = x.chunks_exact(in_features).collect();
-    // Every block gets all rows of `x`: from the matrix's GEMM threshold on they all take the
-    // GEMM, which reads `x` as it is.
-    let gemm_min_tokens = weight.gemm_min_tokens(in_features);
-    let x_quantized = if tokens < gemm_min_tokens {
+    // Every block gets all rows of `x`: from GEMM_MIN_TOKENS rows on they all take the GEMM,
+    // which reads `x` as it is.
+    let x_quantized = if tokens < GEMM_MIN_TOKENS {
         weight.quantize_inputs(x, in_features)
     } else {
         Vec::new()
     };
     let quantized = pick(&x_quantized, 0..tokens);
-    let blocks: Vec<RowBlock> =
-        blocks_of(0, 0..tokens, out_features, in_features, gemm_min_tokens).collect();
+    let blocks: Vec<RowBlock> = blocks_of(0, 0..tokens, out_features, in_features).collect();
     let block_outputs = map_blocks(&blocks, in_features, |block| {
         block_product(
             weight,
@@ -844,6 +811,35 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
         )
     });
     assemble(&blocks, &block_outputs, tokens, out_features)
+}
+
+/// `[$zero; TOKENS_PER_PASS]` holding `$call` (a pass over the fixed-size array `$group` of the
+/// 1 to [`TOKENS_PER_PASS`] `$inputs`) in its first elements: the dispatch from a slice of inputs
+/// to a const-generic pass, shared by every kernel.
+macro_rules! by_pass {
+    ($inputs:expr, $zero:expr, |$group:ident| $call:expr) => {{
+        let mut out = [$zero; TOKENS_PER_PASS];
+        match *$inputs {
+            [a] => {
+                let $group = [a];
+                out[..1].copy_from_slice(&$call)
+            }
+            [a, b] => {
+                let $group = [a, b];
+                out[..2].copy_from_slice(&$call)
+            }
+            [a, b, c] => {
+                let $group = [a, b, c];
+                out[..3].copy_from_slice(&$call)
+            }
+            [a, b, c, d] => {
+                let $group = [a, b, c, d];
+                out.copy_from_slice(&$call)
+            }
+            _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+        }
+        out
+    }};
 }
 
 /// Portable [`HostFloat::dots`]: [`LANES`] partial sums per dot, combined pairwise at the end.
@@ -874,15 +870,7 @@ fn portable_dots<F: HostFloat>(row: &[F], inputs: &[&[F]]) -> [F; TOKENS_PER_PAS
         }
         result
     }
-    let mut out = [F::ZERO; TOKENS_PER_PASS];
-    match *inputs {
-        [a] => out[..1].copy_from_slice(&pass(row, [a])),
-        [a, b] => out[..2].copy_from_slice(&pass(row, [a, b])),
-        [a, b, c] => out[..3].copy_from_slice(&pass(row, [a, b, c])),
-        [a, b, c, d] => out.copy_from_slice(&pass(row, [a, b, c, d])),
-        _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
-    }
-    out
+    by_pass!(inputs, F::ZERO, |group| pass(row, group))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -894,16 +882,49 @@ macro_rules! dots_fn {
         /// The CPU must have the target features; every input is as long as `row`.
         #[target_feature(enable = $features)]
         pub(super) unsafe fn $name(row: &[$weight], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
-            let mut out = [0.0; TOKENS_PER_PASS];
-            // SAFETY (all arms): the caller's contract.
-            match *inputs {
-                [a] => out[..1].copy_from_slice(&unsafe { $pass(row, [a]) }),
-                [a, b] => out[..2].copy_from_slice(&unsafe { $pass(row, [a, b]) }),
-                [a, b, c] => out[..3].copy_from_slice(&unsafe { $pass(row, [a, b, c]) }),
-                [a, b, c, d] => out.copy_from_slice(&unsafe { $pass(row, [a, b, c, d]) }),
-                _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
+            // SAFETY: the caller's contract.
+            by_pass!(inputs, 0.0, |group| unsafe { $pass(row, group) })
+        }
+    };
+}
+
+/// One pass of `N` dots over `row`: `2 · $lanes` weights a step, loaded as two `$lanes`-wide
+/// `f32` registers by `$load(pointer)`, two accumulators per input; the tail widened by
+/// `$widen`. `[$zero, $fma, $load_x]` are the register width's zero, FMA and unaligned `f32` load;
+/// the two accumulators are summed by the module's `sum_lanes`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! pass_fn {
+    (
+        $name:ident, $weight:ty, $features:literal, $lanes:literal,
+        [$zero:path, $fma:path, $load_x:path], $load:expr, $widen:expr
+    ) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const N: usize>(row: &[$weight], inputs: [&[f32]; N]) -> [f32; N] {
+            let len = row.len();
+            let step = 2 * $lanes;
+            let body = len - len % step;
+            let mut low = [$zero(); N];
+            let mut high = [$zero(); N];
+            let mut start = 0;
+            while start < body {
+                // SAFETY: start + step <= body <= len, and every input has len elements.
+                unsafe {
+                    let w = row.as_ptr().add(start);
+                    let (w_low, w_high) = ($load(w), $load(w.add($lanes)));
+                    for n in 0..N {
+                        let x = inputs[n].as_ptr().add(start);
+                        low[n] = $fma(w_low, $load_x(x), low[n]);
+                        high[n] = $fma(w_high, $load_x(x.add($lanes)), high[n]);
+                    }
+                }
+                start += step;
             }
-            out
+            let mut result = [0.0; N];
+            for n in 0..N {
+                let sum = sum_lanes(low[n], high[n]);
+                result[n] = (body..len).fold(sum, |total, i| total + $widen(row[i]) * inputs[n][i]);
+            }
+            result
         }
     };
 }
@@ -930,43 +951,8 @@ mod avx2 {
     /// every call).
     #[target_feature(enable = "f16c")]
     #[inline]
-    fn widen(scale: half::f16) -> f32 {
+    pub(super) fn widen(scale: half::f16) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(scale.to_bits()))))
-    }
-
-    /// One pass of `N` dots over `row`: 16 weights a step, loaded as two 8-wide `f32` registers
-    /// by `$load(pointer)`, two accumulators per input; the tail widened by `$widen`.
-    macro_rules! pass_fn {
-        ($name:ident, $weight:ty, $features:literal, $load:expr, $widen:expr) => {
-            #[target_feature(enable = $features)]
-            unsafe fn $name<const N: usize>(row: &[$weight], inputs: [&[f32]; N]) -> [f32; N] {
-                let len = row.len();
-                let body = len - len % 16;
-                let mut low = [_mm256_setzero_ps(); N];
-                let mut high = [_mm256_setzero_ps(); N];
-                let mut start = 0;
-                while start < body {
-                    // SAFETY: start + 16 <= body <= len, and every input has len elements.
-                    unsafe {
-                        let w = row.as_ptr().add(start);
-                        let (w_low, w_high) = ($load(w), $load(w.add(8)));
-                        for n in 0..N {
-                            let x = inputs[n].as_ptr().add(start);
-                            low[n] = _mm256_fmadd_ps(w_low, _mm256_loadu_ps(x), low[n]);
-                            high[n] = _mm256_fmadd_ps(w_high, _mm256_loadu_ps(x.add(8)), high[n]);
-                        }
-                    }
-                    start += 16;
-                }
-                let mut result = [0.0; N];
-                for n in 0..N {
-                    let sum = sum_lanes(low[n], high[n]);
-                    result[n] =
-                        (body..len).fold(sum, |total, i| total + $widen(row[i]) * inputs[n][i]);
-                }
-                result
-            }
-        };
     }
 
     /// Dots of one q8 row (blocks of 32) with 1 to [`TOKENS_PER_PASS`] inputs quantized the same
@@ -1012,20 +998,8 @@ mod avx2 {
                 scales: &[half::f16],
                 inputs: &[(&[i8], &[f32])],
             ) -> [f32; TOKENS_PER_PASS] {
-                let mut out = [0.0; TOKENS_PER_PASS];
-                // SAFETY (all arms): the caller's contract.
-                match *inputs {
-                    [a] => out[..1].copy_from_slice(&unsafe { $pass(values, scales, [a]) }),
-                    [a, b] => out[..2].copy_from_slice(&unsafe { $pass(values, scales, [a, b]) }),
-                    [a, b, c] => {
-                        out[..3].copy_from_slice(&unsafe { $pass(values, scales, [a, b, c]) })
-                    }
-                    [a, b, c, d] => {
-                        out.copy_from_slice(&unsafe { $pass(values, scales, [a, b, c, d]) })
-                    }
-                    _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
-                }
-                out
+                // SAFETY: the caller's contract.
+                by_pass!(inputs, 0.0, |group| unsafe { $pass(values, scales, group) })
             }
 
             #[target_feature(enable = $features)]
@@ -1158,6 +1132,8 @@ mod avx2 {
         pass,
         f32,
         "avx2,fma",
+        8,
+        [_mm256_setzero_ps, _mm256_fmadd_ps, _mm256_loadu_ps],
         |p: *const f32| _mm256_loadu_ps(p),
         |w: f32| w
     );
@@ -1170,6 +1146,8 @@ mod avx2 {
         pass_bf16,
         half::bf16,
         "avx2,fma",
+        8,
+        [_mm256_setzero_ps, _mm256_fmadd_ps, _mm256_loadu_ps],
         |p: *const half::bf16| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
             _mm_loadu_si128(p as *const __m128i)
         ))),
@@ -1184,6 +1162,8 @@ mod avx2 {
         pass_f16,
         half::f16,
         "avx2,fma,f16c",
+        8,
+        [_mm256_setzero_ps, _mm256_fmadd_ps, _mm256_loadu_ps],
         |p: *const half::f16| _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
         |w: half::f16| w.to_f32()
     );
@@ -1201,20 +1181,10 @@ mod avx2 {
         block: usize,
         inputs: &[&[f32]],
     ) -> [f32; TOKENS_PER_PASS] {
-        let mut out = [0.0; TOKENS_PER_PASS];
-        // SAFETY (all arms): the caller's contract.
-        match *inputs {
-            [a] => out[..1].copy_from_slice(&unsafe { pass_q8(values, scales, block, [a]) }),
-            [a, b] => out[..2].copy_from_slice(&unsafe { pass_q8(values, scales, block, [a, b]) }),
-            [a, b, c] => {
-                out[..3].copy_from_slice(&unsafe { pass_q8(values, scales, block, [a, b, c]) })
-            }
-            [a, b, c, d] => {
-                out.copy_from_slice(&unsafe { pass_q8(values, scales, block, [a, b, c, d]) })
-            }
-            _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
-        }
-        out
+        // SAFETY: the caller's contract.
+        by_pass!(inputs, 0.0, |group| unsafe {
+            pass_q8(values, scales, block, group)
+        })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1299,46 +1269,25 @@ mod avx512 {
             && std::is_x86_feature_detected!("avx512vnni")
     }
 
-    /// One pass of `N` dots over `row`: 32 weights a step, loaded as two 16-wide `f32` registers
-    /// by `$load(pointer)`, two accumulators per input; the tail widened by `$widen`.
-    macro_rules! pass_fn {
-        ($name:ident, $weight:ty, $load:expr, $widen:expr) => {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn $name<const N: usize>(row: &[$weight], inputs: [&[f32]; N]) -> [f32; N] {
-                let len = row.len();
-                let body = len - len % 32;
-                let mut low = [_mm512_setzero_ps(); N];
-                let mut high = [_mm512_setzero_ps(); N];
-                let mut start = 0;
-                while start < body {
-                    // SAFETY: start + 32 <= body <= len, and every input has len elements.
-                    unsafe {
-                        let w = row.as_ptr().add(start);
-                        let (w_low, w_high) = ($load(w), $load(w.add(16)));
-                        for n in 0..N {
-                            let x = inputs[n].as_ptr().add(start);
-                            low[n] = _mm512_fmadd_ps(w_low, _mm512_loadu_ps(x), low[n]);
-                            high[n] = _mm512_fmadd_ps(w_high, _mm512_loadu_ps(x.add(16)), high[n]);
-                        }
-                    }
-                    start += 32;
-                }
-                let mut result = [0.0; N];
-                for n in 0..N {
-                    let sum = _mm512_reduce_add_ps(_mm512_add_ps(low[n], high[n]));
-                    result[n] =
-                        (body..len).fold(sum, |total, i| total + $widen(row[i]) * inputs[n][i]);
-                }
-                result
-            }
-        };
+    /// The 32 lanes of two accumulators summed (`_mm512_reduce_add_ps`'s fixed tree order).
+    #[target_feature(enable = "avx512f")]
+    fn sum_lanes(a: __m512, b: __m512) -> f32 {
+        _mm512_reduce_add_ps(_mm512_add_ps(a, b))
     }
 
     dots_fn!(
         /// `f32` weights.
         dots, pass, f32, "avx512f"
     );
-    pass_fn!(pass, f32, |p: *const f32| _mm512_loadu_ps(p), |w: f32| w);
+    pass_fn!(
+        pass,
+        f32,
+        "avx512f",
+        16,
+        [_mm512_setzero_ps, _mm512_fmadd_ps, _mm512_loadu_ps],
+        |p: *const f32| _mm512_loadu_ps(p),
+        |w: f32| w
+    );
 
     dots_fn!(
         /// `bf16` weights, widened by shifting each into the top half of an `f32`.
@@ -1347,6 +1296,9 @@ mod avx512 {
     pass_fn!(
         pass_bf16,
         half::bf16,
+        "avx512f",
+        16,
+        [_mm512_setzero_ps, _mm512_fmadd_ps, _mm512_loadu_ps],
         |p: *const half::bf16| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
             _mm256_loadu_si256(p as *const __m256i)
         ))),
@@ -1360,6 +1312,9 @@ mod avx512 {
     pass_fn!(
         pass_f16,
         half::f16,
+        "avx512f",
+        16,
+        [_mm512_setzero_ps, _mm512_fmadd_ps, _mm512_loadu_ps],
         |p: *const half::f16| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
         |w: half::f16| w.to_f32()
     );
@@ -1377,20 +1332,10 @@ mod avx512 {
         scales: &[half::f16],
         inputs: &[(&[i8], &[f32])],
     ) -> [f32; TOKENS_PER_PASS] {
-        let mut out = [0.0; TOKENS_PER_PASS];
-        // SAFETY (all arms): the caller's contract.
-        match *inputs {
-            [a] => out[..1].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a]) }),
-            [a, b] => out[..2].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b]) }),
-            [a, b, c] => {
-                out[..3].copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b, c]) })
-            }
-            [a, b, c, d] => {
-                out.copy_from_slice(&unsafe { pass_q8_q8(values, scales, [a, b, c, d]) })
-            }
-            _ => unreachable!("passes hold 1 to {TOKENS_PER_PASS} inputs"),
-        }
-        out
+        // SAFETY: the caller's contract.
+        by_pass!(inputs, 0.0, |group| unsafe {
+            pass_q8_q8(values, scales, group)
+        })
     }
 
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -1425,7 +1370,7 @@ mod avx512 {
                 }
             } else {
                 for j in 0..len {
-                    let w = scales[chunk + j].to_f32();
+                    let w = super::avx2::widen(scales[chunk + j]);
                     for n in 0..N {
                         products[n][j] = w * inputs[n].1[chunk + j];
                     }
@@ -1648,7 +1593,7 @@ mod tests {
     #[test]
     fn blocks_cover_each_routed_expert_once() {
         let plan = DispatchPlan::from_ids(&[2, 0, 3, 2], 2, 3);
-        let blocks = row_blocks(&plan, 10, BLOCK_WEIGHTS / 4, GEMM_MIN_TOKENS);
+        let blocks = row_blocks(&plan, 10, BLOCK_WEIGHTS / 4);
         // Experts 0 and 2, rows in blocks of 4: 0..4, 4..8, 8..10.
         let covered: Vec<_> = blocks.iter().map(|b| (b.expert, b.rows.clone())).collect();
         assert_eq!(
