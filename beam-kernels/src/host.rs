@@ -250,6 +250,14 @@ pub trait HostMatrix<F: HostFloat>: Copy + Send + Sync {
         let _ = (data, row_len);
         Vec::new()
     }
+    /// Inputs per row block from which the block is a GEMM on a widened tile rather than
+    /// [`Self::project`]'s passes, for rows of `row_len`: [`GEMM_MIN_TOKENS`] by default; never
+    /// for q8 weights with int8 inputs, whose int8 passes beat widening the tile at every token
+    /// count (1.2–2.2× the prefill tokens/s: docs/BENCHMARKS.md, session 15).
+    fn gemm_min_tokens(&self, row_len: usize) -> usize {
+        let _ = row_len;
+        GEMM_MIN_TOKENS
+    }
 }
 
 impl<F: HostFloat, W: HostWeight<F>> HostMatrix<F> for &[W] {
@@ -356,6 +364,13 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
         let _ = (quantized, block);
         project_by_dots(self, base, row_len, rows, inputs, emit)
     }
+    fn gemm_min_tokens(&self, row_len: usize) -> usize {
+        if self.int8_inputs(row_len) {
+            usize::MAX
+        } else {
+            GEMM_MIN_TOKENS
+        }
+    }
     fn quantize_inputs(&self, data: &[f32], row_len: usize) -> Vec<crate::quant::Q8Activation> {
         if !self.int8_inputs(row_len) {
             return Vec::new();
@@ -448,8 +463,8 @@ pub const GEMM_MIN_TOKENS: usize = 8;
 
 /// `out[n, r] = rows[r] · inputs[n]` for the `row_len`-element weight rows `rows` of `matrix`
 /// (row `r` starting at element `base + r · row_len`),
-/// `[inputs, rows]` row-major: dot passes for few inputs, a small GEMM from
-/// [`GEMM_MIN_TOKENS`] on.
+/// `[inputs, rows]` row-major: dot passes for few inputs, a small GEMM from the matrix's
+/// [`HostMatrix::gemm_min_tokens`] on.
 fn block_product<F: HostFloat, M: HostMatrix<F>>(
     matrix: M,
     base: usize,
@@ -460,7 +475,7 @@ fn block_product<F: HostFloat, M: HostMatrix<F>>(
 ) -> Vec<F> {
     let width = rows.len();
     let mut out = vec![F::ZERO; inputs.len() * width];
-    if inputs.len() < GEMM_MIN_TOKENS || row_len == 0 {
+    if inputs.len() < matrix.gemm_min_tokens(row_len) || row_len == 0 {
         matrix.project(base, row_len, rows, inputs, quantized, |n, r, dot| {
             out[n * width + r] = dot;
         });
@@ -584,7 +599,12 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
 
     // Gate+up: `act[p, i] = silu(gate_i · x_p) · (up_i · x_p)` for kept pair `p` (plan order).
     let x_quantized = gate_up.quantize_inputs(x, hidden);
-    let gate_up_blocks = row_blocks(plan, intermediate, 2 * hidden);
+    let gate_up_blocks = row_blocks(
+        plan,
+        intermediate,
+        2 * hidden,
+        gate_up.gemm_min_tokens(hidden),
+    );
     let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block| {
         let base = block.expert * 2 * intermediate * hidden;
         let inputs: Vec<&[F]> = token_of[block.pairs.clone()]
@@ -611,7 +631,12 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
     let act_quantized = down.quantize_inputs(&act, intermediate);
 
     // Down: `pair_rows[p, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
-    let down_blocks = row_blocks(plan, hidden, intermediate);
+    let down_blocks = row_blocks(
+        plan,
+        hidden,
+        intermediate,
+        down.gemm_min_tokens(intermediate),
+    );
     let out_blocks = map_blocks(&down_blocks, intermediate, |block| {
         let base = block.expert * hidden * intermediate;
         let inputs: Vec<&[F]> = block
@@ -701,24 +726,36 @@ fn assemble<F: HostFloat>(
 }
 
 /// Splits every expert that has kept pairs into row blocks (see [`blocks_of`]).
-fn row_blocks(plan: &DispatchPlan, rows_per_expert: usize, row_len: usize) -> Vec<RowBlock> {
+fn row_blocks(
+    plan: &DispatchPlan,
+    rows_per_expert: usize,
+    row_len: usize,
+    gemm_min_tokens: usize,
+) -> Vec<RowBlock> {
     plan.groups()
         .flat_map(|(expert, start, len)| {
-            blocks_of(expert, start..start + len, rows_per_expert, row_len)
+            blocks_of(
+                expert,
+                start..start + len,
+                rows_per_expert,
+                row_len,
+                gemm_min_tokens,
+            )
         })
         .collect()
 }
 
 /// `rows` output rows of `row_len` weight elements each, in blocks of about [`BLOCK_WEIGHTS`]
-/// elements (up to [`GEMM_BLOCK_WEIGHTS`] when the block will be a GEMM, but at least four blocks
-/// where there are rows for them), every block for `pairs`.
+/// elements (up to [`GEMM_BLOCK_WEIGHTS`] when the block will be a GEMM, from `gemm_min_tokens`
+/// pairs on, but at least four blocks where there are rows for them), every block for `pairs`.
 fn blocks_of(
     expert: usize,
     pairs: core::ops::Range<usize>,
     rows: usize,
     row_len: usize,
+    gemm_min_tokens: usize,
 ) -> impl Iterator<Item = RowBlock> {
-    let block_rows = if pairs.len() >= GEMM_MIN_TOKENS {
+    let block_rows = if pairs.len() >= gemm_min_tokens {
         (GEMM_BLOCK_WEIGHTS / row_len.max(1))
             .min(rows.div_ceil(4))
             .max(BLOCK_WEIGHTS / row_len.max(1))
@@ -791,15 +828,17 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
         return vec![F::ZERO; tokens * out_features];
     }
     let inputs: Vec<&[F]> = x.chunks_exact(in_features).collect();
-    // Every block gets all rows of `x`: from GEMM_MIN_TOKENS rows on they all take the GEMM,
-    // which reads `x` as it is.
-    let x_quantized = if tokens < GEMM_MIN_TOKENS {
+    // Every block gets all rows of `x`: from the matrix's GEMM threshold on they all take the
+    // GEMM, which reads `x` as it is.
+    let gemm_min_tokens = weight.gemm_min_tokens(in_features);
+    let x_quantized = if tokens < gemm_min_tokens {
         weight.quantize_inputs(x, in_features)
     } else {
         Vec::new()
     };
     let quantized = pick(&x_quantized, 0..tokens);
-    let blocks: Vec<RowBlock> = blocks_of(0, 0..tokens, out_features, in_features).collect();
+    let blocks: Vec<RowBlock> =
+        blocks_of(0, 0..tokens, out_features, in_features, gemm_min_tokens).collect();
     let block_outputs = map_blocks(&blocks, in_features, |block| {
         block_product(
             weight,
@@ -1593,7 +1632,7 @@ mod tests {
     #[test]
     fn blocks_cover_each_routed_expert_once() {
         let plan = DispatchPlan::from_ids(&[2, 0, 3, 2], 2, 3);
-        let blocks = row_blocks(&plan, 10, BLOCK_WEIGHTS / 4);
+        let blocks = row_blocks(&plan, 10, BLOCK_WEIGHTS / 4, GEMM_MIN_TOKENS);
         // Experts 0 and 2, rows in blocks of 4: 0..4, 4..8, 8..10.
         let covered: Vec<_> = blocks.iter().map(|b| (b.expert, b.rows.clone())).collect();
         assert_eq!(
@@ -1768,9 +1807,9 @@ mod tests {
             let dequantized = q.dequantize();
             let got = linear(&x, q.matrix(), in_features, out_features);
             assert_eq!(got.len(), tokens * out_features);
-            // Blocks of 32 with fewer than GEMM_MIN_TOKENS rows take the int8-activation dots
-            // on AVX2 CPUs: each activation is off by at most half its block's step.
-            let int8_activations = block == Q8_BLOCK && tokens < GEMM_MIN_TOKENS;
+            // Blocks of 32 take the int8-activation dots at every row count on AVX2 CPUs (no
+            // GEMM: `gemm_min_tokens`): each activation is off by at most half its block's step.
+            let int8_activations = block == Q8_BLOCK;
             for t in 0..tokens {
                 let input = &x[t * in_features..(t + 1) * in_features];
                 let steps: Vec<f64> = input
