@@ -13,7 +13,8 @@
 //!   [`LINEAR_MAX_ROWS`] rows; above, Flex's `matmul` on the transposed view (no copy);
 //! - q8 weights ([`crate::quant`]: `I8` values and `f16` scales) always take the host kernels
 //!   ([`masked_moe_q8`], [`linear_q8`]): int8 dots with the activations quantized once per call
-//!   for few tokens per row block, dequantized tiles and the GEMM for many. Flex therefore says
+//!   (blocks of 32 on AVX2 CPUs, at every token count), dequantized tiles and the GEMM for many
+//!   tokens per row block otherwise. Flex therefore says
 //!   `q8_in_place() == true`, and the model loader hands it the int8 blocks.
 //!
 //! Anything else (activations in a 16-bit dtype, mixed activation dtypes) runs the reference,
@@ -216,9 +217,8 @@ fn q8_matrix(q: &Q8Primitive<Flex>) -> Option<Q8Matrix<'_>> {
 
 /// [`masked_moe`] with q8 expert weights: `Some(output)` from the host kernels when `x` and the
 /// routing weights are `f32` and both weights are contiguous `I8` values with `f16` scales, rows
-/// of whole blocks (always, whatever the pairs
-/// per expert: many tokens per expert go through dequantized tiles and the GEMM); `None` for the
-/// reference. Only kept experts' blocks (values and scales) are read.
+/// of whole blocks (always, whatever the pairs per expert: int8 passes, or dequantized tiles and
+/// the GEMM where the rows cannot take int8 inputs); `None` for the reference. Only kept experts' blocks (values and scales) are read.
 ///
 /// # Shapes
 /// As [`GroupedExpertsBackend::grouped_experts`].
@@ -322,10 +322,15 @@ mod tests {
 
     #[test]
     fn flex_host_experts_on_16_bit_weights_match_an_f64_reference_from_the_stored_values() {
-        // Decode-like (dot passes) and prefill-like: 40 tokens, about 20 per routed expert
+        // Decode-like (dot passes) and prefill-like: 128 tokens, 64 to 96 per routed expert
         // (at least GEMM_MIN_TOKENS: widened tiles and small GEMMs).
-        let many = MoeDims { tokens: 40, ..DIMS };
-        let many_ids: Vec<i64> = (0..80).map(|s| [0, 2, 1, 4, 2, 0, 1, 2][s % 8]).collect();
+        let many = MoeDims {
+            tokens: 4 * crate::host::GEMM_MIN_TOKENS,
+            ..DIMS
+        };
+        let many_ids: Vec<i64> = (0..2 * many.tokens)
+            .map(|s| [0, 2, 1, 4, 2, 0, 1, 2][s % 8])
+            .collect();
         for (dims, ids) in [(DIMS, IDS.to_vec()), (many, many_ids)] {
             check_host_experts(dims, &ids);
         }

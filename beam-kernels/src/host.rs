@@ -458,8 +458,11 @@ pub const TOKENS_PER_PASS: usize = 4;
 /// Inputs from which a row block is multiplied as a small GEMM (its weight rows widened once into
 /// a cache-resident `F` tile, then the `gemm` crate's register-blocked kernel) instead of by
 /// [`TOKENS_PER_PASS`]-token dot passes: with many tokens per weight row (prefill), the passes'
-/// loads and re-widening cap them far below the FMA rate.
-pub const GEMM_MIN_TOKENS: usize = 8;
+/// loads and re-widening cap them far below the FMA rate. Below it, widening the tile and the
+/// GEMM's own packing cost more than the passes (each row stays in L1 across them): measured on
+/// whole-model prefill (OLMoE shape, 64–256 tokens, bf16 and f32 weights, AVX-512), 32 beat 8 by
+/// 9–22 % and 16 and 64 (docs/BENCHMARKS.md, session 15).
+pub const GEMM_MIN_TOKENS: usize = 32;
 
 /// `out[n, r] = rows[r] · inputs[n]` for the `row_len`-element weight rows `rows` of `matrix`
 /// (row `r` starting at element `base + r · row_len`),
@@ -1655,10 +1658,15 @@ mod tests {
     #[test]
     fn linear_matches_an_f64_product() {
         let mut rng = Rng(3);
-        // Lane tails (in = 37), several row blocks (out · in > BLOCK_WEIGHTS), 1 to 9 rows.
-        for (tokens, in_features, out_features) in
-            [(1, 37, 5), (3, 64, 40), (9, 300, 400), (5, 1, 2)]
-        {
+        // Lane tails (in = 37), several row blocks (out · in > BLOCK_WEIGHTS), 1 row to past
+        // the GEMM threshold (widened tile + GEMM).
+        for (tokens, in_features, out_features) in [
+            (1, 37, 5),
+            (3, 64, 40),
+            (9, 300, 400),
+            (GEMM_MIN_TOKENS + 1, 300, 400),
+            (5, 1, 2),
+        ] {
             let x = rng.values(tokens * in_features, 1.0);
             let weight = rng.values(out_features * in_features, 0.3);
             let got = linear(&x, weight.as_slice(), in_features, out_features);
@@ -1790,15 +1798,18 @@ mod tests {
         use crate::quant::{q8_block_len, quantize_q8};
         let mut rng = Rng(23);
         // Blocks of 32, 24 (odd number of 8-value groups per row), 16, 20 and 12 (not multiples
-        // of 8: the portable path); several row blocks (out · in > BLOCK_WEIGHTS); 1 to 9 rows
-        // (9: dequantized tile + GEMM).
+        // of 8: the portable path); several row blocks (out · in > BLOCK_WEIGHTS); 1 to 33 rows
+        // (past the GEMM threshold: int8 passes for blocks of 32, a dequantized tile + GEMM for
+        // the others).
         for (tokens, in_features, out_features) in [
             (1, 64, 5),
             (3, 48, 40),
             (9, 256, 300),
+            (GEMM_MIN_TOKENS + 1, 256, 30),
             (4, 16, 3),
             (2, 40, 7),
             (8, 12, 9),
+            (GEMM_MIN_TOKENS + 1, 12, 9),
             (1, 2048, 40),
         ] {
             let block = q8_block_len(in_features).unwrap();
