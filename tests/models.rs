@@ -11,7 +11,8 @@ use beam_model::checkpoint::TensorStore;
 use beam_model::model::generate::{generate, GenerateConfig};
 use beam_model::model::load::load_model;
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
-use burn::backend::NdArray;
+use beam_model::MoeBackend;
+use burn::backend::{Flex, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{assert_close, repo_root, values};
 
@@ -137,47 +138,73 @@ fn greedy_generation_matches_transformers() {
 #[test]
 fn cached_decoding_equals_uncached_forward() {
     for family in FAMILIES {
-        let model = model(family);
-        let tokens = reference(family).ids;
-        let full = values(
-            model
-                .forward(ids(&tokens), None, MaskMode::TopK, HiddenStates::Skip)
-                .logits,
-        );
-        let vocab = model.config().vocab_size;
         // Prefill 3 tokens, then one at a time (Mixtral's window of 5 is crossed on the way).
-        let mut cache = model.new_cache();
-        let mut incremental = values(
+        cached_equals_uncached(&model(family), &reference(family).ids, family);
+    }
+}
+
+#[test]
+fn cached_decoding_on_flex_equals_uncached_forward_across_cache_buffers() {
+    // Flex appends keys and values in place (`KvCacheBackend`: a buffer with room for 64
+    // positions, doubled when full): 75 positions cross both buffers.
+    for family in FAMILIES {
+        let model = load_model::<Flex>(
+            repo_root().join(format!("assets/models/tiny-{family}")),
+            &Default::default(),
+        )
+        .unwrap_or_else(|err| panic!("{family}: {err}"));
+        let tokens: Vec<u32> = reference(family).ids.into_iter().cycle().take(75).collect();
+        cached_equals_uncached(&model, &tokens, &format!("{family} on Flex"));
+    }
+}
+
+/// Decoding `tokens` with the cache (3 at once, then one at a time) gives the logits of one
+/// uncached forward over all of them, to 1e-5.
+fn cached_equals_uncached<M: MoeBackend>(model: &MoeLm<M>, tokens: &[u32], label: &str) {
+    let ids = |tokens: &[u32]| {
+        let values: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        Tensor::<M, 2, Int>::from_data(
+            TensorData::new(values, [1, tokens.len()]),
+            &Default::default(),
+        )
+    };
+    let full = values(
+        model
+            .forward(ids(tokens), None, MaskMode::TopK, HiddenStates::Skip)
+            .logits,
+    );
+    let vocab = model.config().vocab_size;
+    let mut cache = model.new_cache();
+    let mut incremental = values(
+        model
+            .forward(
+                ids(&tokens[..3]),
+                Some(&mut cache),
+                MaskMode::TopK,
+                HiddenStates::Skip,
+            )
+            .logits,
+    );
+    for (i, &t) in tokens.iter().enumerate().skip(3) {
+        assert_eq!(cache.len(), i);
+        incremental.extend(values(
             model
                 .forward(
-                    ids(&tokens[..3]),
+                    ids(&[t]),
                     Some(&mut cache),
                     MaskMode::TopK,
                     HiddenStates::Skip,
                 )
                 .logits,
-        );
-        for (i, &t) in tokens.iter().enumerate().skip(3) {
-            assert_eq!(cache.len(), i);
-            incremental.extend(values(
-                model
-                    .forward(
-                        ids(&[t]),
-                        Some(&mut cache),
-                        MaskMode::TopK,
-                        HiddenStates::Skip,
-                    )
-                    .logits,
-            ));
-        }
-        assert_eq!(incremental.len(), tokens.len() * vocab);
-        assert_close(
-            &incremental,
-            &full,
-            1e-5,
-            &format!("{family}: cached vs uncached"),
-        );
+        ));
     }
+    assert_eq!(incremental.len(), tokens.len() * vocab);
+    assert_close(
+        &incremental,
+        &full,
+        1e-5,
+        &format!("{label}: cached vs uncached"),
+    );
 }
 
 #[test]

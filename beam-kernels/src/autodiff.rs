@@ -8,8 +8,10 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 
-use crate::{GroupedExpertsBackend, LinearBackend};
+use crate::{GroupedExpertsBackend, KvCacheBackend, LinearBackend};
 
 impl<B: Backend, C: CheckpointStrategy> GroupedExpertsBackend for Autodiff<B, C> {}
 
 impl<B: Backend, C: CheckpointStrategy> LinearBackend for Autodiff<B, C> {}
+
+impl<B: Backend, C: CheckpointStrategy> KvCacheBackend for Autodiff<B, C> {}

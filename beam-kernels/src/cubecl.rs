@@ -16,7 +16,10 @@ use crate::kernel::{
     combine_kernel, compact_routes_kernel, expert_gemv_kernel, expert_tile_kernel, GEMV_LANES,
     GEMV_ROWS, TILE_M, TILE_N, TILE_THREADS,
 };
-use crate::{float, primitive, GroupedExpertsBackend, LinearBackend, MaskedMoeOptions, Regime};
+use crate::{
+    float, primitive, GroupedExpertsBackend, KvCacheBackend, LinearBackend, MaskedMoeOptions,
+    Regime,
+};
 
 /// The grouped experts run [`masked_moe`]: compaction, grouped SwiGLU GEMMs and the
 /// deterministic combine, all on the device.
@@ -61,6 +64,18 @@ where
 /// `[out, in]` linear layers: the reference (burn's matmul on a transposed view; no copy on
 /// these backends).
 impl<R, F, I, BT> LinearBackend for burn_cubecl::CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    R::Server: burn_cubecl::cubecl::server::ComputeServer,
+    R::Device: burn::tensor::backend::DeviceOps,
+    F: burn_cubecl::FloatElement,
+    I: burn_cubecl::IntElement,
+    BT: burn_cubecl::BoolElement,
+{
+}
+
+/// The key/value cache: the reference (a concatenation on the device).
+impl<R, F, I, BT> KvCacheBackend for burn_cubecl::CubeBackend<R, F, I, BT>
 where
     R: CubeRuntime,
     R::Server: burn_cubecl::cubecl::server::ComputeServer,

@@ -29,10 +29,10 @@ use crate::host::{linear as host_linear, masked_moe_planned};
 use crate::plan::{DispatchPlan, MoeDims};
 use crate::quant::Q8Matrix;
 use crate::reference::{
-    grouped_experts_primitive, grouped_experts_q8_primitive, linear_out_in_q8_primitive,
-    linear_out_in_reference,
+    grouped_experts_primitive, grouped_experts_q8_primitive, kv_append_reference,
+    linear_out_in_q8_primitive, linear_out_in_reference,
 };
-use crate::{float, primitive, GroupedExpertsBackend, LinearBackend, Q8Primitive};
+use crate::{float, primitive, GroupedExpertsBackend, KvCacheBackend, LinearBackend, Q8Primitive};
 
 impl GroupedExpertsBackend for Flex {
     fn grouped_experts(
@@ -75,6 +75,96 @@ impl LinearBackend for Flex {
     fn q8_in_place() -> bool {
         true
     }
+}
+
+impl KvCacheBackend for Flex {
+    fn kv_append(cache: FloatTensor<Self>, new: FloatTensor<Self>) -> FloatTensor<Self> {
+        kv_append(cache, &new).unwrap_or_else(|cache| {
+            primitive(kv_append_reference::<Self>(float(cache), float(new)))
+        })
+    }
+}
+
+/// Positions a key/value buffer made by [`kv_append`] has room for at least.
+pub const KV_MIN_CAPACITY: usize = 64;
+
+/// `Ok(cat([cache, new], 2))` without copying what `cache` holds when it can: `cache` is then a
+/// view of the first `S` positions of a uniquely owned `f32` buffer `[B, H, C, D]` with `C ≥ S + T`
+/// (what this function returns), and `new`'s `T` positions are written after them in place.
+/// Otherwise (a first append, a full or shared buffer) the values are copied into a new buffer
+/// with room for `max(2 (S + T), KV_MIN_CAPACITY)` positions, so appending `N` positions one at a
+/// time copies `O(N)` values in all, not `O(N²)`. `Err(cache)` for the reference when either
+/// tensor is not `f32` or the shapes do not line up.
+///
+/// # Shapes
+/// - `cache`: `[B, H, S, D]`, `new`: `[B, H, T, D]`; output `[B, H, S + T, D]` (a view of its
+///   buffer: strides `[H·C·D, C·D, D, 1]`)
+pub fn kv_append(mut cache: FlexTensor, new: &FlexTensor) -> Result<FlexTensor, FlexTensor> {
+    let (cache_shape, new_shape) = (cache.shape(), new.shape());
+    if cache.dtype() != DType::F32
+        || new.dtype() != DType::F32
+        || cache_shape.num_dims() != 4
+        || new_shape.num_dims() != 4
+    {
+        return Err(cache);
+    }
+    let [b, h, s, d] = cache_shape.dims();
+    let [nb, nh, t, nd] = new_shape.dims();
+    if (nb, nh, nd) != (b, h, d) {
+        return Err(cache);
+    }
+    let new = new.to_contiguous();
+    let Some(new_values) = new.as_slice::<f32>() else {
+        return Err(cache);
+    };
+    let rows = b * h;
+    if let Some(capacity) = buffer_capacity(&cache, [b, h, s, d]).filter(|&c| c >= s + t) {
+        if let Some(buffer) = cache.try_storage_mut::<f32>() {
+            for (row, values) in new_values.chunks_exact(t * d).enumerate() {
+                let start = (row * capacity + s) * d;
+                buffer[start..start + t * d].copy_from_slice(values);
+            }
+            return Ok(view(cache, [b, h, capacity, d], s + t));
+        }
+    }
+    let capacity = (2 * (s + t)).max(KV_MIN_CAPACITY);
+    let cached = cache.to_contiguous();
+    let Some(cached_values) = cached.as_slice::<f32>() else {
+        return Err(cache);
+    };
+    let mut buffer = vec![0.0f32; rows * capacity * d];
+    for row in 0..rows {
+        let start = row * capacity * d;
+        buffer[start..start + s * d]
+            .copy_from_slice(&cached_values[row * s * d..(row + 1) * s * d]);
+        buffer[start + s * d..start + (s + t) * d]
+            .copy_from_slice(&new_values[row * t * d..(row + 1) * t * d]);
+    }
+    let full = FlexTensor::from_data(TensorData::new(buffer, [b, h, capacity, d]));
+    Ok(view(full, [b, h, capacity, d], s + t))
+}
+
+/// The positions `C` of the buffer `cache` (`[B, H, S, D]`) is the first `S` of, when it is a
+/// view [`kv_append`] made: strides `[H·C·D, C·D, D, 1]` from offset 0, over `B·H·C·D` values.
+fn buffer_capacity(cache: &FlexTensor, [b, h, s, d]: [usize; 4]) -> Option<usize> {
+    let layout = cache.layout();
+    let strides = layout.strides();
+    if d == 0 || layout.start_offset() != 0 || strides[3] != 1 || strides[2] != d as isize {
+        return None;
+    }
+    let row = usize::try_from(strides[1]).ok()?;
+    if !row.is_multiple_of(d) || usize::try_from(strides[0]).ok()? != h * row {
+        return None;
+    }
+    let capacity = row / d;
+    let values = cache.bytes().len() / core::mem::size_of::<f32>();
+    (capacity >= s && values >= b * h * capacity * d).then_some(capacity)
+}
+
+/// The first `len` positions of the buffer `full` (`[B, H, C, D]`, contiguous).
+fn view(full: FlexTensor, [b, h, capacity, d]: [usize; 4], len: usize) -> FlexTensor {
+    let layout = burn::backend::flex::Layout::contiguous([b, h, capacity, d].into());
+    full.with_layout(layout).narrow(2, 0, len)
 }
 
 /// Mean kept pairs per routed expert up to which [`masked_moe`] runs the host GEMV on `f32`
@@ -457,5 +547,66 @@ mod tests {
         // bf16 and f16 widen exactly: the values they hold, not the f32 ones.
         assert_eq!(bf16::from_f32(0.1).to_f32(), 0.100_097_656);
         assert_eq!(f16::from_f32(0.1).to_f32(), 0.099_975_586);
+    }
+
+    #[test]
+    fn kv_append_writes_in_place_and_equals_the_concatenation() {
+        use super::{kv_append, KV_MIN_CAPACITY};
+        use crate::reference::kv_append_reference;
+        // [B, H, S, D] with several heads and batches, and MLA's single-head latent (B = H = 1).
+        for [b, h, d] in [[2, 3, 5], [1, 1, 7]] {
+            let tensor = |t: usize, seed: f32| {
+                Tensor::<Flex, 4>::from_data(
+                    TensorData::new(values(b * h * t * d, seed), [b, h, t, d]),
+                    &Default::default(),
+                )
+            };
+            // A prompt of 3 positions as attention makes it (a transposed view), then single
+            // positions past the first buffer's capacity.
+            let mut cache = tensor(3, 0.5).swap_dims(1, 2).swap_dims(1, 2);
+            let mut reference = cache.clone();
+            let mut buffers = Vec::new();
+            for step in 0..KV_MIN_CAPACITY + 10 {
+                let new = tensor(1, step as f32);
+                reference = kv_append_reference(reference, new.clone());
+                let next = kv_append(
+                    cache.into_primitive().tensor(),
+                    &new.into_primitive().tensor(),
+                )
+                .expect("f32 tensors");
+                let buffer = std::sync::Arc::as_ptr(&next.data_arc()) as usize;
+                if buffers.last() != Some(&buffer) {
+                    buffers.push(buffer);
+                }
+                cache = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(next));
+                assert_eq!(cache.dims(), [b, h, 4 + step, d]);
+                assert_eq!(
+                    to_f64(cache.clone().into_primitive().tensor()),
+                    to_f64(reference.clone().into_primitive().tensor()),
+                    "[{b}, {h}, {}, {d}]",
+                    4 + step
+                );
+            }
+            // One buffer of KV_MIN_CAPACITY positions (made at the first append), then one of
+            // twice the positions when it was full: every other step wrote in place.
+            assert_eq!(buffers.len(), 2, "[{b}, {h}, _, {d}]: buffers {buffers:?}");
+            // A shared cache (another tensor holds its buffer) is copied, not written over.
+            let shared = cache.clone();
+            let before = to_f64(shared.clone().into_primitive().tensor());
+            let grown = kv_append(
+                cache.into_primitive().tensor(),
+                &tensor(2, 9.0).into_primitive().tensor(),
+            )
+            .expect("f32 tensors");
+            assert_eq!(
+                burn::tensor::TensorMetadata::shape(&grown).dims::<4>()[2],
+                before.len() / (b * h * d) + 2
+            );
+            assert_eq!(to_f64(shared.into_primitive().tensor()), before);
+        }
+        // Other dtypes take the reference.
+        let (half, _) = stored(&values(8, 1.0), vec![1, 2, 2, 2], DType::F16);
+        assert_eq!(half.dtype(), DType::F16);
+        assert!(kv_append(half.clone(), &half).is_err());
     }
 }

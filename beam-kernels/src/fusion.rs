@@ -9,7 +9,7 @@ use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
 
-use crate::{GroupedExpertsBackend, LinearBackend};
+use crate::{GroupedExpertsBackend, KvCacheBackend, LinearBackend};
 
 impl<B: FusionBackend + GroupedExpertsBackend> GroupedExpertsBackend for Fusion<B> {
     fn grouped_experts(
@@ -51,6 +51,9 @@ impl<B: FusionBackend + GroupedExpertsBackend> GroupedExpertsBackend for Fusion<
 }
 
 impl<B: FusionBackend> LinearBackend for Fusion<B> {}
+
+/// The key/value cache: the reference (a concatenation fusion sees).
+impl<B: FusionBackend> KvCacheBackend for Fusion<B> {}
 
 /// The queued grouped-experts operation: inputs `[x, expert_ids, weights, gate_up, down]`,
 /// output `[T, H]`.

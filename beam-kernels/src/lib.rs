@@ -8,9 +8,10 @@
 //! |---|---|---|
 //! | grouped experts (q8 weights: `grouped_experts_q8`) | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
 //! | `[out, in]` linear | [`LinearBackend`] | `x · Wᵀ` for PyTorch-layout weights: router, attention projections, shared expert, LM head |
+//! | key/value cache append | [`KvCacheBackend`] | `cat([cache, new], 2)`, in place where the backend can (Flex) |
 //!
-//! [`MoeBackend`] is both together (implemented for every backend that has both); the tensor-level
-//! wrappers [`grouped_experts`] and [`linear_out_in`] call them.
+//! [`MoeBackend`] is all three together (implemented for every backend that has them); the
+//! tensor-level wrappers [`grouped_experts`], [`linear_out_in`] and [`kv_append`] call them.
 //!
 //! | file | job |
 //! |---|---|
@@ -41,9 +42,9 @@
 //! **decode** (few tokens per expert: GEMV, vectorised loads, weight-bandwidth bound) and
 //! **prefill** (many tokens per expert: shared-memory tiled GEMM).
 //!
-//! A custom backend opts in to the references with two empty impls,
-//! `impl GroupedExpertsBackend for MyBackend {}` and `impl LinearBackend for MyBackend {}`, and is
-//! then a [`MoeBackend`].
+//! A custom backend opts in to the references with three empty impls,
+//! `impl GroupedExpertsBackend for MyBackend {}`, `impl LinearBackend for MyBackend {}` and
+//! `impl KvCacheBackend for MyBackend {}`, and is then a [`MoeBackend`].
 
 pub mod activation;
 pub mod host;
@@ -164,11 +165,44 @@ pub trait LinearBackend: Backend {
     }
 }
 
-/// A backend that runs both of BEAM's operations: what a BEAM model needs. Implemented for every
-/// backend implementing [`GroupedExpertsBackend`] and [`LinearBackend`].
-pub trait MoeBackend: GroupedExpertsBackend + LinearBackend {}
+/// Backend extension for the key/value cache of incremental decoding: appending the new
+/// positions' keys (or values) to those cached.
+///
+/// | backend | implementation |
+/// |---|---|
+/// | `Flex` (feature `flex`) | in place: the cache is a view of a buffer with room for more positions, the new ones are written after it (amortized: the buffer doubles when full), no copy of what is cached |
+/// | every other backend | the reference, `cat([cache, new], 2)` (a copy of the whole cache per step) |
+///
+/// A custom backend opts in to the reference with an empty `impl KvCacheBackend for MyBackend {}`.
+pub trait KvCacheBackend: Backend {
+    /// `cat([cache, new], 2)`. The default is [`reference::kv_append_reference`]. Whatever the
+    /// implementation, the result holds the same values; an implementation may reuse `cache`'s
+    /// storage (it is consumed).
+    ///
+    /// # Shapes
+    /// - `cache`: `[B, H, S, D]`, `new`: `[B, H, T, D]`; output `[B, H, S + T, D]`
+    fn kv_append(cache: FloatTensor<Self>, new: FloatTensor<Self>) -> FloatTensor<Self> {
+        primitive(reference::kv_append_reference::<Self>(
+            float(cache),
+            float(new),
+        ))
+    }
+}
 
-impl<B: GroupedExpertsBackend + LinearBackend> MoeBackend for B {}
+/// Calls [`KvCacheBackend::kv_append`] on tensors. Shapes as documented there.
+pub fn kv_append<B: KvCacheBackend>(cache: Tensor<B, 4>, new: Tensor<B, 4>) -> Tensor<B, 4> {
+    float(B::kv_append(
+        cache.into_primitive().tensor(),
+        new.into_primitive().tensor(),
+    ))
+}
+
+/// A backend that runs BEAM's operations and its model's cache: what a BEAM model needs.
+/// Implemented for every backend implementing [`GroupedExpertsBackend`], [`LinearBackend`] and
+/// [`KvCacheBackend`].
+pub trait MoeBackend: GroupedExpertsBackend + LinearBackend + KvCacheBackend {}
+
+impl<B: GroupedExpertsBackend + LinearBackend + KvCacheBackend> MoeBackend for B {}
 
 /// Calls [`GroupedExpertsBackend::grouped_experts`] on tensors. Shapes as documented there.
 pub fn grouped_experts<B: GroupedExpertsBackend>(

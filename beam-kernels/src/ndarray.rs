@@ -20,7 +20,7 @@ use burn::tensor::{Int, Tensor, TensorData, TensorMetadata};
 use crate::host::{linear as host_linear, masked_moe_planned, HostFloat};
 use crate::plan::{DispatchPlan, MoeDims};
 use crate::reference::grouped_experts_primitive;
-use crate::{float, primitive, GroupedExpertsBackend, LinearBackend};
+use crate::{float, primitive, GroupedExpertsBackend, KvCacheBackend, LinearBackend};
 
 impl<E, I, Q> GroupedExpertsBackend for NdArray<E, I, Q>
 where
@@ -41,6 +41,16 @@ where
             None => grouped_experts_primitive::<Self>(x, expert_ids, weights, gate_up, down),
         }
     }
+}
+
+/// The key/value cache: the reference (ndarray's concatenation).
+impl<E, I, Q> KvCacheBackend for NdArray<E, I, Q>
+where
+    E: FloatNdArrayElement,
+    I: IntNdArrayElement,
+    Q: QuantElement,
+    NdArrayTensor: From<SharedArray<E>> + From<SharedArray<I>>,
+{
 }
 
 impl<E, I, Q> LinearBackend for NdArray<E, I, Q>

@@ -201,6 +201,15 @@ pub fn grouped_experts_primitive<B: Backend>(
     ))
 }
 
+/// Reference for [`KvCacheBackend::kv_append`](crate::KvCacheBackend::kv_append): the cache
+/// and the new positions concatenated along the sequence dimension (a new tensor each call).
+///
+/// # Shapes
+/// - `cache`: `[B, H, S, D]`, `new`: `[B, H, T, D]`; output `[B, H, S + T, D]`
+pub fn kv_append_reference<B: Backend>(cache: Tensor<B, 4>, new: Tensor<B, 4>) -> Tensor<B, 4> {
+    Tensor::cat(vec![cache, new], 2)
+}
+
 /// Reference for [`LinearBackend::linear_out_in`](crate::LinearBackend::linear_out_in):
 /// `x.matmul(weight.transpose())`, a weight in another float dtype than `x` (16-bit weights with
 /// `f32` activations) widened to `x`'s first.

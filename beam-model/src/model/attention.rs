@@ -11,7 +11,7 @@ use super::config::{AttentionOptions, ModelConfig, QkNorm};
 use super::mla::MlaAttention;
 use super::norm::RmsNorm;
 use super::rope::apply_rope;
-use beam_kernels::LinearBackend;
+use beam_kernels::{KvCacheBackend, LinearBackend};
 
 pub use super::projection::Projection;
 
@@ -67,7 +67,7 @@ impl<B: Backend> Attention<B> {
     }
 }
 
-impl<B: LinearBackend> Attention<B> {
+impl<B: LinearBackend + KvCacheBackend> Attention<B> {
     /// `[B, T, H]` → `[B, T, H]`. `rope`: cos/sin tables for the T new positions; `mask`: from
     /// [`attention_mask`] for the same positions; `cache` holds the previous positions of this
     /// layer (`layer`), if any.
@@ -160,7 +160,7 @@ impl<B: Backend> SelfAttention<B> {
     }
 }
 
-impl<B: LinearBackend> SelfAttention<B> {
+impl<B: LinearBackend + KvCacheBackend> SelfAttention<B> {
     /// `[B, T, H]` → `[B, T, H]` (see [`Attention::forward`], [`MlaAttention::forward`]).
     pub fn forward(
         &self,

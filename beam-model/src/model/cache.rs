@@ -1,5 +1,6 @@
 //! Key/value cache for incremental decoding.
 
+use beam_kernels::{kv_append, KvCacheBackend};
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 
@@ -35,15 +36,20 @@ impl<B: Backend> KvCache<B> {
     }
 
     /// Appends `k`, `v` (`[B, kv_heads, T, head_dim]`, or MLA's latent and rotary key) to layer
-    /// `layer` along the sequence dimension and returns all of that layer's entries.
+    /// `layer` along the sequence dimension and returns all of that layer's entries, through
+    /// [`KvCacheBackend::kv_append`] (in place on Flex: what is cached is not copied again each
+    /// step).
     pub(crate) fn append(
         &mut self,
         layer: usize,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
-    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    ) -> (Tensor<B, 4>, Tensor<B, 4>)
+    where
+        B: KvCacheBackend,
+    {
         let merged = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            Some((pk, pv)) => (kv_append(pk, k), kv_append(pv, v)),
             None => (k, v),
         };
         self.layers[layer] = Some(merged.clone());

@@ -22,7 +22,7 @@ use super::config::{MlaConfig, ModelConfig};
 use super::norm::RmsNorm;
 use super::projection::Projection;
 use super::rope::{apply_rope, apply_rope_interleaved};
-use beam_kernels::LinearBackend;
+use beam_kernels::{KvCacheBackend, LinearBackend};
 
 /// ε of `q_a_layernorm` and `kv_a_layernorm` (transformers builds them with the default, not
 /// `rms_norm_eps`).
@@ -98,7 +98,7 @@ impl<B: Backend> MlaAttention<B> {
     }
 }
 
-impl<B: LinearBackend> MlaAttention<B> {
+impl<B: LinearBackend + KvCacheBackend> MlaAttention<B> {
     /// `[B, T, H]` → `[B, T, H]`; `rope`, `mask` and `cache` as for
     /// `Attention::forward` (rope tables of
     /// `qk_rope_head_dim`).
