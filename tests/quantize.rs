@@ -16,9 +16,10 @@ use beam_model::MoeBackend;
 use beam_train::eval::{evaluate, EvalOptions};
 use beam_train::TokenData;
 use burn::backend::{Flex, NdArray};
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use common::{max_rel, random_adapter, repo_root, Converted};
+use common::{
+    int_values, max_rel, mean_abs_diff, random_adapter, repo_root, rms, values, Converted,
+};
 use safetensors::Dtype;
 
 fn tiny(family: &str) -> PathBuf {
@@ -44,11 +45,7 @@ fn forward<B: MoeBackend>(model: &MoeLm<B>, mask: MaskMode) -> LmOutput<B> {
 }
 
 fn logits<B: MoeBackend>(model: &MoeLm<B>, mask: MaskMode) -> Vec<f64> {
-    to_f64(forward(model, mask).logits)
-}
-
-fn to_f64<B: Backend, const D: usize>(tensor: Tensor<B, D>) -> Vec<f64> {
-    tensor.into_data().convert::<f64>().into_vec().unwrap()
+    values(forward(model, mask).logits)
 }
 
 /// Logits `[T, V]` and the routing decision at each position: the experts every MoE layer kept
@@ -61,14 +58,8 @@ fn logits_and_decisions<B: MoeBackend>(
     let mut decisions = vec![Vec::new(); IDS.len()];
     for facts in &out.routing {
         let [_, _, k] = facts.expert_ids.dims();
-        let ids: Vec<i64> = facts
-            .expert_ids
-            .clone()
-            .into_data()
-            .convert::<i64>()
-            .into_vec()
-            .unwrap();
-        let kept = to_f64(facts.mask.clone());
+        let ids = int_values(facts.expert_ids.clone());
+        let kept = values(facts.mask.clone());
         for (t, decision) in decisions.iter_mut().enumerate() {
             let mut experts: Vec<i64> = (0..k)
                 .filter(|&s| kept[t * k + s] > 0.5)
@@ -78,7 +69,7 @@ fn logits_and_decisions<B: MoeBackend>(
             decision.push(experts);
         }
     }
-    (to_f64(out.logits), decisions)
+    (values(out.logits), decisions)
 }
 
 /// A model against its reference on [`IDS`]: the fraction of (position, layer) routing decisions
@@ -110,18 +101,11 @@ fn compare_routed<B: MoeBackend, R: MoeBackend>(
         &got_logits[..prefix * vocab],
         &want_logits[..prefix * vocab],
     );
-    let rms = (want.iter().map(|v| v * v).sum::<f64>() / want.len().max(1) as f64).sqrt();
-    let mean = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b).abs())
-        .sum::<f64>()
-        / want.len().max(1) as f64;
     Routed {
         agree: same as f64 / all.max(1) as f64,
         prefix,
         max_rel: max_rel(got, want),
-        mean_over_rms: mean / rms.max(1e-30),
+        mean_over_rms: mean_abs_diff(got, want) / rms(want).max(1e-30),
     }
 }
 
@@ -230,13 +214,7 @@ fn q8_costs_little_against_the_unquantized_models() {
                 MaskMode::TopK,
             );
             let err = max_rel(&q8, &full);
-            let mean = q8
-                .iter()
-                .zip(&full)
-                .map(|(a, b)| (a - b).abs())
-                .sum::<f64>()
-                / full.len() as f64;
-            let rms = (full.iter().map(|v| v * v).sum::<f64>() / full.len() as f64).sqrt();
+            let (mean, rms) = (mean_abs_diff(&q8, &full), rms(&full));
             eprintln!(
                 "{family}: q8 vs {label}: logits max rel err {err:.2e}, mean |err| {mean:.2e} (rms logit {rms:.2})"
             );
@@ -318,25 +296,18 @@ fn kjv_q8_decoding_follows_the_f32_model() {
             TensorData::new(vec![id], [1, 1]),
             &Default::default(),
         );
-        model
-            .forward(ids, Some(cache), MaskMode::TopK, HiddenStates::Skip)
-            .logits
-            .into_data()
-            .convert::<f64>()
-            .into_vec()
-            .unwrap()
+        values(
+            model
+                .forward(ids, Some(cache), MaskMode::TopK, HiddenStates::Skip)
+                .logits,
+        )
     };
     let argmax = |v: &[f64]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
     for &id in &prompt {
         let (full, q8) = (step(&f32_model, &mut a, id), step(&q8_model, &mut b, id));
         agree += usize::from(argmax(&full) == argmax(&q8));
         worst = worst.max(max_rel(&q8, &full));
-        mean += q8
-            .iter()
-            .zip(&full)
-            .map(|(a, b)| (a - b).abs())
-            .sum::<f64>()
-            / (full.len() * prompt.len()) as f64;
+        mean += mean_abs_diff(&q8, &full) / prompt.len() as f64;
     }
     eprintln!(
         "kjv decode: q8 picks the f32 model's token {agree}/{}, mean |logit err| {mean:.2e}, \

@@ -117,13 +117,18 @@ pub fn kv_append(mut cache: FlexTensor, new: &FlexTensor) -> Result<FlexTensor, 
     let Some(new_values) = new.as_slice::<f32>() else {
         return Err(cache);
     };
-    let rows = b * h;
+    // Row `r` (batch · head) of `values` (`len` positions per row) written at position `at` of
+    // row `r` of a buffer with room for `capacity` positions per row.
+    let write = |buffer: &mut [f32], capacity: usize, at: usize, values: &[f32], len: usize| {
+        for row in 0..b * h {
+            let start = (row * capacity + at) * d;
+            buffer[start..start + len * d]
+                .copy_from_slice(&values[row * len * d..(row + 1) * len * d]);
+        }
+    };
     if let Some(capacity) = buffer_capacity(&cache, [b, h, s, d]).filter(|&c| c >= s + t) {
         if let Some(buffer) = cache.try_storage_mut::<f32>() {
-            for (row, values) in new_values.chunks_exact(t * d).enumerate() {
-                let start = (row * capacity + s) * d;
-                buffer[start..start + t * d].copy_from_slice(values);
-            }
+            write(buffer, capacity, s, new_values, t);
             return Ok(view(cache, [b, h, capacity, d], s + t));
         }
     }
@@ -132,14 +137,9 @@ pub fn kv_append(mut cache: FlexTensor, new: &FlexTensor) -> Result<FlexTensor, 
     let Some(cached_values) = cached.as_slice::<f32>() else {
         return Err(cache);
     };
-    let mut buffer = vec![0.0f32; rows * capacity * d];
-    for row in 0..rows {
-        let start = row * capacity * d;
-        buffer[start..start + s * d]
-            .copy_from_slice(&cached_values[row * s * d..(row + 1) * s * d]);
-        buffer[start + s * d..start + (s + t) * d]
-            .copy_from_slice(&new_values[row * t * d..(row + 1) * t * d]);
-    }
+    let mut buffer = vec![0.0f32; b * h * capacity * d];
+    write(&mut buffer, capacity, 0, cached_values, s);
+    write(&mut buffer, capacity, s, new_values, t);
     let full = FlexTensor::from_data(TensorData::new(buffer, [b, h, capacity, d]));
     Ok(view(full, [b, h, capacity, d], s + t))
 }
@@ -308,7 +308,8 @@ fn q8_matrix(q: &Q8Primitive<Flex>) -> Option<Q8Matrix<'_>> {
 /// [`masked_moe`] with q8 expert weights: `Some(output)` from the host kernels when `x` and the
 /// routing weights are `f32` and both weights are contiguous `I8` values with `f16` scales, rows
 /// of whole blocks (always, whatever the pairs per expert: int8 passes, or dequantized tiles and
-/// the GEMM where the rows cannot take int8 inputs); `None` for the reference. Only kept experts' blocks (values and scales) are read.
+/// the GEMM where the rows cannot take int8 inputs); `None` for the reference. Only kept experts'
+/// blocks (values and scales) are read.
 ///
 /// # Shapes
 /// As [`GroupedExpertsBackend::grouped_experts`].
@@ -604,6 +605,20 @@ mod tests {
             );
             assert_eq!(to_f64(shared.into_primitive().tensor()), before);
         }
+        // Appending no positions, to a buffer this function made (written in place) or to
+        // another tensor (copied), gives the cache's values back.
+        let tensor = |t: usize, seed: f32| {
+            Tensor::<Flex, 4>::from_data(
+                TensorData::new(values(2 * 3 * t * 5, seed), [2, 3, t, 5]),
+                &Default::default(),
+            )
+            .into_primitive()
+            .tensor()
+        };
+        let want = to_f64(tensor(4, 0.3));
+        let made = kv_append(tensor(4, 0.3), &tensor(0, 0.0)).expect("f32 tensors");
+        assert_eq!(to_f64(made.clone()), want);
+        assert_eq!(to_f64(kv_append(made, &tensor(0, 0.0)).unwrap()), want);
         // Other dtypes take the reference.
         let (half, _) = stored(&values(8, 1.0), vec![1, 2, 2, 2], DType::F16);
         assert_eq!(half.dtype(), DType::F16);

@@ -118,6 +118,17 @@ pub fn max_abs_diff(actual: &[f64], expected: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Mean `|a - b|` (0 for empty slices).
+pub fn mean_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(a, b)| (a - b).abs()).sum::<f64>() / a.len().max(1) as f64
+}
+
+/// Root mean square (0 for an empty slice).
+pub fn rms(v: &[f64]) -> f64 {
+    (v.iter().map(|v| v * v).sum::<f64>() / v.len().max(1) as f64).sqrt()
+}
+
 /// Largest `|a - b| / (1 + |b|)`.
 pub fn max_rel(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
