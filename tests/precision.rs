@@ -2,7 +2,9 @@
 //! and layout (sharded per-expert Mixtral, fused OLMoE, Qwen2-MoE with a shared expert, Qwen3-MoE)
 //! load onto burn's Flex backend without widening, hold exactly the stored values, and run with
 //! `f32` activations to within `f32` rounding of an `f64` computation from the same stored values
-//! (the checkpoint loaded onto `NdArray<f64>`, where every 16-bit value widens exactly).
+//! (the checkpoint loaded onto `NdArray<f64>`, where every 16-bit value widens exactly). bf16
+//! weights dotted with several tokens at once on a CPU with AVX-512 BF16 carry the activations as
+//! two bf16 halves (16 significant bits, `beam_kernels::host::SplitBf16`): a wider bound there.
 
 mod common;
 
@@ -71,19 +73,25 @@ fn sixteen_bit_checkpoints_are_held_as_stored_and_match_an_f64_run_of_the_same_v
                 "not a test on zeros"
             );
             let got = logits(&model);
-            // f32 activations and accumulation against f64 from the same weights.
+            // f32 activations and accumulation against f64 from the same weights (bf16: split
+            // activations where the CPU has AVX-512 BF16).
+            let bound = if dtype == Dtype::BF16 { 2e-4 } else { 2e-5 };
             let err = max_rel(&got, &reference);
             assert!(
-                err <= 2e-5,
+                err <= bound,
                 "{family} {dtype:?}: max relative error {err:e}"
             );
-            // Holding the same values widened to f32 gives the same logits bit for bit: the
-            // host kernels widen each 16-bit weight exactly and sum in the same order.
-            assert_eq!(
-                logits(&flex(&ck.0, Some(WeightDtype::F32))),
-                got,
-                "{family} {dtype:?}: 16-bit held vs widened"
-            );
+            // Holding the same values widened to f32 gives the same logits bit for bit for f16:
+            // the host kernels widen each 16-bit weight exactly and sum in the same order. bf16
+            // weights with several tokens take the split-bf16 kernel (on CPUs with AVX-512
+            // BF16), f32 weights never do: the same within the bound.
+            let widened = logits(&flex(&ck.0, Some(WeightDtype::F32)));
+            if dtype == Dtype::BF16 {
+                let err = max_rel(&got, &widened);
+                assert!(err <= bound, "{family} bf16 held vs widened: {err:e}");
+            } else {
+                assert_eq!(widened, got, "{family} {dtype:?}: 16-bit held vs widened");
+            }
         }
     }
 }

@@ -21,13 +21,15 @@ fn main() {
         Some(d) => vec![d],
         None => ["bf16", "f32", "q8"].map(String::from).to_vec(),
     };
+    // Tokens per product: 1 is decode (a GEMV); more is prefill (reported in GFLOP/s too).
+    let tokens: usize = arg("--tokens").map_or(1, |v| v.parse().expect("--tokens N"));
     let input = 2048;
     for dtype in &dtypes {
         for (label, rows) in [("in cache", 256), ("streamed", 32768)] {
             let weights: Vec<f32> = (0..rows * input)
                 .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 0.04)
                 .collect();
-            let x: Vec<f32> = (0..input)
+            let x: Vec<f32> = (0..tokens * input)
                 .map(|i| (i as f32 * 0.414).fract() - 0.5)
                 .collect();
             let inner = (reps * 32768 / rows).max(1);
@@ -49,9 +51,11 @@ fn main() {
                 other => panic!("--dtype {other}: bf16, f32 or q8"),
             };
             println!(
-                "{dtype} {label} ({rows} x {input}): {:.1} us per product, {:.1} GB/s of weights",
+                "{dtype} {label} ({rows} x {input}, {tokens} token(s)): {:.1} us per product, \
+                 {:.1} GB/s of weights, {:.1} GFLOP/s",
                 best * 1e6,
-                bytes as f64 / best / 1e9
+                bytes as f64 / best / 1e9,
+                2.0 * (tokens * rows * input) as f64 / best / 1e9
             );
         }
     }

@@ -121,10 +121,36 @@ pub trait HostWeight<F: HostFloat>: Copy + Send + Sync + 'static {
     fn as_activation(weights: &[Self]) -> Option<&[F]>;
     /// Writes the weights, widened to `F` (exactly), into `out` (as long as `weights`).
     fn widen_into(weights: &[Self], out: &mut [F]);
+    /// An input row in the form [`Self::project`] reads fastest (see [`HostMatrix::Prepared`]).
+    type Prepared: Send + Sync;
+    /// [`HostMatrix::prepare_inputs`] for a slice of these weights: none by default.
+    fn prepare_inputs(data: &[F], row_len: usize) -> Vec<Self::Prepared> {
+        let _ = (data, row_len);
+        Vec::new()
+    }
+    /// [`HostMatrix::gemm_min_tokens`] for a slice of these weights.
+    fn gemm_min_tokens(row_len: usize) -> usize {
+        let _ = row_len;
+        GEMM_MIN_TOKENS
+    }
+    /// [`HostMatrix::project`] for a slice of these weights: [`Self::dots`] passes by default.
+    fn project(
+        matrix: &[Self],
+        base: usize,
+        row_len: usize,
+        rows: core::ops::Range<usize>,
+        inputs: &[&[F]],
+        prepared: &[&Self::Prepared],
+        emit: impl FnMut(usize, usize, F),
+    ) {
+        let _ = prepared;
+        project_by_dots(matrix, base, row_len, rows, inputs, emit)
+    }
 }
 
 /// Weights in the activations' own float (`f32`, `f64`): the activations' kernels, in place.
 impl<F: HostFloat> HostWeight<F> for F {
+    type Prepared = ();
     fn dots(row: &[F], inputs: &[&[F]]) -> [F; TOKENS_PER_PASS] {
         <F as HostFloat>::dots(row, inputs)
     }
@@ -139,6 +165,47 @@ impl<F: HostFloat> HostWeight<F> for F {
 /// `bf16` weights: AVX-512 F, else AVX2 + FMA on x86-64 CPUs that have them (a `bf16` is the
 /// top half of an `f32`, so widening is a shift), portable otherwise.
 impl HostWeight<f32> for half::bf16 {
+    type Prepared = SplitBf16;
+    /// From [`SPLIT_BF16_MIN_TOKENS`] rows of `data` on a CPU with AVX-512 BF16 (rows of at
+    /// least 32): each row as a [`SplitBf16`]. Otherwise none (the widening passes).
+    fn prepare_inputs(data: &[f32], row_len: usize) -> Vec<SplitBf16> {
+        if !split_bf16_applies(row_len) || data.len() < SPLIT_BF16_MIN_TOKENS * row_len {
+            return Vec::new();
+        }
+        data.chunks_exact(row_len).map(SplitBf16::new).collect()
+    }
+    /// Never a widened tile and GEMM where the split-`bf16` kernel runs: it reads the weights
+    /// in place with no packing, and beats the GEMM at every token count (docs/BENCHMARKS.md,
+    /// session 16).
+    fn gemm_min_tokens(row_len: usize) -> usize {
+        if split_bf16_applies(row_len) {
+            usize::MAX
+        } else {
+            GEMM_MIN_TOKENS
+        }
+    }
+    /// With prepared inputs (see [`Self::prepare_inputs`]) and at least
+    /// [`SPLIT_BF16_MIN_TOKENS`] of them: four rows by up to four inputs a step with
+    /// `vdpbf16ps` ([`SplitBf16`]), else the widening [`Self::dots`] passes. The count is this
+    /// call's (one expert's kept pairs in a MoE layer), not the whole batch's: a decode step's
+    /// down projection prepares its `K` pairs together, but each expert dots only one of them,
+    /// and one input is a weight stream the widening passes read faster.
+    fn project(
+        matrix: &[Self],
+        base: usize,
+        row_len: usize,
+        rows: core::ops::Range<usize>,
+        inputs: &[&[f32]],
+        prepared: &[&SplitBf16],
+        emit: impl FnMut(usize, usize, f32),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if prepared.len() >= SPLIT_BF16_MIN_TOKENS && split_bf16_applies(row_len) {
+            return avx512::project_split_bf16(matrix, base, row_len, rows, inputs, prepared, emit);
+        }
+        let _ = prepared;
+        project_by_dots(matrix, base, row_len, rows, inputs, emit)
+    }
     fn dots(row: &[Self], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
         #[cfg(target_arch = "x86_64")]
         if avx512::available() {
@@ -163,6 +230,7 @@ impl HostWeight<f32> for half::bf16 {
 /// `f16` weights: AVX-512 F, else AVX2 + FMA + F16C on x86-64 CPUs that have them, portable
 /// otherwise.
 impl HostWeight<f32> for half::f16 {
+    type Prepared = ();
     fn dots(row: &[Self], inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
         #[cfg(target_arch = "x86_64")]
         if avx512::available() {
@@ -181,6 +249,51 @@ impl HostWeight<f32> for half::f16 {
     }
     fn widen_into(weights: &[Self], out: &mut [f32]) {
         half::slice::HalfFloatSliceExt::convert_to_f32_slice(weights, out)
+    }
+}
+
+/// Inputs per call from which `bf16` weights take the split-`bf16` kernel (prepared inputs):
+/// below it (decode) the widening passes, which stream the weights at the memory's speed.
+pub const SPLIT_BF16_MIN_TOKENS: usize = 2;
+
+/// An `f32` input row as the sum of two `bf16` rows, `x ≈ hi + lo` with `hi = bf16(x)` and
+/// `lo = bf16(x − hi)` (both rounded to nearest even): 16 significant bits, relative error at
+/// most 2⁻¹⁷ per element (`f32` has 24; the `bf16` weights it multiplies have 8). `w · x` is
+/// then `w · hi + w · lo`, two `vdpbf16ps` (AVX-512 BF16: 32 products of `bf16` pairs summed
+/// into 16 `f32` lanes) per 32 weights, with no widening of the weights: what lets `bf16`
+/// prefill read the weights in place instead of widening and packing them for a GEMM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitBf16 {
+    /// `bf16(x)`.
+    pub hi: Vec<half::bf16>,
+    /// `bf16(x − hi)`.
+    pub lo: Vec<half::bf16>,
+}
+
+impl SplitBf16 {
+    /// `x` split into `hi + lo`.
+    pub fn new(x: &[f32]) -> Self {
+        let hi: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let lo = x
+            .iter()
+            .zip(&hi)
+            .map(|(&v, h)| half::bf16::from_f32(v - h.to_f32()))
+            .collect();
+        SplitBf16 { hi, lo }
+    }
+}
+
+/// Whether `bf16` rows of `row_len` take the split-`bf16` kernel on this CPU: AVX-512 F and
+/// BF16, rows of at least one 32-weight step.
+fn split_bf16_applies(row_len: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        row_len >= 32 && avx512::bf16_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = row_len;
+        false
     }
 }
 
@@ -227,9 +340,13 @@ pub trait HostMatrix<F: HostFloat>: Copy + Send + Sync {
     /// Elements `range` as `F`: borrowed in place when they are `F` already, else widened (or
     /// dequantized) into `buffer`.
     fn tile<'s>(&'s self, range: core::ops::Range<usize>, buffer: &'s mut Vec<F>) -> &'s [F];
+    /// An input row in the form [`Self::project`] reads fastest: int8 blocks for q8 weights,
+    /// a pair of `bf16` rows for `bf16` weights on CPUs with AVX-512 BF16, `()` where the `F`
+    /// rows themselves are that form.
+    type Prepared: Send + Sync;
     /// `emit(n, r - rows.start, row_r · inputs[n])` for the `row_len`-element rows `rows` (row
     /// `r` from element `base + r · row_len`) and every input (each `row_len` long);
-    /// `quantized` is empty or holds each input as [`Self::quantize_inputs`] made it. The
+    /// `prepared` is empty or holds each input as [`Self::prepare_inputs`] made it. The
     /// default reads each row once per [`TOKENS_PER_PASS`] inputs through [`Self::dots`].
     fn project(
         self,
@@ -237,16 +354,17 @@ pub trait HostMatrix<F: HostFloat>: Copy + Send + Sync {
         row_len: usize,
         rows: core::ops::Range<usize>,
         inputs: &[&[F]],
-        quantized: &[(&[i8], &[f32])],
+        prepared: &[&Self::Prepared],
         emit: impl FnMut(usize, usize, F),
     ) {
-        let _ = quantized;
+        let _ = prepared;
         project_by_dots(self, base, row_len, rows, inputs, emit)
     }
     /// The rows of `data` (`row_len` each) in the form [`Self::project`] reads fastest, made
-    /// once per call of a kernel rather than per row block: empty (the default: the `f32` rows
-    /// themselves), or int8 blocks for q8 weights (see `Q8Matrix`'s `project`).
-    fn quantize_inputs(&self, data: &[F], row_len: usize) -> Vec<crate::quant::Q8Activation> {
+    /// once per call of a kernel rather than per row block: empty (the default: the `F` rows
+    /// themselves), int8 blocks for q8 weights (see `Q8Matrix`'s `project`), split `bf16`
+    /// rows for `bf16` weights (see [`SplitBf16`]).
+    fn prepare_inputs(&self, data: &[F], row_len: usize) -> Vec<Self::Prepared> {
         let _ = (data, row_len);
         Vec::new()
     }
@@ -261,6 +379,7 @@ pub trait HostMatrix<F: HostFloat>: Copy + Send + Sync {
 }
 
 impl<F: HostFloat, W: HostWeight<F>> HostMatrix<F> for &[W] {
+    type Prepared = W::Prepared;
     fn len(&self) -> usize {
         <[W]>::len(self)
     }
@@ -280,6 +399,23 @@ impl<F: HostFloat, W: HostWeight<F>> HostMatrix<F> for &[W] {
             }
         }
     }
+    fn project(
+        self,
+        base: usize,
+        row_len: usize,
+        rows: core::ops::Range<usize>,
+        inputs: &[&[F]],
+        prepared: &[&W::Prepared],
+        emit: impl FnMut(usize, usize, F),
+    ) {
+        W::project(self, base, row_len, rows, inputs, prepared, emit)
+    }
+    fn prepare_inputs(&self, data: &[F], row_len: usize) -> Vec<W::Prepared> {
+        W::prepare_inputs(data, row_len)
+    }
+    fn gemm_min_tokens(&self, row_len: usize) -> usize {
+        W::gemm_min_tokens(row_len)
+    }
 }
 
 /// q8 weights with `f32` activations: each block's int8 values widened to `f32` and multiplied
@@ -287,6 +423,7 @@ impl<F: HostFloat, W: HostWeight<F>> HostMatrix<F> for &[W] {
 /// of 8 values, portable otherwise), then the `f32` dot: the arithmetic of `f32` weights holding
 /// the dequantized values, at 1 + 4/block bytes per weight.
 impl HostMatrix<f32> for Q8Matrix<'_> {
+    type Prepared = crate::quant::Q8Activation;
     fn len(&self) -> usize {
         self.values().len()
     }
@@ -325,14 +462,18 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
         row_len: usize,
         rows: core::ops::Range<usize>,
         inputs: &[&[f32]],
-        quantized: &[(&[i8], &[f32])],
+        prepared: &[&crate::quant::Q8Activation],
         mut emit: impl FnMut(usize, usize, f32),
     ) {
         let block = crate::quant::Q8_BLOCK;
         #[cfg(target_arch = "x86_64")]
-        if !quantized.is_empty() && self.int8_inputs(row_len) {
-            assert_eq!(quantized.len(), inputs.len(), "one quantized row per input");
-            for (x, s) in quantized {
+        if !prepared.is_empty() && self.int8_inputs(row_len) {
+            assert_eq!(prepared.len(), inputs.len(), "one quantized row per input");
+            let quantized: Vec<(&[i8], &[f32])> = prepared
+                .iter()
+                .map(|a| (a.values.as_slice(), a.scales.as_slice()))
+                .collect();
+            for (x, s) in &quantized {
                 assert!(
                     x.len() == row_len && s.len() == row_len / block,
                     "whole blocks"
@@ -343,7 +484,7 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
                 "rows within the matrix"
             );
             let blocks = row_len / block;
-            let xs = quantized;
+            let xs = &quantized;
             let dots_q8_q8 = avx2::dots_q8_q8();
             for (r, row) in rows.enumerate() {
                 let start = base + row * row_len;
@@ -361,7 +502,7 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
             }
             return;
         }
-        let _ = (quantized, block);
+        let _ = (prepared, block);
         project_by_dots(self, base, row_len, rows, inputs, emit)
     }
     fn gemm_min_tokens(&self, row_len: usize) -> usize {
@@ -371,7 +512,7 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
             GEMM_MIN_TOKENS
         }
     }
-    fn quantize_inputs(&self, data: &[f32], row_len: usize) -> Vec<crate::quant::Q8Activation> {
+    fn prepare_inputs(&self, data: &[f32], row_len: usize) -> Vec<crate::quant::Q8Activation> {
         if !self.int8_inputs(row_len) {
             return Vec::new();
         }
@@ -398,22 +539,12 @@ impl Q8Matrix<'_> {
     }
 }
 
-/// The quantized inputs of `index` (empty when the matrix takes `f32` inputs).
-fn pick(
-    quantized: &[crate::quant::Q8Activation],
-    index: impl Iterator<Item = usize>,
-) -> Vec<(&[i8], &[f32])> {
-    if quantized.is_empty() {
+/// The prepared inputs of `index` (empty when the matrix takes the `F` rows themselves).
+fn pick<P>(prepared: &[P], index: impl Iterator<Item = usize>) -> Vec<&P> {
+    if prepared.is_empty() {
         return Vec::new();
     }
-    index
-        .map(|i| {
-            (
-                quantized[i].values.as_slice(),
-                quantized[i].scales.as_slice(),
-            )
-        })
-        .collect()
+    index.map(|i| &prepared[i]).collect()
 }
 
 /// [`portable_dots`] on q8 rows: a chunk of blocks at a time dequantized into a stack buffer.
@@ -474,12 +605,12 @@ fn block_product<F: HostFloat, M: HostMatrix<F>>(
     row_len: usize,
     rows: core::ops::Range<usize>,
     inputs: &[&[F]],
-    quantized: &[(&[i8], &[f32])],
+    prepared: &[&M::Prepared],
 ) -> Vec<F> {
     let width = rows.len();
     let mut out = vec![F::ZERO; inputs.len() * width];
     if inputs.len() < matrix.gemm_min_tokens(row_len) || row_len == 0 {
-        matrix.project(base, row_len, rows, inputs, quantized, |n, r, dot| {
+        matrix.project(base, row_len, rows, inputs, prepared, |n, r, dot| {
             out[n * width + r] = dot;
         });
         return out;
@@ -601,7 +732,7 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
     }
 
     // Gate+up: `act[p, i] = silu(gate_i · x_p) · (up_i · x_p)` for kept pair `p` (plan order).
-    let x_quantized = gate_up.quantize_inputs(x, hidden);
+    let x_quantized = gate_up.prepare_inputs(x, hidden);
     let gate_up_blocks = row_blocks(
         plan,
         intermediate,
@@ -631,7 +762,7 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
             .collect::<Vec<F>>()
     });
     let act = assemble(&gate_up_blocks, &act_blocks, plan.kept(), intermediate);
-    let act_quantized = down.quantize_inputs(&act, intermediate);
+    let act_quantized = down.prepare_inputs(&act, intermediate);
 
     // Down: `pair_rows[p, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
     let down_blocks = row_blocks(
@@ -835,7 +966,7 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
     // GEMM, which reads `x` as it is.
     let gemm_min_tokens = weight.gemm_min_tokens(in_features);
     let x_quantized = if tokens < gemm_min_tokens {
-        weight.quantize_inputs(x, in_features)
+        weight.prepare_inputs(x, in_features)
     } else {
         Vec::new()
     };
@@ -1361,6 +1492,192 @@ mod avx512 {
         |w: half::f16| w.to_f32()
     );
 
+    /// Whether this CPU runs [`project_split_bf16`]: AVX-512 F and BF16.
+    pub(super) fn bf16_available() -> bool {
+        available() && std::is_x86_feature_detected!("avx512bf16")
+    }
+
+    /// [`HostMatrix::project`](super::HostMatrix::project) for `bf16` rows with split-`bf16`
+    /// inputs ([`super::SplitBf16`]): rows four at a time (then one at a time), inputs up to
+    /// [`TOKENS_PER_PASS`] at a time, each tile one pass of [`tile_split_bf16`] over the rows,
+    /// which stay in L1 across the input groups.
+    ///
+    /// # Panics
+    /// If an input or prepared row is not `row_len` long, the rows lie outside `matrix`, or the
+    /// CPU lacks [`bf16_available`]'s features.
+    pub(super) fn project_split_bf16(
+        matrix: &[half::bf16],
+        base: usize,
+        row_len: usize,
+        rows: core::ops::Range<usize>,
+        inputs: &[&[f32]],
+        prepared: &[&super::SplitBf16],
+        mut emit: impl FnMut(usize, usize, f32),
+    ) {
+        assert!(bf16_available(), "the CPU has AVX-512 F and BF16");
+        assert_eq!(prepared.len(), inputs.len(), "one prepared row per input");
+        for (x, p) in inputs.iter().zip(prepared) {
+            assert!(
+                x.len() == row_len && p.hi.len() == row_len && p.lo.len() == row_len,
+                "inputs of the rows' length"
+            );
+        }
+        assert!(
+            base + rows.end * row_len <= matrix.len(),
+            "rows within the matrix"
+        );
+        let row = |r: usize| &matrix[base + r * row_len..base + (r + 1) * row_len];
+        let mut r = rows.start;
+        while r < rows.end {
+            let count = if rows.end - r >= 4 { 4 } else { 1 };
+            let tile_rows: [&[half::bf16]; 4] = core::array::from_fn(|i| row(r + i.min(count - 1)));
+            for (pass, (group, split)) in inputs
+                .chunks(TOKENS_PER_PASS)
+                .zip(prepared.chunks(TOKENS_PER_PASS))
+                .enumerate()
+            {
+                // SAFETY: the CPU has AVX-512 F and BF16 (asserted); every row, input and
+                // prepared row is `row_len` long (asserted).
+                let dots = unsafe { tile_dispatch(count, &tile_rows[..count], group, split) };
+                for (i, tile_row) in dots[..count].iter().enumerate() {
+                    for (n, &dot) in tile_row[..group.len()].iter().enumerate() {
+                        emit(pass * TOKENS_PER_PASS + n, r + i - rows.start, dot);
+                    }
+                }
+            }
+            r += count;
+        }
+    }
+
+    /// `out[i][n] = rows[i] · inputs[n]` for 1 or 4 rows and 1 to [`TOKENS_PER_PASS`] inputs.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and BF16; rows, inputs and prepared rows are all equally long.
+    unsafe fn tile_dispatch(
+        count: usize,
+        rows: &[&[half::bf16]],
+        inputs: &[&[f32]],
+        prepared: &[&super::SplitBf16],
+    ) -> [[f32; TOKENS_PER_PASS]; 4] {
+        macro_rules! arm {
+            ($r:literal, $n:literal) => {{
+                let rows: [&[half::bf16]; $r] = core::array::from_fn(|i| rows[i]);
+                let x: [&[f32]; $n] = core::array::from_fn(|n| inputs[n]);
+                let hi: [&[half::bf16]; $n] = core::array::from_fn(|n| prepared[n].hi.as_slice());
+                let lo: [&[half::bf16]; $n] = core::array::from_fn(|n| prepared[n].lo.as_slice());
+                // SAFETY: the caller's contract.
+                let tile = unsafe { tile_split_bf16::<$r, $n>(rows, x, hi, lo) };
+                let mut out = [[0.0; TOKENS_PER_PASS]; 4];
+                for (o, t) in out.iter_mut().zip(tile) {
+                    o[..$n].copy_from_slice(&t);
+                }
+                out
+            }};
+        }
+        match (count, inputs.len()) {
+            (4, 1) => arm!(4, 1),
+            (4, 2) => arm!(4, 2),
+            (4, 3) => arm!(4, 3),
+            (4, 4) => arm!(4, 4),
+            (1, 1) => arm!(1, 1),
+            (1, 2) => arm!(1, 2),
+            (1, 3) => arm!(1, 3),
+            (1, 4) => arm!(1, 4),
+            _ => unreachable!("tiles of 1 or 4 rows by 1 to {TOKENS_PER_PASS} inputs"),
+        }
+    }
+
+    /// `R × N` dots of `bf16` rows with split-`bf16` inputs: per 32-weight step, `R` row loads,
+    /// `2N` input loads and `2RN` `vdpbf16ps` into `RN` accumulators (`w · hi` then `w · lo`);
+    /// the tail past the last whole step in `f32` (each weight widened, times the `f32` input).
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn tile_split_bf16<const R: usize, const N: usize>(
+        rows: [&[half::bf16]; R],
+        inputs: [&[f32]; N],
+        hi: [&[half::bf16]; N],
+        lo: [&[half::bf16]; N],
+    ) -> [[f32; N]; R] {
+        let len = rows[0].len();
+        let body = len - len % 32;
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        let mut start = 0;
+        while start < body {
+            // SAFETY: start + 32 <= body <= len, the length of every row and prepared input;
+            // a bf16 is 16 bits, so 32 of them are one 512-bit register.
+            unsafe {
+                let w: [__m512bh; R] = core::array::from_fn(|i| {
+                    core::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        rows[i].as_ptr().add(start) as *const _,
+                    ))
+                });
+                for n in 0..N {
+                    let h = core::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        hi[n].as_ptr().add(start) as *const _,
+                    ));
+                    let l = core::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        lo[n].as_ptr().add(start) as *const _,
+                    ));
+                    for i in 0..R {
+                        acc[i][n] = _mm512_dpbf16_ps(acc[i][n], w[i], h);
+                        acc[i][n] = _mm512_dpbf16_ps(acc[i][n], w[i], l);
+                    }
+                }
+            }
+            start += 32;
+        }
+        let mut out = [[0.0; N]; R];
+        let full = (R * N == 16).then(|| reduce_16(core::array::from_fn(|j| acc[j / N][j % N])));
+        for i in 0..R {
+            for n in 0..N {
+                let sum = match &full {
+                    Some(sums) => sums[i * N + n],
+                    None => _mm512_reduce_add_ps(acc[i][n]),
+                };
+                out[i][n] =
+                    (body..len).fold(sum, |total, k| total + rows[i][k].to_f32() * inputs[n][k]);
+            }
+        }
+        out
+    }
+
+    /// The lane sums of 16 registers at once (`sums[j]` of `v[j]`): 15 · 3 shuffles and adds in
+    /// four levels instead of 16 separate reductions. After level `k` every register holds the
+    /// partial sums of 2ᵏ of the inputs (halves, then quarters, pairs, single lanes).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn reduce_16(v: [__m512; 16]) -> [f32; 16] {
+        // Level 1: [a.q0 + a.q2, a.q1 + a.q3, b.q0 + b.q2, b.q1 + b.q3] (q: 128-bit quarters).
+        let s: [__m512; 8] = core::array::from_fn(|i| {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xEE>(a, b),
+            )
+        });
+        // Level 2: quarter q holds 4 partial sums of v[4j + q].
+        let u: [__m512; 4] = core::array::from_fn(|j| {
+            let (a, b) = (s[2 * j], s[2 * j + 1]);
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(a, b),
+                _mm512_shuffle_f32x4::<0xDD>(a, b),
+            )
+        });
+        // Level 3: quarter q holds [v[8m + q], v[8m + 4 + q]] twice (partial sums).
+        let x: [__m512; 2] = core::array::from_fn(|m| {
+            let (a, b) = (u[2 * m], u[2 * m + 1]);
+            _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b))
+        });
+        // Level 4: lane 4q + e holds the sum of v[q + 4e].
+        let (a, b) = (_mm512_castps_pd(x[0]), _mm512_castps_pd(x[1]));
+        let total = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+        );
+        let mut lanes = [0.0f32; 16];
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), total) };
+        core::array::from_fn(|j| lanes[4 * (j % 4) + j / 4])
+    }
+
     /// [`super::avx2::dots_q8_q8`]'s int8 dots two blocks of 32 at a time: `vpdpbusd` on 64
     /// bytes gives block `b`'s sums in lanes 0–7 and block `b + 1`'s in lanes 8–15, scaled by one
     /// register holding their two `s_w · s_x` (permuted from sixteen made at once); an odd last
@@ -1553,6 +1870,38 @@ mod tests {
             assert!(
                 (g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs(),
                 "{dims:?} sparsity {sparsity}: out[{i}] = {g}, f64 reference {w}"
+            );
+        }
+        // bf16 storage (the split-bf16 kernel from 2 tokens on CPUs with AVX-512 BF16, the
+        // widening passes otherwise) against the f64 reference on the same bf16 values; the
+        // poisoned experts stay NaN in bf16.
+        let to_bf16 = |v: &[f32]| {
+            v.iter()
+                .map(|&v| half::bf16::from_f32(v))
+                .collect::<Vec<_>>()
+        };
+        let (gate_up_bf16, down_bf16) = (to_bf16(&gate_up), to_bf16(&down));
+        let held = |v: &[half::bf16]| v.iter().map(|w| w.to_f32()).collect::<Vec<f32>>();
+        let want_bf16 = masked_moe_f64(
+            &x,
+            &ids,
+            &weights,
+            &held(&gate_up_bf16),
+            &held(&down_bf16),
+            dims,
+        );
+        let got_bf16 = masked_moe_decode(
+            &x,
+            &ids,
+            &weights,
+            gate_up_bf16.as_slice(),
+            down_bf16.as_slice(),
+            dims,
+        );
+        for (i, (&g, &w)) in got_bf16.iter().zip(&want_bf16).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs(),
+                "bf16 {dims:?} sparsity {sparsity}: out[{i}] = {g}, f64 reference {w}"
             );
         }
         // f64 storage agrees with the f64 reference to f64 rounding.
@@ -1783,6 +2132,166 @@ mod tests {
                         );
                     }
                     assert!(got[n..].iter().all(|&v| v == 0.0), "unused outputs are 0");
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn reduce_16_sums_each_register() {
+        if !avx512::available() {
+            return;
+        }
+        use std::arch::x86_64::*;
+        // Distinct powers-of-two-scaled lanes: every (register, lane) pair contributes a value
+        // no other does, so a lane routed to the wrong sum shows.
+        let values: Vec<[f32; 16]> = (0..16)
+            .map(|j| core::array::from_fn(|l| (j * 16 + l) as f32 + 0.25 * l as f32))
+            .collect();
+        // SAFETY: the CPU has AVX-512 F; each array holds 16 floats.
+        let sums = unsafe {
+            let regs: [__m512; 16] = core::array::from_fn(|j| _mm512_loadu_ps(values[j].as_ptr()));
+            avx512::reduce_16(regs)
+        };
+        for (j, v) in values.iter().enumerate() {
+            assert_eq!(sums[j], v.iter().sum::<f32>(), "register {j}");
+        }
+    }
+
+    #[test]
+    fn split_bf16_keeps_16_significant_bits() {
+        let mut rng = Rng(5);
+        let mut x = rng.values(4096, 3.0);
+        x.extend([0.0, 1.0, -2.5, 1e-30, 3.0e38]);
+        let split = SplitBf16::new(&x);
+        for ((&v, h), l) in x.iter().zip(&split.hi).zip(&split.lo) {
+            assert_eq!(*h, half::bf16::from_f32(v), "hi is bf16(x)");
+            let sum = h.to_f64() + l.to_f64();
+            assert!(
+                (sum - v as f64).abs() <= 2f64.powi(-17) * (v as f64).abs(),
+                "{v}: {sum}"
+            );
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn split_bf16_tiles_match_an_f64_dot_of_the_bf16_weights() {
+        // Tiles of 4 rows and single rows (1 to 9 rows), 1 to 9 inputs (passes of 4, 4, 1),
+        // lengths of whole 32-weight steps and with f32 tails, rows from an offset `base`.
+        if !avx512::bf16_available() {
+            eprintln!("no AVX-512 BF16 on this CPU: the split-bf16 kernel does not run here");
+            return;
+        }
+        let mut rng = Rng(43);
+        for len in [32, 33, 63, 64, 100, 2048] {
+            for (rows, tokens) in [(1, 1), (4, 4), (5, 2), (9, 9), (3, 7), (8, 5)] {
+                let base = 3 * len;
+                let weights: Vec<half::bf16> = rng
+                    .values(base + rows * len, 1.0)
+                    .iter()
+                    .map(|&w| half::bf16::from_f32(w))
+                    .collect();
+                let inputs: Vec<Vec<f32>> = (0..tokens).map(|_| rng.values(len, 2.0)).collect();
+                let split: Vec<SplitBf16> = inputs.iter().map(|x| SplitBf16::new(x)).collect();
+                let x: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
+                let prepared: Vec<&SplitBf16> = split.iter().collect();
+                let mut got = vec![f32::NAN; rows * tokens];
+                avx512::project_split_bf16(
+                    &weights,
+                    base,
+                    len,
+                    0..rows,
+                    &x,
+                    &prepared,
+                    |n, r, d| got[n * rows + r] = d,
+                );
+                for r in 0..rows {
+                    let held: Vec<f32> = weights[base + r * len..base + (r + 1) * len]
+                        .iter()
+                        .map(|w| w.to_f32())
+                        .collect();
+                    for n in 0..tokens {
+                        let want = dot64(x[n], &held);
+                        let magnitude: f64 = x[n]
+                            .iter()
+                            .zip(&held)
+                            .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                            .sum();
+                        let bound = 2f64.powi(-16) * magnitude + 1e-6 * len as f64;
+                        let g = got[n * rows + r] as f64;
+                        assert!(
+                            (g - want).abs() <= bound,
+                            "{len} weights, row {r} of {rows}, input {n} of {tokens}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn one_token_bf16_moe_reads_the_weights_as_widened_f32_does() {
+        // A decode step: one token, K = 8 kept pairs, each on its own expert. The down
+        // projection prepares the K pairs' activations together, but every expert dots one of
+        // them: that must be the widening passes (the same products and sums as f32 weights
+        // holding the same values, so equal bit for bit), never the split-bf16 kernel with a
+        // single input (a weight stream it reads slower, and 16-bit activations).
+        let mut rng = Rng(53);
+        let dims = MoeDims {
+            tokens: 1,
+            top_k: 8,
+            experts: 16,
+            hidden: 256,
+            intermediate: 96,
+        };
+        let ids: Vec<i64> = (0..8).map(|k| 2 * k as i64).collect();
+        let x = rng.values(dims.hidden, 1.0);
+        let weights = rng.values(8, 1.0);
+        let mut to_bf16 = |n: usize| -> Vec<half::bf16> {
+            rng.values(n, 0.2)
+                .iter()
+                .map(|&v| half::bf16::from_f32(v))
+                .collect()
+        };
+        let gate_up = to_bf16(dims.experts * 2 * dims.intermediate * dims.hidden);
+        let down = to_bf16(dims.experts * dims.hidden * dims.intermediate);
+        let widen = |v: &[half::bf16]| v.iter().map(|w| w.to_f32()).collect::<Vec<f32>>();
+        let got = masked_moe_decode(&x, &ids, &weights, &gate_up[..], &down[..], dims);
+        let (gate_up32, down32) = (widen(&gate_up), widen(&down));
+        let want = masked_moe_decode(&x, &ids, &weights, &gate_up32[..], &down32[..], dims);
+        assert!(got.iter().any(|&v| v != 0.0), "not a test on zeros");
+        assert_eq!(got, want, "bf16 decode vs the same values held in f32");
+    }
+
+    #[test]
+    fn bf16_linear_matches_an_f64_product_of_the_bf16_weights() {
+        // One token (widening passes), then enough for the split-bf16 kernel where the CPU has
+        // it, with row tails (37, 300) and several row blocks.
+        let mut rng = Rng(47);
+        for (tokens, in_features, out_features) in
+            [(1, 64, 9), (2, 37, 5), (9, 300, 400), (40, 64, 70)]
+        {
+            let x = rng.values(tokens * in_features, 1.0);
+            let weight: Vec<half::bf16> = rng
+                .values(out_features * in_features, 0.3)
+                .iter()
+                .map(|&w| half::bf16::from_f32(w))
+                .collect();
+            let got = linear(&x, weight.as_slice(), in_features, out_features);
+            for t in 0..tokens {
+                for o in 0..out_features {
+                    let want: f64 = (0..in_features)
+                        .map(|i| {
+                            x[t * in_features + i] as f64 * weight[o * in_features + i].to_f64()
+                        })
+                        .sum();
+                    let g = got[t * out_features + o] as f64;
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "[{tokens}, {in_features}] x [{out_features}, {in_features}]ᵀ at ({t}, {o}): {g} vs {want}"
+                    );
                 }
             }
         }
