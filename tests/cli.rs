@@ -195,6 +195,41 @@ fn generate_from_a_text_prompt() {
 }
 
 #[test]
+fn one_new_token_reports_no_decode_speed() {
+    // The only new token comes from the prompt's forward: no decode step was timed, so the
+    // summary says so instead of a speed computed from nothing.
+    let out = beam(&[
+        "generate",
+        "--model",
+        "assets/models/tiny-qwen3_moe",
+        "--ids",
+        "5,17,42",
+        "--max-new-tokens",
+        "1",
+    ]);
+    stdout(&out);
+    let summary = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        summary.contains("1 new tokens") && summary.contains("no decode step to time"),
+        "{summary}"
+    );
+    assert!(!summary.contains("tokens/s"), "{summary}");
+    // With two or more, the decode speed is reported.
+    let out = beam(&[
+        "generate",
+        "--model",
+        "assets/models/tiny-qwen3_moe",
+        "--ids",
+        "5,17,42",
+        "--max-new-tokens",
+        "3",
+    ]);
+    stdout(&out);
+    let summary = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(summary.contains("tokens/s decode"), "{summary}");
+}
+
+#[test]
 fn errors_are_one_line_and_non_zero() {
     for args in [
         vec!["info", "--model", "/nonexistent/model"],

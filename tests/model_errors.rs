@@ -209,6 +209,28 @@ fn inconsistent_config_fields() {
 }
 
 #[test]
+fn per_expert_errors_name_the_first_expert_in_order() {
+    // Per-expert tensors are copied into their stacked buffer on several threads; with two
+    // experts broken, the error is still the one a sequential load meets first (expert 1's
+    // missing up projection, not expert 3's misshaped one), whichever thread finishes first.
+    for run in 0..4 {
+        let scratch = Scratch::copy_of("qwen3_moe", &format!("experts{run}"));
+        scratch.edit_tensors(|t| {
+            t.remove("model.layers.0.mlp.experts.1.up_proj.weight");
+            let gate = "model.layers.0.mlp.experts.3.gate_proj.weight".to_string();
+            let (dtype, mut shape, bytes) = t.remove(&gate).unwrap();
+            shape.reverse();
+            t.insert(gate, (dtype, shape, bytes));
+        });
+        assert_eq!(
+            missing_tensor(scratch.load()),
+            "model.layers.0.mlp.experts.1.up_proj.weight",
+            "run {run}"
+        );
+    }
+}
+
+#[test]
 fn missing_extra_misshaped_and_non_float_tensors() {
     let scratch = Scratch::copy_of("qwen3_moe", "missing");
     scratch.edit_tensors(|t| {

@@ -9,9 +9,9 @@
 //! otherwise; never an `f32` intermediate), and the mapped pages are released from the process
 //! after each tensor.
 
-use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
@@ -643,7 +643,7 @@ pub struct TensorStore {
     shards: Vec<Shard>,
     /// Tensor name → (shard, header entry); each header is parsed once, when the store is built.
     index: BTreeMap<String, (usize, TensorInfo)>,
-    used: RefCell<BTreeSet<String>>,
+    used: Mutex<BTreeSet<String>>,
     /// Block size of FP8 weights' `weight_scale_inv` ([`Self::set_fp8_block`]).
     fp8_block: Option<[usize; 2]>,
 }
@@ -738,7 +738,7 @@ impl TensorStore {
         Ok(Self {
             shards,
             index,
-            used: RefCell::new(BTreeSet::new()),
+            used: Mutex::new(BTreeSet::new()),
             fp8_block: None,
         })
     }
@@ -806,7 +806,7 @@ impl TensorStore {
 
     /// Tensors never read so far, sorted.
     pub fn unused(&self) -> Vec<String> {
-        let used = self.used.borrow();
+        let used = self.used.lock().expect("the used-tensor set");
         self.index
             .keys()
             .filter(|name| !used.contains(*name))
@@ -841,7 +841,10 @@ impl TensorStore {
     ) -> Result<T, LoadError> {
         let (shard, info) = self.entry(name)?;
         let bytes = shard.data(name, info)?;
-        self.used.borrow_mut().insert(name.to_string());
+        self.used
+            .lock()
+            .expect("the used-tensor set")
+            .insert(name.to_string());
         let out = read(&shard.path, info, bytes);
         shard.release(bytes);
         out
@@ -851,14 +854,20 @@ impl TensorStore {
     /// tensor counts as used): the [`LoadError::Shape`] every read reports.
     pub fn check_shape(&self, name: &str, expected: &[usize]) -> Result<(), LoadError> {
         let (shard, info) = self.entry(name)?;
-        self.used.borrow_mut().insert(name.to_string());
+        self.used
+            .lock()
+            .expect("the used-tensor set")
+            .insert(name.to_string());
         shape_matches(&shard.path, name, info, expected)
     }
 
     /// Shape of a tensor (from the header; no data is read).
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
         let (_, info) = self.entry(name)?;
-        self.used.borrow_mut().insert(name.to_string());
+        self.used
+            .lock()
+            .expect("the used-tensor set")
+            .insert(name.to_string());
         Ok(info.shape.clone())
     }
 
@@ -1074,7 +1083,7 @@ impl TensorStore {
     /// straight into place. `[gate, up]` gives transformers' fused `gate_up_proj` layout.
     pub fn stacked(
         &self,
-        parts: &[&dyn Fn(usize) -> String],
+        parts: &[&(dyn Fn(usize) -> String + Sync)],
         experts: usize,
         [rows, cols]: [usize; 2],
     ) -> Result<Vec<f32>, LoadError> {
@@ -1085,7 +1094,7 @@ impl TensorStore {
     /// per-expert tensor copied (or converted) once, straight into its place.
     pub fn stacked_data(
         &self,
-        parts: &[&dyn Fn(usize) -> String],
+        parts: &[&(dyn Fn(usize) -> String + Sync)],
         experts: usize,
         [rows, cols]: [usize; 2],
         dtype: WeightDtype,
@@ -1109,20 +1118,31 @@ impl TensorStore {
 
     fn stacked_into<T: StoredFloat>(
         &self,
-        parts: &[&dyn Fn(usize) -> String],
+        parts: &[&(dyn Fn(usize) -> String + Sync)],
         experts: usize,
         [rows, cols]: [usize; 2],
     ) -> Result<Vec<T>, LoadError> {
+        use rayon::prelude::*;
         let part = rows * cols;
         let mut values = weight_buffer::<T>(experts * parts.len() * part);
         if part == 0 {
             return Ok(values);
         }
-        for (e, block) in values.chunks_exact_mut(parts.len() * part).enumerate() {
-            for (name, out) in parts.iter().zip(block.chunks_exact_mut(part)) {
-                self.read_into(&name(e), &[rows, cols], out)?;
-            }
-        }
+        // Experts on rayon's pool: each copy first touches fresh pages of the buffer (zeroed by
+        // the kernel) and of the mapping (read from the page cache or the disk), so cores that
+        // fault in parallel load faster than one. Every expert is read; the error reported is
+        // the first expert's, in order, as a sequential loop would report it.
+        let results: Vec<Result<(), LoadError>> = values
+            .par_chunks_exact_mut(parts.len() * part)
+            .enumerate()
+            .map(|(e, block)| {
+                for (name, out) in parts.iter().zip(block.chunks_exact_mut(part)) {
+                    self.read_into(&name(e), &[rows, cols], out)?;
+                }
+                Ok(())
+            })
+            .collect();
+        results.into_iter().collect::<Result<(), _>>()?;
         Ok(values)
     }
 

@@ -515,11 +515,21 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
             } else {
                 println!("{text}");
             }
+            // The first new token comes from the prompt's forward; decode speed is timed over
+            // the tokens after it, so there is none to report for fewer than two.
+            let speed = if generation.ids.len() >= 2 {
+                format!(
+                    "{:.1} tokens/s decode, {:.2} ms/token",
+                    generation.decode_tokens_per_second(),
+                    1000.0 / generation.decode_tokens_per_second().max(1e-9),
+                )
+            } else {
+                "no decode step to time".to_string()
+            };
             eprintln!(
-                "[beam] {} new tokens, {:.1} tokens/s decode, {:.2} ms/token, {:.2} of {} experts kept per token per MoE layer{}",
+                "[beam] {} new tokens, prompt {:.1} ms, {speed}, {:.2} of {} experts kept per token per MoE layer{}",
                 generation.ids.len(),
-                generation.decode_tokens_per_second(),
-                1000.0 / generation.decode_tokens_per_second().max(1e-9),
+                generation.prefill_time.as_secs_f64() * 1000.0,
                 generation.mean_active_experts(),
                 config.moe.top_k,
                 if model.has_beam() { " (BEAM)" } else { " (top-K)" },
