@@ -282,23 +282,44 @@ pub fn quantize_q8_into<W: Copy + Send + Sync + Into<f32>>(
     q.par_chunks_mut(chunk)
         .zip(scales.par_chunks_mut(QUANTIZE_CHUNK_BLOCKS))
         .zip(values.par_chunks(chunk))
-        .for_each(|((q, scales), values)| {
-            let mut wide = vec![0.0f32; block];
-            for ((q, scale), values) in q
-                .chunks_exact_mut(block)
-                .zip(scales.iter_mut())
-                .zip(values.chunks_exact(block))
-            {
-                for (wide, &w) in wide.iter_mut().zip(values) {
-                    *wide = w.into();
-                }
-                *scale = quantize_block(&wide, q);
-            }
-        });
+        .for_each(|((q, scales), values)| quantize_q8_slice(values, block, q, scales));
     Q8Weights {
         values: q,
         scales,
         block,
+    }
+}
+
+/// [`quantize_q8_into`] on borrowed slices, on the calling thread: `values` into `q` (as long)
+/// and `scales` (one per block of `block`), the same values and scales block for block. For a
+/// caller that already runs one task per part of a weight (one expert per task while loading).
+///
+/// # Panics
+/// If `block` is 0 or does not divide `values.len()`, or a buffer has the wrong length.
+pub fn quantize_q8_slice<W: Copy + Into<f32>>(
+    values: &[W],
+    block: usize,
+    q: &mut [i8],
+    scales: &mut [f16],
+) {
+    assert!(
+        block > 0
+            && values.len().is_multiple_of(block)
+            && q.len() == values.len()
+            && scales.len() == values.len() / block,
+        "{} values into whole q8 blocks of {block}",
+        values.len()
+    );
+    let mut wide = vec![0.0f32; block];
+    for ((q, scale), values) in q
+        .chunks_exact_mut(block)
+        .zip(scales.iter_mut())
+        .zip(values.chunks_exact(block))
+    {
+        for (wide, &w) in wide.iter_mut().zip(values) {
+            *wide = w.into();
+        }
+        *scale = quantize_block(&wide, q);
     }
 }
 

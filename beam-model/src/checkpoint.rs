@@ -164,20 +164,12 @@ pub fn held_as<B: Backend, const D: usize>(
     device: &B::Device,
     (path, name): (&Path, &str),
 ) -> Result<Weight<B, D>, LoadError> {
-    use beam_kernels::quant::{q8_block_len, quantize_q8_into, Q8Tensor};
+    use beam_kernels::quant::{quantize_q8_into, Q8Tensor};
     let Some(Quantization::Q8) = format.quantize else {
         return Ok(held(data, format.dtype, device).into());
     };
     let shape = data.shape.clone();
-    let row_len = shape.last().copied().unwrap_or(0);
-    let block = q8_block_len(row_len).ok_or_else(|| LoadError::Quantize {
-        path: path.to_path_buf(),
-        name: name.to_string(),
-        shape: shape.to_vec(),
-        reason: format!(
-            "rows of {row_len} values: q8 needs a block of 8 to 32 values that divides the row"
-        ),
-    })?;
+    let block = q8_block(&shape, (path, name))?;
     let dtype_error = |actual: DType| LoadError::Dtype {
         path: path.to_path_buf(),
         name: name.to_string(),
@@ -225,6 +217,48 @@ pub fn held_as<B: Backend, const D: usize>(
         other => dequantized.convert_dtype(other.dtype()),
     };
     Ok(held(dequantized, format.dtype, device).into())
+}
+
+/// The q8 block length for a weight of `shape` ([`beam_kernels::quant::q8_block_len`] of its
+/// rows), or the [`LoadError::Quantize`] naming the tensor.
+fn q8_block(shape: &[usize], (path, name): (&Path, &str)) -> Result<usize, LoadError> {
+    let row_len = shape.last().copied().unwrap_or(0);
+    beam_kernels::quant::q8_block_len(row_len).ok_or_else(|| LoadError::Quantize {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        shape: shape.to_vec(),
+        reason: format!(
+            "rows of {row_len} values: q8 needs a block of 8 to 32 values that divides the row"
+        ),
+    })
+}
+
+/// Per-expert tensors ([`TensorStore::stacked_data`]) held as [`held_as`] holds them: when the
+/// backend runs q8 in place, quantized expert by expert as they are read
+/// ([`TensorStore::stacked_q8`]: the same int8 values and scales, without the stacked buffer in
+/// `format.dtype` that quantizing it whole needs); otherwise [`held_as`] of the stacked data.
+/// `(path, name)` name the weight in errors, as for [`held_as`].
+#[allow(clippy::too_many_arguments)]
+pub fn stacked_held_as<B: Backend>(
+    file: &TensorStore,
+    parts: &[&(dyn Fn(usize) -> String + Sync)],
+    experts: usize,
+    [rows, cols]: [usize; 2],
+    format: WeightFormat,
+    q8_in_place: bool,
+    device: &B::Device,
+    (path, name): (&Path, &str),
+) -> Result<Weight<B, 3>, LoadError> {
+    if let (Some(Quantization::Q8), true) = (format.quantize, q8_in_place) {
+        let shape = [experts, parts.len() * rows, cols];
+        let block = q8_block(&shape, (path, name))?;
+        let q = file.stacked_q8(parts, experts, [rows, cols], format.dtype, block)?;
+        return Ok(Weight::q8(beam_kernels::quant::Q8Tensor::new(
+            q, shape, device,
+        )));
+    }
+    let data = file.stacked_data(parts, experts, [rows, cols], format.dtype)?;
+    held_as(data, format, q8_in_place, device, (path, name))
 }
 
 /// Element types a tensor can be read into ([`TensorStore::read_into`]).
@@ -1116,6 +1150,80 @@ impl TensorStore {
         })
     }
 
+    /// [`Self::stacked_data`] quantized to q8 (blocks of `block`, which must divide `cols`) as
+    /// it is read: each expert's parts read into a buffer in `dtype` (the values
+    /// `stacked_data` holds) and quantized straight into their place, experts on rayon's pool.
+    /// The same int8 values and scales as quantizing `stacked_data`'s buffer whole, without
+    /// that buffer (the whole weight in `dtype`).
+    ///
+    /// # Panics
+    /// If `block` is 0 or does not divide `cols` (callers take it from
+    /// [`beam_kernels::quant::q8_block_len`]).
+    pub fn stacked_q8(
+        &self,
+        parts: &[&(dyn Fn(usize) -> String + Sync)],
+        experts: usize,
+        [rows, cols]: [usize; 2],
+        dtype: WeightDtype,
+        block: usize,
+    ) -> Result<beam_kernels::quant::Q8Weights, LoadError> {
+        assert!(
+            block > 0 && cols.is_multiple_of(block),
+            "q8 blocks tile the rows"
+        );
+        match dtype {
+            WeightDtype::F32 => self.stacked_q8_as::<f32>(parts, experts, [rows, cols], block),
+            WeightDtype::F16 => {
+                self.stacked_q8_as::<half::f16>(parts, experts, [rows, cols], block)
+            }
+            WeightDtype::BF16 => {
+                self.stacked_q8_as::<half::bf16>(parts, experts, [rows, cols], block)
+            }
+        }
+    }
+
+    fn stacked_q8_as<T: StoredFloat + Into<f32>>(
+        &self,
+        parts: &[&(dyn Fn(usize) -> String + Sync)],
+        experts: usize,
+        [rows, cols]: [usize; 2],
+        block: usize,
+    ) -> Result<beam_kernels::quant::Q8Weights, LoadError> {
+        use rayon::prelude::*;
+        let part = rows * cols;
+        let per_expert = parts.len() * part;
+        let mut values = weight_buffer::<i8>(experts * per_expert);
+        let mut scales = weight_buffer::<half::f16>(experts * per_expert / block);
+        if part > 0 {
+            // As in `stacked_into`: every expert is read, the first error in order reported.
+            let results: Vec<Result<(), LoadError>> = values
+                .par_chunks_exact_mut(per_expert)
+                .zip(scales.par_chunks_exact_mut(per_expert / block))
+                .enumerate()
+                .map(|(e, (q, s))| {
+                    let mut held = vec![T::zeroed(); part];
+                    let blocks = part / block;
+                    for (p, name) in parts.iter().enumerate() {
+                        self.read_into(&name(e), &[rows, cols], &mut held)?;
+                        beam_kernels::quant::quantize_q8_slice(
+                            &held,
+                            block,
+                            &mut q[p * part..(p + 1) * part],
+                            &mut s[p * blocks..(p + 1) * blocks],
+                        );
+                    }
+                    Ok(())
+                })
+                .collect();
+            results.into_iter().collect::<Result<(), _>>()?;
+        }
+        Ok(beam_kernels::quant::Q8Weights {
+            values,
+            scales,
+            block,
+        })
+    }
+
     fn stacked_into<T: StoredFloat>(
         &self,
         parts: &[&(dyn Fn(usize) -> String + Sync)],
@@ -1237,6 +1345,81 @@ mod tests {
         .map(|_| ())
         .unwrap_err();
         assert!(matches!(err, LoadError::Dtype { .. }), "{err}");
+    }
+
+    /// A safetensors file of `experts` experts' `gate`/`up` (`[rows, cols]`) in `stored`, with
+    /// varied values (not zeros, different per expert and part).
+    fn per_expert_file(stored: Dtype, experts: usize, [rows, cols]: [usize; 2]) -> Vec<u8> {
+        let mut tensors = Vec::new();
+        for e in 0..experts {
+            for (p, part) in ["gate", "up"].iter().enumerate() {
+                let values = (0..rows * cols)
+                    .map(|i| ((i * 7 + e * 131 + p * 17) as f32 * 0.37).sin() * (1.0 + e as f32));
+                let bytes: Vec<u8> = match stored {
+                    Dtype::BF16 => values
+                        .flat_map(|v| half::bf16::from_f32(v).to_le_bytes())
+                        .collect(),
+                    _ => values.flat_map(f32::to_le_bytes).collect(),
+                };
+                tensors.push((format!("experts.{e}.{part}.weight"), bytes));
+            }
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, bytes)| {
+                let view = safetensors::tensor::TensorView::new(stored, vec![rows, cols], bytes)
+                    .expect("a valid view");
+                (name.clone(), view)
+            })
+            .collect();
+        safetensors::serialize(views, None).expect("serialized")
+    }
+
+    #[test]
+    fn stacked_q8_equals_quantizing_the_stacked_weight_whole() {
+        use beam_kernels::quant::{q8_block_len, quantize_q8};
+        let gate = |e: usize| format!("experts.{e}.gate.weight");
+        let up = |e: usize| format!("experts.{e}.up.weight");
+        let parts: [&(dyn Fn(usize) -> String + Sync); 2] = [&gate, &up];
+        for (stored, dtype) in [
+            (Dtype::BF16, WeightDtype::BF16),
+            (Dtype::F32, WeightDtype::BF16),
+            (Dtype::F32, WeightDtype::F32),
+            (Dtype::BF16, WeightDtype::F16),
+        ] {
+            for shape in [[6, 64], [5, 40]] {
+                let file =
+                    TensorStore::from_bytes("model.safetensors", per_expert_file(stored, 3, shape))
+                        .unwrap();
+                let block = q8_block_len(shape[1]).unwrap();
+                let direct = file.stacked_q8(&parts, 3, shape, dtype, block).unwrap();
+                let data = file.stacked_data(&parts, 3, shape, dtype).unwrap();
+                let whole = match dtype {
+                    WeightDtype::F32 => quantize_q8(data.as_slice::<f32>().unwrap(), block),
+                    WeightDtype::F16 => quantize_q8(data.as_slice::<half::f16>().unwrap(), block),
+                    WeightDtype::BF16 => quantize_q8(data.as_slice::<half::bf16>().unwrap(), block),
+                };
+                assert!(direct.values.iter().any(|&v| v != 0), "not a test on zeros");
+                assert_eq!(direct.block, whole.block);
+                assert_eq!(
+                    direct.values, whole.values,
+                    "{stored:?} as {dtype:?} {shape:?}"
+                );
+                assert_eq!(
+                    direct.scales, whole.scales,
+                    "{stored:?} as {dtype:?} {shape:?}"
+                );
+            }
+        }
+        // A missing expert is the typed error a sequential read meets first.
+        let bytes = per_expert_file(Dtype::BF16, 3, [6, 64]);
+        let file = TensorStore::from_bytes("model.safetensors", bytes).unwrap();
+        let missing = |e: usize| format!("experts.{}.gate.weight", e + 1);
+        let parts: [&(dyn Fn(usize) -> String + Sync); 2] = [&up, &missing];
+        match file.stacked_q8(&parts, 3, [6, 64], WeightDtype::BF16, 32) {
+            Err(LoadError::Missing { name, .. }) => assert_eq!(name, "experts.3.gate.weight"),
+            other => panic!("expected Missing, got {other:?}"),
+        }
     }
 
     #[test]

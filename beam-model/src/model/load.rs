@@ -12,7 +12,9 @@ use super::family::MoeTensorNames;
 use super::mla::{MlaAttention, MlaQuery, MlaQueryLoRa, MLA_NORM_EPS};
 use super::norm::RmsNorm;
 use super::{DecoderLayer, FeedForward, ModelError, MoeLm};
-use crate::checkpoint::{held_as, LoadError, Quantization, TensorStore, WeightDtype, WeightFormat};
+use crate::checkpoint::{
+    held_as, stacked_held_as, LoadError, Quantization, TensorStore, WeightDtype, WeightFormat,
+};
 use crate::experts::SharedExpert;
 use crate::layer::BeamMoe;
 use crate::weight::Weight;
@@ -372,17 +374,27 @@ fn moe_block<B: Backend>(
         let [gate, up, down] = names.expert_projections;
         let name =
             |proj: &'static str| move |e: usize| format!("{prefix}experts.{e}.{proj}.weight");
-        let gate_up = file.stacked_data(&[&name(gate), &name(up)], e, [i, h], dtype)?;
-        let gate_up = hold(
-            gate_up,
+        let stacked = |parts: &[&(dyn Fn(usize) -> String + Sync)], shape, label: &str| {
+            stacked_held_as(
+                file,
+                parts,
+                e,
+                shape,
+                format,
+                q8_in_place,
+                &device,
+                (file.path_of(&parts[0](0)), label),
+            )
+        };
+        let gate_up = stacked(
+            &[&name(gate), &name(up)],
+            [i, h],
             &format!("{prefix}experts.*.{{{gate},{up}}}.weight"),
-            &name(gate)(0),
         )?;
-        let downs = file.stacked_data(&[&name(down)], e, [h, i], dtype)?;
-        let downs = hold(
-            downs,
+        let downs = stacked(
+            &[&name(down)],
+            [h, i],
             &format!("{prefix}experts.*.{down}.weight"),
-            &name(down)(0),
         )?;
         (gate_up, downs)
     };
