@@ -140,13 +140,29 @@ impl Q8Weights {
 
 /// The largest magnitude in `wide` (NaN if any value is NaN).
 fn block_max(wide: &[f32]) -> f32 {
-    wide.iter().fold(0.0f32, |m, &w| {
-        if w.is_nan() || m.is_nan() {
-            f32::NAN
-        } else {
-            m.max(w.abs())
+    // Eight running maxima (one per lane) instead of one chain: the compiler keeps them in a
+    // vector register. A maximum is exact in any order, so the result is the sequential one.
+    const LANES: usize = 8;
+    let mut lanes = [0.0f32; LANES];
+    let mut nan = false;
+    let chunks = wide.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &w) in lanes.iter_mut().zip(chunk) {
+            let a = w.abs();
+            nan |= a.is_nan();
+            *lane = if a > *lane { a } else { *lane };
         }
-    })
+    }
+    for &w in rest {
+        let a = w.abs();
+        nan |= a.is_nan();
+        lanes[0] = if a > lanes[0] { a } else { lanes[0] };
+    }
+    if nan {
+        return f32::NAN;
+    }
+    lanes.iter().fold(0.0f32, |m, &l| if l > m { l } else { m })
 }
 
 /// The smallest `f16` at least `value` (`value` positive or NaN; infinite above `f16::MAX`).
@@ -169,10 +185,14 @@ fn round_block(wide: &[f32], scale: f32, q: &mut [i8]) {
     }
     let inverse = 1.0 / scale;
     for (q, &w) in q.iter_mut().zip(wide) {
-        // Round half away from zero (`f32::round`, without its libm call: this loop
-        // vectorises); |w · inverse| <= 127 up to rounding.
+        // Round half away from zero (`f32::round`, without its libm call), clamped to ±127 in
+        // `f32` (|w · inverse| <= 127 up to rounding), then truncated: what a saturating cast
+        // and an integer clamp give, NaN to 0 included, in a loop the compiler vectorises.
         let v = w * inverse;
-        *q = ((v + 0.5f32.copysign(v)) as i32).clamp(-127, 127) as i8;
+        let r = (v + 0.5f32.copysign(v)).clamp(-127.0, 127.0);
+        let r = if r.is_nan() { 0.0 } else { r };
+        // SAFETY: `r` is finite and within ±127, so it truncates to an i32.
+        *q = unsafe { r.to_int_unchecked::<i32>() } as i8;
     }
 }
 
@@ -417,6 +437,55 @@ impl<B: Backend, const D: usize> Q8Tensor<B, D> {
 mod tests {
     use super::*;
     use crate::testing::values;
+
+    #[test]
+    fn the_vectorised_block_quantizer_equals_the_sequential_formula() {
+        // The reference: one running maximum (NaN poisons the block), then round half away
+        // from zero through a saturating cast and an integer clamp, value by value.
+        fn reference(wide: &[f32]) -> (f16, Vec<i8>) {
+            let max = wide.iter().fold(0.0f32, |m, &w| {
+                if w.is_nan() || m.is_nan() {
+                    f32::NAN
+                } else {
+                    m.max(w.abs())
+                }
+            });
+            if max == 0.0 {
+                return (f16::ZERO, vec![0; wide.len()]);
+            }
+            let scale = f16_at_least(max / Q8_MAX);
+            let inverse = 1.0 / scale.to_f32();
+            let q = wide
+                .iter()
+                .map(|&w| {
+                    let v = w * inverse;
+                    ((v + 0.5f32.copysign(v)) as i32).clamp(-127, 127) as i8
+                })
+                .collect();
+            (scale, q)
+        }
+        let mut blocks: Vec<Vec<f32>> = (0..200)
+            .map(|i| values(32, 0.5 + i as f32))
+            .chain((8..=32).map(|n| values(n, 3.0)))
+            .collect();
+        let mut special = values(32, 1.0);
+        special[5] = f32::NAN;
+        blocks.push(special.clone());
+        special[5] = f32::INFINITY;
+        blocks.push(special.clone());
+        special[5] = -1e30;
+        blocks.push(special);
+        blocks.push(vec![0.0; 32]);
+        blocks.push(vec![-0.0; 16]);
+        blocks.push((0..32).map(|i| (i as f32 - 15.5) * 1e-7).collect());
+        for wide in &blocks {
+            let mut q = vec![99i8; wide.len()];
+            let scale = quantize_block(wide, &mut q);
+            let (want_scale, want_q) = reference(wide);
+            assert_eq!(scale.to_bits(), want_scale.to_bits(), "{wide:?}");
+            assert_eq!(q, want_q, "{wide:?}");
+        }
+    }
 
     #[test]
     fn block_lengths_tile_rows() {
