@@ -196,37 +196,31 @@ fn generate_from_a_text_prompt() {
 
 #[test]
 fn one_new_token_reports_no_decode_speed() {
+    // The generate summary (stderr) for `new` tokens after a 3-token prompt.
+    let summary = |new: &str| {
+        let out = beam(&[
+            "generate",
+            "--model",
+            "assets/models/tiny-qwen3_moe",
+            "--ids",
+            "5,17,42",
+            "--max-new-tokens",
+            new,
+        ]);
+        stdout(&out);
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
     // The only new token comes from the prompt's forward: no decode step was timed, so the
     // summary says so instead of a speed computed from nothing.
-    let out = beam(&[
-        "generate",
-        "--model",
-        "assets/models/tiny-qwen3_moe",
-        "--ids",
-        "5,17,42",
-        "--max-new-tokens",
-        "1",
-    ]);
-    stdout(&out);
-    let summary = String::from_utf8_lossy(&out.stderr).to_string();
+    let one = summary("1");
     assert!(
-        summary.contains("1 new tokens") && summary.contains("no decode step to time"),
-        "{summary}"
+        one.contains("1 new tokens") && one.contains("no decode step to time"),
+        "{one}"
     );
-    assert!(!summary.contains("tokens/s"), "{summary}");
+    assert!(!one.contains("tokens/s"), "{one}");
     // With two or more, the decode speed is reported.
-    let out = beam(&[
-        "generate",
-        "--model",
-        "assets/models/tiny-qwen3_moe",
-        "--ids",
-        "5,17,42",
-        "--max-new-tokens",
-        "3",
-    ]);
-    stdout(&out);
-    let summary = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(summary.contains("tokens/s decode"), "{summary}");
+    let three = summary("3");
+    assert!(three.contains("tokens/s decode"), "{three}");
 }
 
 #[test]

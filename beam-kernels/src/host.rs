@@ -484,13 +484,12 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
                 "rows within the matrix"
             );
             let blocks = row_len / block;
-            let xs = &quantized;
             let dots_q8_q8 = avx2::dots_q8_q8();
             for (r, row) in rows.enumerate() {
                 let start = base + row * row_len;
                 let values = &self.values()[start..start + row_len];
                 let scales = &self.scales()[start / block..start / block + blocks];
-                for (pass, group) in xs.chunks(TOKENS_PER_PASS).enumerate() {
+                for (pass, group) in quantized.chunks(TOKENS_PER_PASS).enumerate() {
                     // SAFETY: the CPU has the kernel's features (`int8_inputs` checked AVX2,
                     // FMA and F16C; `dots_q8_q8` checked VNNI); the row and every input are
                     // `blocks` whole blocks of 32 with one scale each.

@@ -261,6 +261,24 @@ pub fn stacked_held_as<B: Backend>(
     held_as(data, format, q8_in_place, device, (path, name))
 }
 
+/// `read(state, e, item)` for expert `e`'s `item` of `experts`, on rayon's pool (`state` from
+/// `init`, one per rayon job): each copy first touches fresh pages of its buffer (zeroed by the
+/// kernel) and of the mapping (read from the page cache or the disk), so cores that fault in
+/// parallel load faster than one. Every expert is read; the error returned is the first
+/// expert's in order, as a sequential loop would report it.
+fn each_expert<I: Send, S>(
+    experts: impl rayon::iter::IndexedParallelIterator<Item = I>,
+    init: impl Fn() -> S + Sync + Send,
+    read: impl Fn(&mut S, usize, I) -> Result<(), LoadError> + Sync + Send,
+) -> Result<(), LoadError> {
+    use rayon::prelude::*;
+    let results: Vec<Result<(), LoadError>> = experts
+        .enumerate()
+        .map_init(init, |state, (e, item)| read(state, e, item))
+        .collect();
+    results.into_iter().collect()
+}
+
 /// Element types a tensor can be read into ([`TensorStore::read_into`]).
 pub trait StoredFloat: bytemuck::Pod + burn::tensor::Element {
     /// The safetensors dtype whose bytes are this type's (copied, not converted).
@@ -868,6 +886,14 @@ impl TensorStore {
         Ok((&self.shards[*shard], info))
     }
 
+    /// Records that `name` was read (see [`Self::unused`]).
+    fn mark_used(&self, name: &str) {
+        self.used
+            .lock()
+            .expect("the used-tensor set")
+            .insert(name.to_string());
+    }
+
     fn view<T>(
         &self,
         name: &str,
@@ -875,10 +901,7 @@ impl TensorStore {
     ) -> Result<T, LoadError> {
         let (shard, info) = self.entry(name)?;
         let bytes = shard.data(name, info)?;
-        self.used
-            .lock()
-            .expect("the used-tensor set")
-            .insert(name.to_string());
+        self.mark_used(name);
         let out = read(&shard.path, info, bytes);
         shard.release(bytes);
         out
@@ -888,20 +911,14 @@ impl TensorStore {
     /// tensor counts as used): the [`LoadError::Shape`] every read reports.
     pub fn check_shape(&self, name: &str, expected: &[usize]) -> Result<(), LoadError> {
         let (shard, info) = self.entry(name)?;
-        self.used
-            .lock()
-            .expect("the used-tensor set")
-            .insert(name.to_string());
+        self.mark_used(name);
         shape_matches(&shard.path, name, info, expected)
     }
 
     /// Shape of a tensor (from the header; no data is read).
     pub fn shape(&self, name: &str) -> Result<Vec<usize>, LoadError> {
         let (_, info) = self.entry(name)?;
-        self.used
-            .lock()
-            .expect("the used-tensor set")
-            .insert(name.to_string());
+        self.mark_used(name);
         Ok(info.shape.clone())
     }
 
@@ -1195,27 +1212,27 @@ impl TensorStore {
         let mut values = weight_buffer::<i8>(experts * per_expert);
         let mut scales = weight_buffer::<half::f16>(experts * per_expert / block);
         if part > 0 {
-            // As in `stacked_into`: every expert is read, the first error in order reported.
-            let results: Vec<Result<(), LoadError>> = values
+            let blocks = part / block;
+            let experts = values
                 .par_chunks_exact_mut(per_expert)
-                .zip(scales.par_chunks_exact_mut(per_expert / block))
-                .enumerate()
-                .map(|(e, (q, s))| {
-                    let mut held = vec![T::zeroed(); part];
-                    let blocks = part / block;
+                .zip(scales.par_chunks_exact_mut(per_expert / block));
+            // One buffer of an expert part's values in `T` per rayon job, reused across experts.
+            each_expert(
+                experts,
+                || vec![T::zeroed(); part],
+                |held, e, (q, s)| {
                     for (p, name) in parts.iter().enumerate() {
-                        self.read_into(&name(e), &[rows, cols], &mut held)?;
+                        self.read_into(&name(e), &[rows, cols], held)?;
                         beam_kernels::quant::quantize_q8_slice(
-                            &held,
+                            held,
                             block,
                             &mut q[p * part..(p + 1) * part],
                             &mut s[p * blocks..(p + 1) * blocks],
                         );
                     }
                     Ok(())
-                })
-                .collect();
-            results.into_iter().collect::<Result<(), _>>()?;
+                },
+            )?;
         }
         Ok(beam_kernels::quant::Q8Weights {
             values,
@@ -1236,21 +1253,16 @@ impl TensorStore {
         if part == 0 {
             return Ok(values);
         }
-        // Experts on rayon's pool: each copy first touches fresh pages of the buffer (zeroed by
-        // the kernel) and of the mapping (read from the page cache or the disk), so cores that
-        // fault in parallel load faster than one. Every expert is read; the error reported is
-        // the first expert's, in order, as a sequential loop would report it.
-        let results: Vec<Result<(), LoadError>> = values
-            .par_chunks_exact_mut(parts.len() * part)
-            .enumerate()
-            .map(|(e, block)| {
+        each_expert(
+            values.par_chunks_exact_mut(parts.len() * part),
+            || (),
+            |_, e, block| {
                 for (name, out) in parts.iter().zip(block.chunks_exact_mut(part)) {
                     self.read_into(&name(e), &[rows, cols], out)?;
                 }
                 Ok(())
-            })
-            .collect();
-        results.into_iter().collect::<Result<(), _>>()?;
+            },
+        )?;
         Ok(values)
     }
 
