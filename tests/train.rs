@@ -235,6 +235,68 @@ fn training_base_parameters_also_writes_the_whole_trained_model() {
     std::fs::remove_dir_all(longer).ok();
 }
 
+/// Largest absolute difference of two parameters' values.
+fn max_change<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+    (a - b).abs().max().into_scalar() as f64
+}
+
+#[test]
+fn the_mask_routers_step_at_their_own_learning_rate_when_everything_trains() {
+    // Adam's first step moves every parameter with a non-zero gradient by about its learning
+    // rate (m/sqrt(v) = ±1), so one step shows which rate each parameter took.
+    let (lr, mask_lr) = (1e-3, 0.04);
+    let base = load_model::<B>(tiny_model(), &Default::default()).unwrap();
+    for mask_rate in [Some(mask_lr), None] {
+        let out = temp_dir(&format!("mask-lr-{}", mask_rate.is_some()));
+        let config = small_config(1)
+            .with_learning_rate(lr)
+            .with_mask_learning_rate(mask_rate)
+            .with_trainable(Trainable::All);
+        train::<AB>(
+            &tiny_model(),
+            &corpus(),
+            &config,
+            &out,
+            &Default::default(),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let trained =
+            beam_train::load_trained_model::<B>(&tiny_model(), &out, &Default::default()).unwrap();
+        let expected_mask_step = mask_rate.unwrap_or(lr);
+        for (old, new) in base.moe_layers().zip(trained.moe_layers()) {
+            let router = max_change(old.router.weight.val(), new.router.weight.val());
+            assert!(
+                router > 0.9 * lr && router < 1.001 * lr,
+                "router moved {router}"
+            );
+            let mask = new.mask_router.as_ref().expect("a mask router");
+            // Fresh mask routers start with zero weights and bias init_bias.
+            let weight = mask.proj.weight.val().abs().max().into_scalar() as f64;
+            let bias = mask.proj.bias.as_ref().unwrap().val();
+            let bias = max_change(
+                bias.clone(),
+                bias.ones_like().mul_scalar(config.beam.init_bias),
+            );
+            for moved in [weight, bias] {
+                assert!(
+                    moved > 0.9 * expected_mask_step && moved < 1.001 * expected_mask_step,
+                    "mask router moved {moved}, expected about {expected_mask_step}"
+                );
+            }
+        }
+        std::fs::remove_dir_all(out).ok();
+    }
+    // A fixed-K run has no mask router to give a rate to.
+    let err = small_config(1)
+        .with_trainable(Trainable::All)
+        .with_fixed_k(Some(1))
+        .with_mask_learning_rate(Some(0.1))
+        .validate()
+        .unwrap_err();
+    assert!(err.to_string().contains("mask_learning_rate"), "{err}");
+}
+
 #[test]
 fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained() {
     let data = corpus();

@@ -220,6 +220,8 @@ pub fn check_config(
         if let Some(map) = v.as_object_mut() {
             map.remove("steps");
             map.remove("checkpoint_every");
+            // An unset option reads the same as one a run written before it existed lacks.
+            map.retain(|_, value| !value.is_null());
         }
         v
     };

@@ -47,6 +47,12 @@ pub struct TrainConfig {
     /// Adam learning rate (constant).
     #[config(default = 5e-3)]
     pub learning_rate: f64,
+    /// Adam learning rate of the mask routers when base parameters train too (`None`: the same
+    /// [`learning_rate`](Self::learning_rate) for everything). End-to-end BEAM wants the fresh
+    /// mask routers to move fast while the pretrained model only adapts: Adam's steps do not
+    /// depend on the gradients' scale, so only a learning rate of their own does that.
+    #[config(default = "None")]
+    pub mask_learning_rate: Option<f64>,
     /// λ: weight of the sparsity term.
     #[config(default = 0.1)]
     pub lambda: f64,
@@ -97,6 +103,16 @@ impl TrainConfig {
                 "learning_rate {} must be positive",
                 self.learning_rate
             ));
+        }
+        if let Some(lr) = self.mask_learning_rate {
+            if !(lr > 0.0 && lr.is_finite()) {
+                return bad(format!("mask_learning_rate {lr} must be positive"));
+            }
+            if self.fixed_k.is_some() {
+                return bad(
+                    "mask_learning_rate is set but a fixed_k run has no mask routers".into(),
+                );
+            }
         }
         if !(self.lambda >= 0.0 && self.lambda.is_finite()) {
             return bad(format!("lambda {} must be >= 0", self.lambda));

@@ -8,7 +8,7 @@ use std::time::Instant;
 use beam_model::model::load::load_model;
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use beam_model::{MaskRule, MoeBackend};
-use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::activation::log_softmax;
@@ -140,6 +140,30 @@ pub fn select_trainable<B: AutodiffBackend>(model: MoeLm<B>, trainable: Trainabl
         }
     }
     model
+}
+
+/// Collects the ids of the float parameters it visits.
+struct ParamIds(Vec<ParamId>);
+
+impl<B: Backend> ModuleVisitor<B> for ParamIds {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0.push(param.id);
+    }
+}
+
+/// The ids of every mask router's parameters (those [`TrainConfig::mask_learning_rate`] steps).
+pub fn mask_router_params<B: Backend>(model: &MoeLm<B>) -> Vec<ParamId> {
+    let mut ids = ParamIds(Vec::new());
+    for layer in &model.layers {
+        if let Some(mask_router) = layer
+            .feed_forward
+            .moe()
+            .and_then(|m| m.mask_router.as_ref())
+        {
+            mask_router.visit(&mut ids);
+        }
+    }
+    ids.0
 }
 
 fn recorder() -> NamedMpkBytesRecorder<FullPrecisionSettings> {
@@ -299,7 +323,15 @@ where
             moe_flops_reduction,
         };
 
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let mut grads = loss.backward();
+        if let Some(mask_lr) = config.mask_learning_rate {
+            // One optimiser, two steps: each moves only the parameters whose gradients it is
+            // given, and Adam's state is per parameter, so the record (and resume) is unchanged.
+            let ids = mask_router_params(&model);
+            let mask_grads = GradientsParams::from_params(&mut grads, &model, &ids);
+            model = optimizer.step(mask_lr, model, mask_grads);
+        }
+        let grads = GradientsParams::from_grads(grads, &model);
         model = optimizer.step(config.learning_rate, model, grads);
         on_step(&metrics, config);
         history.push(metrics);

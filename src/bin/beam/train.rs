@@ -79,6 +79,10 @@ pub struct TrainArgs {
     /// Adam learning rate.
     #[arg(long, default_value_t = 5e-3)]
     lr: f64,
+    /// Learning rate of the mask routers alone, when base parameters train too (`--train
+    /// routers|all`); default: `--lr` for everything.
+    #[arg(long)]
+    mask_lr: Option<f64>,
     /// λ, the weight of the sparsity term.
     #[arg(long, default_value_t = 0.1)]
     lambda: f64,
@@ -147,6 +151,7 @@ impl TrainArgs {
             .with_batch_size(self.batch_size)
             .with_seq_len(self.seq_len)
             .with_learning_rate(self.lr)
+            .with_mask_learning_rate(self.mask_lr)
             .with_lambda(self.lambda)
             .with_task_loss(match self.loss {
                 LossChoice::Distill => TaskLoss::Distill,
