@@ -46,6 +46,18 @@ fn small_config(steps: usize) -> TrainConfig {
         .with_checkpoint_every(5)
 }
 
+/// Trains on the tiny model and the KJV validation text, without progress output.
+fn train_tiny(config: &TrainConfig, out: &Path) -> Result<beam_train::TrainSummary, TrainError> {
+    train::<AB>(
+        &tiny_model(),
+        &corpus(),
+        config,
+        out,
+        &Default::default(),
+        &mut |_, _| {},
+    )
+}
+
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("beam-train-test-{name}-{}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
@@ -69,15 +81,7 @@ fn adapter_tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
 #[test]
 fn a_short_run_cuts_active_experts_and_the_sparsity_term_with_finite_loss() {
     let out = temp_dir("short");
-    let summary = train::<AB>(
-        &tiny_model(),
-        &corpus(),
-        &small_config(30),
-        &out,
-        &Default::default(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let summary = train_tiny(&small_config(30), &out).unwrap();
     let h = &summary.history;
     assert_eq!(h.len(), 30);
     assert!(summary.trained_model.is_none());
@@ -180,15 +184,7 @@ fn straight_through_gradients_reach_the_mask_router_and_only_the_configured_para
 fn training_base_parameters_also_writes_the_whole_trained_model() {
     let out = temp_dir("all");
     let config = small_config(2).with_trainable(Trainable::All);
-    let summary = train::<AB>(
-        &tiny_model(),
-        &corpus(),
-        &config,
-        &out,
-        &Default::default(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let summary = train_tiny(&config, &out).unwrap();
     let record = summary.trained_model.expect("a trained-model record");
     assert!(std::fs::metadata(&record).unwrap().len() > 10_000);
 
@@ -196,15 +192,7 @@ fn training_base_parameters_also_writes_the_whole_trained_model() {
     // step 2 is what a 3-step run (deterministic, same settings) measured at its step 2, with
     // the model after two updates.
     let longer = temp_dir("all-longer");
-    let three = train::<AB>(
-        &tiny_model(),
-        &corpus(),
-        &config.clone().with_steps(3),
-        &longer,
-        &Default::default(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let three = train_tiny(&config.clone().with_steps(3), &longer).unwrap();
     assert_eq!(three.history[..2], summary.history[..]);
     let reloaded =
         beam_train::load_trained_model::<B>(&tiny_model(), &out, &Default::default()).unwrap();
@@ -252,15 +240,7 @@ fn the_mask_routers_step_at_their_own_learning_rate_when_everything_trains() {
             .with_learning_rate(lr)
             .with_mask_learning_rate(mask_rate)
             .with_trainable(Trainable::All);
-        train::<AB>(
-            &tiny_model(),
-            &corpus(),
-            &config,
-            &out,
-            &Default::default(),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        train_tiny(&config, &out).unwrap();
         let trained =
             beam_train::load_trained_model::<B>(&tiny_model(), &out, &Default::default()).unwrap();
         let expected_mask_step = mask_rate.unwrap_or(lr);
@@ -552,17 +532,7 @@ fn the_token_map_counts_each_tokens_kept_experts_and_shows_every_token() {
 fn resuming_gives_the_same_adapter_and_metrics_as_an_uninterrupted_run() {
     let config = small_config(20).with_task_loss(TaskLoss::Both);
     let whole = temp_dir("whole");
-    let run = |dir: &Path, config: &TrainConfig| {
-        train::<AB>(
-            &tiny_model(),
-            &corpus(),
-            config,
-            dir,
-            &Default::default(),
-            &mut |_, _| {},
-        )
-        .unwrap()
-    };
+    let run = |dir: &Path, config: &TrainConfig| train_tiny(config, dir).unwrap();
     let uninterrupted = run(&whole, &config);
     let split = temp_dir("split");
     run(&split, &config.clone().with_steps(10));
@@ -574,15 +544,7 @@ fn resuming_gives_the_same_adapter_and_metrics_as_an_uninterrupted_run() {
         adapter_tensors(uninterrupted.adapter.as_ref().unwrap())
     );
     // Other settings in the same folder are refused, naming the checkpoint.
-    let err = train::<AB>(
-        &tiny_model(),
-        &corpus(),
-        &config.clone().with_lambda(0.5),
-        &split,
-        &Default::default(),
-        &mut |_, _| {},
-    )
-    .unwrap_err();
+    let err = train_tiny(&config.clone().with_lambda(0.5), &split).unwrap_err();
     assert!(matches!(err, TrainError::Checkpoint { .. }), "{err}");
     assert!(err.to_string().contains("other settings"), "{err}");
     refuses_other_inputs(&split, &config);
