@@ -439,6 +439,23 @@ fn end_to_end_training_can_start_from_a_trained_adapter() {
     let got = with_target.history[0].sparsity;
     assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     std::fs::remove_dir_all(targeted).ok();
+    // With a warmup of 4 steps the first step's target is 1 − 0.75 · 1/4 = 0.8125.
+    let ramped = temp_dir("stage2-ramp");
+    let with_ramp = train_tiny(
+        &config
+            .clone()
+            .with_steps(1)
+            .with_sparsity_warmup_steps(4)
+            .with_beam(BeamMaskConfig::new().with_sparsity(
+                beam_model::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
+            )),
+        &ramped,
+    )
+    .unwrap();
+    let want = per_layer.iter().map(|a| (a - 0.8125).powi(2)).sum::<f64>() / per_layer.len() as f64;
+    let got = with_ramp.history[0].sparsity;
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    std::fs::remove_dir_all(ramped).ok();
     // The whole model it leaves reloads (through the same adapter) and evaluates.
     let reloaded =
         beam_train::load_trained_model::<B>(&tiny_model(), &second, &Default::default()).unwrap();

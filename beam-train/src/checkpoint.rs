@@ -220,8 +220,10 @@ pub fn check_config(
         if let Some(map) = v.as_object_mut() {
             map.remove("steps");
             map.remove("checkpoint_every");
-            // An unset option reads the same as one a run written before it existed lacks.
-            map.retain(|_, value| !value.is_null());
+            // A setting at its default reads the same as one a run written before the setting
+            // existed lacks.
+            let defaults = serde_json::to_value(TrainConfig::new()).expect("config serialises");
+            map.retain(|key, value| defaults.get(key) != Some(value));
         }
         v
     };

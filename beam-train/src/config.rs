@@ -1,6 +1,6 @@
 //! Training settings, serialisable (`train_config.json` beside every run).
 
-use beam_model::BeamMaskConfig;
+use beam_model::{BeamMaskConfig, SparsityLossConfig};
 use burn::config::Config;
 
 use crate::error::TrainError;
@@ -56,6 +56,13 @@ pub struct TrainConfig {
     /// λ: weight of the sparsity term.
     #[config(default = 0.1)]
     pub lambda: f64,
+    /// Steps over which the sparsity pressure ramps up (0: none, the default). With a target
+    /// active fraction the target moves linearly from 1 (every slot kept) down to it over these
+    /// steps; without one, λ grows linearly from 0. With base parameters training too, a mask
+    /// that jumps to its target in a few dozen steps collapses below it (Adam's momentum) and
+    /// the model spends much of its budget recovering; a ramp lets both adapt together.
+    #[config(default = 0)]
+    pub sparsity_warmup_steps: usize,
     /// Task loss.
     #[config(default = "TaskLoss::Distill")]
     pub task_loss: TaskLoss,
@@ -89,6 +96,30 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// The sparsity settings and λ in force at `step` (0-based): the configured ones, or during
+    /// [`sparsity_warmup_steps`](Self::sparsity_warmup_steps) the ramp towards them (at step
+    /// `s < N`, a fraction `(s + 1) / N` of the way).
+    pub fn sparsity_at(&self, step: usize) -> (SparsityLossConfig, f64) {
+        let warmup = self.sparsity_warmup_steps;
+        let ramp = if warmup == 0 {
+            1.0
+        } else {
+            ((step + 1) as f64 / warmup as f64).min(1.0)
+        };
+        let sparsity = self.beam.sparsity.clone();
+        if ramp >= 1.0 {
+            // Exactly the configured settings (1 − (1 − t) · 1 need not round back to t).
+            return (sparsity, self.lambda);
+        }
+        match sparsity.target_active_fraction {
+            Some(target) => (
+                sparsity.with_target_active_fraction(Some(1.0 - (1.0 - target) * ramp)),
+                self.lambda,
+            ),
+            None => (sparsity, self.lambda * ramp),
+        }
+    }
+
     /// Checks ranges before any work is done.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |m: String| Err(TrainError::Config(m));
@@ -142,5 +173,43 @@ impl TrainConfig {
         self.beam
             .validate()
             .map_err(|e| TrainError::Config(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sparsity_ramp_reaches_the_configured_settings_at_the_end_of_the_warmup() {
+        let targeted =
+            TrainConfig::new()
+                .with_lambda(30.0)
+                .with_sparsity_warmup_steps(4)
+                .with_beam(BeamMaskConfig::new().with_sparsity(
+                    SparsityLossConfig::new().with_target_active_fraction(Some(0.2)),
+                ));
+        let targets: Vec<f64> = (0..6)
+            .map(|s| {
+                let (sparsity, lambda) = targeted.sparsity_at(s);
+                assert_eq!(lambda, 30.0);
+                sparsity.target_active_fraction.unwrap()
+            })
+            .collect();
+        let want = [0.8, 0.6, 0.4, 0.2, 0.2, 0.2];
+        for (got, want) in targets.iter().zip(want) {
+            assert!((got - want).abs() < 1e-12, "{targets:?}");
+        }
+        // Without a target, λ ramps instead.
+        let plain = targeted
+            .clone()
+            .with_beam(BeamMaskConfig::new())
+            .with_sparsity_warmup_steps(2);
+        let lambdas: Vec<f64> = (0..3).map(|s| plain.sparsity_at(s).1).collect();
+        assert_eq!(lambdas, [15.0, 30.0, 30.0]);
+        assert_eq!(plain.sparsity_at(0).0, SparsityLossConfig::new());
+        // No warmup: the configured settings from the first step.
+        let none = targeted.clone().with_sparsity_warmup_steps(0);
+        assert_eq!(none.sparsity_at(0), (targeted.beam.sparsity.clone(), 30.0));
     }
 }

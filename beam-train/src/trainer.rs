@@ -244,6 +244,15 @@ where
     let mut model = select_trainable(model, config.trainable);
 
     for step in first_step..config.steps {
+        let (sparsity_now, lambda) = config.sparsity_at(step);
+        if config.sparsity_warmup_steps > 0 && config.fixed_k.is_none() {
+            for layer in &mut model.layers {
+                if let Some(moe) = layer.feed_forward.moe_mut() {
+                    moe.set_sparsity(sparsity_now.clone())
+                        .map_err(|e| TrainError::Config(e.to_string()))?;
+                }
+            }
+        }
         let batch = data.train_batch(config.seed, step, config.batch_size, config.seq_len)?;
         let (inputs, targets) = batch.tensors::<B>(device);
         let out = model.forward(inputs.clone(), None, mode, HiddenStates::Skip);
@@ -275,7 +284,7 @@ where
             .map(|s| s.div_scalar(layers));
         let mut loss = task.clone();
         if let Some(s) = &sparsity {
-            loss = loss + s.clone().mul_scalar(config.lambda);
+            loss = loss + s.clone().mul_scalar(lambda);
         }
         if config.trainable != Trainable::MaskRouters && config.load_balance_coef > 0.0 {
             if let Some(lb) = out

@@ -89,6 +89,11 @@ pub struct TrainArgs {
     /// Steer the kept fraction of the K slots to this value instead of pushing it down.
     #[arg(long)]
     target_active_fraction: Option<f64>,
+    /// Ramp the sparsity pressure up over the first N steps: the target active fraction moves
+    /// down from 1 to `--target-active-fraction`, or λ grows from 0 (end-to-end runs: keeps the
+    /// mask from collapsing before the model adapts).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    sparsity_warmup: usize,
     /// Task loss.
     #[arg(long, value_enum, default_value = "distill")]
     loss: LossChoice,
@@ -153,6 +158,7 @@ impl TrainArgs {
             .with_learning_rate(self.lr)
             .with_mask_learning_rate(self.mask_lr)
             .with_lambda(self.lambda)
+            .with_sparsity_warmup_steps(self.sparsity_warmup)
             .with_task_loss(match self.loss {
                 LossChoice::Distill => TaskLoss::Distill,
                 LossChoice::CrossEntropy => TaskLoss::CrossEntropy,
