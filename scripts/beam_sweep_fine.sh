@@ -5,7 +5,8 @@
 # holding a target active fraction of 0.07 or 0.055 with λ = 300), the fixed K' = 1 retrained
 # with the same token budget (700 steps), against top-K, the training-free peers and the fixed
 # smaller K' untrained. Then the coarse model's end-to-end and fixed-K' = 1 runs. Writes docs/eval/kjv-moe-fine.{json,md}, the plots and the
-# token map, and copies the adapters into the model folder. CPU only: about an hour on 2 cores.
+# token map, and copies the adapters into the model folder. CPU only: about two and a half hours
+# on 2 cores (the session-17 runs at the end: ~75 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=assets/models/kjv-moe-fine
@@ -49,3 +50,36 @@ C=assets/models/kjv-moe
   --trained "beam e2e lambda=10=runs/kjv-lambda10-all" \
   --trained "fixed-k 1 trained=runs/kjv-fixed1" \
   --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-e2e.json | tee docs/eval/kjv-moe-e2e.md
+
+# Session 17: end-to-end from the first step (mask routers at their own learning rate, the
+# target active fraction ramped down over 200 steps), against fixed K' = 2 and 1 retrained with
+# the same 700 steps; the same without the ramp. Writes docs/eval/kjv-moe-fine-warm.{json,md},
+# kjv-moe-warm.{json,md} (coarse model), the plots and the token map.
+E2E="--steps 700 --lr 5e-4 --lambda 300 --mask-shape per-slot --train all --mask-lr 0.02 --log-every 100"
+for T in 0.25 0.125 0.06; do
+  "$B" train --model $M --data $D --out runs/fine-warm-target${T#0.} $E2E --sparsity-warmup 200 --target-active-fraction $T
+done
+for T in 0.125 0.06; do
+  "$B" train --model $M --data $D --out runs/fine-joint-target${T#0.} $E2E --target-active-fraction $T
+done
+for K in 2 1; do
+  "$B" train --model $M --data $D --out runs/fine-fixed$K --steps 700 --lr 5e-4 --fixed-k $K --train all --log-every 100
+done
+"$B" eval --model $M --data assets/corpus/kjv-valid.txt.gz \
+  --trained "beam e2e warm target=0.25=runs/fine-warm-target25" \
+  --trained "beam e2e warm target=0.125=runs/fine-warm-target125" \
+  --trained "beam e2e warm target=0.06=runs/fine-warm-target06" \
+  --trained "beam e2e no-warmup target=0.125=runs/fine-joint-target125" \
+  --trained "beam e2e no-warmup target=0.06=runs/fine-joint-target06" \
+  --trained "fixed-k 2 trained=runs/fine-fixed2" \
+  --trained "fixed-k 1 trained=runs/fine-fixed1" \
+  --token-map-of "beam e2e warm target=0.125" \
+  --max-tokens 16384 --choice-items 2000 \
+  --json docs/eval/kjv-moe-fine-warm.json --plot docs/eval/fine_warm_quality_vs_flops.png \
+  --choice-plot docs/eval/fine_warm_choice_vs_flops.png \
+  --token-map docs/eval/fine_warm_token_map.html | tee docs/eval/kjv-moe-fine-warm.md
+"$B" train --model $C --data $D --out runs/kjv-warm-target25 $E2E --sparsity-warmup 200 --target-active-fraction 0.25
+"$B" eval --model $C --data assets/corpus/kjv-valid.txt.gz \
+  --trained "beam e2e warm target=0.25=runs/kjv-warm-target25" \
+  --trained "fixed-k 1 trained=runs/kjv-fixed1" \
+  --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-warm.json | tee docs/eval/kjv-moe-warm.md
