@@ -341,6 +341,18 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
         .all(|m| m.mean_active_experts == 1.0 && m.sparsity == 0.0));
     let read = beam_train::read_train_config(&out).unwrap();
     assert_eq!(read, config);
+    // A run written before a setting existed lacks its key and reads as its default.
+    let path = out.join("train_config.json");
+    let mut written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for key in ["sparsity_warmup_steps", "mask_learning_rate"] {
+        assert!(
+            written.as_object_mut().unwrap().remove(key).is_some(),
+            "{key}"
+        );
+    }
+    std::fs::write(&path, serde_json::to_string(&written).unwrap()).unwrap();
+    assert_eq!(beam_train::read_train_config(&out).unwrap(), config);
     let mode = beam_train::trained_mask_mode(&read);
     assert_eq!(mode, MaskMode::Rule(MaskRule::FixedK { k: 1 }));
     let trained =

@@ -56,10 +56,21 @@ pub fn load_trained_model<B: MoeBackend>(
 pub fn read_train_config(run_dir: &Path) -> Result<TrainConfig, TrainError> {
     let config_path = run_dir.join("train_config.json");
     let text = std::fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
-    serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
-        path: config_path,
+    let bad = |e: serde_json::Error| TrainError::Checkpoint {
+        path: config_path.clone(),
         reason: e.to_string(),
-    })
+    };
+    let mut written: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+    // A run written before a setting existed lacks its key: it ran at the setting's default.
+    if let (Some(map), serde_json::Value::Object(defaults)) = (
+        written.as_object_mut(),
+        serde_json::to_value(TrainConfig::new()).expect("config serialises"),
+    ) {
+        for (key, value) in defaults {
+            map.entry(key).or_insert(value);
+        }
+    }
+    serde_json::from_value(written).map_err(bad)
 }
 
 /// The student a run trains: the base model with BEAM mask routers (fresh, or those of
