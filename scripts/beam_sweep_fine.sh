@@ -88,3 +88,12 @@ done
   --trained "fixed-k 2 trained=runs/kjv-fixed2" \
   --trained "fixed-k 1 trained=runs/kjv-fixed1" \
   --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-warm.json | tee docs/eval/kjv-moe-warm.md
+# Two variants of the T = 0.06 run: a 400-step warmup, and λ = 30 (which does not hold the target).
+"$B" train --model $M --data $D --out runs/fine-warm400-target06 $E2E --sparsity-warmup 400 --target-active-fraction 0.06
+"$B" train --model $M --data $D --out runs/fine-warm-lambda30-target06 --steps 700 --lr 5e-4 --lambda 30 \
+  --mask-shape per-slot --train all --mask-lr 0.02 --log-every 100 --sparsity-warmup 200 --target-active-fraction 0.06
+"$B" eval --model $M --data assets/corpus/kjv-valid.txt.gz \
+  --trained "beam e2e warm400 target=0.06=runs/fine-warm400-target06" \
+  --trained "beam e2e warm lambda=30 target=0.06=runs/fine-warm-lambda30-target06" \
+  --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-fine-warm-variants.json \
+  | tee docs/eval/kjv-moe-fine-warm-variants.md
