@@ -56,7 +56,7 @@ C=assets/models/kjv-moe
 # the same 700 steps; the same without the ramp. Writes docs/eval/kjv-moe-fine-warm.{json,md},
 # kjv-moe-warm.{json,md} (coarse model), the plots and the token map.
 E2E="--steps 700 --lr 5e-4 --lambda 300 --mask-shape per-slot --train all --mask-lr 0.02 --log-every 100"
-for T in 0.25 0.125 0.06; do
+for T in 0.25 0.19 0.125 0.09 0.06; do
   "$B" train --model $M --data $D --out runs/fine-warm-target${T#0.} $E2E --sparsity-warmup 200 --target-active-fraction $T
 done
 for T in 0.125 0.06; do
@@ -67,7 +67,9 @@ for K in 2 1; do
 done
 "$B" eval --model $M --data assets/corpus/kjv-valid.txt.gz \
   --trained "beam e2e warm target=0.25=runs/fine-warm-target25" \
+  --trained "beam e2e warm target=0.19=runs/fine-warm-target19" \
   --trained "beam e2e warm target=0.125=runs/fine-warm-target125" \
+  --trained "beam e2e warm target=0.09=runs/fine-warm-target09" \
   --trained "beam e2e warm target=0.06=runs/fine-warm-target06" \
   --trained "fixed-k 2 trained=runs/fine-fixed2" \
   --trained "fixed-k 1 trained=runs/fine-fixed1" \
