@@ -353,6 +353,15 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
     }
     std::fs::write(&path, serde_json::to_string(&written).unwrap()).unwrap();
     assert_eq!(beam_train::read_train_config(&out).unwrap(), config);
+    // …and its checkpoint resumes under the same settings.
+    let mut state = checkpoint::load_latest(&out).unwrap().unwrap().state;
+    for key in ["sparsity_warmup_steps", "mask_learning_rate"] {
+        state.config.as_object_mut().unwrap().remove(key);
+    }
+    let fingerprint = checkpoint::RunFingerprint::new(&tiny_model(), &data.tokens).unwrap();
+    checkpoint::check_config(&out, &state, &config, &fingerprint).unwrap();
+    let other = config.clone().with_sparsity_warmup_steps(10);
+    assert!(checkpoint::check_config(&out, &state, &other, &fingerprint).is_err());
     let mode = beam_train::trained_mask_mode(&read);
     assert_eq!(mode, MaskMode::Rule(MaskRule::FixedK { k: 1 }));
     let trained =

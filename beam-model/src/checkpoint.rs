@@ -424,6 +424,10 @@ pub enum LoadError {
     },
 }
 
+/// The page size the mapping's `madvise` ranges are rounded to (whole pages inside a range to
+/// release, from the page holding its start to prefetch).
+const PAGE: usize = 4096;
+
 /// The bytes of a shard's tensors: the file mapped into memory (pages are read from disk when a
 /// tensor is first touched, and shared with the page cache), or a buffer already in memory.
 enum ShardData {
@@ -670,9 +674,8 @@ impl Shard {
         };
         let offset = bytes.as_ptr() as usize - map.as_ptr() as usize;
         // Whole pages inside the range only.
-        let page = 4096;
-        let start = offset.div_ceil(page) * page;
-        let end = (offset + bytes.len()) / page * page;
+        let start = offset.div_ceil(PAGE) * PAGE;
+        let end = (offset + bytes.len()) / PAGE * PAGE;
         if end > start {
             // SAFETY: nothing borrows these bytes any more (the caller has finished converting
             // them); a read-only private file mapping re-reads dropped pages from the file on the
@@ -693,8 +696,7 @@ impl Shard {
             return;
         };
         let (start, end) = info.data_offsets;
-        let page = 4096;
-        let start = (self.data_start + start) / page * page;
+        let start = (self.data_start + start) / PAGE * PAGE;
         let end = (self.data_start + end).min(map.len());
         if end > start {
             let _ = map.advise_range(memmap2::Advice::WillNeed, start, end - start);

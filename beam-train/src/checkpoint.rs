@@ -220,15 +220,12 @@ pub fn check_config(
         if let Some(map) = v.as_object_mut() {
             map.remove("steps");
             map.remove("checkpoint_every");
-            // A setting at its default reads the same as one a run written before the setting
-            // existed lacks.
-            let defaults = serde_json::to_value(TrainConfig::new()).expect("config serialises");
-            map.retain(|key, value| defaults.get(key) != Some(value));
         }
         v
     };
     let current = serde_json::to_value(config).expect("config serialises");
-    if comparable(&current) != comparable(&state.config) {
+    let written = TrainConfig::with_defaults(state.config.clone());
+    if comparable(&current) != comparable(&written) {
         return Err(checkpoint_error(
             dir,
             format!(

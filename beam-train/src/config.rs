@@ -96,6 +96,20 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Settings as a run wrote them (`train_config.json`, a checkpoint's state) with every key a
+    /// run written before that setting existed lacks filled in at its default: it ran with it.
+    pub fn with_defaults(mut written: serde_json::Value) -> serde_json::Value {
+        if let (Some(map), serde_json::Value::Object(defaults)) = (
+            written.as_object_mut(),
+            serde_json::to_value(TrainConfig::new()).expect("config serialises"),
+        ) {
+            for (key, value) in defaults {
+                map.entry(key).or_insert(value);
+            }
+        }
+        written
+    }
+
     /// The sparsity settings and λ in force at `step` (0-based): the configured ones, or during
     /// [`sparsity_warmup_steps`](Self::sparsity_warmup_steps) the ramp towards them (at step
     /// `s < N`, a fraction `(s + 1) / N` of the way).

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use beam_model::model::load::load_model;
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
-use beam_model::{MaskRule, MoeBackend};
+use beam_model::{MaskRule, MoeBackend, SparsityLossConfig};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
@@ -60,17 +60,8 @@ pub fn read_train_config(run_dir: &Path) -> Result<TrainConfig, TrainError> {
         path: config_path.clone(),
         reason: e.to_string(),
     };
-    let mut written: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
-    // A run written before a setting existed lacks its key: it ran at the setting's default.
-    if let (Some(map), serde_json::Value::Object(defaults)) = (
-        written.as_object_mut(),
-        serde_json::to_value(TrainConfig::new()).expect("config serialises"),
-    ) {
-        for (key, value) in defaults {
-            map.entry(key).or_insert(value);
-        }
-    }
-    serde_json::from_value(written).map_err(bad)
+    let written: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+    serde_json::from_value(TrainConfig::with_defaults(written)).map_err(bad)
 }
 
 /// The student a run trains: the base model with BEAM mask routers (fresh, or those of
@@ -87,17 +78,26 @@ fn with_masks<B: MoeBackend>(
     if let Some(adapter) = &config.init_adapter {
         // The mask's shape and threshold are the adapter's; its sparsity term is this run's.
         let mut model = model.load_beam_adapter(adapter, device)?;
-        for layer in &mut model.layers {
-            if let Some(moe) = layer.feed_forward.moe_mut() {
-                moe.set_sparsity(config.beam.sparsity.clone())
-                    .map_err(|e| TrainError::Config(e.to_string()))?;
-            }
-        }
+        set_sparsity(&mut model, &config.beam.sparsity)?;
         return Ok(model);
     }
     model
         .enable_beam(config.beam.clone(), device)
         .map_err(|e| TrainError::Config(e.to_string()))
+}
+
+/// Gives every MoE layer's mask these sparsity-term settings.
+fn set_sparsity<B: Backend>(
+    model: &mut MoeLm<B>,
+    sparsity: &SparsityLossConfig,
+) -> Result<(), TrainError> {
+    for layer in &mut model.layers {
+        if let Some(moe) = layer.feed_forward.moe_mut() {
+            moe.set_sparsity(sparsity.clone())
+                .map_err(|e| TrainError::Config(e.to_string()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The mask mode a run's student trains and is evaluated with: its learned masks, or the fixed
@@ -165,14 +165,11 @@ impl<B: Backend> ModuleVisitor<B> for ParamIds {
 /// The ids of every mask router's parameters (those [`TrainConfig::mask_learning_rate`] steps).
 pub fn mask_router_params<B: Backend>(model: &MoeLm<B>) -> Vec<ParamId> {
     let mut ids = ParamIds(Vec::new());
-    for layer in &model.layers {
-        if let Some(mask_router) = layer
-            .feed_forward
-            .moe()
-            .and_then(|m| m.mask_router.as_ref())
-        {
-            mask_router.visit(&mut ids);
-        }
+    for mask_router in model
+        .moe_layers()
+        .filter_map(|moe| moe.mask_router.as_ref())
+    {
+        mask_router.visit(&mut ids);
     }
     ids.0
 }
@@ -253,16 +250,17 @@ where
         history = files.state.history;
     }
     let mut model = select_trainable(model, config.trainable);
+    // Parameter ids stay the same across optimiser steps: the mask routers' are taken once.
+    let mask_params = config
+        .mask_learning_rate
+        .map(|lr| (lr, mask_router_params(&model)));
 
     for step in first_step..config.steps {
         let (sparsity_now, lambda) = config.sparsity_at(step);
-        if config.sparsity_warmup_steps > 0 && config.fixed_k.is_none() {
-            for layer in &mut model.layers {
-                if let Some(moe) = layer.feed_forward.moe_mut() {
-                    moe.set_sparsity(sparsity_now.clone())
-                        .map_err(|e| TrainError::Config(e.to_string()))?;
-                }
-            }
+        // During the warmup only: from its last step on the layers hold the configured settings
+        // (`sparsity_at` returns them exactly), as they do from the start without a warmup.
+        if step < config.sparsity_warmup_steps && config.fixed_k.is_none() {
+            set_sparsity(&mut model, &sparsity_now)?;
         }
         let batch = data.train_batch(config.seed, step, config.batch_size, config.seq_len)?;
         let (inputs, targets) = batch.tensors::<B>(device);
@@ -344,12 +342,11 @@ where
         };
 
         let mut grads = loss.backward();
-        if let Some(mask_lr) = config.mask_learning_rate {
+        if let Some((mask_lr, ids)) = &mask_params {
             // One optimiser, two steps: each moves only the parameters whose gradients it is
             // given, and Adam's state is per parameter, so the record (and resume) is unchanged.
-            let ids = mask_router_params(&model);
-            let mask_grads = GradientsParams::from_params(&mut grads, &model, &ids);
-            model = optimizer.step(mask_lr, model, mask_grads);
+            let mask_grads = GradientsParams::from_params(&mut grads, &model, ids);
+            model = optimizer.step(*mask_lr, model, mask_grads);
         }
         let grads = GradientsParams::from_grads(grads, &model);
         model = optimizer.step(config.learning_rate, model, grads);

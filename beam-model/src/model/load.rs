@@ -169,6 +169,102 @@ fn build<B: MoeBackend>(
             })
         };
 
+    // One decoder layer from the checkpoint.
+    let layer = |l: usize, is_moe: bool| -> Result<DecoderLayer<B>, LoadError> {
+        let p = format!("model.layers.{l}.");
+        let bias = config.attention.qkv_bias;
+        let (q_norm, k_norm) = match config.attention.qk_norm {
+            QkNorm::None => (None, None),
+            QkNorm::PerHead => (
+                Some(norm(
+                    format!("{p}self_attn.q_norm.weight"),
+                    config.head_dim,
+                )?),
+                Some(norm(
+                    format!("{p}self_attn.k_norm.weight"),
+                    config.head_dim,
+                )?),
+            ),
+            QkNorm::Whole => (
+                Some(norm(format!("{p}self_attn.q_norm.weight"), q_out)?),
+                Some(norm(format!("{p}self_attn.k_norm.weight"), kv_out)?),
+            ),
+        };
+        let attention = match &config.mla {
+            None => SelfAttention::Gqa(Attention::new(
+                &config,
+                [
+                    projection(format!("{p}self_attn.q_proj"), q_out, h, bias)?,
+                    projection(format!("{p}self_attn.k_proj"), kv_out, h, bias)?,
+                    projection(format!("{p}self_attn.v_proj"), kv_out, h, bias)?,
+                    projection(format!("{p}self_attn.o_proj"), h, q_out, false)?,
+                ],
+                q_norm,
+                k_norm,
+            )),
+            Some(mla) => {
+                let a = format!("{p}self_attn.");
+                let heads = config.num_heads;
+                let bias = mla.attention_bias;
+                let (c, r) = (mla.kv_lora_rank, mla.qk_rope_head_dim);
+                let mla_norm = |name: String, size: usize| norm_with(name, size, MLA_NORM_EPS);
+                let query = match mla.q_lora_rank {
+                    None => MlaQuery::Plain(projection(format!("{a}q_proj"), q_out, h, false)?),
+                    Some(rank) => MlaQuery::LoRa(MlaQueryLoRa {
+                        a: projection(format!("{a}q_a_proj"), rank, h, bias)?,
+                        norm: mla_norm(format!("{a}q_a_layernorm.weight"), rank)?,
+                        b: projection(format!("{a}q_b_proj"), q_out, rank, false)?,
+                    }),
+                };
+                SelfAttention::Mla(MlaAttention::new(
+                    &config,
+                    query,
+                    [
+                        projection(format!("{a}kv_a_proj_with_mqa"), c + r, h, bias)?,
+                        projection(
+                            format!("{a}kv_b_proj"),
+                            heads * (mla.qk_nope_head_dim + mla.v_head_dim),
+                            c,
+                            false,
+                        )?,
+                        projection(format!("{a}o_proj"), h, heads * mla.v_head_dim, bias)?,
+                    ],
+                    mla_norm(format!("{a}kv_a_layernorm.weight"), c)?,
+                ))
+            }
+        };
+        let block = format!("{p}{}.", config.family.moe_block_name());
+        let feed_forward = if is_moe {
+            // Placeholders: every routed weight is overwritten from the checkpoint right away.
+            let moe = config
+                .moe
+                .init_placeholder::<B>(device)
+                .expect("validated with the model config");
+            FeedForward::Moe(load_moe_block_with(
+                moe,
+                store,
+                &block,
+                &config.family.moe_names(),
+                format,
+            )?)
+        } else {
+            FeedForward::Dense(load_swiglu_with(
+                store,
+                &format!("{p}mlp."),
+                h,
+                config.dense_intermediate_size,
+                None,
+                format,
+                device,
+            )?)
+        };
+        Ok(DecoderLayer {
+            input_norm: norm(format!("{p}input_layernorm.weight"), h)?,
+            attention,
+            post_attention_norm: norm(format!("{p}post_attention_layernorm.weight"), h)?,
+            feed_forward,
+        })
+    };
     // While a layer is copied, the next one's bytes are read from the disk on another thread.
     let layers = std::thread::scope(|scope| -> Result<_, LoadError> {
         let mut pending: Option<std::thread::ScopedJoinHandle<'_, ()>> = None;
@@ -186,7 +282,6 @@ fn build<B: MoeBackend>(
         prefetch(vec!["model.layers.0.".into()]);
         let mut layers = Vec::with_capacity(config.num_layers);
         for (l, &is_moe) in config.moe_layers.iter().enumerate() {
-            let p = format!("model.layers.{l}.");
             prefetch(if l + 1 < config.num_layers {
                 vec![format!("model.layers.{}.", l + 1)]
             } else {
@@ -194,98 +289,7 @@ fn build<B: MoeBackend>(
                     .map(String::from)
                     .to_vec()
             });
-            let bias = config.attention.qkv_bias;
-            let (q_norm, k_norm) = match config.attention.qk_norm {
-                QkNorm::None => (None, None),
-                QkNorm::PerHead => (
-                    Some(norm(
-                        format!("{p}self_attn.q_norm.weight"),
-                        config.head_dim,
-                    )?),
-                    Some(norm(
-                        format!("{p}self_attn.k_norm.weight"),
-                        config.head_dim,
-                    )?),
-                ),
-                QkNorm::Whole => (
-                    Some(norm(format!("{p}self_attn.q_norm.weight"), q_out)?),
-                    Some(norm(format!("{p}self_attn.k_norm.weight"), kv_out)?),
-                ),
-            };
-            let attention = match &config.mla {
-                None => SelfAttention::Gqa(Attention::new(
-                    &config,
-                    [
-                        projection(format!("{p}self_attn.q_proj"), q_out, h, bias)?,
-                        projection(format!("{p}self_attn.k_proj"), kv_out, h, bias)?,
-                        projection(format!("{p}self_attn.v_proj"), kv_out, h, bias)?,
-                        projection(format!("{p}self_attn.o_proj"), h, q_out, false)?,
-                    ],
-                    q_norm,
-                    k_norm,
-                )),
-                Some(mla) => {
-                    let a = format!("{p}self_attn.");
-                    let heads = config.num_heads;
-                    let bias = mla.attention_bias;
-                    let (c, r) = (mla.kv_lora_rank, mla.qk_rope_head_dim);
-                    let mla_norm = |name: String, size: usize| norm_with(name, size, MLA_NORM_EPS);
-                    let query = match mla.q_lora_rank {
-                        None => MlaQuery::Plain(projection(format!("{a}q_proj"), q_out, h, false)?),
-                        Some(rank) => MlaQuery::LoRa(MlaQueryLoRa {
-                            a: projection(format!("{a}q_a_proj"), rank, h, bias)?,
-                            norm: mla_norm(format!("{a}q_a_layernorm.weight"), rank)?,
-                            b: projection(format!("{a}q_b_proj"), q_out, rank, false)?,
-                        }),
-                    };
-                    SelfAttention::Mla(MlaAttention::new(
-                        &config,
-                        query,
-                        [
-                            projection(format!("{a}kv_a_proj_with_mqa"), c + r, h, bias)?,
-                            projection(
-                                format!("{a}kv_b_proj"),
-                                heads * (mla.qk_nope_head_dim + mla.v_head_dim),
-                                c,
-                                false,
-                            )?,
-                            projection(format!("{a}o_proj"), h, heads * mla.v_head_dim, bias)?,
-                        ],
-                        mla_norm(format!("{a}kv_a_layernorm.weight"), c)?,
-                    ))
-                }
-            };
-            let block = format!("{p}{}.", config.family.moe_block_name());
-            let feed_forward = if is_moe {
-                // Placeholders: every routed weight is overwritten from the checkpoint right away.
-                let moe = config
-                    .moe
-                    .init_placeholder::<B>(device)
-                    .expect("validated with the model config");
-                FeedForward::Moe(load_moe_block_with(
-                    moe,
-                    store,
-                    &block,
-                    &config.family.moe_names(),
-                    format,
-                )?)
-            } else {
-                FeedForward::Dense(load_swiglu_with(
-                    store,
-                    &format!("{p}mlp."),
-                    h,
-                    config.dense_intermediate_size,
-                    None,
-                    format,
-                    device,
-                )?)
-            };
-            layers.push(DecoderLayer {
-                input_norm: norm(format!("{p}input_layernorm.weight"), h)?,
-                attention,
-                post_attention_norm: norm(format!("{p}post_attention_layernorm.weight"), h)?,
-                feed_forward,
-            });
+            layers.push(layer(l, is_moe)?);
         }
         Ok(layers)
     })?;
