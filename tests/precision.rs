@@ -230,3 +230,102 @@ fn fp8_weights_dequantize_into_the_held_precision() {
     }
     assert!(logits(&bf16_model).iter().all(|v| v.is_finite()));
 }
+
+/// Whether `address` lies in this process's mapping of a file under `dir` (`/proc/self/maps`).
+#[cfg(target_os = "linux")]
+fn mapped_from(address: usize, dir: &Path) -> bool {
+    let dir = dir.canonicalize().unwrap();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    maps.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (lo, hi) = fields[0].split_once('-').unwrap();
+        let (lo, hi) = (
+            usize::from_str_radix(lo, 16).unwrap(),
+            usize::from_str_radix(hi, 16).unwrap(),
+        );
+        (lo..hi).contains(&address)
+            && fields
+                .get(5)
+                .is_some_and(|p| Path::new(p).starts_with(&dir))
+    })
+}
+
+/// Where a Flex tensor's bytes are.
+#[cfg(target_os = "linux")]
+fn address(tensor: Tensor<Flex, 2>) -> usize {
+    tensor.into_primitive().tensor().bytes().as_ptr() as usize
+}
+
+/// Issue 14: weights Flex keeps in their stored dtype are read where the checkpoint is mapped —
+/// the embeddings, the `[out, in]` linears, fused experts as stored, per-expert tensors as
+/// `Weight::Parts` — with logits bit for bit those of the load that copies every weight
+/// (`copy_weights`, the CLI's `--no-mmap`), whose weights lie in no mapping of the files.
+#[cfg(target_os = "linux")]
+#[test]
+fn flex_reads_the_mapped_checkpoint_in_place_with_the_copied_loads_logits() {
+    use beam_model::model::FeedForward;
+    use beam_model::weight::Weight;
+    let (mut per_expert, mut fused) = (0, 0);
+    for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+        for family in common::float_models() {
+            let ck = Converted::new(family, dtype);
+            let load = |copy_weights| {
+                load_model_with::<Flex>(
+                    &ck.0,
+                    &Default::default(),
+                    &LoadOptions {
+                        copy_weights,
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+            };
+            let (mapped, copied) = (load(false), load(true));
+            let bits = |model: &MoeLm<Flex>| -> Vec<u64> {
+                logits(model).iter().map(|v| v.to_bits()).collect()
+            };
+            assert_eq!(bits(&mapped), bits(&copied), "{family} {dtype:?}");
+
+            let what = format!("{family} {dtype:?}");
+            assert!(
+                mapped_from(address(mapped.embed.weight.val()), &ck.0),
+                "{what}"
+            );
+            assert!(
+                !mapped_from(address(copied.embed.weight.val()), &ck.0),
+                "{what}"
+            );
+            let moe = |model: &MoeLm<Flex>| {
+                model
+                    .layers
+                    .iter()
+                    .find_map(|layer| match &layer.feed_forward {
+                        FeedForward::Moe(moe) => Some(moe.experts.gate_up.clone()),
+                        FeedForward::Dense(_) => None,
+                    })
+                    .expect("a MoE layer")
+            };
+            match (moe(&mapped), moe(&copied)) {
+                (Weight::Parts(parts), Weight::Float(_)) => {
+                    per_expert += 1;
+                    for part in parts.iter().flatten() {
+                        assert!(mapped_from(address(part.val()), &ck.0), "{what}");
+                    }
+                }
+                (Weight::Float(mapped), Weight::Float(copied)) => {
+                    fused += 1;
+                    let at = |w: burn::module::Param<Tensor<Flex, 3>>| {
+                        w.val().into_primitive().tensor().bytes().as_ptr() as usize
+                    };
+                    assert!(mapped_from(at(mapped), &ck.0), "{what}: fused, mapped");
+                    assert!(!mapped_from(at(copied), &ck.0), "{what}: fused, copied");
+                }
+                _ => panic!("{what}: unexpected expert weights"),
+            }
+        }
+    }
+    assert!(
+        per_expert > 0 && fused > 0,
+        "both layouts: {per_expert} / {fused}"
+    );
+}

@@ -31,7 +31,16 @@ fn load<B: MoeBackend>(
     dtype: Option<WeightDtype>,
     quantize: Option<Quantization>,
 ) -> MoeLm<B> {
-    load_model_with::<B>(dir, &Default::default(), &LoadOptions { dtype, quantize }).unwrap()
+    load_model_with::<B>(
+        dir,
+        &Default::default(),
+        &LoadOptions {
+            dtype,
+            quantize,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap()
 }
 
 const IDS: [i64; 9] = [5, 17, 42, 7, 3, 11, 250, 1, 99];

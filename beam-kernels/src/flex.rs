@@ -25,14 +25,17 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorData, TensorMetadata};
 use half::{bf16, f16};
 
-use crate::host::{linear as host_linear, masked_moe_planned};
+use crate::host::{linear as host_linear, masked_moe_experts, masked_moe_planned, ExpertMatrices};
 use crate::plan::{DispatchPlan, MoeDims};
 use crate::quant::Q8Matrix;
 use crate::reference::{
     grouped_experts_primitive, grouped_experts_q8_primitive, kv_append_reference,
     linear_out_in_q8_primitive, linear_out_in_reference,
 };
-use crate::{float, primitive, GroupedExpertsBackend, KvCacheBackend, LinearBackend, Q8Primitive};
+use crate::{
+    float, primitive, ExpertParts, GroupedExpertsBackend, KvCacheBackend, LinearBackend,
+    Q8Primitive,
+};
 
 impl GroupedExpertsBackend for Flex {
     fn grouped_experts(
@@ -60,6 +63,25 @@ impl GroupedExpertsBackend for Flex {
             None => grouped_experts_q8_primitive::<Self>(x, expert_ids, weights, gate_up, down),
         }
     }
+
+    fn grouped_experts_parts(
+        x: FloatTensor<Self>,
+        expert_ids: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        experts: ExpertParts<Self>,
+    ) -> FloatTensor<Self> {
+        match masked_moe_parts(&x, &expert_ids, &weights, &experts) {
+            Some(out) => out,
+            None => {
+                let (gate_up, down) = experts.stacked();
+                Self::grouped_experts(x, expert_ids, weights, gate_up, down)
+            }
+        }
+    }
+
+    fn expert_parts_in_place() -> bool {
+        true
+    }
 }
 
 impl LinearBackend for Flex {
@@ -73,6 +95,10 @@ impl LinearBackend for Flex {
     }
 
     fn q8_in_place() -> bool {
+        true
+    }
+
+    fn borrows_host_weights() -> bool {
         true
     }
 }
@@ -250,6 +276,99 @@ where
     ))
 }
 
+/// [`masked_moe`] on one tensor per expert and projection ([`ExpertParts`], e.g. borrowed from
+/// a mapped checkpoint): `Some(output)` from the host kernels, reading each kept expert's
+/// tensors where they are, whenever `x` and the routing weights are `f32` (or all `f64`) and
+/// every part is contiguous, of one dtype (`f32`, `bf16`, `f16`; `f64` with `f64` activations)
+/// and of its expert's shape; `None` for the stacked reference. Unlike stacked `f32` weights,
+/// `f32` parts always take the host kernels (their widened-tile GEMM for many pairs): the
+/// reference would first stack every expert.
+///
+/// # Shapes
+/// As [`GroupedExpertsBackend::grouped_experts_parts`].
+pub fn masked_moe_parts(
+    x: &FlexTensor,
+    expert_ids: &FlexTensor,
+    weights: &FlexTensor,
+    experts: &ExpertParts<Flex>,
+) -> Option<FlexTensor> {
+    let ExpertParts { gate, up, down } = experts;
+    let first = gate.first()?;
+    let [intermediate, hidden] = first.shape().dims();
+    let count = gate.len();
+    if up.len() != count || down.len() != count {
+        return None;
+    }
+    let dtype = first.dtype();
+    let shaped = |parts: &[FlexTensor], shape: [usize; 2]| {
+        parts
+            .iter()
+            .all(|p| p.dtype() == dtype && p.shape().dims::<2>() == shape)
+    };
+    if !shaped(gate, [intermediate, hidden])
+        || !shaped(up, [intermediate, hidden])
+        || !shaped(down, [hidden, intermediate])
+    {
+        return None;
+    }
+    let dims = MoeDims::from_shapes(
+        x.shape().dims(),
+        expert_ids.shape().dims(),
+        [count, 2 * intermediate, hidden],
+    );
+    if x.dtype() != weights.dtype() {
+        return None;
+    }
+    let ids = int_values(expert_ids)?;
+    let plan = DispatchPlan::from_ids(&ids, dims.top_k, dims.experts);
+    let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
+    fn run<F, W>(
+        x: &FlexTensor,
+        plan: &DispatchPlan,
+        weights: &FlexTensor,
+        [gate, up, down]: [&[FlexTensor]; 3],
+        dims: MoeDims,
+    ) -> Option<Vec<F>>
+    where
+        F: crate::host::HostFloat + burn::tensor::Element + bytemuck::Pod,
+        W: crate::host::HostWeight<F> + burn::tensor::Element + bytemuck::Pod,
+    {
+        fn slices<W: burn::tensor::Element + bytemuck::Pod>(
+            parts: &[FlexTensor],
+        ) -> Option<Vec<&[W]>> {
+            parts.iter().map(|p| p.as_slice::<W>()).collect()
+        }
+        let (gate, up, down) = (slices::<W>(gate)?, slices::<W>(up)?, slices::<W>(down)?);
+        Some(masked_moe_experts::<F, &[W]>(
+            x.as_slice()?,
+            plan,
+            weights.as_slice()?,
+            ExpertMatrices::Parts {
+                gate: &gate,
+                up: &up,
+                down: &down,
+            },
+            dims,
+        ))
+    }
+    let parts = [&gate[..], &up[..], &down[..]];
+    Some(match (x.dtype(), dtype) {
+        (DType::F32, DType::F32) => {
+            output(run::<f32, f32>(&x, &plan, &weights, parts, dims)?, dims)
+        }
+        (DType::F32, DType::BF16) => {
+            output(run::<f32, bf16>(&x, &plan, &weights, parts, dims)?, dims)
+        }
+        (DType::F32, DType::F16) => {
+            output(run::<f32, f16>(&x, &plan, &weights, parts, dims)?, dims)
+        }
+        (DType::F64, DType::F64) => {
+            output(run::<f64, f64>(&x, &plan, &weights, parts, dims)?, dims)
+        }
+        _ => return None,
+    })
+}
+
 /// `Some(x · Wᵀ)` from the host GEMV (see the module docs), `None` for the reference.
 ///
 /// # Shapes
@@ -379,10 +498,10 @@ fn output<F: burn::tensor::Element>(values: Vec<F>, dims: MoeDims) -> FlexTensor
 
 #[cfg(test)]
 mod tests {
-    use super::{linear, masked_moe, LINEAR_MAX_ROWS};
+    use super::{linear, masked_moe, masked_moe_parts, LINEAR_MAX_ROWS};
     use crate::plan::MoeDims;
     use crate::reference::{grouped_experts_reference, masked_moe_f64};
-    use crate::{grouped_experts, linear_out_in};
+    use crate::{grouped_experts, grouped_experts_parts, linear_out_in, ExpertParts};
     use burn::backend::flex::{Flex, FlexTensor};
     use burn::tensor::{DType, Int, Tensor, TensorData};
     use half::{bf16, f16};
@@ -467,6 +586,107 @@ mod tests {
                     (g - w).abs() <= bound + bound * w.abs(),
                     "{dims:?} {dtype:?}: {g} vs {w}"
                 );
+            }
+        }
+    }
+
+    /// Per-expert tensors (as a mapped checkpoint holds them) give the stacked weights' output
+    /// bit for bit, in decode and prefill shapes and every weight dtype; and
+    /// `ExpertParts::stacked` (the default implementation's first step) rebuilds the stacked
+    /// weights exactly.
+    #[test]
+    fn flex_expert_parts_give_the_stacked_output_bit_for_bit() {
+        let device = Default::default();
+        let many = MoeDims {
+            tokens: 4 * crate::host::GEMM_MIN_TOKENS,
+            ..DIMS
+        };
+        let many_ids: Vec<i64> = (0..2 * many.tokens)
+            .map(|s| [0, 2, 1, 4, 2, 0, 1, 2][s % 8])
+            .collect();
+        for (dims, ids) in [(DIMS, IDS.to_vec()), (many, many_ids)] {
+            let MoeDims {
+                tokens: t,
+                top_k: k,
+                experts: e,
+                hidden: h,
+                intermediate: i,
+            } = dims;
+            let x =
+                Tensor::<Flex, 2>::from_data(TensorData::new(values(t * h, 0.2), [t, h]), &device);
+            let w =
+                Tensor::<Flex, 2>::from_data(TensorData::new(values(t * k, 0.8), [t, k]), &device);
+            let ids = Tensor::<Flex, 2, Int>::from_data(TensorData::new(ids, [t, k]), &device);
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let gate_up = Tensor::<Flex, 3>::from_data(
+                    TensorData::new(values(e * 2 * i * h, 1.1), [e, 2 * i, h]),
+                    (&device, dtype),
+                );
+                let down = Tensor::<Flex, 3>::from_data(
+                    TensorData::new(values(e * h * i, 2.3), [e, h, i]),
+                    (&device, dtype),
+                );
+                // Each part its own contiguous tensor, as a checkpoint's tensors are.
+                let part = |w: &Tensor<Flex, 3>, expert: usize, rows: core::ops::Range<usize>| {
+                    let [_, _, cols] = w.dims();
+                    let piece = w
+                        .clone()
+                        .slice([expert..expert + 1, rows.clone(), 0..cols])
+                        .reshape([rows.len(), cols]);
+                    Tensor::<Flex, 2>::from_data(piece.into_data(), (&device, dtype))
+                };
+                let parts = [
+                    (0..e).map(|x| part(&gate_up, x, 0..i)).collect::<Vec<_>>(),
+                    (0..e).map(|x| part(&gate_up, x, i..2 * i)).collect(),
+                    (0..e).map(|x| part(&down, x, 0..h)).collect(),
+                ];
+                let stacked = grouped_experts(
+                    x.clone(),
+                    ids.clone(),
+                    w.clone(),
+                    gate_up.clone(),
+                    down.clone(),
+                );
+                let from_parts =
+                    grouped_experts_parts(x.clone(), ids.clone(), w.clone(), parts.clone());
+                let bits = |t: Tensor<Flex, 2>| -> Vec<u32> {
+                    t.into_data()
+                        .into_vec::<f32>()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                let want = bits(stacked);
+                assert!(
+                    want.iter().any(|&b| f32::from_bits(b).abs() > 1e-2),
+                    "not on zeros"
+                );
+                assert_eq!(bits(from_parts), want, "{dims:?} {dtype:?}");
+
+                let [gate, up, down_parts] = parts;
+                let primitives = |ts: Vec<Tensor<Flex, 2>>| {
+                    ts.into_iter()
+                        .map(|t| t.into_primitive().tensor())
+                        .collect()
+                };
+                let experts = ExpertParts::<Flex> {
+                    gate: primitives(gate),
+                    up: primitives(up),
+                    down: primitives(down_parts),
+                };
+                // The host kernels took the parts (not the stacking fallback).
+                assert!(masked_moe_parts(
+                    &x.clone().into_primitive().tensor(),
+                    &ids.clone().into_primitive(),
+                    &w.clone().into_primitive().tensor(),
+                    &experts,
+                )
+                .is_some());
+                let (gu, d) = experts.stacked();
+                let raw = |t: FlexTensor| t.into_data().bytes.to_vec();
+                assert_eq!(raw(gu), raw(gate_up.into_primitive().tensor()));
+                assert_eq!(raw(d), raw(down.into_primitive().tensor()));
             }
         }
     }

@@ -708,6 +708,77 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
     down: M,
     dims: MoeDims,
 ) -> Vec<F> {
+    masked_moe_experts(
+        x,
+        plan,
+        weights,
+        ExpertMatrices::Stacked { gate_up, down },
+        dims,
+    )
+}
+
+/// Where the routed experts' weights are: two stacked matrices, or one matrix per expert and
+/// projection (a checkpoint's own per-expert tensors, read where they are mapped).
+#[derive(Debug, Clone, Copy)]
+pub enum ExpertMatrices<'a, M> {
+    /// `gate_up` `[E, 2I, H]` (gate rows first), `down` `[E, H, I]`.
+    Stacked {
+        /// Gate and up projections, stacked.
+        gate_up: M,
+        /// Down projections, stacked.
+        down: M,
+    },
+    /// `gate[e]`, `up[e]` `[I, H]` and `down[e]` `[H, I]`, one matrix each.
+    Parts {
+        /// Gate projections.
+        gate: &'a [M],
+        /// Up projections.
+        up: &'a [M],
+        /// Down projections.
+        down: &'a [M],
+    },
+}
+
+impl<M: Copy> ExpertMatrices<'_, M> {
+    /// Expert `e`'s gate projection: its matrix and the element its rows start at.
+    fn gate(&self, e: usize, dims: &MoeDims) -> (M, usize) {
+        match *self {
+            Self::Stacked { gate_up, .. } => (gate_up, e * 2 * dims.intermediate * dims.hidden),
+            Self::Parts { gate, .. } => (gate[e], 0),
+        }
+    }
+
+    /// Expert `e`'s up projection, as [`Self::gate`].
+    fn up(&self, e: usize, dims: &MoeDims) -> (M, usize) {
+        match *self {
+            Self::Stacked { gate_up, .. } => {
+                (gate_up, (2 * e + 1) * dims.intermediate * dims.hidden)
+            }
+            Self::Parts { up, .. } => (up[e], 0),
+        }
+    }
+
+    /// Expert `e`'s down projection, as [`Self::gate`].
+    fn down(&self, e: usize, dims: &MoeDims) -> (M, usize) {
+        match *self {
+            Self::Stacked { down, .. } => (down, e * dims.hidden * dims.intermediate),
+            Self::Parts { down, .. } => (down[e], 0),
+        }
+    }
+}
+
+/// [`masked_moe_planned`] on experts wherever they are ([`ExpertMatrices`]): the same sums in
+/// the same order, so stacked and per-expert weights with the same values give the same bits.
+///
+/// # Panics
+/// If `plan`, a slice's length or a matrix's length does not match `dims`.
+pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
+    x: &[F],
+    plan: &DispatchPlan,
+    weights: &[F],
+    experts_at: ExpertMatrices<'_, M>,
+    dims: MoeDims,
+) -> Vec<F> {
     let MoeDims {
         tokens,
         top_k,
@@ -717,13 +788,31 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
     } = dims;
     assert_eq!(plan.top_k, top_k, "plan is of a [T, K] table");
     assert_eq!(plan.offsets.len(), experts + 1, "plan has E + 1 offsets");
-    dims.assert_lengths([
-        x.len(),
-        tokens * top_k,
-        weights.len(),
-        gate_up.len(),
-        down.len(),
-    ]);
+    match experts_at {
+        ExpertMatrices::Stacked { gate_up, down } => dims.assert_lengths([
+            x.len(),
+            tokens * top_k,
+            weights.len(),
+            gate_up.len(),
+            down.len(),
+        ]),
+        ExpertMatrices::Parts { gate, up, down } => {
+            assert_eq!(x.len(), tokens * hidden, "x is [T, H]");
+            assert_eq!(weights.len(), tokens * top_k, "weights are [T, K]");
+            assert!(
+                gate.len() == experts && up.len() == experts && down.len() == experts,
+                "one gate, up and down matrix per expert"
+            );
+            let projection = intermediate * hidden;
+            assert!(
+                gate.iter()
+                    .chain(up)
+                    .chain(down)
+                    .all(|m| m.len() == projection),
+                "every expert matrix is [I, H] (gate, up) or [H, I] (down)"
+            );
+        }
+    }
     let token_of = plan.tokens();
     let mut out = vec![F::ZERO; tokens * hidden];
     if plan.kept() == 0 || hidden == 0 {
@@ -731,6 +820,11 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
     }
 
     // Gate+up: `act[p, i] = silu(gate_i · x_p) · (up_i · x_p)` for kept pair `p` (plan order).
+    // Inputs are prepared by the first kept expert's matrices (every matrix of a model is one
+    // kind: `prepare_inputs` and `gemm_min_tokens` depend on the kind, not the values).
+    let first = plan.groups().next().map_or(0, |(e, _, _)| e);
+    let (gate_up, _) = experts_at.gate(first, &dims);
+    let (down, _) = experts_at.down(first, &dims);
     let x_quantized = gate_up.prepare_inputs(x, hidden);
     let gate_up_blocks = row_blocks(
         plan,
@@ -739,22 +833,24 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
         gate_up.gemm_min_tokens(hidden),
     );
     let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block| {
-        let base = block.expert * 2 * intermediate * hidden;
         let inputs: Vec<&[F]> = token_of[block.pairs.clone()]
             .iter()
             .map(|&t| &x[t * hidden..(t + 1) * hidden])
             .collect();
-        let up_rows = intermediate + block.rows.start..intermediate + block.rows.end;
         let quantized = pick(&x_quantized, token_of[block.pairs.clone()].iter().copied());
+        let ((gate_m, gate_at), (up_m, up_at)) = (
+            experts_at.gate(block.expert, &dims),
+            experts_at.up(block.expert, &dims),
+        );
         let gate = block_product(
-            gate_up,
-            base,
+            gate_m,
+            gate_at,
             hidden,
             block.rows.clone(),
             &inputs,
             &quantized,
         );
-        let up = block_product(gate_up, base, hidden, up_rows, &inputs, &quantized);
+        let up = block_product(up_m, up_at, hidden, block.rows.clone(), &inputs, &quantized);
         gate.into_iter()
             .zip(up)
             .map(|(g, u)| g.silu() * u)
@@ -771,7 +867,7 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
         down.gemm_min_tokens(intermediate),
     );
     let out_blocks = map_blocks(&down_blocks, intermediate, |block| {
-        let base = block.expert * hidden * intermediate;
+        let (down_m, base) = experts_at.down(block.expert, &dims);
         let inputs: Vec<&[F]> = block
             .pairs
             .clone()
@@ -780,7 +876,7 @@ pub fn masked_moe_planned<F: HostFloat, M: HostMatrix<F>>(
         let width = block.rows.len();
         let quantized = pick(&act_quantized, block.pairs.clone());
         let mut rows_out = block_product(
-            down,
+            down_m,
             base,
             intermediate,
             block.rows.clone(),

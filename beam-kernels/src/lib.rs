@@ -6,7 +6,7 @@
 //!
 //! | op | trait | what it computes |
 //! |---|---|---|
-//! | grouped experts (q8 weights: `grouped_experts_q8`) | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
+//! | grouped experts (q8 weights: `grouped_experts_q8`; per-expert tensors: `grouped_experts_parts`) | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
 //! | `[out, in]` linear | [`LinearBackend`] | `x · Wᵀ` for PyTorch-layout weights: router, attention projections, shared expert, LM head |
 //! | key/value cache append | [`KvCacheBackend`] | `cat([cache, new], 2)`, in place where the backend can (Flex) |
 //!
@@ -124,6 +124,75 @@ pub trait GroupedExpertsBackend: Backend {
     ) -> FloatTensor<Self> {
         reference::grouped_experts_q8_primitive::<Self>(x, expert_ids, weights, gate_up, down)
     }
+
+    /// [`Self::grouped_experts`] with each expert's projections as separate tensors
+    /// ([`ExpertParts`]: how Hugging Face checkpoints store them, so a backend that reads host
+    /// memory in place can run on the checkpoint's mapped bytes without stacking them). The same
+    /// result as `grouped_experts` on the stacked weights.
+    ///
+    /// The default stacks the parts with tensor ops (a copy of every expert per call) and runs
+    /// [`Self::grouped_experts`]: correct everywhere, fast nowhere; model loaders hand parts only
+    /// to backends whose [`Self::expert_parts_in_place`] is `true`.
+    ///
+    /// # Shapes
+    /// - `x`, `expert_ids`, `weights`: as [`Self::grouped_experts`]
+    /// - `experts.gate[e]`, `experts.up[e]`: `[I, H]`; `experts.down[e]`: `[H, I]`
+    fn grouped_experts_parts(
+        x: FloatTensor<Self>,
+        expert_ids: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        experts: ExpertParts<Self>,
+    ) -> FloatTensor<Self> {
+        let (gate_up, down) = experts.stacked();
+        Self::grouped_experts(x, expert_ids, weights, gate_up, down)
+    }
+
+    /// Whether [`Self::grouped_experts_parts`] reads the parts in place (burn's `Flex`: the
+    /// host kernels take one matrix per expert and projection). `false` by default.
+    fn expert_parts_in_place() -> bool {
+        false
+    }
+}
+
+/// The routed experts' weights one tensor per expert and projection, as checkpoints store them.
+///
+/// # Shapes
+/// - `gate[e]`, `up[e]`: `[I, H]`; `down[e]`: `[H, I]` (E of each)
+#[derive(Debug, Clone)]
+pub struct ExpertParts<B: Backend> {
+    /// Gate projections.
+    pub gate: Vec<FloatTensor<B>>,
+    /// Up projections.
+    pub up: Vec<FloatTensor<B>>,
+    /// Down projections.
+    pub down: Vec<FloatTensor<B>>,
+}
+
+impl<B: Backend> ExpertParts<B> {
+    /// The stacked `gate_up` `[E, 2I, H]` (gate rows first) and `down` `[E, H, I]` the grouped
+    /// experts op takes: a copy of every part.
+    ///
+    /// # Panics
+    /// If there are no experts, or the lists' lengths differ.
+    pub fn stacked(self) -> (FloatTensor<B>, FloatTensor<B>) {
+        assert!(
+            !self.gate.is_empty()
+                && self.gate.len() == self.up.len()
+                && self.up.len() == self.down.len(),
+            "one gate, up and down tensor per expert, at least one expert"
+        );
+        let gate_up: Vec<Tensor<B, 2>> = self
+            .gate
+            .into_iter()
+            .zip(self.up)
+            .map(|(g, u)| Tensor::cat(vec![float::<B, 2>(g), float(u)], 0))
+            .collect();
+        let down: Vec<Tensor<B, 2>> = self.down.into_iter().map(float).collect();
+        (
+            primitive(Tensor::stack::<3>(gate_up, 0)),
+            primitive(Tensor::stack::<3>(down, 0)),
+        )
+    }
 }
 
 /// Backend extension for linear layers whose weight is stored `[out, in]` (the PyTorch / Hugging
@@ -161,6 +230,15 @@ pub trait LinearBackend: Backend {
     /// at load to the precision it would otherwise hold (the same values, full-size bytes), so
     /// the fast paths of those backends serve them.
     fn q8_in_place() -> bool {
+        false
+    }
+
+    /// Whether a tensor made from borrowed host bytes (burn's `Bytes::from_shared`, e.g. a
+    /// memory-mapped checkpoint's) keeps reading them in place (burn's `Flex`), so a loader
+    /// hands it the mapping's bytes instead of copies. `false` (the default) for backends that
+    /// copy such bytes anyway (onto a device, or into their own arrays): the loader then copies
+    /// once itself and releases the mapped pages as it goes.
+    fn borrows_host_weights() -> bool {
         false
     }
 }
@@ -218,6 +296,27 @@ pub fn grouped_experts<B: GroupedExpertsBackend>(
         weights.into_primitive().tensor(),
         gate_up.into_primitive().tensor(),
         down.into_primitive().tensor(),
+    ))
+}
+
+/// Calls [`GroupedExpertsBackend::grouped_experts_parts`] on tensors. Shapes as documented
+/// there.
+pub fn grouped_experts_parts<B: GroupedExpertsBackend>(
+    x: Tensor<B, 2>,
+    expert_ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    [gate, up, down]: [Vec<Tensor<B, 2>>; 3],
+) -> Tensor<B, 2> {
+    let primitives = |tensors: Vec<Tensor<B, 2>>| tensors.into_iter().map(primitive).collect();
+    float(B::grouped_experts_parts(
+        x.into_primitive().tensor(),
+        expert_ids.into_primitive(),
+        weights.into_primitive().tensor(),
+        ExpertParts {
+            gate: primitives(gate),
+            up: primitives(up),
+            down: primitives(down),
+        },
     ))
 }
 

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use burn::module::Param;
 use burn::tensor::backend::Backend;
@@ -431,8 +431,23 @@ const PAGE: usize = 4096;
 /// The bytes of a shard's tensors: the file mapped into memory (pages are read from disk when a
 /// tensor is first touched, and shared with the page cache), or a buffer already in memory.
 enum ShardData {
-    Mapped(memmap2::Mmap),
+    /// Shared with the tensors borrowed from it ([`TensorStore::borrowed`]), which keep it
+    /// mapped after the store is gone.
+    Mapped(Arc<memmap2::Mmap>),
     Owned(Vec<u8>),
+}
+
+/// A tensor's bytes inside a shard's mapping: what a borrowed tensor's storage is (the mapping
+/// stays alive as long as one of them does).
+struct MappedRange {
+    map: Arc<memmap2::Mmap>,
+    range: std::ops::Range<usize>,
+}
+
+impl AsRef<[u8]> for MappedRange {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
 }
 
 impl ShardData {
@@ -590,7 +605,7 @@ impl Shard {
             // files (safetensors, llama.cpp), this assumes nobody truncates or rewrites the file
             // while it is loaded; the header was checked against the file's size above.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-            shard.data = Some(ShardData::Mapped(map));
+            shard.data = Some(ShardData::Mapped(Arc::new(map)));
         }
         Ok(shard)
     }
@@ -1107,6 +1122,83 @@ impl TensorStore {
         }
     }
 
+    /// A float tensor of shape `expected` in precision `dtype`, borrowed from the mapped file
+    /// instead of copied: `Ok(Some(data))` whose bytes are the file's (burn's
+    /// [`Bytes::from_shared`](burn::tensor::Bytes::from_shared); a backend that keeps such
+    /// bytes, burn's Flex, then reads the page cache in place, and writes to them copy first).
+    /// `Ok(None)` when they cannot be borrowed — stored in another dtype, the store not mapped,
+    /// a big-endian host, or bytes not aligned for the element type — and [`Self::data`] must
+    /// read them. A missing tensor or a shape other than `expected` is the error `data` gives.
+    pub fn borrowed(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: WeightDtype,
+    ) -> Result<Option<TensorData>, LoadError> {
+        let (shard, info) = self.entry(name)?;
+        shape_matches(&shard.path, name, info, expected)?;
+        let Some(ShardData::Mapped(map)) = &shard.data else {
+            return Ok(None);
+        };
+        let stored = match dtype {
+            WeightDtype::F32 => Dtype::F32,
+            WeightDtype::F16 => Dtype::F16,
+            WeightDtype::BF16 => Dtype::BF16,
+        };
+        let (start, end) = info.data_offsets;
+        let range = shard.data_start + start..shard.data_start + end;
+        let aligned = (map.as_ptr() as usize + range.start).is_multiple_of(dtype.bytes());
+        if info.dtype != stored || !aligned || cfg!(target_endian = "big") {
+            return Ok(None);
+        }
+        self.mark_used(name);
+        let owner = MappedRange {
+            map: Arc::clone(map),
+            range,
+        };
+        let bytes = burn::tensor::Bytes::from_shared(
+            bytes::Bytes::from_owner(owner),
+            burn::tensor::AllocationProperty::File,
+        );
+        Ok(Some(TensorData::from_bytes(
+            bytes,
+            expected.to_vec(),
+            dtype.dtype(),
+        )))
+    }
+
+    /// [`Self::borrowed`] when `borrow` and the tensor can be, else [`Self::data`].
+    pub fn data_or_borrowed(
+        &self,
+        name: &str,
+        expected: &[usize],
+        dtype: WeightDtype,
+        borrow: bool,
+    ) -> Result<TensorData, LoadError> {
+        if borrow {
+            if let Some(data) = self.borrowed(name, expected, dtype)? {
+                return Ok(data);
+            }
+        }
+        self.data(name, expected, dtype)
+    }
+
+    /// Whether `bytes` lie inside one of the store's mapped files (a borrowed tensor's storage
+    /// does; a copy does not).
+    pub fn maps(&self, bytes: &[u8]) -> bool {
+        let (start, end) = (
+            bytes.as_ptr() as usize,
+            bytes.as_ptr() as usize + bytes.len(),
+        );
+        self.shards.iter().any(|shard| match &shard.data {
+            Some(ShardData::Mapped(map)) => {
+                let base = map.as_ptr() as usize;
+                start >= base && end <= base + map.len()
+            }
+            _ => false,
+        })
+    }
+
     /// An integer tensor (I64 or I32) as i64 values, with its shape.
     pub fn i64_values(&self, name: &str) -> Result<(Vec<i64>, Vec<usize>), LoadError> {
         self.view(name, |path, info, bytes| {
@@ -1406,6 +1498,88 @@ mod tests {
         .map(|_| ())
         .unwrap_err();
         assert!(matches!(err, LoadError::Dtype { .. }), "{err}");
+    }
+
+    /// `borrowed` hands out the mapped file's own bytes where their dtype and alignment allow,
+    /// and says `None` (never a misaligned slice) where they do not.
+    #[test]
+    fn borrowed_tensors_are_the_mapped_bytes_where_dtype_and_alignment_allow() {
+        let b: Vec<u8> = [1.5f32, -2.25, 3.0, 0.375]
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let c: Vec<u8> = [0.5f32, -7.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        // `c` (F32) starts 10 bytes into the data section: aligned for 2-byte values only.
+        let mut header = String::from(
+            r#"{"a":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]},"b":{"dtype":"BF16","shape":[2,2],"data_offsets":[2,10]},"c":{"dtype":"F32","shape":[2],"data_offsets":[10,18]}}"#,
+        );
+        while (8 + header.len()) % 8 != 0 {
+            header.push(' ');
+        }
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header.as_bytes());
+        file.extend_from_slice(&half::bf16::from_f32(9.0).to_le_bytes());
+        file.extend_from_slice(&b);
+        file.extend_from_slice(&c);
+        let path =
+            std::env::temp_dir().join(format!("beam-borrow-{}.safetensors", std::process::id()));
+        std::fs::write(&path, &file).unwrap();
+        let store = TensorStore::open(&path).unwrap();
+
+        let held = store
+            .borrowed("b", &[2, 2], WeightDtype::BF16)
+            .unwrap()
+            .expect("bf16, aligned");
+        assert!(store.maps(&held.bytes), "the file's bytes, not a copy");
+        assert_eq!(held.dtype, DType::BF16);
+        let read = store.data("b", &[2, 2], WeightDtype::BF16).unwrap();
+        assert!(!store.maps(&read.bytes));
+        assert_eq!(
+            held.as_slice::<half::bf16>().unwrap(),
+            read.as_slice::<half::bf16>().unwrap()
+        );
+        // Another dtype, or bytes misaligned for the element: not borrowed; read instead.
+        assert!(store
+            .borrowed("b", &[2, 2], WeightDtype::F32)
+            .unwrap()
+            .is_none());
+        assert!(store
+            .borrowed("c", &[2], WeightDtype::F32)
+            .unwrap()
+            .is_none());
+        let c_read = store
+            .data_or_borrowed("c", &[2], WeightDtype::F32, true)
+            .unwrap();
+        assert_eq!(c_read.as_slice::<f32>().unwrap(), &[0.5, -7.0]);
+        let b_wide = store
+            .data_or_borrowed("b", &[2, 2], WeightDtype::F32, true)
+            .unwrap();
+        assert_eq!(b_wide.as_slice::<f32>().unwrap(), &[1.5, -2.25, 3.0, 0.375]);
+        // The errors a read gives.
+        assert!(matches!(
+            store.borrowed("b", &[4], WeightDtype::BF16),
+            Err(LoadError::Shape { .. })
+        ));
+        assert!(matches!(
+            store.borrowed("missing", &[1], WeightDtype::BF16),
+            Err(LoadError::Missing { .. })
+        ));
+        // A store in memory (not mapped) never lends.
+        let owned = TensorStore::from_bytes(&path, file).unwrap();
+        assert!(owned
+            .borrowed("b", &[2, 2], WeightDtype::BF16)
+            .unwrap()
+            .is_none());
+        // The borrowed tensor keeps the mapping alive after the store is gone.
+        drop(store);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            held.as_slice::<half::bf16>().unwrap(),
+            [1.5f32, -2.25, 3.0, 0.375].map(half::bf16::from_f32)
+        );
     }
 
     /// A safetensors file of `experts` experts' `gate`/`up` (`[rows, cols]`) in `stored`, with

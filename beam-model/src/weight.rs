@@ -3,7 +3,9 @@
 //! routers, norms and embeddings stay plain float parameters.
 
 use beam_kernels::quant::Q8Tensor;
-use beam_kernels::{grouped_experts, grouped_experts_q8, linear_out_in, linear_out_in_q8};
+use beam_kernels::{
+    grouped_experts, grouped_experts_parts, grouped_experts_q8, linear_out_in, linear_out_in_q8,
+};
 use beam_kernels::{GroupedExpertsBackend, LinearBackend};
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::backend::Backend;
@@ -17,6 +19,13 @@ pub enum Weight<B: Backend, const D: usize> {
     Float(Param<Tensor<B, D>>),
     /// int8 values and block scales.
     Q8(Q8Param<B, D>),
+    /// A stacked `[E, P·R, C]` weight of the routed experts as its `E × P` tensors `[R, C]`
+    /// (`parts[e][p]`; expert `e`'s block is its parts one above the other), the way a
+    /// checkpoint stores them: what the loader gives backends that read them in place
+    /// ([`GroupedExpertsBackend::expert_parts_in_place`](beam_kernels::GroupedExpertsBackend::expert_parts_in_place)),
+    /// borrowed from the mapped file rather than copied into a stacked buffer. Only 3-D weights
+    /// are held this way.
+    Parts(Vec<Vec<Param<Tensor<B, 2>>>>),
 }
 
 /// The parameters of a q8 [`Weight`].
@@ -46,15 +55,30 @@ impl<B: Backend, const D: usize> Weight<B, D> {
         match self {
             Self::Float(w) => w.dims(),
             Self::Q8(q) => q.values.dims(),
+            Self::Parts(parts) => {
+                let [rows, cols] = parts[0][0].dims();
+                [parts.len(), parts[0].len() * rows, cols]
+                    .as_slice()
+                    .try_into()
+                    .expect("per-expert parts make a 3-D weight")
+            }
         }
     }
 
-    /// The weight as a float tensor: itself, or the q8 values dequantized (`q · s`, `f32`, a new
-    /// full-size tensor: for inspection and tests, not for the forward pass).
+    /// The weight as a float tensor: itself, the q8 values dequantized (`q · s`, `f32`), or the
+    /// parts stacked (both a new full-size tensor: for inspection and tests, not for the
+    /// forward pass).
     pub fn val(&self) -> Tensor<B, D> {
         match self {
             Self::Float(w) => w.val(),
             Self::Q8(q) => q.tensor().dequantize(),
+            Self::Parts(parts) => {
+                let experts: Vec<Tensor<B, 2>> = parts
+                    .iter()
+                    .map(|expert| Tensor::cat(expert.iter().map(|p| p.val()).collect(), 0))
+                    .collect();
+                Tensor::stack::<3>(experts, 0).reshape(self.dims())
+            }
         }
     }
 
@@ -68,6 +92,7 @@ impl<B: Backend, const D: usize> Weight<B, D> {
         match self {
             Self::Float(w) => w.device(),
             Self::Q8(q) => q.scales.device(),
+            Self::Parts(parts) => parts[0][0].device(),
         }
     }
 }
@@ -103,12 +128,14 @@ impl<B: LinearBackend> Weight<B, 2> {
         match self {
             Self::Float(w) => linear_out_in(x, w.val()),
             Self::Q8(q) => linear_out_in_q8(x, q.tensor()),
+            Self::Parts(_) => linear_out_in(x, self.val()),
         }
     }
 }
 
 /// The grouped experts op on stacked `[E, 2I, H]` / `[E, H, I]` weights: the q8 op when both are
-/// q8, else the float op (a q8 weight beside a float one is dequantized).
+/// q8, the per-expert op when both are [`Weight::Parts`] (gate and up, then down), else the float
+/// op (a q8 weight beside a float one is dequantized, parts beside a stacked weight stacked).
 ///
 /// # Shapes
 /// As [`beam_kernels::GroupedExpertsBackend::grouped_experts`].
@@ -122,6 +149,19 @@ pub fn grouped<B: GroupedExpertsBackend>(
     match (gate_up, down) {
         (Weight::Q8(gate_up), Weight::Q8(down)) => {
             grouped_experts_q8(x, expert_ids, weights, gate_up.tensor(), down.tensor())
+        }
+        (Weight::Parts(gate_up), Weight::Parts(down))
+            if gate_up.iter().all(|p| p.len() == 2) && down.iter().all(|p| p.len() == 1) =>
+        {
+            let part = |parts: &[Vec<Param<Tensor<B, 2>>>], p: usize| {
+                parts.iter().map(|expert| expert[p].val()).collect()
+            };
+            grouped_experts_parts(
+                x,
+                expert_ids,
+                weights,
+                [part(gate_up, 0), part(gate_up, 1), part(down, 0)],
+            )
         }
         _ => grouped_experts(x, expert_ids, weights, gate_up.val(), down.val()),
     }

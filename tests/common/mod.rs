@@ -232,7 +232,8 @@ fn convert_file(from: &Path, to: &Path, dtype: Dtype) {
                 Dtype::F16 => floats
                     .flat_map(|v| half::f16::from_f32(v).to_le_bytes())
                     .collect(),
-                _ => unreachable!(),
+                Dtype::F32 => view.data().to_vec(),
+                other => panic!("no conversion to {other:?}"),
             };
             (name, view.shape().to_vec(), data)
         })

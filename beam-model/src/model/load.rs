@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use burn::module::Param;
 use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::TensorData;
@@ -13,12 +14,12 @@ use super::mla::{MlaAttention, MlaQuery, MlaQueryLoRa, MLA_NORM_EPS};
 use super::norm::RmsNorm;
 use super::{DecoderLayer, FeedForward, ModelError, MoeLm};
 use crate::checkpoint::{
-    held_as, stacked_held_as, LoadError, Quantization, TensorStore, WeightDtype, WeightFormat,
+    held, held_as, stacked_held_as, LoadError, Quantization, TensorStore, WeightDtype, WeightFormat,
 };
 use crate::experts::SharedExpert;
 use crate::layer::BeamMoe;
 use crate::weight::Weight;
-use crate::{LinearBackend, MoeBackend};
+use crate::{GroupedExpertsBackend, LinearBackend, MoeBackend};
 
 /// How [`load_model_with`] holds the weights.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -34,6 +35,43 @@ pub struct LoadOptions {
     /// place ([`LinearBackend::q8_in_place`]: burn's Flex) hold the int8 blocks; the others get
     /// the q8 model's values dequantized once at load into `dtype`.
     pub quantize: Option<Quantization>,
+    /// Copy every weight into memory the model owns even where the backend could read the
+    /// memory-mapped checkpoint in place (burn's Flex, weights kept in their stored dtype):
+    /// the mapping's pages then leave the process as they are copied, and the model no longer
+    /// depends on the files once loaded. `false` (the default) borrows what the backend can
+    /// ([`LinearBackend::borrows_host_weights`]): no copy, no fresh memory, the page cache's
+    /// pages read in place (llama.cpp's default; its `--no-mmap` is this option).
+    pub copy_weights: bool,
+}
+
+/// What the backend reads in place, which decides what the loader copies.
+#[derive(Debug, Clone, Copy, Default)]
+struct InPlace {
+    /// q8 weights as int8 blocks ([`LinearBackend::q8_in_place`]).
+    q8: bool,
+    /// Tensors borrowed from the mapped checkpoint ([`LinearBackend::borrows_host_weights`]).
+    borrows: bool,
+    /// Routed experts as per-expert tensors
+    /// ([`GroupedExpertsBackend::expert_parts_in_place`]).
+    expert_parts: bool,
+}
+
+impl InPlace {
+    fn of<B: LinearBackend + GroupedExpertsBackend>(copy_weights: bool) -> Self {
+        let borrows = B::borrows_host_weights() && !copy_weights;
+        Self {
+            q8: B::q8_in_place(),
+            borrows,
+            expert_parts: borrows && B::expert_parts_in_place(),
+        }
+    }
+
+    /// Whether a weight held in `format` is borrowed from the mapping when it can be: where the
+    /// backend keeps borrowed bytes and the weight is not quantized (quantizing reads it once
+    /// and keeps its own int8 copy, so its pages should leave the process as it goes).
+    fn borrow(self, format: WeightFormat) -> bool {
+        self.borrows && format.quantize.is_none()
+    }
 }
 
 impl LoadOptions {
@@ -78,14 +116,17 @@ pub fn load_model<B: MoeBackend>(
         device,
         &LoadOptions {
             dtype: Some(WeightDtype::F32),
-            quantize: None,
+            ..LoadOptions::default()
         },
     )
 }
 
 /// [`load_model`] with the weights held as `options` say (by default in the checkpoint's
-/// precision where the backend can hold it). The checkpoint is memory-mapped; each tensor is
-/// copied (or converted) once, straight into the buffer the backend tensor owns.
+/// precision where the backend can hold it). The checkpoint is memory-mapped. On a backend that
+/// reads host memory in place (burn's Flex), weights kept in their stored dtype are borrowed
+/// from the mapping — the routed experts as their per-expert tensors
+/// ([`Weight::Parts`]) — unless `options.copy_weights`; every other tensor is copied (or
+/// converted) once, straight into the buffer the backend tensor owns.
 pub fn load_model_with<B: MoeBackend>(
     dir: impl AsRef<Path>,
     device: &B::Device,
@@ -105,7 +146,13 @@ pub fn load_model_with<B: MoeBackend>(
         dtype: options.resolve::<B>(dir, &store, device)?,
         quantize: options.quantize,
     };
-    let model = build(config, &store, format, device)?;
+    let model = build(
+        config,
+        &store,
+        format,
+        InPlace::of::<B>(options.copy_weights),
+        device,
+    )?;
     let tied = model.config().tie_word_embeddings;
     let config = model.config();
     // DeepSeek-V3's multi-token-prediction layers follow the last decoder layer.
@@ -120,19 +167,21 @@ pub fn load_model_with<B: MoeBackend>(
     Ok(model)
 }
 
-/// A float tensor of shape `expected` held in `format` (quantized when it says so).
+/// A float tensor of shape `expected` held in `format` (quantized when it says so; borrowed
+/// from the mapping when `in_place` allows).
 fn weight<B: LinearBackend, const D: usize>(
     store: &TensorStore,
     name: &str,
     expected: [usize; D],
     format: WeightFormat,
+    in_place: InPlace,
     device: &B::Device,
 ) -> Result<Weight<B, D>, LoadError> {
-    let data = store.data(name, &expected, format.dtype)?;
+    let data = store.data_or_borrowed(name, &expected, format.dtype, in_place.borrow(format))?;
     held_as(
         data,
         format,
-        B::q8_in_place(),
+        in_place.q8,
         device,
         (store.path_of(name), name),
     )
@@ -142,6 +191,7 @@ fn build<B: MoeBackend>(
     config: ModelConfig,
     store: &TensorStore,
     format: WeightFormat,
+    in_place: InPlace,
     device: &B::Device,
 ) -> Result<MoeLm<B>, LoadError> {
     let dtype = format.dtype;
@@ -161,6 +211,7 @@ fn build<B: MoeBackend>(
                     &format!("{name}.weight"),
                     [out, input],
                     format,
+                    in_place,
                     device,
                 )?,
                 bias: bias
@@ -240,21 +291,23 @@ fn build<B: MoeBackend>(
                 .moe
                 .init_placeholder::<B>(device)
                 .expect("validated with the model config");
-            FeedForward::Moe(load_moe_block_with(
+            FeedForward::Moe(moe_block(
                 moe,
                 store,
                 &block,
                 &config.family.moe_names(),
                 format,
+                in_place,
             )?)
         } else {
-            FeedForward::Dense(load_swiglu_with(
+            FeedForward::Dense(swiglu(
                 store,
                 &format!("{p}mlp."),
                 h,
                 config.dense_intermediate_size,
                 None,
                 format,
+                in_place,
                 device,
             )?)
         };
@@ -293,14 +346,27 @@ fn build<B: MoeBackend>(
         }
         Ok(layers)
     })?;
+    let embed_data = store.data_or_borrowed(
+        "model.embed_tokens.weight",
+        &[v, h],
+        dtype,
+        in_place.borrows,
+    )?;
     let embed = Embedding {
-        weight: store.param_as("model.embed_tokens.weight", [v, h], dtype, device)?,
+        weight: Param::from_tensor(held(embed_data, dtype, device)),
     };
     let final_norm = norm("model.norm.weight".into(), h)?;
     let lm_head = if config.tie_word_embeddings {
         None
     } else {
-        Some(weight(store, "lm_head.weight", [v, h], format, device)?)
+        Some(weight(
+            store,
+            "lm_head.weight",
+            [v, h],
+            format,
+            in_place,
+            device,
+        )?)
     };
     Ok(MoeLm::from_parts(
         config, embed, layers, final_norm, lm_head,
@@ -337,20 +403,22 @@ pub fn load_moe_block_as<B: Backend>(
     names: &MoeTensorNames,
     dtype: WeightDtype,
 ) -> Result<BeamMoe<B>, LoadError> {
-    moe_block(layer, file, prefix, names, dtype.into(), false)
+    moe_block(layer, file, prefix, names, dtype.into(), InPlace::default())
 }
 
 /// [`load_moe_block_as`] with the routed and shared experts held in `format`: quantized (q8) when
 /// it says so, as the int8 blocks where the backend runs them in place
-/// ([`LinearBackend::q8_in_place`]).
-pub fn load_moe_block_with<B: LinearBackend>(
+/// ([`LinearBackend::q8_in_place`]); otherwise borrowed from the mapped checkpoint where the
+/// backend reads it in place ([`LinearBackend::borrows_host_weights`], per-expert tensors as
+/// [`Weight::Parts`] where [`GroupedExpertsBackend::expert_parts_in_place`]).
+pub fn load_moe_block_with<B: LinearBackend + GroupedExpertsBackend>(
     layer: BeamMoe<B>,
     file: &TensorStore,
     prefix: &str,
     names: &MoeTensorNames,
     format: WeightFormat,
 ) -> Result<BeamMoe<B>, LoadError> {
-    moe_block(layer, file, prefix, names, format, B::q8_in_place())
+    moe_block(layer, file, prefix, names, format, InPlace::of::<B>(false))
 }
 
 fn moe_block<B: Backend>(
@@ -359,8 +427,9 @@ fn moe_block<B: Backend>(
     prefix: &str,
     names: &MoeTensorNames,
     format: WeightFormat,
-    q8_in_place: bool,
+    in_place: InPlace,
 ) -> Result<BeamMoe<B>, LoadError> {
+    let q8_in_place = in_place.q8;
     let dtype = format.dtype;
     let config = layer.config().clone();
     let (e, h, i) = (
@@ -390,10 +459,15 @@ fn moe_block<B: Backend>(
     };
     let (gate_up, down) = if file.contains(&fused) {
         let fused_down = format!("{prefix}experts.down_proj");
+        let borrow = in_place.borrow(format);
         (
-            hold(file.data(&fused, &[e, 2 * i, h], dtype)?, &fused, &fused)?,
             hold(
-                file.data(&fused_down, &[e, h, i], dtype)?,
+                file.data_or_borrowed(&fused, &[e, 2 * i, h], dtype, borrow)?,
+                &fused,
+                &fused,
+            )?,
+            hold(
+                file.data_or_borrowed(&fused_down, &[e, h, i], dtype, borrow)?,
                 &fused_down,
                 &fused_down,
             )?,
@@ -402,6 +476,15 @@ fn moe_block<B: Backend>(
         let [gate, up, down] = names.expert_projections;
         let name =
             |proj: &'static str| move |e: usize| format!("{prefix}experts.{e}.{proj}.weight");
+        if in_place.expert_parts && in_place.borrow(format) {
+            if let Some(parts) =
+                borrowed_parts(file, e, [gate, up, down].map(name), [i, h], dtype, &device)?
+            {
+                layer.experts.gate_up = parts.0;
+                layer.experts.down = parts.1;
+                return shared_expert(layer, file, prefix, names, format, in_place, &device);
+            }
+        }
         let stacked = |parts: &[&(dyn Fn(usize) -> String + Sync)], shape, label: &str| {
             stacked_held_as(
                 file,
@@ -428,7 +511,58 @@ fn moe_block<B: Backend>(
     };
     layer.experts.gate_up = gate_up;
     layer.experts.down = down;
+    shared_expert(layer, file, prefix, names, format, in_place, &device)
+}
 
+/// A MoE block's routed experts: `gate_up` and `down`.
+type GateUpDown<B> = (Weight<B, 3>, Weight<B, 3>);
+
+/// Every routed expert's `[gate, up, down]` tensors borrowed from the mapping (named by
+/// `names(e)`; gate and up `[I, H]`, down `[H, I]`) as [`Weight::Parts`] (`[gate, up]` per
+/// expert, then `[down]`), or `None` if any cannot be borrowed (see
+/// [`TensorStore::borrowed`]): the caller then copies them all into stacked buffers.
+fn borrowed_parts<B: Backend>(
+    file: &TensorStore,
+    experts: usize,
+    names: [impl Fn(usize) -> String; 3],
+    [i, h]: [usize; 2],
+    dtype: WeightDtype,
+    device: &B::Device,
+) -> Result<Option<GateUpDown<B>>, LoadError> {
+    let [gate, up, down] = &names;
+    let mut gate_up = Vec::with_capacity(experts);
+    let mut downs = Vec::with_capacity(experts);
+    for e in 0..experts {
+        let part = |name: String, shape: [usize; 2]| -> Result<Option<_>, LoadError> {
+            Ok(file
+                .borrowed(&name, &shape, dtype)?
+                .map(|data| Param::from_tensor(held::<B, 2>(data, dtype, device))))
+        };
+        let (Some(g), Some(u), Some(d)) = (
+            part(gate(e), [i, h])?,
+            part(up(e), [i, h])?,
+            part(down(e), [h, i])?,
+        ) else {
+            return Ok(None);
+        };
+        gate_up.push(vec![g, u]);
+        downs.push(vec![d]);
+    }
+    Ok(Some((Weight::Parts(gate_up), Weight::Parts(downs))))
+}
+
+/// Loads the shared expert of `layer`'s block, if it has one (see [`load_moe_block`]).
+fn shared_expert<B: Backend>(
+    mut layer: BeamMoe<B>,
+    file: &TensorStore,
+    prefix: &str,
+    names: &MoeTensorNames,
+    format: WeightFormat,
+    in_place: InPlace,
+    device: &B::Device,
+) -> Result<BeamMoe<B>, LoadError> {
+    let config = layer.config().clone();
+    let h = config.hidden_size;
     if let (Some(shared), Some(shared_config)) = (layer.shared_expert.take(), &config.shared_expert)
     {
         let base = format!("{prefix}{}.", names.shared_expert);
@@ -443,8 +577,8 @@ fn moe_block<B: Backend>(
             shared_config.intermediate_size,
             gate.as_deref(),
             format,
-            q8_in_place,
-            &device,
+            in_place,
+            device,
         )?);
     }
     Ok(layer)
@@ -488,7 +622,7 @@ pub fn load_swiglu_as<B: Backend>(
         intermediate,
         gate,
         dtype.into(),
-        false,
+        InPlace::default(),
         device,
     )
 }
@@ -510,7 +644,10 @@ pub fn load_swiglu_with<B: LinearBackend>(
         intermediate,
         gate,
         format,
-        B::q8_in_place(),
+        InPlace {
+            q8: B::q8_in_place(),
+            ..InPlace::default()
+        },
         device,
     )
 }
@@ -523,9 +660,10 @@ fn swiglu<B: Backend>(
     intermediate: usize,
     gate: Option<&str>,
     format: WeightFormat,
-    q8_in_place: bool,
+    in_place: InPlace,
     device: &B::Device,
 ) -> Result<SharedExpert<B>, LoadError> {
+    let q8_in_place = in_place.q8;
     let (h, i, dtype) = (hidden, intermediate, format.dtype);
     let (gate_name, up_name) = (
         format!("{base}gate_proj.weight"),
@@ -540,7 +678,7 @@ fn swiglu<B: Backend>(
     // `[1, 2I, H]` → `[2I, H]` before quantizing (rows stay rows).
     let gate_up = TensorData::from_bytes(stacked.bytes, [2 * i, h], stacked.dtype);
     let down_name = format!("{base}down_proj.weight");
-    let down = file.data(&down_name, &[h, i], dtype)?;
+    let down = file.data_or_borrowed(&down_name, &[h, i], dtype, in_place.borrow(format))?;
     Ok(SharedExpert {
         gate_up: held_as(
             gate_up,

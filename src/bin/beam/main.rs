@@ -83,6 +83,11 @@ struct Common {
     /// dequantize it once at load. Embeddings, norms and routers keep --dtype / f32.
     #[arg(long)]
     quantize: Option<Quantization>,
+    /// Copy every weight into memory beam owns. By default flex reads the weights it keeps in
+    /// their stored dtype where the memory-mapped checkpoint has them (no copy, as llama.cpp
+    /// does; this flag is its --no-mmap).
+    #[arg(long)]
+    no_mmap: bool,
     /// BEAM adapter (mask routers, safetensors) to turn BEAM on.
     #[arg(long)]
     beam_adapter: Option<PathBuf>,
@@ -222,6 +227,7 @@ fn load<B: MoeBackend>(common: &Common, device: &B::Device) -> Result<MoeLm<B>, 
     let options = LoadOptions {
         dtype: common.dtype,
         quantize: common.quantize,
+        copy_weights: common.no_mmap,
     };
     let mut model =
         load_model_with::<B>(&common.model, device, &options).map_err(|e| e.to_string())?;

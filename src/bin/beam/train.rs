@@ -403,6 +403,7 @@ pub fn eval<B: MoeBackend>(args: &EvalArgs, device: &B::Device) -> Result<(), St
     let load = LoadOptions {
         dtype: Some(WeightDtype::F32),
         quantize: args.quantize,
+        ..LoadOptions::default()
     };
     let base = load_model_with::<B>(&args.input.model, device, &load).map_err(|e| e.to_string())?;
     // Every adapter is loaded (and checked against the model) before anything is evaluated.
