@@ -605,6 +605,13 @@ impl Shard {
             // files (safetensors, llama.cpp), this assumes nobody truncates or rewrites the file
             // while it is loaded; the header was checked against the file's size above.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+            // Transparent huge pages for the page cache's copy of the file where the kernel and
+            // file system give them (Linux 6.x, ext4/xfs large folios): weights read in place
+            // then take one TLB entry and one fault per 2 MB instead of per 4 KB (16-layer
+            // OLMoE-shaped bf16 decode: the copied weights' speed instead of 10-15 % below it,
+            // docs/BENCHMARKS.md session 18).
+            #[cfg(target_os = "linux")]
+            let _ = map.advise(memmap2::Advice::HugePage);
             shard.data = Some(ShardData::Mapped(Arc::new(map)));
         }
         Ok(shard)
