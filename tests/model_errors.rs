@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use beam_model::checkpoint::{LoadError, TensorStore};
-use beam_model::model::load::load_model;
+use beam_model::model::load::{load_model, load_model_with, LoadOptions};
 use beam_model::model::{HiddenStates, MaskMode, ModelError, MoeLm};
-use burn::backend::NdArray;
+use burn::backend::{Flex, NdArray};
 use burn::tensor::{Tensor, TensorData};
 use common::{repo_root, values};
 use safetensors::tensor::TensorView;
@@ -75,8 +75,18 @@ impl Scratch {
         std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
     }
 
+    /// The checkpoint loaded on ndarray (every tensor copied), after checking that burn's Flex,
+    /// which reads what it can where the file is mapped (borrowed tensors, per-expert parts),
+    /// meets the same error, or none.
     fn load(&self) -> Result<MoeLm<B>, ModelError> {
-        load_model::<B>(&self.0, &Default::default())
+        let result = load_model::<B>(&self.0, &Default::default());
+        let flex = load_model_with::<Flex>(&self.0, &Default::default(), &LoadOptions::default());
+        assert_eq!(
+            flex.as_ref().err().map(ToString::to_string),
+            result.as_ref().err().map(ToString::to_string),
+            "flex (in place) and ndarray (copied) disagree"
+        );
+        result
     }
 }
 

@@ -328,3 +328,72 @@ mod tests {
         }
     }
 }
+
+/// The trait's default `grouped_experts_parts` (what every backend without an in-place
+/// implementation runs): the parts stacked, then `grouped_experts`, the same values.
+#[cfg(test)]
+mod parts_tests {
+    use crate::plan::MoeDims;
+    use crate::testing::values;
+    use crate::{grouped_experts, grouped_experts_parts, GroupedExpertsBackend};
+    use burn::backend::NdArray;
+    use burn::tensor::{Int, Tensor, TensorData};
+
+    #[test]
+    fn ndarray_runs_per_expert_parts_by_stacking_them() {
+        assert!(!<NdArray as GroupedExpertsBackend>::expert_parts_in_place());
+        let device = Default::default();
+        let MoeDims {
+            tokens: t,
+            top_k: k,
+            experts: e,
+            hidden: h,
+            intermediate: i,
+        } = MoeDims {
+            tokens: 3,
+            top_k: 2,
+            experts: 3,
+            hidden: 8,
+            intermediate: 5,
+        };
+        let x =
+            Tensor::<NdArray, 2>::from_data(TensorData::new(values(t * h, 0.3), [t, h]), &device);
+        let w =
+            Tensor::<NdArray, 2>::from_data(TensorData::new(values(t * k, 0.6), [t, k]), &device);
+        // Slot (0, 1) masked (sentinel 3).
+        let ids = Tensor::<NdArray, 2, Int>::from_data(
+            TensorData::new(vec![2i64, 3, 0, 1, 1, 2], [t, k]),
+            &device,
+        );
+        let gate_up = Tensor::<NdArray, 3>::from_data(
+            TensorData::new(values(e * 2 * i * h, 1.9), [e, 2 * i, h]),
+            &device,
+        );
+        let down = Tensor::<NdArray, 3>::from_data(
+            TensorData::new(values(e * h * i, 0.8), [e, h, i]),
+            &device,
+        );
+        let part = |w: &Tensor<NdArray, 3>, expert: usize, rows: core::ops::Range<usize>| {
+            let [_, _, cols] = w.dims();
+            let len = rows.len();
+            w.clone()
+                .slice([expert..expert + 1, rows, 0..cols])
+                .reshape([len, cols])
+        };
+        let parts = [
+            (0..e).map(|x| part(&gate_up, x, 0..i)).collect(),
+            (0..e).map(|x| part(&gate_up, x, i..2 * i)).collect(),
+            (0..e).map(|x| part(&down, x, 0..h)).collect(),
+        ];
+        let want: Vec<f32> = grouped_experts(x.clone(), ids.clone(), w.clone(), gate_up, down)
+            .into_data()
+            .into_vec()
+            .unwrap();
+        assert!(want.iter().any(|v| v.abs() > 1e-2), "not on zeros");
+        let got: Vec<f32> = grouped_experts_parts(x, ids, w, parts)
+            .into_data()
+            .into_vec()
+            .unwrap();
+        assert_eq!(got, want);
+    }
+}

@@ -40,7 +40,12 @@ pub struct LoadOptions {
     /// the mapping's pages then leave the process as they are copied, and the model no longer
     /// depends on the files once loaded. `false` (the default) borrows what the backend can
     /// ([`LinearBackend::borrows_host_weights`]): no copy, no fresh memory, the page cache's
-    /// pages read in place (llama.cpp's default; its `--no-mmap` is this option).
+    /// pages read in place (llama.cpp's default; its `--no-mmap` is this option). A model that
+    /// reads its files in place needs them unchanged for as long as it lives, as llama.cpp's
+    /// does: replacing a checkpoint by writing a new file and renaming it over the old one is
+    /// safe, rewriting or truncating it in place under a running model is not (the model would
+    /// see the new bytes, or be killed by `SIGBUS` reading past the new end). Copy when that
+    /// cannot be promised.
     pub copy_weights: bool,
 }
 
@@ -530,22 +535,25 @@ fn borrowed_parts<B: Backend>(
     device: &B::Device,
 ) -> Result<Option<GateUpDown<B>>, LoadError> {
     let [gate, up, down] = &names;
+    let part = |name: String, shape: [usize; 2]| -> Result<Option<_>, LoadError> {
+        Ok(file
+            .borrowed(&name, &shape, dtype)?
+            .map(|data| Param::from_tensor(held::<B, 2>(data, dtype, device))))
+    };
+    // In the copying load's order (every expert's gate and up, then the downs), so a broken
+    // checkpoint reports the same first error either way.
     let mut gate_up = Vec::with_capacity(experts);
-    let mut downs = Vec::with_capacity(experts);
     for e in 0..experts {
-        let part = |name: String, shape: [usize; 2]| -> Result<Option<_>, LoadError> {
-            Ok(file
-                .borrowed(&name, &shape, dtype)?
-                .map(|data| Param::from_tensor(held::<B, 2>(data, dtype, device))))
-        };
-        let (Some(g), Some(u), Some(d)) = (
-            part(gate(e), [i, h])?,
-            part(up(e), [i, h])?,
-            part(down(e), [h, i])?,
-        ) else {
+        let (Some(g), Some(u)) = (part(gate(e), [i, h])?, part(up(e), [i, h])?) else {
             return Ok(None);
         };
         gate_up.push(vec![g, u]);
+    }
+    let mut downs = Vec::with_capacity(experts);
+    for e in 0..experts {
+        let Some(d) = part(down(e), [h, i])? else {
+            return Ok(None);
+        };
         downs.push(vec![d]);
     }
     Ok(Some((Weight::Parts(gate_up), Weight::Parts(downs))))
