@@ -530,18 +530,22 @@ mod tests {
     /// Slot (1, 0) masked (sentinel 4); expert 3 never routed.
     const IDS: [i64; 10] = [2, 0, 4, 1, 0, 2, 1, 2, 0, 1];
 
-    #[test]
-    fn flex_host_experts_on_16_bit_weights_match_an_f64_reference_from_the_stored_values() {
-        // Decode-like (dot passes) and prefill-like: 128 tokens, 64 to 96 per routed expert
-        // (at least GEMM_MIN_TOKENS: widened tiles and small GEMMs).
+    /// [`DIMS`] with [`IDS`] (decode-like: dot passes), and 128 tokens with 64 to 96 per routed
+    /// expert (prefill-like: at least `GEMM_MIN_TOKENS`, widened tiles and small GEMMs).
+    fn decode_and_prefill() -> [(MoeDims, Vec<i64>); 2] {
         let many = MoeDims {
             tokens: 4 * crate::host::GEMM_MIN_TOKENS,
             ..DIMS
         };
-        let many_ids: Vec<i64> = (0..2 * many.tokens)
+        let many_ids = (0..2 * many.tokens)
             .map(|s| [0, 2, 1, 4, 2, 0, 1, 2][s % 8])
             .collect();
-        for (dims, ids) in [(DIMS, IDS.to_vec()), (many, many_ids)] {
+        [(DIMS, IDS.to_vec()), (many, many_ids)]
+    }
+
+    #[test]
+    fn flex_host_experts_on_16_bit_weights_match_an_f64_reference_from_the_stored_values() {
+        for (dims, ids) in decode_and_prefill() {
             check_host_experts(dims, &ids);
         }
     }
@@ -597,14 +601,7 @@ mod tests {
     #[test]
     fn flex_expert_parts_give_the_stacked_output_bit_for_bit() {
         let device = Default::default();
-        let many = MoeDims {
-            tokens: 4 * crate::host::GEMM_MIN_TOKENS,
-            ..DIMS
-        };
-        let many_ids: Vec<i64> = (0..2 * many.tokens)
-            .map(|s| [0, 2, 1, 4, 2, 0, 1, 2][s % 8])
-            .collect();
-        for (dims, ids) in [(DIMS, IDS.to_vec()), (many, many_ids)] {
+        for (dims, ids) in decode_and_prefill() {
             let MoeDims {
                 tokens: t,
                 top_k: k,
