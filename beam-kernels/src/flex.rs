@@ -235,45 +235,91 @@ pub fn masked_moe(
     if !sixteen_bit(gate_up) && plan.kept() > HOST_MAX_PAIRS_PER_EXPERT * plan.groups().count() {
         return None;
     }
+    host_experts(
+        x,
+        &plan,
+        weights,
+        FlexExperts::Stacked { gate_up, down },
+        gate_up.dtype(),
+        dims,
+    )
+}
+
+/// Where a call's expert weights are: stacked, or one tensor per expert and projection.
+#[derive(Clone, Copy)]
+enum FlexExperts<'a> {
+    Stacked {
+        gate_up: &'a FlexTensor,
+        down: &'a FlexTensor,
+    },
+    Parts(&'a ExpertParts<Flex>),
+}
+
+/// The host kernels on `x` and the routing weights (made contiguous if they are views) with
+/// the experts' weights, all of dtype `weight_dtype`, read in place: `None` for a dtype pair
+/// they do not take (see [`masked_moe`]) or storage that is not contiguous.
+fn host_experts(
+    x: &FlexTensor,
+    plan: &DispatchPlan,
+    weights: &FlexTensor,
+    experts: FlexExperts<'_>,
+    weight_dtype: DType,
+    dims: MoeDims,
+) -> Option<FlexTensor> {
     let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
     macro_rules! run {
         ($f:ty, $w:ty) => {
-            output(
-                planned::<$f, $w>(&x, &plan, &weights, gate_up, down, dims)?,
-                dims,
-            )
+            output(planned::<$f, $w>(&x, plan, &weights, experts, dims)?, dims)
         };
     }
-    let out = match (x.dtype(), gate_up.dtype()) {
+    Some(match (x.dtype(), weight_dtype) {
         (DType::F32, DType::F32) => run!(f32, f32),
         (DType::F32, DType::BF16) => run!(f32, bf16),
         (DType::F32, DType::F16) => run!(f32, f16),
         (DType::F64, DType::F64) => run!(f64, f64),
         _ => return None,
-    };
-    Some(out)
+    })
 }
 
-fn planned<F, W>(
+fn planned<'a, F, W>(
     x: &FlexTensor,
     plan: &DispatchPlan,
     weights: &FlexTensor,
-    gate_up: &FlexTensor,
-    down: &FlexTensor,
+    experts: FlexExperts<'a>,
     dims: MoeDims,
 ) -> Option<Vec<F>>
 where
     F: crate::host::HostFloat + burn::tensor::Element + bytemuck::Pod,
     W: crate::host::HostWeight<F> + burn::tensor::Element + bytemuck::Pod,
 {
-    Some(masked_moe_planned::<F, &[W]>(
-        x.as_slice()?,
-        plan,
-        weights.as_slice()?,
-        gate_up.as_slice()?,
-        down.as_slice()?,
-        dims,
-    ))
+    let (x, weights) = (x.as_slice()?, weights.as_slice()?);
+    Some(match experts {
+        FlexExperts::Stacked { gate_up, down } => masked_moe_planned::<F, &[W]>(
+            x,
+            plan,
+            weights,
+            gate_up.as_slice()?,
+            down.as_slice()?,
+            dims,
+        ),
+        FlexExperts::Parts(ExpertParts { gate, up, down }) => {
+            let slices = |parts: &'a [FlexTensor]| -> Option<Vec<&'a [W]>> {
+                parts.iter().map(|p| p.as_slice::<W>()).collect()
+            };
+            let (gate, up, down) = (slices(gate)?, slices(up)?, slices(down)?);
+            masked_moe_experts::<F, &[W]>(
+                x,
+                plan,
+                weights,
+                ExpertMatrices::Parts {
+                    gate: &gate,
+                    up: &up,
+                    down: &down,
+                },
+                dims,
+            )
+        }
+    })
 }
 
 /// [`masked_moe`] on one tensor per expert and projection ([`ExpertParts`], e.g. borrowed from
@@ -321,52 +367,7 @@ pub fn masked_moe_parts(
     }
     let ids = int_values(expert_ids)?;
     let plan = DispatchPlan::from_ids(&ids, dims.top_k, dims.experts);
-    let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
-    fn run<F, W>(
-        x: &FlexTensor,
-        plan: &DispatchPlan,
-        weights: &FlexTensor,
-        [gate, up, down]: [&[FlexTensor]; 3],
-        dims: MoeDims,
-    ) -> Option<Vec<F>>
-    where
-        F: crate::host::HostFloat + burn::tensor::Element + bytemuck::Pod,
-        W: crate::host::HostWeight<F> + burn::tensor::Element + bytemuck::Pod,
-    {
-        fn slices<W: burn::tensor::Element + bytemuck::Pod>(
-            parts: &[FlexTensor],
-        ) -> Option<Vec<&[W]>> {
-            parts.iter().map(|p| p.as_slice::<W>()).collect()
-        }
-        let (gate, up, down) = (slices::<W>(gate)?, slices::<W>(up)?, slices::<W>(down)?);
-        Some(masked_moe_experts::<F, &[W]>(
-            x.as_slice()?,
-            plan,
-            weights.as_slice()?,
-            ExpertMatrices::Parts {
-                gate: &gate,
-                up: &up,
-                down: &down,
-            },
-            dims,
-        ))
-    }
-    let parts = [&gate[..], &up[..], &down[..]];
-    Some(match (x.dtype(), dtype) {
-        (DType::F32, DType::F32) => {
-            output(run::<f32, f32>(&x, &plan, &weights, parts, dims)?, dims)
-        }
-        (DType::F32, DType::BF16) => {
-            output(run::<f32, bf16>(&x, &plan, &weights, parts, dims)?, dims)
-        }
-        (DType::F32, DType::F16) => {
-            output(run::<f32, f16>(&x, &plan, &weights, parts, dims)?, dims)
-        }
-        (DType::F64, DType::F64) => {
-            output(run::<f64, f64>(&x, &plan, &weights, parts, dims)?, dims)
-        }
-        _ => return None,
-    })
+    host_experts(x, &plan, weights, FlexExperts::Parts(experts), dtype, dims)
 }
 
 /// `Some(x · Wᵀ)` from the host GEMV (see the module docs), `None` for the reference.

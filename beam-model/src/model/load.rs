@@ -174,7 +174,7 @@ pub fn load_model_with<B: MoeBackend>(
 
 /// A float tensor of shape `expected` held in `format` (quantized when it says so; borrowed
 /// from the mapping when `in_place` allows).
-fn weight<B: LinearBackend, const D: usize>(
+fn weight<B: Backend, const D: usize>(
     store: &TensorStore,
     name: &str,
     expected: [usize; D],
@@ -434,7 +434,6 @@ fn moe_block<B: Backend>(
     format: WeightFormat,
     in_place: InPlace,
 ) -> Result<BeamMoe<B>, LoadError> {
-    let q8_in_place = in_place.q8;
     let dtype = format.dtype;
     let config = layer.config().clone();
     let (e, h, i) = (
@@ -453,29 +452,11 @@ fn moe_block<B: Backend>(
     }
 
     let fused = format!("{prefix}experts.gate_up_proj");
-    let hold = |data, name: &str, path_of: &str| {
-        held_as(
-            data,
-            format,
-            q8_in_place,
-            &device,
-            (file.path_of(path_of), name),
-        )
-    };
     let (gate_up, down) = if file.contains(&fused) {
         let fused_down = format!("{prefix}experts.down_proj");
-        let borrow = in_place.borrow(format);
         (
-            hold(
-                file.data_or_borrowed(&fused, &[e, 2 * i, h], dtype, borrow)?,
-                &fused,
-                &fused,
-            )?,
-            hold(
-                file.data_or_borrowed(&fused_down, &[e, h, i], dtype, borrow)?,
-                &fused_down,
-                &fused_down,
-            )?,
+            weight(file, &fused, [e, 2 * i, h], format, in_place, &device)?,
+            weight(file, &fused_down, [e, h, i], format, in_place, &device)?,
         )
     } else {
         let [gate, up, down] = names.expert_projections;
@@ -497,7 +478,7 @@ fn moe_block<B: Backend>(
                 e,
                 shape,
                 format,
-                q8_in_place,
+                in_place.q8,
                 &device,
                 (file.path_of(&parts[0](0)), label),
             )
@@ -671,7 +652,6 @@ fn swiglu<B: Backend>(
     in_place: InPlace,
     device: &B::Device,
 ) -> Result<SharedExpert<B>, LoadError> {
-    let q8_in_place = in_place.q8;
     let (h, i, dtype) = (hidden, intermediate, format.dtype);
     let (gate_name, up_name) = (
         format!("{base}gate_proj.weight"),
@@ -686,25 +666,18 @@ fn swiglu<B: Backend>(
     // `[1, 2I, H]` → `[2I, H]` before quantizing (rows stay rows).
     let gate_up = TensorData::from_bytes(stacked.bytes, [2 * i, h], stacked.dtype);
     let down_name = format!("{base}down_proj.weight");
-    let down = file.data_or_borrowed(&down_name, &[h, i], dtype, in_place.borrow(format))?;
     Ok(SharedExpert {
         gate_up: held_as(
             gate_up,
             format,
-            q8_in_place,
+            in_place.q8,
             device,
             (
                 file.path_of(&gate_name),
                 &format!("{base}{{gate,up}}_proj.weight"),
             ),
         )?,
-        down: held_as(
-            down,
-            format,
-            q8_in_place,
-            device,
-            (file.path_of(&down_name), &down_name),
-        )?,
+        down: weight(file, &down_name, [h, i], format, in_place, device)?,
         gate: gate
             .map(|name| file.param(name, [1, h], device))
             .transpose()?,
