@@ -20,12 +20,15 @@
 
 use rayon::prelude::*;
 
+use crate::aligned::AlignedRows;
+
 use crate::plan::{DispatchPlan, MoeDims};
 use crate::quant::Q8Matrix;
 
 /// Element types the host kernels run on: `f32` and `f64`, accumulated in their own precision.
 pub trait HostFloat:
     Copy
+    + Default
     + Send
     + Sync
     + PartialEq
@@ -262,24 +265,34 @@ pub const SPLIT_BF16_MIN_TOKENS: usize = 2;
 /// then `w · hi + w · lo`, two `vdpbf16ps` (AVX-512 BF16: 32 products of `bf16` pairs summed
 /// into 16 `f32` lanes) per 32 weights, with no widening of the weights: what lets `bf16`
 /// prefill read the weights in place instead of widening and packing them for a GEMM.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct SplitBf16 {
-    /// `bf16(x)`.
-    pub hi: Vec<half::bf16>,
-    /// `bf16(x − hi)`.
-    pub lo: Vec<half::bf16>,
+    /// Row 0: `bf16(x)`; row 1: `bf16(x − hi)`, each on a cache line (see [`crate::aligned`]).
+    parts: AlignedRows<half::bf16>,
 }
 
 impl SplitBf16 {
     /// `x` split into `hi + lo`.
     pub fn new(x: &[f32]) -> Self {
-        let hi: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
-        let lo = x
-            .iter()
-            .zip(&hi)
-            .map(|(&v, h)| half::bf16::from_f32(v - h.to_f32()))
-            .collect();
-        SplitBf16 { hi, lo }
+        let mut parts = AlignedRows::zeroed(2, x.len());
+        for (h, &v) in parts.row_mut(0).iter_mut().zip(x) {
+            *h = half::bf16::from_f32(v);
+        }
+        let hi = parts.row(0).to_vec();
+        for ((l, &v), h) in parts.row_mut(1).iter_mut().zip(x).zip(hi) {
+            *l = half::bf16::from_f32(v - h.to_f32());
+        }
+        SplitBf16 { parts }
+    }
+
+    /// `bf16(x)`.
+    pub fn hi(&self) -> &[half::bf16] {
+        self.parts.row(0)
+    }
+
+    /// `bf16(x − hi)`.
+    pub fn lo(&self) -> &[half::bf16] {
+        self.parts.row(1)
     }
 }
 
@@ -471,7 +484,7 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
             assert_eq!(prepared.len(), inputs.len(), "one quantized row per input");
             let quantized: Vec<(&[i8], &[f32])> = prepared
                 .iter()
-                .map(|a| (a.values.as_slice(), a.scales.as_slice()))
+                .map(|a| (a.values(), a.scales.as_slice()))
                 .collect();
             for (x, s) in &quantized {
                 assert!(
@@ -818,6 +831,8 @@ pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
     if plan.kept() == 0 || hidden == 0 {
         return out;
     }
+    // The kernels read rows that start on cache lines (see [`crate::aligned`]).
+    let x_rows = AlignedRows::from_rows(x, hidden);
 
     // Gate+up: `act[p, i] = silu(gate_i · x_p) · (up_i · x_p)` for kept pair `p` (plan order).
     // Inputs are prepared by the first kept expert's matrices (every matrix of a model is one
@@ -835,7 +850,7 @@ pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
     let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block| {
         let inputs: Vec<&[F]> = token_of[block.pairs.clone()]
             .iter()
-            .map(|&t| &x[t * hidden..(t + 1) * hidden])
+            .map(|&t| x_rows.row(t))
             .collect();
         let quantized = pick(&x_quantized, token_of[block.pairs.clone()].iter().copied());
         let ((gate_m, gate_at), (up_m, up_at)) = (
@@ -857,7 +872,7 @@ pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
             .collect::<Vec<F>>()
     });
     let act = assemble(&gate_up_blocks, &act_blocks, plan.kept(), intermediate);
-    let act_quantized = down.prepare_inputs(&act, intermediate);
+    let act_quantized = down.prepare_inputs(&act.to_vec(), intermediate);
 
     // Down: `pair_rows[p, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
     let down_blocks = row_blocks(
@@ -868,11 +883,7 @@ pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
     );
     let out_blocks = map_blocks(&down_blocks, intermediate, |block| {
         let (down_m, base) = experts_at.down(block.expert, &dims);
-        let inputs: Vec<&[F]> = block
-            .pairs
-            .clone()
-            .map(|p| &act[p * intermediate..(p + 1) * intermediate])
-            .collect();
+        let inputs: Vec<&[F]> = block.pairs.clone().map(|p| act.row(p)).collect();
         let width = block.rows.len();
         let quantized = pick(&act_quantized, block.pairs.clone());
         let mut rows_out = block_product(
@@ -900,8 +911,8 @@ pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
         pair_of_slot[slot] = Some(p);
     }
     for (t, out_row) in out.chunks_exact_mut(hidden).enumerate() {
-        for p in pair_of_slot[t * top_k..(t + 1) * top_k].iter().flatten() {
-            let row = &pair_rows[p * hidden..(p + 1) * hidden];
+        for &p in pair_of_slot[t * top_k..(t + 1) * top_k].iter().flatten() {
+            let row = pair_rows.row(p);
             for (o, &v) in out_row.iter_mut().zip(row) {
                 *o = *o + v;
             }
@@ -935,19 +946,19 @@ fn map_blocks<F: HostFloat>(
     }
 }
 
-/// Places each block's `[pairs, rows]` output into a `[pairs_total, row_len]` row-major matrix at
-/// its pairs' rows and its output rows' columns.
+/// Places each block's `[pairs, rows]` output into a `[pairs_total, row_len]` matrix at its
+/// pairs' rows and its output rows' columns (rows on cache lines: the next product reads them).
 fn assemble<F: HostFloat>(
     blocks: &[RowBlock],
     outputs: &[Vec<F>],
     pairs_total: usize,
     row_len: usize,
-) -> Vec<F> {
-    let mut matrix = vec![F::ZERO; pairs_total * row_len];
+) -> AlignedRows<F> {
+    let mut matrix = AlignedRows::zeroed(pairs_total, row_len);
     for (block, values) in blocks.iter().zip(outputs) {
         let width = block.rows.len();
         for (n, p) in block.pairs.clone().enumerate() {
-            matrix[p * row_len..][block.rows.clone()]
+            matrix.row_mut(p)[block.rows.clone()]
                 .copy_from_slice(&values[n * width..(n + 1) * width]);
         }
     }
@@ -1056,7 +1067,9 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
     if tokens == 0 || out_features == 0 {
         return vec![F::ZERO; tokens * out_features];
     }
-    let inputs: Vec<&[F]> = x.chunks_exact(in_features).collect();
+    // Each row of `x` on a cache line of its own (see [`crate::aligned`]).
+    let rows = AlignedRows::from_rows(x, in_features);
+    let inputs: Vec<&[F]> = rows.iter().collect();
     // Every block gets all rows of `x`: from the matrix's GEMM threshold on they all take the
     // GEMM, which reads `x` as it is.
     let gemm_min_tokens = weight.gemm_min_tokens(in_features);
@@ -1078,7 +1091,7 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
             &quantized,
         )
     });
-    assemble(&blocks, &block_outputs, tokens, out_features)
+    assemble(&blocks, &block_outputs, tokens, out_features).to_vec()
 }
 
 /// `[$zero; TOKENS_PER_PASS]` holding `$call` (a pass over the fixed-size array `$group` of the
@@ -1613,7 +1626,7 @@ mod avx512 {
         assert_eq!(prepared.len(), inputs.len(), "one prepared row per input");
         for (x, p) in inputs.iter().zip(prepared) {
             assert!(
-                x.len() == row_len && p.hi.len() == row_len && p.lo.len() == row_len,
+                x.len() == row_len && p.hi().len() == row_len && p.lo().len() == row_len,
                 "inputs of the rows' length"
             );
         }
@@ -1658,8 +1671,8 @@ mod avx512 {
             ($r:literal, $n:literal) => {{
                 let rows: [&[half::bf16]; $r] = core::array::from_fn(|i| rows[i]);
                 let x: [&[f32]; $n] = core::array::from_fn(|n| inputs[n]);
-                let hi: [&[half::bf16]; $n] = core::array::from_fn(|n| prepared[n].hi.as_slice());
-                let lo: [&[half::bf16]; $n] = core::array::from_fn(|n| prepared[n].lo.as_slice());
+                let hi: [&[half::bf16]; $n] = core::array::from_fn(|n| prepared[n].hi());
+                let lo: [&[half::bf16]; $n] = core::array::from_fn(|n| prepared[n].lo());
                 // SAFETY: the caller's contract.
                 let tile = unsafe { tile_split_bf16::<$r, $n>(rows, x, hi, lo) };
                 let mut out = [[0.0; TOKENS_PER_PASS]; 4];
@@ -2260,7 +2273,18 @@ mod tests {
         let mut x = rng.values(4096, 3.0);
         x.extend([0.0, 1.0, -2.5, 1e-30, 3.0e38]);
         let split = SplitBf16::new(&x);
-        for ((&v, h), l) in x.iter().zip(&split.hi).zip(&split.lo) {
+        assert_eq!(split.hi().len(), x.len());
+        assert_eq!(split.lo().len(), x.len());
+        for part in [split.hi(), split.lo()] {
+            assert_eq!(
+                part.as_ptr() as usize % crate::aligned::ROW_ALIGN,
+                0,
+                "on a cache line"
+            );
+        }
+        let q8 = crate::quant::quantize_q8_activation(&x[..4096], 32);
+        assert_eq!(q8.values().as_ptr() as usize % crate::aligned::ROW_ALIGN, 0);
+        for ((&v, h), l) in x.iter().zip(split.hi()).zip(split.lo()) {
             assert_eq!(*h, half::bf16::from_f32(v), "hi is bf16(x)");
             let sum = h.to_f64() + l.to_f64();
             assert!(
@@ -2480,7 +2504,7 @@ mod tests {
             for n in 1..=TOKENS_PER_PASS {
                 let group: Vec<(&[i8], &[f32])> = xs[..n]
                     .iter()
-                    .map(|q| (q.values.as_slice(), q.scales.as_slice()))
+                    .map(|q| (q.values(), q.scales.as_slice()))
                     .collect();
                 for (name, kernel) in &kernels {
                     // SAFETY: the CPU features checked above; whole blocks of 32 with their

@@ -26,6 +26,7 @@
 //! | `autodiff.rs` (feature `autodiff`) | burn's `Autodiff<B>`: the reference, differentiated by autodiff |
 //! | `kernel.rs` (feature `cubecl`) | the `#[cube]` kernels |
 //! | [`host`] | the CPU kernels (GEMVs on slices, AVX2+FMA when the CPU has them, rayon over row blocks) |
+//! | [`aligned`] | rows on cache-line boundaries: the activations the host kernels read |
 //!
 //! ## The kernels' pipeline
 //!
@@ -47,6 +48,7 @@
 //! `impl KvCacheBackend for MyBackend {}`, and is then a [`MoeBackend`].
 
 pub mod activation;
+pub mod aligned;
 pub mod host;
 pub mod plan;
 pub mod quant;

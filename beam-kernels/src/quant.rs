@@ -32,6 +32,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use half::f16;
 use rayon::prelude::*;
 
+use crate::aligned::AlignedRows;
 use crate::Q8Primitive;
 
 /// The block length along the input dimension where the row length allows it.
@@ -210,10 +211,10 @@ fn quantize_block(wide: &[f32], q: &mut [i8]) -> f16 {
 }
 
 /// An activation row quantized to q8 (see [`quantize_q8_activation`]): `f32` scales.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Q8Activation {
-    /// The int8 values.
-    pub values: Vec<i8>,
+    /// The int8 values, on a cache line (see [`crate::aligned`]).
+    values: AlignedRows<i8>,
     /// One `f32` scale per block of [`Self::block`] values.
     pub scales: Vec<f32>,
     /// Values per block.
@@ -221,9 +222,14 @@ pub struct Q8Activation {
 }
 
 impl Q8Activation {
+    /// The int8 values.
+    pub fn values(&self) -> &[i8] {
+        self.values.row(0)
+    }
+
     /// Every value dequantized: `q · s`.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.values
+        self.values()
             .chunks_exact(self.block)
             .zip(&self.scales)
             .flat_map(|(q, &s)| q.iter().map(move |&q| q as f32 * s))
@@ -242,10 +248,10 @@ pub fn quantize_q8_activation(values: &[f32], block: usize) -> Q8Activation {
         block > 0 && values.len().is_multiple_of(block),
         "whole q8 blocks"
     );
-    let mut q = vec![0i8; values.len()];
+    let mut q = AlignedRows::zeroed(1, values.len());
     let scales = values
         .chunks_exact(block)
-        .zip(q.chunks_exact_mut(block))
+        .zip(q.row_mut(0).chunks_exact_mut(block))
         .map(|(wide, q)| {
             let scale = block_max(wide) / Q8_MAX;
             round_block(wide, scale, q);
@@ -577,7 +583,7 @@ mod tests {
         for (b, src) in source.chunks(32).enumerate() {
             let max = src.iter().fold(0.0f32, |m, w| m.max(w.abs()));
             assert_eq!(q.scales[b], max / 127.0);
-            for (&w, &v) in src.iter().zip(&q.values[b * 32..(b + 1) * 32]) {
+            for (&w, &v) in src.iter().zip(&q.values()[b * 32..(b + 1) * 32]) {
                 assert!((w - v as f32 * q.scales[b]).abs() <= q.scales[b] / 2.0 * (1.0 + 1e-5));
             }
         }
