@@ -172,7 +172,7 @@ impl HostWeight<f32> for half::bf16 {
     /// On a CPU with AVX-512 BF16 (rows of at least 32): each row of `data` as a
     /// [`SplitBf16`]. Otherwise none (the widening passes).
     fn prepare_inputs(data: &[f32], row_len: usize) -> Vec<SplitBf16> {
-        if !split_bf16_applies(row_len) || data.len() < row_len {
+        if !split_bf16_applies(row_len) {
             return Vec::new();
         }
         data.chunks_exact(row_len).map(SplitBf16::new).collect()
@@ -269,13 +269,13 @@ pub struct SplitBf16 {
 impl SplitBf16 {
     /// `x` split into `hi + lo`.
     pub fn new(x: &[f32]) -> Self {
+        let hi = |v: f32| half::bf16::from_f32(v);
         let mut parts = AlignedRows::zeroed(2, x.len());
         for (h, &v) in parts.row_mut(0).iter_mut().zip(x) {
-            *h = half::bf16::from_f32(v);
+            *h = hi(v);
         }
-        let hi = parts.row(0).to_vec();
-        for ((l, &v), h) in parts.row_mut(1).iter_mut().zip(x).zip(hi) {
-            *l = half::bf16::from_f32(v - h.to_f32());
+        for (l, &v) in parts.row_mut(1).iter_mut().zip(x) {
+            *l = half::bf16::from_f32(v - hi(v).to_f32());
         }
         SplitBf16 { parts }
     }
@@ -867,7 +867,11 @@ pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
             .collect::<Vec<F>>()
     });
     let act = assemble(&gate_up_blocks, &act_blocks, plan.kept(), intermediate);
-    let act_quantized = down.prepare_inputs(&act.to_vec(), intermediate);
+    // One prepared row (or none) per row: each row prepared where it is.
+    let act_quantized: Vec<M::Prepared> = act
+        .iter()
+        .flat_map(|row| down.prepare_inputs(row, intermediate))
+        .collect();
 
     // Down: `pair_rows[p, j] = weights[slot] · (down_j · act_p)` for kept pair `p` at `slot`.
     let down_blocks = row_blocks(
@@ -950,14 +954,24 @@ fn assemble<F: HostFloat>(
     row_len: usize,
 ) -> AlignedRows<F> {
     let mut matrix = AlignedRows::zeroed(pairs_total, row_len);
+    place(blocks, outputs, |p, columns, values| {
+        matrix.row_mut(p)[columns].copy_from_slice(values)
+    });
+    matrix
+}
+
+/// Hands each block's output rows to `write(pair, output columns, values)`.
+fn place<F: HostFloat>(
+    blocks: &[RowBlock],
+    outputs: &[Vec<F>],
+    mut write: impl FnMut(usize, core::ops::Range<usize>, &[F]),
+) {
     for (block, values) in blocks.iter().zip(outputs) {
         let width = block.rows.len();
         for (n, p) in block.pairs.clone().enumerate() {
-            matrix.row_mut(p)[block.rows.clone()]
-                .copy_from_slice(&values[n * width..(n + 1) * width]);
+            write(p, block.rows.clone(), &values[n * width..(n + 1) * width]);
         }
     }
-    matrix
 }
 
 /// Splits every expert that has kept pairs into row blocks (see [`blocks_of`]).
@@ -1086,7 +1100,12 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
             &quantized,
         )
     });
-    assemble(&blocks, &block_outputs, tokens, out_features).to_vec()
+    // The output goes to the caller's tensor, not to another kernel: row-major as it is.
+    let mut out = vec![F::ZERO; tokens * out_features];
+    place(&blocks, &block_outputs, |t, columns, values| {
+        out[t * out_features..][columns].copy_from_slice(values)
+    });
+    out
 }
 
 /// `[$zero; TOKENS_PER_PASS]` holding `$call` (a pass over the fixed-size array `$group` of the
