@@ -2,7 +2,7 @@
 //! weights against the bytes it reads, for a weight that stays in cache and one that streams from
 //! memory: the rate a decode step's products can reach on this machine, apart from the model.
 //!
-//! `cargo run --release -p beam-kernels --example gemv [-- --reps 200 --dtype bf16|f32|q8]`
+//! `cargo run --release -p beam-kernels --example gemv [-- --reps 200 --dtype bf16|f32|q8 --rows 131072]`
 //! (default: all three); set `RAYON_NUM_THREADS` to compare one and two cores. The products
 //! run on a thread of rayon's pool (`host::on_pool`), as the CLI runs the model.
 
@@ -24,8 +24,10 @@ fn main() {
     // Tokens per product: 1 is decode (a GEMV); more is prefill (reported in GFLOP/s too).
     let tokens: usize = arg("--tokens").map_or(1, |v| v.parse().expect("--tokens N"));
     let input = 2048;
+    // Rows of the streamed weight: enough that it does not fit in the last-level cache.
+    let streamed: usize = arg("--rows").map_or(131072, |v| v.parse().expect("--rows N"));
     for dtype in &dtypes {
-        for (label, rows) in [("in cache", 256), ("streamed", 32768)] {
+        for (label, rows) in [("in cache", 256), ("streamed", streamed)] {
             let weights: Vec<f32> = (0..rows * input)
                 .map(|i| ((i as f32 * 0.618_034).fract() - 0.5) * 0.04)
                 .collect();

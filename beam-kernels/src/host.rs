@@ -12,8 +12,9 @@
 //! 4. **combine**: each token sums its kept slots' rows in slot order (deterministic, independent
 //!    of how the work was split across threads).
 //!
-//! Steps 2–3 split each expert's weight rows into blocks of about [`BLOCK_WEIGHTS`] elements and run
-//! the blocks of all experts on rayon's pool above [`PARALLEL_MIN_WEIGHTS`]. This is the regime of
+//! Steps 2–3 split each expert's weight rows into blocks ([`block_weights`]: a few per thread, of
+//! 64 K to 1 M elements) written into one output buffer, and run the blocks of all experts on
+//! rayon's pool above [`PARALLEL_MIN_WEIGHTS`]. This is the regime of
 //! few tokens per expert (decode, or a prefill with most slots masked), where reading the weights is
 //! the cost; with hundreds of tokens per expert a cache-blocked GEMM (ndarray's `matmul`, used by
 //! the tensor-ops reference) is as fast or faster.
@@ -605,7 +606,7 @@ pub const GEMM_MIN_TOKENS: usize = 32;
 /// `out[n, r] = rows[r] · inputs[n]` for the `row_len`-element weight rows `rows` of `matrix`
 /// (row `r` starting at element `base + r · row_len`),
 /// `[inputs, rows]` row-major: dot passes for few inputs, a small GEMM from the matrix's
-/// [`HostMatrix::gemm_min_tokens`] on.
+/// [`HostMatrix::gemm_min_tokens`] on, written into `out` (`[inputs, rows]`, zeros).
 fn block_product<F: HostFloat, M: HostMatrix<F>>(
     matrix: M,
     base: usize,
@@ -613,14 +614,15 @@ fn block_product<F: HostFloat, M: HostMatrix<F>>(
     rows: core::ops::Range<usize>,
     inputs: &[&[F]],
     prepared: &[&M::Prepared],
-) -> Vec<F> {
+    out: &mut [F],
+) {
     let width = rows.len();
-    let mut out = vec![F::ZERO; inputs.len() * width];
+    assert_eq!(out.len(), inputs.len() * width, "out is [inputs, rows]");
     if inputs.len() < matrix.gemm_min_tokens(row_len) || row_len == 0 {
         matrix.project(base, row_len, rows, inputs, prepared, |n, r, dot| {
             out[n * width + r] = dot;
         });
-        return out;
+        return;
     }
     let mut buffer = Vec::new();
     let tile = matrix.tile(
@@ -632,13 +634,32 @@ fn block_product<F: HostFloat, M: HostMatrix<F>>(
         assert_eq!(input.len(), row_len, "dot of unequal lengths");
         lhs.extend_from_slice(input);
     }
-    F::gemm_nt(inputs.len(), width, row_len, &lhs, tile, &mut out);
-    out
+    F::gemm_nt(inputs.len(), width, row_len, &lhs, tile, out);
 }
 
-/// Weight elements per parallel work item (256 KiB of `f32`): large enough that rayon's per-task
-/// cost is noise, small enough that one OLMoE expert (6 M elements) spreads over many cores.
+/// Fewest weight elements per parallel work item of dot passes (256 KiB of `f32`): below this,
+/// rayon's per-task cost is no longer noise.
 pub const BLOCK_WEIGHTS: usize = 1 << 16;
+
+/// Most weight elements per parallel work item of dot passes (1 MiB of q8, 2 MiB of `bf16`).
+///
+/// Each work item costs a fixed amount besides its reads (rayon's split and steal, the call and
+/// its set-up, the hardware prefetcher taking up a new stream), so items should be as large as
+/// the balance between threads allows: on one core of the Zen 4 VM of docs/BENCHMARKS.md,
+/// 1 M-element items decode the q8 OLMoE shape 12 % faster than 64 K-element ones (session 20).
+pub const MAX_BLOCK_WEIGHTS: usize = 1 << 20;
+
+/// Work items per thread a product is split into (between [`BLOCK_WEIGHTS`] and
+/// [`MAX_BLOCK_WEIGHTS`] each): enough that the threads finish within a small item of each other.
+pub const BLOCKS_PER_THREAD: usize = 8;
+
+/// Weight elements per work item of dot passes for a product of `weights` elements in all:
+/// [`BLOCKS_PER_THREAD`] items per thread of rayon's pool, within [`BLOCK_WEIGHTS`] and
+/// [`MAX_BLOCK_WEIGHTS`].
+pub fn block_weights(weights: usize) -> usize {
+    (weights / (BLOCKS_PER_THREAD * rayon::current_num_threads()))
+        .clamp(BLOCK_WEIGHTS, MAX_BLOCK_WEIGHTS)
+}
 
 /// Weight elements per work item when the item is a GEMM (at least [`GEMM_MIN_TOKENS`] inputs):
 /// the GEMM packs its inputs once per block, so larger blocks pack them fewer times (2 MB of
@@ -842,7 +863,7 @@ pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
         2 * hidden,
         gate_up.gemm_min_tokens(hidden),
     );
-    let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block| {
+    let act_blocks = map_blocks(&gate_up_blocks, 2 * hidden, |block, act| {
         let inputs: Vec<&[F]> = token_of[block.pairs.clone()]
             .iter()
             .map(|&t| x_rows.row(t))
@@ -852,19 +873,29 @@ pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
             experts_at.gate(block.expert, &dims),
             experts_at.up(block.expert, &dims),
         );
-        let gate = block_product(
+        block_product(
             gate_m,
             gate_at,
             hidden,
             block.rows.clone(),
             &inputs,
             &quantized,
+            act,
         );
-        let up = block_product(up_m, up_at, hidden, block.rows.clone(), &inputs, &quantized);
-        gate.into_iter()
-            .zip(up)
-            .map(|(g, u)| g.silu() * u)
-            .collect::<Vec<F>>()
+        with_scratch(act.len(), |up| {
+            block_product(
+                up_m,
+                up_at,
+                hidden,
+                block.rows.clone(),
+                &inputs,
+                &quantized,
+                up,
+            );
+            for (a, &u) in act.iter_mut().zip(up.iter()) {
+                *a = a.silu() * u;
+            }
+        });
     });
     let act = assemble(&gate_up_blocks, &act_blocks, plan.kept(), intermediate);
     // One prepared row (or none) per row: each row prepared where it is.
@@ -880,18 +911,19 @@ pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
         intermediate,
         down.gemm_min_tokens(intermediate),
     );
-    let out_blocks = map_blocks(&down_blocks, intermediate, |block| {
+    let out_blocks = map_blocks(&down_blocks, intermediate, |block, rows_out| {
         let (down_m, base) = experts_at.down(block.expert, &dims);
         let inputs: Vec<&[F]> = block.pairs.clone().map(|p| act.row(p)).collect();
         let width = block.rows.len();
         let quantized = pick(&act_quantized, block.pairs.clone());
-        let mut rows_out = block_product(
+        block_product(
             down_m,
             base,
             intermediate,
             block.rows.clone(),
             &inputs,
             &quantized,
+            rows_out,
         );
         for (n, row) in rows_out.chunks_exact_mut(width.max(1)).enumerate() {
             let scale = weights[plan.pairs[block.pairs.start + n]];
@@ -899,7 +931,6 @@ pub fn masked_moe_experts<F: HostFloat, M: HostMatrix<F>>(
                 *y = scale * *y;
             }
         }
-        rows_out
     });
     // One row per kept pair (not per slot: a masked prefill keeps few of its T · K slots).
     let pair_rows = assemble(&down_blocks, &out_blocks, plan.kept(), hidden);
@@ -930,18 +961,67 @@ struct RowBlock {
     rows: core::ops::Range<usize>,
 }
 
-/// `f` over `blocks` (of `row_len`-element weight rows), on rayon's pool when there is enough
-/// work to pay for waking it ([`PARALLEL_MIN_WEIGHTS`]).
+/// The outputs of a list of [`RowBlock`]s, one after another in one buffer: block `b`'s
+/// `[pairs, rows]` at `values[offsets[b]..offsets[b + 1]]`.
+struct BlockOutputs<F> {
+    values: Vec<F>,
+    offsets: Vec<usize>,
+}
+
+impl<F> BlockOutputs<F> {
+    /// Block `b`'s output.
+    fn block(&self, b: usize) -> &[F] {
+        &self.values[self.offsets[b]..self.offsets[b + 1]]
+    }
+}
+
+/// `f(block, out)` over `blocks` (of `row_len`-element weight rows), each writing its
+/// `[pairs, rows]` output into `out` (zeros), on rayon's pool when there is enough work to pay
+/// for waking it ([`PARALLEL_MIN_WEIGHTS`]). One buffer for all blocks: a decode step makes
+/// thousands of blocks, and an allocation each (freed on another thread) cost more than
+/// the products of the small ones.
 fn map_blocks<F: HostFloat>(
     blocks: &[RowBlock],
     row_len: usize,
-    f: impl Fn(&RowBlock) -> Vec<F> + Sync + Send,
-) -> Vec<Vec<F>> {
+    f: impl Fn(&RowBlock, &mut [F]) + Sync + Send,
+) -> BlockOutputs<F> {
+    let mut offsets = Vec::with_capacity(blocks.len() + 1);
+    offsets.push(0);
+    for block in blocks {
+        offsets.push(offsets[offsets.len() - 1] + block.pairs.len() * block.rows.len());
+    }
+    let mut values = vec![F::ZERO; offsets[blocks.len()]];
+    let mut outs: Vec<&mut [F]> = Vec::with_capacity(blocks.len());
+    let mut rest = values.as_mut_slice();
+    for b in 0..blocks.len() {
+        let (out, tail) = rest.split_at_mut(offsets[b + 1] - offsets[b]);
+        outs.push(out);
+        rest = tail;
+    }
     let weights: usize = blocks.iter().map(|b| b.rows.len() * row_len).sum();
     if blocks.len() > 1 && weights >= PARALLEL_MIN_WEIGHTS {
-        blocks.par_iter().map(f).collect()
+        blocks
+            .par_iter()
+            .zip(outs)
+            .for_each(|(block, out)| f(block, out));
     } else {
-        blocks.iter().map(f).collect()
+        blocks
+            .iter()
+            .zip(outs)
+            .for_each(|(block, out)| f(block, out));
+    }
+    BlockOutputs { values, offsets }
+}
+
+/// Runs `f` on `len` zeros: on the stack when they are few (a decode block's), else on the
+/// heap.
+fn with_scratch<F: HostFloat>(len: usize, f: impl FnOnce(&mut [F])) {
+    const STACK: usize = 512;
+    if len <= STACK {
+        let mut stack = [F::ZERO; STACK];
+        f(&mut stack[..len]);
+    } else {
+        f(&mut vec![F::ZERO; len]);
     }
 }
 
@@ -949,7 +1029,7 @@ fn map_blocks<F: HostFloat>(
 /// pairs' rows and its output rows' columns (rows on cache lines: the next product reads them).
 fn assemble<F: HostFloat>(
     blocks: &[RowBlock],
-    outputs: &[Vec<F>],
+    outputs: &BlockOutputs<F>,
     pairs_total: usize,
     row_len: usize,
 ) -> AlignedRows<F> {
@@ -963,10 +1043,11 @@ fn assemble<F: HostFloat>(
 /// Hands each block's output rows to `write(pair, output columns, values)`.
 fn place<F: HostFloat>(
     blocks: &[RowBlock],
-    outputs: &[Vec<F>],
+    outputs: &BlockOutputs<F>,
     mut write: impl FnMut(usize, core::ops::Range<usize>, &[F]),
 ) {
-    for (block, values) in blocks.iter().zip(outputs) {
+    for (b, block) in blocks.iter().enumerate() {
+        let values = outputs.block(b);
         let width = block.rows.len();
         for (n, p) in block.pairs.clone().enumerate() {
             write(p, block.rows.clone(), &values[n * width..(n + 1) * width]);
@@ -974,13 +1055,16 @@ fn place<F: HostFloat>(
     }
 }
 
-/// Splits every expert that has kept pairs into row blocks (see [`blocks_of`]).
+/// Splits every expert that has kept pairs into row blocks (see [`blocks_of`]), dot-pass
+/// blocks sized for all kept experts' weights together ([`block_weights`]).
 fn row_blocks(
     plan: &DispatchPlan,
     rows_per_expert: usize,
     row_len: usize,
     gemm_min_tokens: usize,
 ) -> Vec<RowBlock> {
+    let weights = plan.groups().count() * rows_per_expert * row_len;
+    let block = block_weights(weights);
     plan.groups()
         .flat_map(|(expert, start, len)| {
             blocks_of(
@@ -988,28 +1072,29 @@ fn row_blocks(
                 start..start + len,
                 rows_per_expert,
                 row_len,
-                gemm_min_tokens,
+                (gemm_min_tokens, block),
             )
         })
         .collect()
 }
 
-/// `rows` output rows of `row_len` weight elements each, in blocks of about [`BLOCK_WEIGHTS`]
-/// elements (up to [`GEMM_BLOCK_WEIGHTS`] when the block will be a GEMM, from `gemm_min_tokens`
-/// pairs on, but at least four blocks where there are rows for them), every block for `pairs`.
+/// `rows` output rows of `row_len` weight elements each, every block for `pairs`: blocks of
+/// about `block_weights` elements for dot passes (fewer than `gemm_min_tokens` pairs), else
+/// up to [`GEMM_BLOCK_WEIGHTS`] (the block will be a GEMM), but at least four blocks where
+/// there are rows for them.
 fn blocks_of(
     expert: usize,
     pairs: core::ops::Range<usize>,
     rows: usize,
     row_len: usize,
-    gemm_min_tokens: usize,
+    (gemm_min_tokens, block_weights): (usize, usize),
 ) -> impl Iterator<Item = RowBlock> {
     let block_rows = if pairs.len() >= gemm_min_tokens {
         (GEMM_BLOCK_WEIGHTS / row_len.max(1))
             .min(rows.div_ceil(4))
             .max(BLOCK_WEIGHTS / row_len.max(1))
     } else {
-        BLOCK_WEIGHTS / row_len.max(1)
+        block_weights / row_len.max(1)
     }
     .clamp(1, rows.max(1));
     (0..rows).step_by(block_rows).map(move |first| RowBlock {
@@ -1088,9 +1173,15 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
         Vec::new()
     };
     let quantized = pick(&x_quantized, 0..tokens);
-    let blocks: Vec<RowBlock> =
-        blocks_of(0, 0..tokens, out_features, in_features, gemm_min_tokens).collect();
-    let block_outputs = map_blocks(&blocks, in_features, |block| {
+    let blocks: Vec<RowBlock> = blocks_of(
+        0,
+        0..tokens,
+        out_features,
+        in_features,
+        (gemm_min_tokens, block_weights(out_features * in_features)),
+    )
+    .collect();
+    let block_outputs = map_blocks(&blocks, in_features, |block, out| {
         block_product(
             weight,
             0,
@@ -1098,8 +1189,13 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
             block.rows.clone(),
             &inputs,
             &quantized,
+            out,
         )
     });
+    if tokens == 1 {
+        // One input: the blocks' outputs, in row order, are the output row.
+        return block_outputs.values;
+    }
     // The output goes to the caller's tensor, not to another kernel: row-major as it is.
     let mut out = vec![F::ZERO; tokens * out_features];
     place(&blocks, &block_outputs, |t, columns, values| {
@@ -2163,6 +2259,33 @@ mod tests {
             assert!((g as f64 - w).abs() <= 1e-4 + 1e-4 * w.abs());
         }
         assert!(want.iter().any(|w| w.abs() > 1e-2), "not a test on zeros");
+    }
+
+    #[test]
+    fn work_items_grow_with_the_product_within_their_bounds() {
+        let threads = rayon::current_num_threads();
+        assert_eq!(block_weights(1000), BLOCK_WEIGHTS);
+        assert_eq!(block_weights(1 << 40), MAX_BLOCK_WEIGHTS);
+        // In between: BLOCKS_PER_THREAD items per thread.
+        let weights = 2 * BLOCK_WEIGHTS * BLOCKS_PER_THREAD * threads;
+        assert_eq!(
+            block_weights(weights),
+            (2 * BLOCK_WEIGHTS).min(MAX_BLOCK_WEIGHTS)
+        );
+        // A dot-pass product splits into blocks of that size (the last one shorter).
+        let (rows, row_len) = (1000, 2048);
+        let blocks: Vec<_> = blocks_of(
+            0,
+            0..1,
+            rows,
+            row_len,
+            (GEMM_MIN_TOKENS, block_weights(rows * row_len)),
+        )
+        .collect();
+        let block_rows = block_weights(rows * row_len) / row_len;
+        assert_eq!(blocks.len(), rows.div_ceil(block_rows));
+        assert!(blocks.iter().all(|b| b.rows.len() <= block_rows));
+        assert_eq!(blocks.last().map(|b| b.rows.end), Some(rows));
     }
 
     #[test]
