@@ -17,6 +17,10 @@
 //!   tokens per row block otherwise. Flex therefore says
 //!   `q8_in_place() == true`, and the model loader hands it the int8 blocks.
 //!
+//! - attention over the key/value cache ([`attention`]): the host kernel for up to
+//!   [`ATTENTION_MAX_QUERIES`] queries, on the cache's buffer in place (what [`kv_append`]
+//!   keeps), heads on rayon's pool; Flex's batched `matmul`s through the reference above.
+//!
 //! Anything else (activations in a 16-bit dtype, mixed activation dtypes) runs the reference,
 //! which widens 16-bit weights to the activations' dtype first.
 
@@ -29,8 +33,8 @@ use crate::host::{linear as host_linear, masked_moe_experts, masked_moe_planned,
 use crate::plan::{DispatchPlan, MoeDims};
 use crate::quant::Q8Matrix;
 use crate::reference::{
-    grouped_experts_primitive, grouped_experts_q8_primitive, kv_append_reference,
-    linear_out_in_q8_primitive, linear_out_in_reference,
+    attention_reference, grouped_experts_primitive, grouped_experts_q8_primitive,
+    kv_append_reference, linear_out_in_q8_primitive, linear_out_in_reference,
 };
 use crate::{
     float, primitive, ExpertParts, GroupedExpertsBackend, KvCacheBackend, LinearBackend,
@@ -109,6 +113,95 @@ impl KvCacheBackend for Flex {
             primitive(kv_append_reference::<Self>(float(cache), float(new)))
         })
     }
+
+    fn kv_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        attention(&q, &k, &v, &mask, scale).unwrap_or_else(|| {
+            primitive(attention_reference::<Self>(
+                float(q),
+                float(k),
+                float(v),
+                float(mask),
+                scale,
+            ))
+        })
+    }
+}
+
+/// Queries up to which [`attention`] runs the host kernel (decode, a few speculative tokens);
+/// above, the reference's batched `matmul`s (a prefill's many queries make it a GEMM).
+pub const ATTENTION_MAX_QUERIES: usize = 16;
+
+/// `Some(output)` when [`host::attention`](crate::host::attention) takes the call: every tensor
+/// `f32`, at most [`ATTENTION_MAX_QUERIES`] queries, a `[1, 1, T, S]` mask, and keys and
+/// values whose rows are contiguous (a [`kv_append`] buffer or any other such view: read in
+/// place). `None` sends the call to the reference.
+///
+/// # Shapes
+/// As [`KvCacheBackend::kv_attention`].
+pub fn attention(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    mask: &FlexTensor,
+    scale: f64,
+) -> Option<FlexTensor> {
+    if [q, k, v, mask].iter().any(|t| t.dtype() != DType::F32)
+        || [q, k, v, mask].iter().any(|t| t.shape().num_dims() != 4)
+    {
+        return None;
+    }
+    let [batch, heads, queries, dim] = q.shape().dims();
+    let [_, _, positions, _] = k.shape().dims();
+    let value_dim = v.shape().dims::<4>()[3];
+    if queries > ATTENTION_MAX_QUERIES || mask.shape().dims::<4>() != [1, 1, queries, positions] {
+        return None;
+    }
+    // Keys and values in place: rows of D contiguous, non-negative strides.
+    fn heads_of(t: &FlexTensor) -> Option<crate::host::Heads<'_>> {
+        let layout = t.layout();
+        let strides = layout.strides();
+        if strides[3] != 1 {
+            return None;
+        }
+        let stride = |i: usize| usize::try_from(strides[i]).ok();
+        let values = t.storage::<f32>().get(layout.start_offset()..)?;
+        crate::host::Heads::new(
+            values,
+            t.shape().dims(),
+            [stride(0)?, stride(1)?, stride(2)?],
+        )
+    }
+    let (keys, values) = (heads_of(k)?, heads_of(v)?);
+    let [kb, kv_heads, _, kd] = keys.dims();
+    let [vb, vh, vs, _] = values.dims();
+    if kb != batch
+        || kd != dim
+        || (vb, vh, vs) != (batch, kv_heads, positions)
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+    {
+        return None;
+    }
+    let q = q.to_contiguous();
+    let mask = mask.to_contiguous();
+    let out = crate::host::attention(
+        q.as_slice()?,
+        [batch, heads, queries, dim],
+        keys,
+        values,
+        mask.as_slice()?,
+        scale as f32,
+    );
+    Some(FlexTensor::from_data(TensorData::new(
+        out,
+        [batch, heads, queries, value_dim],
+    )))
 }
 
 /// Positions a key/value buffer made by [`kv_append`] has room for at least.
@@ -845,5 +938,167 @@ mod tests {
         let (half, _) = stored(&values(8, 1.0), vec![1, 2, 2, 2], DType::F16);
         assert_eq!(half.dtype(), DType::F16);
         assert!(kv_append(half.clone(), &half).is_err());
+    }
+
+    /// `softmax(q · kᵀ · scale + mask) · v` in `f64` from the same `f32` values, query head `h`
+    /// reading key/value head `h / (H / H_kv)`; `mask` `[T, S]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_f64(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &[f32],
+        [b, h, t, d]: [usize; 4],
+        (kv_heads, s, dv): (usize, usize, usize),
+        scale: f64,
+    ) -> Vec<f64> {
+        let mut out = vec![0.0; b * h * t * dv];
+        for bi in 0..b {
+            for hi in 0..h {
+                let kv = hi / (h / kv_heads);
+                for ti in 0..t {
+                    let query = &q[((bi * h + hi) * t + ti) * d..][..d];
+                    let scores: Vec<f64> = (0..s)
+                        .map(|j| {
+                            let key = &k[((bi * kv_heads + kv) * s + j) * d..][..d];
+                            let dot: f64 = query
+                                .iter()
+                                .zip(key)
+                                .map(|(&a, &b)| a as f64 * b as f64)
+                                .sum();
+                            dot * scale + mask[ti * s + j] as f64
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    let row = &mut out[((bi * h + hi) * t + ti) * dv..][..dv];
+                    for (j, w) in weights.iter().enumerate() {
+                        let value = &v[((bi * kv_heads + kv) * s + j) * dv..][..dv];
+                        for (o, &x) in row.iter_mut().zip(value) {
+                            *o += w / total * x as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn kv_attention_matches_an_f64_reference_on_the_cache_in_place_and_through_the_reference() {
+        use super::{kv_append, ATTENTION_MAX_QUERIES};
+        use crate::{kv_attention, reference::attention_reference};
+        let device = Default::default();
+        // Grouped-query (4 heads on 2), a value width other than the key's (as MLA's), two batch
+        // rows; decode (1 query), a few queries, and more than the host kernel takes.
+        for (queries, window) in [(1, None), (3, Some(20)), (ATTENTION_MAX_QUERIES + 1, None)] {
+            let [b, h, kv_heads, d, dv, past] = [2, 4, 2, 16, 8, 37];
+            let s = past + queries;
+            let tensor = |dims: [usize; 4], seed: f32| {
+                let len = dims.iter().product();
+                let values = values(len, seed);
+                let t =
+                    Tensor::<Flex, 4>::from_data(TensorData::new(values.clone(), dims), &device);
+                (t, values)
+            };
+            // The cache as decoding holds it: a view of a buffer with room for more positions.
+            let cached = |dim: usize, seed: f32| {
+                let (old, old_values) = tensor([b, kv_heads, past, dim], seed);
+                let (new, new_values) = tensor([b, kv_heads, queries, dim], seed + 0.5);
+                let view = kv_append(
+                    old.into_primitive().tensor(),
+                    &new.into_primitive().tensor(),
+                )
+                .expect("f32 tensors");
+                let mut all = Vec::new();
+                for row in 0..b * kv_heads {
+                    all.extend_from_slice(&old_values[row * past * dim..][..past * dim]);
+                    all.extend_from_slice(&new_values[row * queries * dim..][..queries * dim]);
+                }
+                (
+                    Tensor::<Flex, 4>::from_primitive(burn::tensor::TensorPrimitive::Float(view)),
+                    all,
+                )
+            };
+            let (k, k_values) = cached(d, 1.0);
+            let (v, v_values) = cached(dv, 2.0);
+            assert!(
+                !k.clone().into_primitive().tensor().is_contiguous(),
+                "a view of a buffer"
+            );
+            // Queries large enough that the softmax is far from uniform.
+            let q_values: Vec<f32> = values(b * h * queries * d, 3.0)
+                .iter()
+                .map(|x| 6.0 * x)
+                .collect();
+            let q = Tensor::<Flex, 4>::from_data(
+                TensorData::new(q_values.clone(), [b, h, queries, d]),
+                &device,
+            );
+            // Causal, and with a sliding window where given (some -inf before the first visible).
+            let mask_values: Vec<f32> = (0..queries)
+                .flat_map(|t| {
+                    (0..s).map(move |j| {
+                        let query = past + t;
+                        let visible = j <= query && window.is_none_or(|w| j + w > query);
+                        if visible {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::<Flex, 4>::from_data(
+                TensorData::new(mask_values.clone(), [1, 1, queries, s]),
+                &device,
+            );
+            let scale = 1.0 / (d as f64).sqrt();
+            let want = attention_f64(
+                &q_values,
+                &k_values,
+                &v_values,
+                &mask_values,
+                [b, h, queries, d],
+                (kv_heads, s, dv),
+                scale,
+            );
+            let largest = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+            assert!(largest > 0.02, "not a test on zeros: largest {largest}");
+            // The host kernel takes decode-sized calls (on the cache in place); more queries
+            // go to the reference.
+            let host = super::attention(
+                &q.clone().into_primitive().tensor(),
+                &k.clone().into_primitive().tensor(),
+                &v.clone().into_primitive().tensor(),
+                &mask.clone().into_primitive().tensor(),
+                scale,
+            );
+            assert_eq!(host.is_some(), queries <= ATTENTION_MAX_QUERIES);
+            let got = to_f64(
+                kv_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale)
+                    .into_primitive()
+                    .tensor(),
+            );
+            let reference = to_f64(
+                attention_reference(q, k, v, mask, scale)
+                    .into_primitive()
+                    .tensor(),
+            );
+            for (label, got) in [("kv_attention", &got), ("reference", &reference)] {
+                assert_eq!(got.len(), want.len());
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| (g - w).abs())
+                    .fold(0.0f64, f64::max);
+                // Within 1e-4 of the largest output (f32 sums in another order).
+                assert!(
+                    worst < 1e-4 * largest,
+                    "{label}, {queries} queries: off by {worst:e} (largest {largest})"
+                );
+            }
+        }
     }
 }

@@ -1204,6 +1204,132 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
     out
 }
 
+/// A `[B, H, S, D]` tensor's `f32` values where they are (a key/value cache's buffer): element
+/// `[b, h, s, d]` at `values[b · strides[0] + h · strides[1] + s · strides[2] + d]`, each row of
+/// `D` contiguous.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads<'a> {
+    values: &'a [f32],
+    dims: [usize; 4],
+    strides: [usize; 3],
+}
+
+impl<'a> Heads<'a> {
+    /// `None` unless every element the dims and strides address lies within `values`.
+    pub fn new(values: &'a [f32], dims: [usize; 4], strides: [usize; 3]) -> Option<Self> {
+        if dims.contains(&0) {
+            return Some(Self {
+                values,
+                dims,
+                strides,
+            });
+        }
+        let last = (0..3).try_fold(dims[3], |end, i| {
+            (dims[i] - 1).checked_mul(strides[i])?.checked_add(end)
+        })?;
+        (last <= values.len()).then_some(Self {
+            values,
+            dims,
+            strides,
+        })
+    }
+
+    /// `[B, H, S, D]`.
+    pub fn dims(&self) -> [usize; 4] {
+        self.dims
+    }
+
+    /// Row `[b, h, s, ..]`.
+    fn row(&self, b: usize, h: usize, s: usize) -> &'a [f32] {
+        let at = b * self.strides[0] + h * self.strides[1] + s * self.strides[2];
+        &self.values[at..at + self.dims[3]]
+    }
+}
+
+/// Grouped-query scaled dot-product attention of a few queries over cached keys and values (the
+/// decode step): `out[b, h, t] = Σ_s p_s · v[b, h / g, s]` with `p = softmax_s(q[b, h, t] ·
+/// k[b, h / g, s] · scale + mask[t, s])`, `g = H / H_kv`, reading the keys and values where they
+/// are. Heads run on rayon's pool when the keys and values read are at least
+/// [`PARALLEL_MIN_WEIGHTS`] elements. Same formula as
+/// [`attention_reference`](crate::reference::attention_reference); the sums are `f32` in
+/// another order.
+///
+/// # Shapes
+/// - `q`: `[B, H, T, D]` (row-major), `k`: `[B, H_kv, S, D]`, `v`: `[B, H_kv, S, D_v]`
+/// - `mask`: `[T, S]` (additive, the same for every batch row and head); output `[B, H, T, D_v]`
+///
+/// # Panics
+/// If the shapes do not line up (`H` a multiple of `H_kv`, the same `B` and `S`, `D` for `q` and
+/// `k`).
+pub fn attention(
+    q: &[f32],
+    [batch, heads, queries, dim]: [usize; 4],
+    k: Heads<'_>,
+    v: Heads<'_>,
+    mask: &[f32],
+    scale: f32,
+) -> Vec<f32> {
+    let [kb, kv_heads, positions, kd] = k.dims();
+    let [vb, vh, vs, value_dim] = v.dims();
+    assert!(
+        q.len() == batch * heads * queries * dim
+            && (kb, kd) == (batch, dim)
+            && (vb, vh, vs) == (batch, kv_heads, positions)
+            && kv_heads > 0
+            && heads.is_multiple_of(kv_heads)
+            && mask.len() == queries * positions,
+        "attention: q [B, H, T, D], k [B, H_kv, S, D], v [B, H_kv, S, D_v], mask [T, S]"
+    );
+    let group = heads / kv_heads;
+    let mut out = vec![0.0f32; batch * heads * queries * value_dim];
+    if out.is_empty() {
+        return out;
+    }
+    // One (batch row, head): its T output rows.
+    let head = |index: usize, out: &mut [f32]| {
+        let (b, h) = (index / heads, index % heads);
+        let kv = h / group;
+        let mut weights = vec![0.0f32; positions];
+        for (t, out_row) in out.chunks_exact_mut(value_dim).enumerate() {
+            let query = &q[((b * heads + h) * queries + t) * dim..][..dim];
+            let mut max = f32::NEG_INFINITY;
+            for (s, w) in weights.iter_mut().enumerate() {
+                *w = <f32 as HostFloat>::dots(k.row(b, kv, s), &[query])[0] * scale
+                    + mask[t * positions + s];
+                max = max.max(*w);
+            }
+            let mut total = 0.0f32;
+            for w in &mut weights {
+                *w = (*w - max).exp();
+                total += *w;
+            }
+            for (s, &w) in weights.iter().enumerate() {
+                if w != 0.0 {
+                    for (o, &x) in out_row.iter_mut().zip(v.row(b, kv, s)) {
+                        *o += w * x;
+                    }
+                }
+            }
+            let inverse = 1.0 / total;
+            for o in out_row.iter_mut() {
+                *o *= inverse;
+            }
+        }
+    };
+    let per_head = queries * value_dim;
+    let reads = batch * heads * queries * positions * (dim + value_dim);
+    if reads >= PARALLEL_MIN_WEIGHTS && batch * heads > 1 {
+        out.par_chunks_mut(per_head)
+            .enumerate()
+            .for_each(|(index, out)| head(index, out));
+    } else {
+        out.chunks_mut(per_head)
+            .enumerate()
+            .for_each(|(index, out)| head(index, out));
+    }
+    out
+}
+
 /// `[$zero; TOKENS_PER_PASS]` holding `$call` (a pass over the fixed-size array `$group` of the
 /// 1 to [`TOKENS_PER_PASS`] `$inputs`) in its first elements: the dispatch from a slice of inputs
 /// to a const-generic pass, shared by every kernel.

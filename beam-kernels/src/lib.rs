@@ -8,10 +8,11 @@
 //! |---|---|---|
 //! | grouped experts (q8 weights: `grouped_experts_q8`; per-expert tensors: `grouped_experts_parts`) | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
 //! | `[out, in]` linear | [`LinearBackend`] | `x · Wᵀ` for PyTorch-layout weights: router, attention projections, shared expert, LM head |
-//! | key/value cache append | [`KvCacheBackend`] | `cat([cache, new], 2)`, in place where the backend can (Flex) |
+//! | key/value cache append, attention | [`KvCacheBackend`] | `cat([cache, new], 2)`, in place where the backend can (Flex); `softmax(q · kᵀ · scale + mask) · v` over the cache (grouped-query) |
 //!
 //! [`MoeBackend`] is all three together (implemented for every backend that has them); the
-//! tensor-level wrappers [`grouped_experts`], [`linear_out_in`] and [`kv_append`] call them.
+//! tensor-level wrappers [`grouped_experts`], [`linear_out_in`], [`kv_append`] and [`kv_attention`]
+//! call them.
 //!
 //! | file | job |
 //! |---|---|
@@ -246,12 +247,12 @@ pub trait LinearBackend: Backend {
 }
 
 /// Backend extension for the key/value cache of incremental decoding: appending the new
-/// positions' keys (or values) to those cached.
+/// positions' keys (or values) to those cached, and attending over them.
 ///
-/// | backend | implementation |
-/// |---|---|
-/// | `Flex` (feature `flex`) | in place: the cache is a view of a buffer with room for more positions, the new ones are written after it (amortized: the buffer doubles when full), no copy of what is cached |
-/// | every other backend | the reference, `cat([cache, new], 2)` (a copy of the whole cache per step) |
+/// | backend | `kv_append` | `kv_attention` |
+/// |---|---|---|
+/// | `Flex` (feature `flex`) | in place: the cache is a view of a buffer with room for more positions, the new ones are written after it (amortized: the buffer doubles when full), no copy of what is cached | [`host::attention`] on the cache's buffer in place (`f32`, up to [`flex::ATTENTION_MAX_QUERIES`] queries: decode), heads on rayon's pool; the reference otherwise |
+/// | every other backend | the reference, `cat([cache, new], 2)` (a copy of the whole cache per step) | the reference |
 ///
 /// A custom backend opts in to the reference with an empty `impl KvCacheBackend for MyBackend {}`.
 pub trait KvCacheBackend: Backend {
@@ -267,6 +268,30 @@ pub trait KvCacheBackend: Backend {
             float(new),
         ))
     }
+
+    /// Grouped-query scaled dot-product attention, `softmax(q · kᵀ · scale + mask) · v`, query
+    /// head `h` reading key/value head `h / (H / H_kv)`. The default is
+    /// [`reference::attention_reference`].
+    ///
+    /// # Shapes
+    /// - `q`: `[B, H, T, D]`, `k`: `[B, H_kv, S, D]`, `v`: `[B, H_kv, S, D_v]`
+    /// - `mask`: additive, broadcast to `[B, H, T, S]` (e.g. `[1, 1, T, S]`)
+    /// - output `[B, H, T, D_v]`
+    fn kv_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        primitive(reference::attention_reference::<Self>(
+            float(q),
+            float(k),
+            float(v),
+            float(mask),
+            scale,
+        ))
+    }
 }
 
 /// Calls [`KvCacheBackend::kv_append`] on tensors. Shapes as documented there.
@@ -274,6 +299,23 @@ pub fn kv_append<B: KvCacheBackend>(cache: Tensor<B, 4>, new: Tensor<B, 4>) -> T
     float(B::kv_append(
         cache.into_primitive().tensor(),
         new.into_primitive().tensor(),
+    ))
+}
+
+/// Calls [`KvCacheBackend::kv_attention`] on tensors. Shapes as documented there.
+pub fn kv_attention<B: KvCacheBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    float(B::kv_attention(
+        primitive(q),
+        primitive(k),
+        primitive(v),
+        primitive(mask),
+        scale,
     ))
 }
 

@@ -210,6 +210,38 @@ pub fn kv_append_reference<B: Backend>(cache: Tensor<B, 4>, new: Tensor<B, 4>) -
     Tensor::cat(vec![cache, new], 2)
 }
 
+/// Reference for [`KvCacheBackend::kv_attention`](crate::KvCacheBackend::kv_attention): grouped-query
+/// scaled dot-product attention from tensor ops, `softmax(q · kᵀ · scale + mask) · v`, each key
+/// and value head repeated for the `H / H_kv` query heads that read it.
+///
+/// # Shapes
+/// - `q`: `[B, H, T, D]`, `k`: `[B, H_kv, S, D]`, `v`: `[B, H_kv, S, D_v]`
+/// - `mask`: additive, broadcast to `[B, H, T, S]` (e.g. `[1, 1, T, S]`)
+/// - output `[B, H, T, D_v]`
+pub fn attention_reference<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 4>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let [batch, heads, _, _] = q.dims();
+    let kv_heads = k.dims()[1];
+    let group = heads / kv_heads.max(1);
+    // Query head h reads key/value head h / group (no copy when every head has its own).
+    let repeat = |t: Tensor<B, 4>| {
+        if group == 1 {
+            return t;
+        }
+        let [_, _, positions, dim] = t.dims();
+        t.unsqueeze_dim::<5>(2)
+            .repeat_dim(2, group)
+            .reshape([batch, heads, positions, dim])
+    };
+    let scores = q.matmul(repeat(k).swap_dims(2, 3)) * scale;
+    burn::tensor::activation::softmax(scores + mask, 3).matmul(repeat(v))
+}
+
 /// Reference for [`LinearBackend::linear_out_in`](crate::LinearBackend::linear_out_in):
 /// `x.matmul(weight.transpose())`, a weight in another float dtype than `x` (16-bit weights with
 /// `f32` activations) widened to `x`'s first.

@@ -2,7 +2,6 @@
 //! (q/k/v bias, per-head or whole-projection q/k norm, `clip_qkv`, sliding window).
 
 use burn::module::Module;
-use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
@@ -112,27 +111,10 @@ impl<B: LinearBackend + KvCacheBackend> Attention<B> {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let keys = k.dims()[2];
-        let group = self.heads / self.kv_heads;
-        // GQA: query head h reads kv head h / group (no copy when every head has its own).
-        let repeat = |t: Tensor<B, 4>| {
-            if group == 1 {
-                return t;
-            }
-            t.unsqueeze_dim::<5>(2).repeat_dim(2, group).reshape([
-                batch,
-                self.heads,
-                keys,
-                self.head_dim,
-            ])
-        };
-        let scores = q.matmul(repeat(k).swap_dims(2, 3)) * self.scale;
-        let probs = softmax(scores + mask, 3);
-        let out = probs.matmul(repeat(v)).swap_dims(1, 2).reshape([
-            batch,
-            tokens,
-            self.heads * self.head_dim,
-        ]);
+        let out = beam_kernels::kv_attention(q, k, v, mask, self.scale);
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([batch, tokens, self.heads * self.head_dim]);
         self.o_proj.forward(out)
     }
 }
