@@ -33,7 +33,7 @@ use crate::host::{linear as host_linear, masked_moe_experts, masked_moe_planned,
 use crate::plan::{DispatchPlan, MoeDims};
 use crate::quant::Q8Matrix;
 use crate::reference::{
-    attention_reference, grouped_experts_primitive, grouped_experts_q8_primitive,
+    attention_primitive, grouped_experts_primitive, grouped_experts_q8_primitive,
     kv_append_reference, linear_out_in_q8_primitive, linear_out_in_reference,
 };
 use crate::{
@@ -121,15 +121,8 @@ impl KvCacheBackend for Flex {
         mask: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        attention(&q, &k, &v, &mask, scale).unwrap_or_else(|| {
-            primitive(attention_reference::<Self>(
-                float(q),
-                float(k),
-                float(v),
-                float(mask),
-                scale,
-            ))
-        })
+        attention(&q, &k, &v, &mask, scale)
+            .unwrap_or_else(|| attention_primitive::<Self>([q, k, v, mask], scale))
     }
 }
 

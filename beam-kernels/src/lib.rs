@@ -271,7 +271,7 @@ pub trait KvCacheBackend: Backend {
 
     /// Grouped-query scaled dot-product attention, `softmax(q · kᵀ · scale + mask) · v`, query
     /// head `h` reading key/value head `h / (H / H_kv)`. The default is
-    /// [`reference::attention_reference`].
+    /// [`reference::attention_reference`] ([`reference::attention_primitive`]).
     ///
     /// # Shapes
     /// - `q`: `[B, H, T, D]`, `k`: `[B, H_kv, S, D]`, `v`: `[B, H_kv, S, D_v]`
@@ -284,13 +284,7 @@ pub trait KvCacheBackend: Backend {
         mask: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        primitive(reference::attention_reference::<Self>(
-            float(q),
-            float(k),
-            float(v),
-            float(mask),
-            scale,
-        ))
+        reference::attention_primitive::<Self>([q, k, v, mask], scale)
     }
 }
 

@@ -242,6 +242,21 @@ pub fn attention_reference<B: Backend>(
     burn::tensor::activation::softmax(scores + mask, 3).matmul(repeat(v))
 }
 
+/// [`attention_reference`] on primitives: the trait's default and the fallback of backends whose
+/// fast path declines a call.
+pub fn attention_primitive<B: Backend>(
+    [q, k, v, mask]: [FloatTensor<B>; 4],
+    scale: f64,
+) -> FloatTensor<B> {
+    primitive(attention_reference::<B>(
+        float(q),
+        float(k),
+        float(v),
+        float(mask),
+        scale,
+    ))
+}
+
 /// Reference for [`LinearBackend::linear_out_in`](crate::LinearBackend::linear_out_in):
 /// `x.matmul(weight.transpose())`, a weight in another float dtype than `x` (16-bit weights with
 /// `f32` activations) widened to `x`'s first.
