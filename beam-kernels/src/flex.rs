@@ -149,12 +149,6 @@ pub fn attention(
     {
         return None;
     }
-    let [batch, heads, queries, dim] = q.shape().dims();
-    let [_, _, positions, _] = k.shape().dims();
-    let value_dim = v.shape().dims::<4>()[3];
-    if queries > ATTENTION_MAX_QUERIES || mask.shape().dims::<4>() != [1, 1, queries, positions] {
-        return None;
-    }
     // Keys and values in place: rows of D contiguous, non-negative strides.
     fn heads_of(t: &FlexTensor) -> Option<crate::host::Heads<'_>> {
         let layout = t.layout();
@@ -170,10 +164,13 @@ pub fn attention(
             [stride(0)?, stride(1)?, stride(2)?],
         )
     }
+    let [batch, heads, queries, dim] = q.shape().dims();
     let (keys, values) = (heads_of(k)?, heads_of(v)?);
-    let [kb, kv_heads, _, kd] = keys.dims();
-    let [vb, vh, vs, _] = values.dims();
-    if kb != batch
+    let [kb, kv_heads, positions, kd] = keys.dims();
+    let [vb, vh, vs, value_dim] = values.dims();
+    if queries > ATTENTION_MAX_QUERIES
+        || mask.shape().dims::<4>() != [1, 1, queries, positions]
+        || kb != batch
         || kd != dim
         || (vb, vh, vs) != (batch, kv_heads, positions)
         || kv_heads == 0

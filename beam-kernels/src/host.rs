@@ -1072,7 +1072,8 @@ fn row_blocks(
                 start..start + len,
                 rows_per_expert,
                 row_len,
-                (gemm_min_tokens, block),
+                gemm_min_tokens,
+                block,
             )
         })
         .collect()
@@ -1087,7 +1088,8 @@ fn blocks_of(
     pairs: core::ops::Range<usize>,
     rows: usize,
     row_len: usize,
-    (gemm_min_tokens, block_weights): (usize, usize),
+    gemm_min_tokens: usize,
+    block_weights: usize,
 ) -> impl Iterator<Item = RowBlock> {
     let block_rows = if pairs.len() >= gemm_min_tokens {
         (GEMM_BLOCK_WEIGHTS / row_len.max(1))
@@ -1178,7 +1180,8 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
         0..tokens,
         out_features,
         in_features,
-        (gemm_min_tokens, block_weights(out_features * in_features)),
+        gemm_min_tokens,
+        block_weights(out_features * in_features),
     )
     .collect();
     let block_outputs = map_blocks(&blocks, in_features, |block, out| {
@@ -2405,7 +2408,8 @@ mod tests {
             0..1,
             rows,
             row_len,
-            (GEMM_MIN_TOKENS, block_weights(rows * row_len)),
+            GEMM_MIN_TOKENS,
+            block_weights(rows * row_len),
         )
         .collect();
         let block_rows = block_weights(rows * row_len) / row_len;
