@@ -14,7 +14,7 @@ use beam_model::{BeamMaskConfig, MaskRule};
 use beam_train::checkpoint;
 use beam_train::eval::{evaluate, interpolate_accuracy, EvalOptions};
 use beam_train::trainer::select_trainable;
-use beam_train::{train, TaskLoss, TokenData, TrainConfig, TrainError, Trainable};
+use beam_train::{train, SparsityScope, TaskLoss, TokenData, TrainConfig, TrainError, Trainable};
 use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{Int, Tensor, TensorData};
 use common::repo_root;
@@ -345,7 +345,11 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
     let path = out.join("train_config.json");
     let mut written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    for key in ["sparsity_warmup_steps", "mask_learning_rate"] {
+    for key in [
+        "sparsity_warmup_steps",
+        "mask_learning_rate",
+        "sparsity_scope",
+    ] {
         assert!(
             written.as_object_mut().unwrap().remove(key).is_some(),
             "{key}"
@@ -355,7 +359,11 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
     assert_eq!(beam_train::read_train_config(&out).unwrap(), config);
     // …and its checkpoint resumes under the same settings.
     let mut state = checkpoint::load_latest(&out).unwrap().unwrap().state;
-    for key in ["sparsity_warmup_steps", "mask_learning_rate"] {
+    for key in [
+        "sparsity_warmup_steps",
+        "mask_learning_rate",
+        "sparsity_scope",
+    ] {
         state.config.as_object_mut().unwrap().remove(key);
     }
     let fingerprint = checkpoint::RunFingerprint::new(&tiny_model(), &data.tokens).unwrap();
@@ -460,6 +468,32 @@ fn end_to_end_training_can_start_from_a_trained_adapter() {
     let got = with_target.history[0].sparsity;
     assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     std::fs::remove_dir_all(targeted).ok();
+    // Steering the whole model instead: the term is (mean_l a_l − 0.25)², not the mean of the
+    // layers' squares (they differ: the layers' fractions differ).
+    let spread = per_layer
+        .iter()
+        .map(|a| (a - plain).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        spread > 1e-3,
+        "the layers keep different fractions: {per_layer:?}"
+    );
+    let model_scope = temp_dir("stage2-model-scope");
+    let with_model_target = train_tiny(
+        &config
+            .clone()
+            .with_sparsity_scope(SparsityScope::Model)
+            .with_beam(BeamMaskConfig::new().with_sparsity(
+                beam_model::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
+            )),
+        &model_scope,
+    )
+    .unwrap();
+    let got = with_model_target.history[0].sparsity;
+    let want_model = (plain - 0.25).powi(2);
+    assert!((got - want_model).abs() < 1e-6, "{got} vs {want_model}");
+    assert!((want_model - want).abs() > 1e-6);
+    std::fs::remove_dir_all(model_scope).ok();
     // With a warmup of 4 steps the first step's target is 1 − 0.75 · 1/4 = 0.8125.
     let ramped = temp_dir("stage2-ramp");
     let with_ramp = train_tiny(

@@ -10,7 +10,7 @@ use crate::config::{check_threshold, BeamMaskConfig, BeamMoeConfig, ConfigError}
 use crate::experts::{Experts, SharedExpert};
 use crate::flops::{moe_layer_flops, FlopsReport};
 use crate::init::Init;
-use crate::loss::{load_balance_loss, sparsity_loss};
+use crate::loss::{active_fraction, load_balance_loss, sparsity_penalty};
 use crate::mask::{drop_masked_slots, masked_weights, MaskRouter};
 use crate::peers::MaskRule;
 use crate::router::Router;
@@ -97,7 +97,12 @@ pub struct RoutingFacts<B: Backend> {
     pub weights: Tensor<B, 3>,
     /// Router logits `[batch, seq, E]`.
     pub router_logits: Tensor<B, 3>,
-    /// The auxiliary sparsity term `[1]` (mean active fraction for non-learned masks, no grad).
+    /// The mean active fraction `[1]` the sparsity term penalises (mask probability or
+    /// straight-through mask, per [`SparsityLossConfig::penalty`](crate::SparsityLossConfig);
+    /// the mean of the binary mask, without gradient, for non-learned masks).
+    pub active_fraction: Tensor<B, 1>,
+    /// The auxiliary sparsity term `[1]`: [`active_fraction`](Self::active_fraction) itself, or
+    /// its squared distance to the layer's target active fraction.
     pub sparsity_loss: Tensor<B, 1>,
 }
 
@@ -355,9 +360,16 @@ impl<B: MoeBackend> BeamMoe<B> {
         // 4. combine with the shared expert
         let output = combine(routed, self.shared_expert.as_ref(), x);
 
-        let sparsity = match (&probs, beam) {
-            (Some(p), Some(beam)) => sparsity_loss(p.clone(), ste, &beam.sparsity),
-            _ => hard.clone().mean(),
+        let (active, sparsity) = match (&probs, beam) {
+            (Some(p), Some(beam)) => {
+                let active = active_fraction(p.clone(), ste, beam.sparsity.penalty);
+                let loss = sparsity_penalty(active.clone(), beam.sparsity.target_active_fraction);
+                (active, loss)
+            }
+            _ => {
+                let active = hard.clone().mean();
+                (active.clone(), active)
+            }
         };
         let slots = |t: Tensor<B, 2>| t.reshape([batch, seq, top_k]);
         BeamMoeOutput {
@@ -369,6 +381,7 @@ impl<B: MoeBackend> BeamMoe<B> {
                 mask_probs: probs.map(slots),
                 weights: slots(weights),
                 router_logits: routing.logits.reshape([batch, seq, num_experts]),
+                active_fraction: active,
                 sparsity_loss: sparsity,
             },
         }

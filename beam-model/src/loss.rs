@@ -6,6 +6,34 @@ use burn::tensor::{Int, Tensor};
 
 use crate::config::{SparsityLossConfig, SparsityPenalty};
 
+/// The mean active fraction the sparsity term penalises: the mean over tokens and slots of the
+/// mask probability or of the straight-through mask, per `penalty`.
+///
+/// # Shapes
+/// - `probs`, `ste_mask`: `[T, K]`; output `[1]`
+pub fn active_fraction<B: Backend>(
+    probs: Tensor<B, 2>,
+    ste_mask: Tensor<B, 2>,
+    penalty: SparsityPenalty,
+) -> Tensor<B, 1> {
+    match penalty {
+        SparsityPenalty::Probability => probs.mean(),
+        SparsityPenalty::SteMask => ste_mask.mean(),
+    }
+}
+
+/// `L_sparse` from an [`active_fraction`] `a`: `a` itself, or `(a − target)²` when a target
+/// active fraction is set.
+///
+/// # Shapes
+/// - `active`: `[1]`; output `[1]`
+pub fn sparsity_penalty<B: Backend>(active: Tensor<B, 1>, target: Option<f64>) -> Tensor<B, 1> {
+    match target {
+        Some(target) => (active - target).powi_scalar(2),
+        None => active,
+    }
+}
+
 /// `L_sparse`: the mean over tokens and slots of the mask probability (or of the straight-through
 /// mask), or `(mean − target)²` when a target active fraction is set.
 ///
@@ -16,14 +44,10 @@ pub fn sparsity_loss<B: Backend>(
     ste_mask: Tensor<B, 2>,
     config: &SparsityLossConfig,
 ) -> Tensor<B, 1> {
-    let active = match config.penalty {
-        SparsityPenalty::Probability => probs.mean(),
-        SparsityPenalty::SteMask => ste_mask.mean(),
-    };
-    match config.target_active_fraction {
-        Some(target) => (active - target).powi_scalar(2),
-        None => active,
-    }
+    sparsity_penalty(
+        active_fraction(probs, ste_mask, config.penalty),
+        config.target_active_fraction,
+    )
 }
 
 /// Switch-Transformer load-balance loss as transformers' `load_balancing_loss_func` computes it

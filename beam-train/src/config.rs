@@ -29,6 +29,18 @@ pub enum Trainable {
     All,
 }
 
+/// What a target active fraction steers (`BeamMaskConfig::sparsity.target_active_fraction`).
+#[derive(Config, Debug, PartialEq, Copy)]
+pub enum SparsityScope {
+    /// Every MoE layer's own active fraction: the sparsity term is the mean over layers of
+    /// `(a_l − target)²`, so each layer ends near the target (default).
+    Layer,
+    /// The whole model's: the term is `(mean_l a_l − target)²`, so the model spends the same
+    /// expert budget as with [`Layer`](Self::Layer) but chooses which layers get more of it.
+    /// Every layer's experts cost the same, so the FLOPs budget is the same.
+    Model,
+}
+
 /// Settings of a BEAM training run.
 #[derive(Config, Debug, PartialEq)]
 pub struct TrainConfig {
@@ -63,6 +75,9 @@ pub struct TrainConfig {
     /// the model spends much of its budget recovering; a ramp lets both adapt together.
     #[config(default = 0)]
     pub sparsity_warmup_steps: usize,
+    /// What the target active fraction (if any) steers: each layer, or the model as a whole.
+    #[config(default = "SparsityScope::Layer")]
+    pub sparsity_scope: SparsityScope,
     /// Task loss.
     #[config(default = "TaskLoss::Distill")]
     pub task_loss: TaskLoss,

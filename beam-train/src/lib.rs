@@ -32,7 +32,7 @@ pub mod plot;
 pub mod token_map;
 pub mod trainer;
 
-pub use config::{TaskLoss, TrainConfig, Trainable};
+pub use config::{SparsityScope, TaskLoss, TrainConfig, Trainable};
 pub use data::{Batch, TokenData};
 pub use error::TrainError;
 pub use eval::{evaluate, EvalOptions, EvalReport};

@@ -5,9 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use beam_model::loss::sparsity_penalty;
 use beam_model::model::load::load_model;
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
-use beam_model::{MaskRule, MoeBackend, SparsityLossConfig};
+use beam_model::{MaskRule, MoeBackend, RoutingFacts, SparsityLossConfig};
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
@@ -16,7 +17,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor};
 
 use crate::checkpoint::{self, CheckpointFiles, CheckpointState, RunFingerprint};
-use crate::config::{TaskLoss, TrainConfig, Trainable};
+use crate::config::{SparsityScope, TaskLoss, TrainConfig, Trainable};
 use crate::data::TokenData;
 use crate::error::{io_error, TrainError};
 use crate::eval::{model_flops_reduction, token_losses};
@@ -284,13 +285,19 @@ where
         };
         let layers = out.routing.len().max(1) as f64;
         // A fixed-K run has no mask to make sparser (its sparsity term is a constant).
-        let sparsity = out
-            .routing
-            .iter()
-            .filter(|_| config.fixed_k.is_none())
-            .map(|f| f.sparsity_loss.clone())
-            .reduce(|a, b| a + b)
-            .map(|s| s.div_scalar(layers));
+        let mean_over_layers = |term: fn(&RoutingFacts<B>) -> Tensor<B, 1>| {
+            out.routing
+                .iter()
+                .filter(|_| config.fixed_k.is_none())
+                .map(term)
+                .reduce(|a, b| a + b)
+                .map(|s| s.div_scalar(layers))
+        };
+        let sparsity = match (config.sparsity_scope, sparsity_now.target_active_fraction) {
+            (SparsityScope::Model, Some(target)) => mean_over_layers(|f| f.active_fraction.clone())
+                .map(|active| sparsity_penalty(active, Some(target))),
+            _ => mean_over_layers(|f| f.sparsity_loss.clone()),
+        };
         let mut loss = task.clone();
         if let Some(s) = &sparsity {
             loss = loss + s.clone().mul_scalar(lambda);

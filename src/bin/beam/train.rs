@@ -10,7 +10,9 @@ use beam_model::model::{MaskMode, MoeLm};
 use beam_model::{BeamMaskConfig, MaskRouterShape, MaskRule, MoeBackend, SparsityLossConfig};
 use beam_train::choice::{choice_items, evaluate_choice, ChoiceOptions};
 use beam_train::eval::{interpolate_accuracy, EvalOptions, EvalReport};
-use beam_train::{evaluate, plot, StepMetrics, TaskLoss, TokenData, TrainConfig, Trainable};
+use beam_train::{
+    evaluate, plot, SparsityScope, StepMetrics, TaskLoss, TokenData, TrainConfig, Trainable,
+};
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Args, ValueEnum};
 
@@ -34,6 +36,14 @@ pub enum TrainableChoice {
     Routers,
     /// Every parameter.
     All,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ScopeChoice {
+    /// Each MoE layer's own kept fraction goes to the target.
+    Layer,
+    /// The whole model's kept fraction goes to the target; the layers share it as training finds best.
+    Model,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -94,6 +104,10 @@ pub struct TrainArgs {
     /// mask from collapsing before the model adapts).
     #[arg(long, value_name = "N", default_value_t = 0)]
     sparsity_warmup: usize,
+    /// What `--target-active-fraction` steers: each MoE layer's kept fraction, or the whole
+    /// model's (the same expert budget, shared among the layers as training finds best).
+    #[arg(long, value_enum, default_value = "layer")]
+    sparsity_scope: ScopeChoice,
     /// Task loss.
     #[arg(long, value_enum, default_value = "distill")]
     loss: LossChoice,
@@ -159,6 +173,10 @@ impl TrainArgs {
             .with_mask_learning_rate(self.mask_lr)
             .with_lambda(self.lambda)
             .with_sparsity_warmup_steps(self.sparsity_warmup)
+            .with_sparsity_scope(match self.sparsity_scope {
+                ScopeChoice::Layer => SparsityScope::Layer,
+                ScopeChoice::Model => SparsityScope::Model,
+            })
             .with_task_loss(match self.loss {
                 LossChoice::Distill => TaskLoss::Distill,
                 LossChoice::CrossEntropy => TaskLoss::CrossEntropy,
