@@ -320,7 +320,9 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
         .with_fixed_k(Some(1))
         .with_trainable(Trainable::All)
         .with_learning_rate(0.01)
-        .with_task_loss(TaskLoss::CrossEntropy);
+        .with_task_loss(TaskLoss::CrossEntropy)
+        // Not today's default: what a run written before the setting existed ran with (below).
+        .with_sparsity_scope(SparsityScope::Layer);
     let summary = train::<AB>(
         &tiny_model(),
         &data,
@@ -341,7 +343,8 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
         .all(|m| m.mean_active_experts == 1.0 && m.sparsity == 0.0));
     let read = beam_train::read_train_config(&out).unwrap();
     assert_eq!(read, config);
-    // A run written before a setting existed lacks its key and reads as its default.
+    // A run written before a setting existed lacks its key and reads as what it ran with: the
+    // default, or for the sparsity scope (whose default changed) the per-layer behaviour.
     let path = out.join("train_config.json");
     let mut written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -370,6 +373,9 @@ fn a_fixed_k_run_trains_the_base_model_at_k_prime_and_improves_on_it_untrained()
     checkpoint::check_config(&out, &state, &config, &fingerprint).unwrap();
     let other = config.clone().with_sparsity_warmup_steps(10);
     assert!(checkpoint::check_config(&out, &state, &other, &fingerprint).is_err());
+    let today = config.clone().with_sparsity_scope(SparsityScope::Model);
+    assert_eq!(TrainConfig::new().sparsity_scope, SparsityScope::Model);
+    assert!(checkpoint::check_config(&out, &state, &today, &fingerprint).is_err());
     let mode = beam_train::trained_mask_mode(&read);
     assert_eq!(mode, MaskMode::Rule(MaskRule::FixedK { k: 1 }));
     let trained =
@@ -448,6 +454,7 @@ fn end_to_end_training_can_start_from_a_trained_adapter() {
         &data,
         &config
             .clone()
+            .with_sparsity_scope(SparsityScope::Layer)
             .with_beam(BeamMaskConfig::new().with_sparsity(
                 beam_model::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
             )),
@@ -494,7 +501,8 @@ fn end_to_end_training_can_start_from_a_trained_adapter() {
     assert!((got - want_model).abs() < 1e-6, "{got} vs {want_model}");
     assert!((want_model - want).abs() > 1e-6);
     std::fs::remove_dir_all(model_scope).ok();
-    // With a warmup of 4 steps the first step's target is 1 − 0.75 · 1/4 = 0.8125.
+    // With a warmup of 4 steps the first step's target is 1 − 0.75 · 1/4 = 0.8125 (the default
+    // scope: the whole model's fraction).
     let ramped = temp_dir("stage2-ramp");
     let with_ramp = train_tiny(
         &config
@@ -507,7 +515,7 @@ fn end_to_end_training_can_start_from_a_trained_adapter() {
         &ramped,
     )
     .unwrap();
-    let want = per_layer.iter().map(|a| (a - 0.8125).powi(2)).sum::<f64>() / per_layer.len() as f64;
+    let want = (plain - 0.8125).powi(2);
     let got = with_ramp.history[0].sparsity;
     assert!((got - want).abs() < 1e-6, "{got} vs {want}");
     std::fs::remove_dir_all(ramped).ok();

@@ -40,10 +40,10 @@ pub enum TrainableChoice {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum ScopeChoice {
-    /// Each MoE layer's own kept fraction goes to the target.
-    Layer,
     /// The whole model's kept fraction goes to the target; the layers share it as training finds best.
     Model,
+    /// Each MoE layer's own kept fraction goes to the target.
+    Layer,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,9 +104,9 @@ pub struct TrainArgs {
     /// mask from collapsing before the model adapts).
     #[arg(long, value_name = "N", default_value_t = 0)]
     sparsity_warmup: usize,
-    /// What `--target-active-fraction` steers: each MoE layer's kept fraction, or the whole
-    /// model's (the same expert budget, shared among the layers as training finds best).
-    #[arg(long, value_enum, default_value = "layer")]
+    /// What `--target-active-fraction` steers: the whole model's kept fraction (the expert
+    /// budget shared among the layers as training finds best), or each MoE layer's.
+    #[arg(long, value_enum, default_value = "model")]
     sparsity_scope: ScopeChoice,
     /// Task loss.
     #[arg(long, value_enum, default_value = "distill")]
