@@ -99,3 +99,25 @@ done
   --trained "beam e2e warm lambda=30 target=0.06=runs/fine-warm-lambda30-target06" \
   --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-fine-warm-variants.json \
   | tee docs/eval/kjv-moe-fine-warm-variants.md
+
+# Session 21: what a target active fraction steers. `--sparsity-scope layer` (each layer's kept
+# fraction, the session-17 runs above) against `model` (the whole model's, now the default), the
+# same 700 steps; two variants that did not help (--renormalize, other base learning rates);
+# then three times the budget (2 100 steps) for BEAM at ≥ 85 % cut and for the fixed K' = 1.
+# Writes docs/eval/kjv-moe-fine-scope.{json,md} and kjv-moe-fine-long.{json,md}. ~75 min on 2 cores.
+W="--lambda 300 --mask-shape per-slot --train all --mask-lr 0.02 --log-every 100 --sparsity-warmup 200"
+"$B" train --model $M --data $D --out runs/fine-layer-target09 --steps 700 --lr 5e-4 $W --sparsity-scope layer --target-active-fraction 0.09
+"$B" train --model $M --data $D --out runs/fine-layer-renorm-target09 --steps 700 --lr 5e-4 $W --sparsity-scope layer --target-active-fraction 0.09 --renormalize
+"$B" train --model $M --data $D --out runs/fine-layer-lr1e3-target09 --steps 700 --lr 1e-3 $W --sparsity-scope layer --target-active-fraction 0.09
+for T in 0.09 0.06; do
+  "$B" train --model $M --data $D --out runs/fine-model-target${T#0.} --steps 700 --lr 5e-4 $W --target-active-fraction $T
+done
+"$B" train --model $M --data $D --out runs/fine-model-lr25-target06 --steps 700 --lr 2.5e-4 $W --target-active-fraction 0.06
+"$B" eval --model $M --data assets/corpus/kjv-valid.txt.gz \
+  --trained "beam e2e layer target=0.09=runs/fine-layer-target09" \
+  --trained "beam e2e layer renorm target=0.09=runs/fine-layer-renorm-target09" \
+  --trained "beam e2e layer lr=1e-3 target=0.09=runs/fine-layer-lr1e3-target09" \
+  --trained "beam e2e model target=0.09=runs/fine-model-target09" \
+  --trained "beam e2e model target=0.06=runs/fine-model-target06" \
+  --trained "beam e2e model lr=2.5e-4 target=0.06=runs/fine-model-lr25-target06" \
+  --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-fine-scope.json | tee docs/eval/kjv-moe-fine-scope.md

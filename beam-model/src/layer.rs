@@ -560,6 +560,8 @@ mod tests {
         let layer = target.init::<B>(&Default::default());
         let out = layer.forward(input());
         let p = 1.0 / (1.0 + (-2.0f32).exp());
+        // The fraction itself stays available (a trainer may steer the model's mean of it).
+        assert!((out.facts.active_fraction.into_scalar() - p).abs() < 1e-6);
         assert!((out.facts.sparsity_loss.into_scalar() - (p - 0.25).powi(2)).abs() < 1e-6);
     }
 }
