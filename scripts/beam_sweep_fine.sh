@@ -121,3 +121,26 @@ done
   --trained "beam e2e model target=0.06=runs/fine-model-target06" \
   --trained "beam e2e model lr=2.5e-4 target=0.06=runs/fine-model-lr25-target06" \
   --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-fine-scope.json | tee docs/eval/kjv-moe-fine-scope.md
+"$B" train --model $M --data $D --out runs/fine-model-target055 --steps 700 --lr 5e-4 $W --target-active-fraction 0.055
+"$B" train --model $M --data $D --out runs/fine-model-both-target06 --steps 700 --lr 5e-4 $W --loss both --target-active-fraction 0.06
+"$B" eval --model $M --data assets/corpus/kjv-valid.txt.gz \
+  --trained "beam e2e model target=0.055=runs/fine-model-target055" \
+  --trained "beam e2e model loss=both target=0.06=runs/fine-model-both-target06" \
+  --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-fine-scope2.json | tee docs/eval/kjv-moe-fine-scope2.md
+# Three times the token budget (2 100 steps × 8 × 128 tokens = 2.15 M) for BEAM and for the fixed K'.
+for T in 0.09 0.055; do
+  "$B" train --model $M --data $D --out runs/fine-model-target${T#0.}-2100 --steps 2100 --lr 5e-4 $W --target-active-fraction $T
+done
+for K in 2 1; do
+  "$B" train --model $M --data $D --out runs/fine-fixed$K-2100 --steps 2100 --lr 5e-4 --fixed-k $K --train all --log-every 100
+done
+"$B" eval --model $M --data assets/corpus/kjv-valid.txt.gz --peers \
+  --trained "beam e2e 2100 target=0.09=runs/fine-model-target09-2100" \
+  --trained "beam e2e 2100 target=0.055=runs/fine-model-target055-2100" \
+  --trained "fixed-k 2 trained 2100=runs/fine-fixed2-2100" \
+  --trained "fixed-k 1 trained 2100=runs/fine-fixed1-2100" \
+  --token-map-of "beam e2e 2100 target=0.055" \
+  --max-tokens 16384 --choice-items 2000 \
+  --json docs/eval/kjv-moe-fine-long.json --plot docs/eval/fine_long_quality_vs_flops.png \
+  --choice-plot docs/eval/fine_long_choice_vs_flops.png \
+  --token-map docs/eval/fine_long_token_map.html | tee docs/eval/kjv-moe-fine-long.md
