@@ -144,3 +144,8 @@ done
   --json docs/eval/kjv-moe-fine-long.json --plot docs/eval/fine_long_quality_vs_flops.png \
   --choice-plot docs/eval/fine_long_choice_vs_flops.png \
   --token-map docs/eval/fine_long_token_map.html | tee docs/eval/kjv-moe-fine-long.md
+# A BEAM point inside the retrained K' = 2…1 range (69–81 % cut) at the same 2 100 steps.
+"$B" train --model $M --data $D --out runs/fine-model-target15-2100 --steps 2100 --lr 5e-4 $W --target-active-fraction 0.15
+"$B" eval --model $M --data assets/corpus/kjv-valid.txt.gz \
+  --trained "beam e2e 2100 target=0.15=runs/fine-model-target15-2100" \
+  --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-fine-long2.json | tee docs/eval/kjv-moe-fine-long2.md
