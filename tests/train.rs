@@ -448,16 +448,16 @@ fn end_to_end_training_can_start_from_a_trained_adapter() {
     assert!((stage2.history[0].mean_active_experts - expected).abs() < 1e-12);
     // The run's sparsity settings apply to the loaded mask (adapters do not store them): with a
     // target active fraction of 0.25 the first step's term is (a − 0.25)² of the plain mean a.
+    let quarter = config
+        .clone()
+        .with_beam(BeamMaskConfig::new().with_sparsity(
+            beam_model::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
+        ));
     let targeted = temp_dir("stage2-target");
     let with_target = train::<AB>(
         &tiny_model(),
         &data,
-        &config
-            .clone()
-            .with_sparsity_scope(SparsityScope::Layer)
-            .with_beam(BeamMaskConfig::new().with_sparsity(
-                beam_model::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
-            )),
+        &quarter.clone().with_sparsity_scope(SparsityScope::Layer),
         &targeted,
         &Default::default(),
         &mut |_, _| {},
@@ -487,12 +487,7 @@ fn end_to_end_training_can_start_from_a_trained_adapter() {
     );
     let model_scope = temp_dir("stage2-model-scope");
     let with_model_target = train_tiny(
-        &config
-            .clone()
-            .with_sparsity_scope(SparsityScope::Model)
-            .with_beam(BeamMaskConfig::new().with_sparsity(
-                beam_model::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
-            )),
+        &quarter.clone().with_sparsity_scope(SparsityScope::Model),
         &model_scope,
     )
     .unwrap();
@@ -505,13 +500,7 @@ fn end_to_end_training_can_start_from_a_trained_adapter() {
     // scope: the whole model's fraction).
     let ramped = temp_dir("stage2-ramp");
     let with_ramp = train_tiny(
-        &config
-            .clone()
-            .with_steps(1)
-            .with_sparsity_warmup_steps(4)
-            .with_beam(BeamMaskConfig::new().with_sparsity(
-                beam_model::SparsityLossConfig::new().with_target_active_fraction(Some(0.25)),
-            )),
+        &quarter.clone().with_steps(1).with_sparsity_warmup_steps(4),
         &ramped,
     )
     .unwrap();
