@@ -981,9 +981,18 @@ mod tests {
         use crate::{kv_attention, reference::attention_reference};
         let device = Default::default();
         // Grouped-query (4 heads on 2), a value width other than the key's (as MLA's), two batch
-        // rows; decode (1 query), a few queries, and more than the host kernel takes.
-        for (queries, window) in [(1, None), (3, Some(20)), (ATTENTION_MAX_QUERIES + 1, None)] {
-            let [b, h, kv_heads, d, dv, past] = [2, 4, 2, 16, 8, 37];
+        // rows; decode (1 query), a few queries, and more than the host kernel takes. Widths of
+        // whole 16-lane registers take the AVX-512 rows where the CPU has them (values of 144:
+        // a block of 8 registers, then one), others the portable rows.
+        let cases = [
+            (1, None, 16, 8),
+            (1, None, 32, 144),
+            (3, Some(20), 48, 16),
+            (3, Some(20), 16, 8),
+            (ATTENTION_MAX_QUERIES + 1, None, 16, 8),
+        ];
+        for (queries, window, d, dv) in cases {
+            let [b, h, kv_heads, past] = [2, 4, 2, 37];
             let s = past + queries;
             let tensor = |dims: [usize; 4], seed: f32| {
                 let len = dims.iter().product();

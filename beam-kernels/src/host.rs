@@ -1252,8 +1252,10 @@ impl<'a> Heads<'a> {
 /// Grouped-query scaled dot-product attention of a few queries over cached keys and values (the
 /// decode step): `out[b, h, t] = Σ_s p_s · v[b, h / g, s]` with `p = softmax_s(q[b, h, t] ·
 /// k[b, h / g, s] · scale + mask[t, s])`, `g = H / H_kv`, reading the keys and values where they
-/// are. Heads run on rayon's pool when the keys and values read are at least
-/// [`PARALLEL_MIN_WEIGHTS`] elements. Same formula as
+/// are: on AVX-512 CPUs with key and value rows of whole 16-lane registers, four keys scored a
+/// step and the weighted values summed in registers (`avx512::attention_scores`,
+/// `avx512::weighted_values`); portable rows otherwise. Heads run on rayon's pool when the keys
+/// and values read are at least [`ATTENTION_PARALLEL_MIN`] elements. Same formula as
 /// [`attention_reference`](crate::reference::attention_reference); the sums are `f32` in
 /// another order.
 ///
@@ -1288,6 +1290,8 @@ pub fn attention(
     if out.is_empty() {
         return out;
     }
+    #[cfg(target_arch = "x86_64")]
+    let wide = avx512::available() && dim.is_multiple_of(16) && value_dim.is_multiple_of(16);
     // One (batch row, head): its T output rows.
     let head = |index: usize, out: &mut [f32]| {
         let (b, h) = (index / heads, index % heads);
@@ -1295,17 +1299,23 @@ pub fn attention(
         let mut weights = vec![0.0f32; positions];
         for (t, out_row) in out.chunks_exact_mut(value_dim).enumerate() {
             let query = &q[((b * heads + h) * queries + t) * dim..][..dim];
-            let mut max = f32::NEG_INFINITY;
+            let mask = &mask[t * positions..][..positions];
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the CPU has AVX-512 F; the query, every key row and every value row
+                // are whole registers of 16 (`dim`, `value_dim` multiples of 16).
+                unsafe {
+                    avx512::attention_scores(query, k, b, kv, scale, mask, &mut weights);
+                }
+                let inverse = softmax_in_place(&mut weights);
+                // SAFETY: as above; `out_row` is `value_dim` long.
+                unsafe { avx512::weighted_values(&weights, v, b, kv, inverse, out_row) };
+                continue;
+            }
             for (s, w) in weights.iter_mut().enumerate() {
-                *w = <f32 as HostFloat>::dots(k.row(b, kv, s), &[query])[0] * scale
-                    + mask[t * positions + s];
-                max = max.max(*w);
+                *w = <f32 as HostFloat>::dots(k.row(b, kv, s), &[query])[0] * scale + mask[s];
             }
-            let mut total = 0.0f32;
-            for w in &mut weights {
-                *w = (*w - max).exp();
-                total += *w;
-            }
+            let inverse = softmax_in_place(&mut weights);
             for (s, &w) in weights.iter().enumerate() {
                 if w != 0.0 {
                     for (o, &x) in out_row.iter_mut().zip(v.row(b, kv, s)) {
@@ -1313,7 +1323,6 @@ pub fn attention(
                     }
                 }
             }
-            let inverse = 1.0 / total;
             for o in out_row.iter_mut() {
                 *o *= inverse;
             }
@@ -1321,7 +1330,7 @@ pub fn attention(
     };
     let per_head = queries * value_dim;
     let reads = batch * heads * queries * positions * (dim + value_dim);
-    if reads >= PARALLEL_MIN_WEIGHTS && batch * heads > 1 {
+    if reads >= ATTENTION_PARALLEL_MIN && batch * heads > 1 {
         out.par_chunks_mut(per_head)
             .enumerate()
             .for_each(|(index, out)| head(index, out));
@@ -1331,6 +1340,24 @@ pub fn attention(
             .for_each(|(index, out)| head(index, out));
     }
     out
+}
+
+/// Key and value elements a call of [`attention`] must read before its heads go to rayon's
+/// pool. Lower than [`PARALLEL_MIN_WEIGHTS`]: a decode step's attention is one call per layer
+/// between two products that already woke the pool, so at a few hundred positions (16 heads of
+/// 128) its heads are worth splitting.
+pub const ATTENTION_PARALLEL_MIN: usize = 1 << 17;
+
+/// `scores` (logits, `−∞` where masked) replaced by `exp(score − max)`; returns
+/// `1 / Σ exp(score − max)`, what the weighted values are scaled by.
+fn softmax_in_place(scores: &mut [f32]) -> f32 {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0f32;
+    for w in scores.iter_mut() {
+        *w = (*w - max).exp();
+        total += *w;
+    }
+    1.0 / total
 }
 
 /// `[$zero; TOKENS_PER_PASS]` holding `$call` (a pass over the fixed-size array `$group` of the
@@ -1789,6 +1816,117 @@ mod avx512 {
             && std::is_x86_feature_detected!("avx512vnni")
     }
 
+    /// `scores[s] = query · keys[b, kv, s] · scale + mask[s]` for every position `s`, four keys
+    /// a step (each its own accumulator, so the steps overlap; one load of the query serves all
+    /// four).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; `query.len()` (the keys' row length) is a multiple of 16 and
+    /// `scores` and `mask` are as long as the keys' positions.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn attention_scores(
+        query: &[f32],
+        keys: super::Heads<'_>,
+        b: usize,
+        kv: usize,
+        scale: f32,
+        mask: &[f32],
+        scores: &mut [f32],
+    ) {
+        let dim = query.len();
+        debug_assert!(dim.is_multiple_of(16) && keys.dims()[3] == dim);
+        let positions = scores.len();
+        let mut s = 0;
+        while s < positions {
+            let step = (positions - s).min(4);
+            let rows: [&[f32]; 4] = core::array::from_fn(|i| keys.row(b, kv, s + i.min(step - 1)));
+            let mut sums = [_mm512_setzero_ps(); 4];
+            let mut c = 0;
+            while c < dim {
+                // SAFETY: c + 16 <= dim, the length of the query and of every key row.
+                unsafe {
+                    let q = _mm512_loadu_ps(query.as_ptr().add(c));
+                    for (sum, row) in sums.iter_mut().zip(rows) {
+                        *sum = _mm512_fmadd_ps(q, _mm512_loadu_ps(row.as_ptr().add(c)), *sum);
+                    }
+                }
+                c += 16;
+            }
+            for (i, sum) in sums.iter().take(step).enumerate() {
+                scores[s + i] = _mm512_reduce_add_ps(*sum) * scale + mask[s + i];
+            }
+            s += step;
+        }
+    }
+
+    /// `out = inverse · Σ_s weights[s] · values[b, kv, s]`, up to 128 columns (8 registers) at a
+    /// time held in registers across the positions; positions of weight 0 (masked) are skipped.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; `out.len()` (the values' row length) is a multiple of 16 and
+    /// `weights` is as long as the values' positions.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn weighted_values(
+        weights: &[f32],
+        values: super::Heads<'_>,
+        b: usize,
+        kv: usize,
+        inverse: f32,
+        out: &mut [f32],
+    ) {
+        #[target_feature(enable = "avx512f")]
+        fn columns<const C: usize>(
+            weights: &[f32],
+            values: super::Heads<'_>,
+            (b, kv, col): (usize, usize, usize),
+            inverse: f32,
+            out: &mut [f32],
+        ) {
+            let mut sums = [_mm512_setzero_ps(); C];
+            for (s, &w) in weights.iter().enumerate() {
+                if w == 0.0 {
+                    continue;
+                }
+                let row = &values.row(b, kv, s)[col..col + 16 * C];
+                let w = _mm512_set1_ps(w);
+                for (i, sum) in sums.iter_mut().enumerate() {
+                    // SAFETY: 16 · (i + 1) <= row.len().
+                    *sum = _mm512_fmadd_ps(
+                        w,
+                        unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * i)) },
+                        *sum,
+                    );
+                }
+            }
+            let out = &mut out[col..col + 16 * C];
+            let inverse = _mm512_set1_ps(inverse);
+            for (i, sum) in sums.iter().enumerate() {
+                // SAFETY: 16 · (i + 1) <= out.len().
+                unsafe {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), _mm512_mul_ps(*sum, inverse))
+                };
+            }
+        }
+        let width = out.len();
+        debug_assert!(width.is_multiple_of(16) && values.dims()[3] == width);
+        let mut col = 0;
+        while col < width {
+            let registers = ((width - col) / 16).min(8);
+            let at = (b, kv, col);
+            match registers {
+                8 => columns::<8>(weights, values, at, inverse, out),
+                7 => columns::<7>(weights, values, at, inverse, out),
+                6 => columns::<6>(weights, values, at, inverse, out),
+                5 => columns::<5>(weights, values, at, inverse, out),
+                4 => columns::<4>(weights, values, at, inverse, out),
+                3 => columns::<3>(weights, values, at, inverse, out),
+                2 => columns::<2>(weights, values, at, inverse, out),
+                _ => columns::<1>(weights, values, at, inverse, out),
+            }
+            col += 16 * registers;
+        }
+    }
+
     /// The 32 lanes of two accumulators summed (`_mm512_reduce_add_ps`'s fixed tree order).
     #[target_feature(enable = "avx512f")]
     fn sum_lanes(a: __m512, b: __m512) -> f32 {
@@ -1905,8 +2043,10 @@ mod avx512 {
     }
 
     /// `row · x` from `x = hi + lo` ([`super::SplitBf16`]) for one input: 64 weights a step in
-    /// two registers, each into its own accumulator (`w · hi` then `w · lo`), so two chains of
-    /// `vdpbf16ps` overlap; a last 32-weight step into the first; the tail past it in `f32`.
+    /// two registers, `w · hi` and `w · lo` of each into accumulators of their own, so four
+    /// chains of `vdpbf16ps` overlap (two chains, `w · hi` then `w · lo` into one accumulator,
+    /// were bound by the instruction's latency: 12 % slower on a row in L2); a last 32-weight
+    /// step into the first pair; the tail past it in `f32`.
     /// Per 64 weights two weight loads and four `vdpbf16ps` (the widening passes: four loads,
     /// four widenings, four FMAs), so more of the row is in flight: decode streams the
     /// weights 5–10 % faster (docs/BENCHMARKS.md, session 19).
@@ -1929,6 +2069,7 @@ mod avx512 {
             unsafe { core::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const _)) }
         };
         let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let (mut even_lo, mut odd_lo) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut start = 0;
         // SAFETY (pointer offsets): start + 64 <= pairs <= len, the length of every slice.
         while start < pairs {
@@ -1941,11 +2082,13 @@ mod avx512 {
             unsafe {
                 even = _mm512_dpbf16_ps(even, w0, load(hi.as_ptr().add(start)));
                 odd = _mm512_dpbf16_ps(odd, w1, load(hi.as_ptr().add(start + 32)));
-                even = _mm512_dpbf16_ps(even, w0, load(lo.as_ptr().add(start)));
-                odd = _mm512_dpbf16_ps(odd, w1, load(lo.as_ptr().add(start + 32)));
+                even_lo = _mm512_dpbf16_ps(even_lo, w0, load(lo.as_ptr().add(start)));
+                odd_lo = _mm512_dpbf16_ps(odd_lo, w1, load(lo.as_ptr().add(start + 32)));
             }
             start += 64;
         }
+        even = _mm512_add_ps(even, even_lo);
+        odd = _mm512_add_ps(odd, odd_lo);
         if start < body {
             // SAFETY: start + 32 == body <= len.
             unsafe {
