@@ -9,7 +9,7 @@ use super::cache::KvCache;
 use super::config::{AttentionOptions, ModelConfig, QkNorm};
 use super::mla::MlaAttention;
 use super::norm::RmsNorm;
-use super::rope::apply_rope;
+use super::rope::apply_rope_tokens_first;
 use beam_kernels::{KvCacheBackend, LinearBackend};
 
 pub use super::projection::Projection;
@@ -92,21 +92,18 @@ impl<B: LinearBackend + KvCacheBackend> Attention<B> {
             k = k.clamp(-c, c);
             v = v.clamp(-c, c);
         }
-        let heads = |t: Tensor<B, 3>, n: usize| {
-            t.reshape([batch, tokens, n, self.head_dim]).swap_dims(1, 2)
-        };
-        let (mut q, mut k, v) = (
-            heads(q, self.heads),
-            heads(k, self.kv_heads),
-            heads(v, self.kv_heads),
-        );
+        // `[B, T, heads, d]`: per-head norms and RoPE on the projections' contiguous output,
+        // then the heads swapped in front (`[B, heads, T, d]`) for attention.
+        let split = |t: Tensor<B, 3>, n: usize| t.reshape([batch, tokens, n, self.head_dim]);
+        let (mut q, mut k) = (split(q, self.heads), split(k, self.kv_heads));
         if self.options.qk_norm == QkNorm::PerHead {
             q = self.q_norm.as_ref().expect("q_norm").forward(q);
             k = self.k_norm.as_ref().expect("k_norm").forward(k);
         }
         let (cos, sin) = rope;
-        let q = apply_rope(q, cos.clone(), sin.clone());
-        let k = apply_rope(k, cos, sin);
+        let q = apply_rope_tokens_first(q, cos.clone(), sin.clone()).swap_dims(1, 2);
+        let k = apply_rope_tokens_first(k, cos, sin).swap_dims(1, 2);
+        let v = split(v, self.kv_heads).swap_dims(1, 2);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),

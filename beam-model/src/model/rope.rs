@@ -98,6 +98,23 @@ pub fn apply_rope<B: Backend>(
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
 ) -> Tensor<B, 4> {
+    rotate_half(x, cos.unsqueeze::<4>(), sin.unsqueeze::<4>())
+}
+
+/// [`apply_rope`] on `x` laid out tokens first (`[B, T, heads, d]`, as a projection's output
+/// reshaped, before its heads are swapped in front): the same values, computed on a contiguous
+/// tensor instead of a strided view of one.
+pub fn apply_rope_tokens_first<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    let [t, d] = cos.dims();
+    rotate_half(x, cos.reshape([1, t, 1, d]), sin.reshape([1, t, 1, d]))
+}
+
+/// `x · cos + rotate_half(x) · sin` along the last dimension, the tables broadcast to `x`.
+fn rotate_half<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
     let [_, _, _, d] = x.dims();
     let half = d / 2;
     let rotated = Tensor::cat(
@@ -107,7 +124,7 @@ pub fn apply_rope<B: Backend>(
         ],
         3,
     );
-    x * cos.unsqueeze::<4>() + rotated * sin.unsqueeze::<4>()
+    x * cos + rotated * sin
 }
 
 /// RoPE on interleaved pairs `(2i, 2i+1)` of `x` (`[B, heads, T, d]`), each rotated by frequency
@@ -187,5 +204,22 @@ mod tests {
                 assert!((out[t * d + d / 2 + i] - r1).abs() < 1e-6, "t {t} i {i}");
             }
         }
+    }
+
+    #[test]
+    fn tokens_first_rope_equals_rope_on_the_heads_first_layout() {
+        let device = Default::default();
+        let [b, t, h, d] = [2, 3, 4, 8];
+        let values: Vec<f64> = (0..b * t * h * d)
+            .map(|i| (i as f64 * 0.37).sin() + 0.1)
+            .collect();
+        let x = Tensor::<B, 4>::from_data(TensorData::new(values, [b, t, h, d]), &device);
+        let (cos, sin) = rope_tables::<B>(100.0, &RopeScaling::Default, d, 5, t, &device);
+        let want = apply_rope(x.clone().swap_dims(1, 2), cos.clone(), sin.clone());
+        let got = apply_rope_tokens_first(x.clone(), cos, sin).swap_dims(1, 2);
+        // The same operations on the same values: equal, and a rotation (not the input).
+        assert_eq!(got.to_data(), want.to_data());
+        let moved = (got - x.swap_dims(1, 2)).abs().max().into_scalar();
+        assert!(moved > 0.1, "rotated: {moved}");
     }
 }
