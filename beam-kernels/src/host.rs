@@ -493,6 +493,26 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
                 "rows within the matrix"
             );
             let blocks = row_len / block;
+            if quantized.len() == 1 && avx512::q8_available() {
+                // One input (decode): every row in one call.
+                let (first, count) = (base + rows.start * row_len, rows.len());
+                let mut out = vec![0.0f32; count];
+                // SAFETY: the CPU has the kernel's features (`q8_available`); the rows lie
+                // within the matrix (asserted above) and the input is `blocks` whole blocks.
+                unsafe {
+                    avx512::rows_q8_q8(
+                        &self.values()[first..first + count * row_len],
+                        &self.scales()[first / block..(first + count * row_len) / block],
+                        row_len,
+                        quantized[0],
+                        &mut out,
+                    );
+                }
+                for (r, dot) in out.into_iter().enumerate() {
+                    emit(0, r, dot);
+                }
+                return;
+            }
             let dots_q8_q8 = avx2::dots_q8_q8();
             for (r, row) in rows.enumerate() {
                 let start = base + row * row_len;
@@ -2230,6 +2250,30 @@ mod avx512 {
         core::array::from_fn(|j| lanes[4 * (j % 4) + j / 4])
     }
 
+    /// [`dots_q8_q8`] of one quantized input with `rows` consecutive rows of `row_len` values
+    /// (whole blocks of 32) starting at `values[0]` / `scales[0]`, into `out` (one per row): the
+    /// decode step's product in one call, without the per-row dispatch through the kernel pointer.
+    ///
+    /// # Safety
+    /// As [`dots_q8_q8`]; `values` holds `out.len()` rows of `row_len`, `scales` their blocks, and
+    /// the input is one row of `row_len` with its block scales.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn rows_q8_q8(
+        values: &[i8],
+        scales: &[half::f16],
+        row_len: usize,
+        input: (&[i8], &[f32]),
+        out: &mut [f32],
+    ) {
+        let blocks = row_len / 32;
+        for (r, out) in out.iter_mut().enumerate() {
+            let values = &values[r * row_len..][..row_len];
+            let scales = &scales[r * blocks..][..blocks];
+            // SAFETY: the caller's contract.
+            *out = unsafe { pass_q8_q8::<1>(values, scales, [input]) }[0];
+        }
+    }
+
     /// [`super::avx2::dots_q8_q8`]'s int8 dots two blocks of 32 at a time: `vpdpbusd` on 64
     /// bytes gives block `b`'s sums in lanes 0–7 and block `b + 1`'s in lanes 8–15, scaled by one
     /// register holding their two `s_w · s_x` (permuted from sixteen made at once); an odd last
@@ -2927,6 +2971,8 @@ mod tests {
             (8, 12, 9),
             (GEMM_MIN_TOKENS + 1, 12, 9),
             (1, 2048, 40),
+            // One input over rows of an odd number of blocks of 32, in two row blocks.
+            (1, 96, 700),
         ] {
             let block = q8_block_len(in_features).unwrap();
             let x = rng.values(tokens * in_features, 1.0);
