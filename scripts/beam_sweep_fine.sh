@@ -149,3 +149,12 @@ done
 "$B" eval --model $M --data assets/corpus/kjv-valid.txt.gz \
   --trained "beam e2e 2100 target=0.15=runs/fine-model-target15-2100" \
   --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-fine-long2.json | tee docs/eval/kjv-moe-fine-long2.md
+# Session 22: BEAM at the fixed K' = 2's budget (69.2 % cut) with the same 2 100 steps: T = 0.25
+# (2.1 experts per token) and 0.2375 (8 · T + 0.1 ≈ 2.0, the mapping the earlier runs show).
+for T in 0.25 0.2375; do
+  "$B" train --model $M --data $D --out runs/fine-model-target${T#0.}-2100 --steps 2100 --lr 5e-4 $W --target-active-fraction $T
+done
+"$B" eval --model $M --data assets/corpus/kjv-valid.txt.gz \
+  --trained "beam e2e 2100 target=0.25=runs/fine-model-target25-2100" \
+  --trained "beam e2e 2100 target=0.2375=runs/fine-model-target2375-2100" \
+  --max-tokens 16384 --choice-items 2000 --json docs/eval/kjv-moe-fine-long3.json | tee docs/eval/kjv-moe-fine-long3.md
