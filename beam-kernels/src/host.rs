@@ -2250,9 +2250,10 @@ mod avx512 {
         core::array::from_fn(|j| lanes[4 * (j % 4) + j / 4])
     }
 
-    /// [`dots_q8_q8`] of one quantized input with `rows` consecutive rows of `row_len` values
-    /// (whole blocks of 32) starting at `values[0]` / `scales[0]`, into `out` (one per row): the
-    /// decode step's product in one call, without the per-row dispatch through the kernel pointer.
+    /// [`dots_q8_q8`] of one quantized input with `out.len()` consecutive rows of `row_len`
+    /// values (whole blocks of 32) starting at `values[0]` / `scales[0]`, into `out` (one per
+    /// row): the decode step's product in one call, without the per-row dispatch through the
+    /// kernel pointer.
     ///
     /// # Safety
     /// As [`dots_q8_q8`]; `values` holds `out.len()` rows of `row_len`, `scales` their blocks, and
