@@ -1,15 +1,15 @@
-//! Throughput of the host GEMV (`host::linear`, one token: decode) on `bf16`, `f32` and q8
+//! Throughput of the host GEMV (`host::linear`, one token: decode) on `bf16`, `f32`, q8 and q4
 //! weights against the bytes it reads, for a weight that stays in cache and one that streams from
 //! memory: the rate a decode step's products can reach on this machine, apart from the model.
 //!
-//! `cargo run --release -p beam-kernels --example gemv [-- --reps 200 --dtype bf16|f32|q8 --rows 131072]`
-//! (default: all three); set `RAYON_NUM_THREADS` to compare one and two cores. The products
+//! `cargo run --release -p beam-kernels --example gemv [-- --reps 200 --dtype bf16|f32|q8|q4 --rows 131072]`
+//! (default: all four); set `RAYON_NUM_THREADS` to compare one and two cores. The products
 //! run on a thread of rayon's pool (`host::on_pool`), as the CLI runs the model.
 
 use std::time::Instant;
 
 use beam_kernels::host::{linear, on_pool};
-use beam_kernels::quant::{quantize_q8, Q8_BLOCK};
+use beam_kernels::quant::{quantize_q4, quantize_q8, Q8_BLOCK};
 
 fn arg(name: &str) -> Option<String> {
     std::env::args().skip_while(|a| a != name).nth(1)
@@ -19,7 +19,7 @@ fn main() {
     let reps: usize = arg("--reps").map_or(200, |v| v.parse().expect("--reps N"));
     let dtypes: Vec<String> = match arg("--dtype") {
         Some(d) => vec![d],
-        None => ["bf16", "f32", "q8"].map(String::from).to_vec(),
+        None => ["bf16", "f32", "q8", "q4"].map(String::from).to_vec(),
     };
     // Tokens per product: 1 is decode (a GEMV); more is prefill (reported in GFLOP/s too).
     let tokens: usize = arg("--tokens").map_or(1, |v| v.parse().expect("--tokens N"));
@@ -39,7 +39,14 @@ fn main() {
                 "q8" => {
                     let q = quantize_q8(&weights, Q8_BLOCK);
                     let bytes = q.values.len() + 2 * q.scales.len();
-                    (bytes, time(inner, || linear(&x, q.matrix(), input, rows)))
+                    let m = q.as_q8().expect("q8");
+                    (bytes, time(inner, || linear(&x, m, input, rows)))
+                }
+                "q4" => {
+                    let q = quantize_q4(&weights, Q8_BLOCK);
+                    let bytes = q.values.len() + 2 * q.scales.len();
+                    let m = q.as_q4().expect("q4");
+                    (bytes, time(inner, || linear(&x, m, input, rows)))
                 }
                 "bf16" => {
                     let w: Vec<half::bf16> =
@@ -50,7 +57,7 @@ fn main() {
                     4 * weights.len(),
                     time(inner, || linear(&x, &weights[..], input, rows)),
                 ),
-                other => panic!("--dtype {other}: bf16, f32 or q8"),
+                other => panic!("--dtype {other}: bf16, f32, q8 or q4"),
             };
             println!(
                 "{dtype} {label} ({rows} x {input}, {tokens} token(s)): {:.1} us per product, \

@@ -11,11 +11,12 @@
 //!   [`HOST_MAX_PAIRS_PER_EXPERT`] on average); the tensor-ops reference otherwise;
 //! - `[out, in]` linear layers: the host GEMV for 16-bit weights and for `f32` weights up to
 //!   [`LINEAR_MAX_ROWS`] rows; above, Flex's `matmul` on the transposed view (no copy);
-//! - q8 weights ([`crate::quant`]: `I8` values and `f16` scales) always take the host kernels
-//!   ([`masked_moe_q8`], [`linear_q8`]): int8 dots with the activations quantized once per call
-//!   (blocks of 32 on AVX2 CPUs, at every token count), dequantized tiles and the GEMM for many
-//!   tokens per row block otherwise. Flex therefore says
-//!   `q8_in_place() == true`, and the model loader hands it the int8 blocks.
+//! - quantized weights ([`crate::quant`]: q8 or q4, `I8` values and `f16` scales) always take
+//!   the host kernels ([`masked_moe_quant`], [`linear_quant`]): int8 dots with the activations
+//!   quantized once per call (blocks of 32 on AVX2 CPUs for q8, on AVX-512 VNNI CPUs for q4, at
+//!   every token count), dequantized tiles and the GEMM for many tokens per row block
+//!   otherwise. Flex therefore says `quant_in_place() == true`, and the model loader hands it
+//!   the packed blocks.
 //!
 //! - attention over the key/value cache ([`attention`]): the host kernel for up to
 //!   [`ATTENTION_MAX_QUERIES`] queries, on the cache's buffer in place (what [`kv_append`]
@@ -31,14 +32,14 @@ use half::{bf16, f16};
 
 use crate::host::{linear as host_linear, masked_moe_experts, masked_moe_planned, ExpertMatrices};
 use crate::plan::{DispatchPlan, MoeDims};
-use crate::quant::Q8Matrix;
+use crate::quant::{Q4Matrix, Q8Matrix, QuantFormat, QuantMatrix};
 use crate::reference::{
-    attention_primitive, grouped_experts_primitive, grouped_experts_q8_primitive,
-    kv_append_reference, linear_out_in_q8_primitive, linear_out_in_reference,
+    attention_primitive, grouped_experts_primitive, grouped_experts_quant_primitive,
+    kv_append_reference, linear_out_in_quant_primitive, linear_out_in_reference,
 };
 use crate::{
     float, primitive, ExpertParts, GroupedExpertsBackend, KvCacheBackend, LinearBackend,
-    Q8Primitive,
+    QuantPrimitive,
 };
 
 impl GroupedExpertsBackend for Flex {
@@ -55,16 +56,16 @@ impl GroupedExpertsBackend for Flex {
         }
     }
 
-    fn grouped_experts_q8(
+    fn grouped_experts_quant(
         x: FloatTensor<Self>,
         expert_ids: IntTensor<Self>,
         weights: FloatTensor<Self>,
-        gate_up: Q8Primitive<Self>,
-        down: Q8Primitive<Self>,
+        gate_up: QuantPrimitive<Self>,
+        down: QuantPrimitive<Self>,
     ) -> FloatTensor<Self> {
-        match masked_moe_q8(&x, &expert_ids, &weights, &gate_up, &down) {
+        match masked_moe_quant(&x, &expert_ids, &weights, &gate_up, &down) {
             Some(out) => out,
-            None => grouped_experts_q8_primitive::<Self>(x, expert_ids, weights, gate_up, down),
+            None => grouped_experts_quant_primitive::<Self>(x, expert_ids, weights, gate_up, down),
         }
     }
 
@@ -94,11 +95,15 @@ impl LinearBackend for Flex {
             .unwrap_or_else(|| primitive(linear_out_in_reference::<Self>(float(x), float(weight))))
     }
 
-    fn linear_out_in_q8(x: FloatTensor<Self>, weight: Q8Primitive<Self>) -> FloatTensor<Self> {
-        linear_q8(&x, &weight).unwrap_or_else(|| linear_out_in_q8_primitive::<Self>(x, weight))
+    fn linear_out_in_quant(
+        x: FloatTensor<Self>,
+        weight: QuantPrimitive<Self>,
+    ) -> FloatTensor<Self> {
+        linear_quant(&x, &weight)
+            .unwrap_or_else(|| linear_out_in_quant_primitive::<Self>(x, weight))
     }
 
-    fn q8_in_place() -> bool {
+    fn quant_in_place() -> bool {
         true
     }
 
@@ -487,13 +492,14 @@ pub fn linear(x: &FlexTensor, weight: &FlexTensor) -> Option<FlexTensor> {
     })
 }
 
-/// A q8 weight's int8 values and block scales in place, when the values are `I8` and the
-/// scales `f16` (as [`crate::quant::Q8Tensor::new`] puts them on Flex), both contiguous, with as
-/// many leading dimensions and whole blocks per row.
-fn q8_matrix(q: &Q8Primitive<Flex>) -> Option<Q8Matrix<'_>> {
+/// A quantized weight's packed values and block scales in place, when the values are `I8` and
+/// the scales `f16` (as [`crate::quant::QuantTensor::new`] puts them on Flex), both contiguous,
+/// with as many leading dimensions and whole blocks per row.
+fn quant_matrix(q: &QuantPrimitive<Flex>) -> Option<QuantMatrix<'_>> {
     let (shape, scales_shape) = (q.values.shape(), q.scales.shape());
     let (dims, scale_dims) = (shape.as_slice(), scales_shape.as_slice());
-    let (&row_len, &blocks) = (dims.last()?, scale_dims.last()?);
+    let (&packed_len, &blocks) = (dims.last()?, scale_dims.last()?);
+    let row_len = packed_len * q.format.values_per_byte();
     if dims.len() != scale_dims.len()
         || dims[..dims.len() - 1] != scale_dims[..dims.len() - 1]
         || blocks == 0
@@ -501,65 +507,70 @@ fn q8_matrix(q: &Q8Primitive<Flex>) -> Option<Q8Matrix<'_>> {
     {
         return None;
     }
-    Q8Matrix::new(
-        q.values.as_slice::<i8>()?,
-        q.scales.as_slice::<f16>()?,
-        row_len / blocks,
-    )
+    let (values, scales) = (q.values.as_slice::<i8>()?, q.scales.as_slice::<f16>()?);
+    let block = row_len / blocks;
+    Some(match q.format {
+        QuantFormat::Q8 => QuantMatrix::Q8(Q8Matrix::new(values, scales, block)?),
+        QuantFormat::Q4 => QuantMatrix::Q4(Q4Matrix::new(values, scales, block)?),
+    })
 }
 
-/// [`masked_moe`] with q8 expert weights: `Some(output)` from the host kernels when `x` and the
-/// routing weights are `f32` and both weights are contiguous `I8` values with `f16` scales, rows
-/// of whole blocks (always, whatever the pairs per expert: int8 passes, or dequantized tiles and
-/// the GEMM where the rows cannot take int8 inputs); `None` for the reference. Only kept experts'
-/// blocks (values and scales) are read.
+/// [`masked_moe`] with quantized expert weights (q8 or q4): `Some(output)` from the host kernels
+/// when `x` and the routing weights are `f32` and both weights are contiguous `I8` values with
+/// `f16` scales in one format, rows of whole blocks (always, whatever the pairs per expert: int8
+/// passes, or dequantized tiles and the GEMM where the rows cannot take int8 inputs); `None` for
+/// the reference. Only kept experts' blocks (values and scales) are read.
 ///
 /// # Shapes
-/// As [`GroupedExpertsBackend::grouped_experts`].
-pub fn masked_moe_q8(
+/// As [`GroupedExpertsBackend::grouped_experts_quant`].
+pub fn masked_moe_quant(
     x: &FlexTensor,
     expert_ids: &FlexTensor,
     weights: &FlexTensor,
-    gate_up: &Q8Primitive<Flex>,
-    down: &Q8Primitive<Flex>,
+    gate_up: &QuantPrimitive<Flex>,
+    down: &QuantPrimitive<Flex>,
 ) -> Option<FlexTensor> {
-    let dims = MoeDims::from_shapes(
-        x.shape().dims(),
-        expert_ids.shape().dims(),
-        gate_up.values.shape().dims(),
-    );
+    let mut gate_up_dims: [usize; 3] = gate_up.values.shape().dims();
+    gate_up_dims[2] *= gate_up.format.values_per_byte();
+    let dims = MoeDims::from_shapes(x.shape().dims(), expert_ids.shape().dims(), gate_up_dims);
     if x.dtype() != DType::F32 || weights.dtype() != DType::F32 {
         return None;
     }
-    let (gate_up, down) = (q8_matrix(gate_up)?, q8_matrix(down)?);
+    let (gate_up, down) = (quant_matrix(gate_up)?, quant_matrix(down)?);
     let ids = int_values(expert_ids)?;
     let plan = DispatchPlan::from_ids(&ids, dims.top_k, dims.experts);
     let (x, weights) = (x.to_contiguous(), weights.to_contiguous());
-    let out = masked_moe_planned::<f32, Q8Matrix<'_>>(
-        x.as_slice()?,
-        &plan,
-        weights.as_slice()?,
-        gate_up,
-        down,
-        dims,
-    );
+    let (x, weights) = (x.as_slice()?, weights.as_slice()?);
+    let out = match (gate_up, down) {
+        (QuantMatrix::Q8(gate_up), QuantMatrix::Q8(down)) => {
+            masked_moe_planned::<f32, Q8Matrix<'_>>(x, &plan, weights, gate_up, down, dims)
+        }
+        (QuantMatrix::Q4(gate_up), QuantMatrix::Q4(down)) => {
+            masked_moe_planned::<f32, Q4Matrix<'_>>(x, &plan, weights, gate_up, down, dims)
+        }
+        _ => return None,
+    };
     Some(output(out, dims))
 }
 
-/// `Some(x · dequantize(W)ᵀ)` from the host GEMV on a q8 weight (contiguous `I8` values and
-/// `f16` scales) and `f32` `x`, whatever the rows; `None` for the reference.
+/// `Some(x · dequantize(W)ᵀ)` from the host GEMV on a quantized weight (q8 or q4: contiguous
+/// `I8` values and `f16` scales) and `f32` `x`, whatever the rows; `None` for the reference.
 ///
 /// # Shapes
-/// - `x`: `[T, in]`, `weight`: `[out, in]`; output `[T, out]`
-pub fn linear_q8(x: &FlexTensor, weight: &Q8Primitive<Flex>) -> Option<FlexTensor> {
+/// - `x`: `[T, in]`, `weight`: `[out, in]` (packed `[out, in / v]`); output `[T, out]`
+pub fn linear_quant(x: &FlexTensor, weight: &QuantPrimitive<Flex>) -> Option<FlexTensor> {
     let [rows, in_features] = x.shape().dims();
-    let [out_features, weight_in] = weight.values.shape().dims();
-    if weight_in != in_features || x.dtype() != DType::F32 {
+    let [out_features, packed_in] = weight.values.shape().dims();
+    if packed_in * weight.format.values_per_byte() != in_features || x.dtype() != DType::F32 {
         return None;
     }
-    let matrix = q8_matrix(weight)?;
+    let matrix = quant_matrix(weight)?;
     let x = x.to_contiguous();
-    let out = host_linear::<f32, Q8Matrix<'_>>(x.as_slice()?, matrix, in_features, out_features);
+    let x = x.as_slice()?;
+    let out = match matrix {
+        QuantMatrix::Q8(m) => host_linear::<f32, Q8Matrix<'_>>(x, m, in_features, out_features),
+        QuantMatrix::Q4(m) => host_linear::<f32, Q4Matrix<'_>>(x, m, in_features, out_features),
+    };
     Some(FlexTensor::from_data(TensorData::new(
         out,
         [rows, out_features],

@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use crate::aligned::AlignedRows;
 
 use crate::plan::{DispatchPlan, MoeDims};
-use crate::quant::Q8Matrix;
+use crate::quant::{Q4Matrix, Q8Matrix};
 
 /// Element types the host kernels run on: `f32` and `f64`, accumulated in their own precision.
 pub trait HostFloat:
@@ -564,6 +564,160 @@ impl Q8Matrix<'_> {
             let _ = (row_len, block);
             false
         }
+    }
+}
+
+/// An input row prepared for q4 rows ([`Q4Matrix`]'s `project`): the int8 blocks of
+/// [`crate::quant::quantize_q8_activation`] and, per block, `-8 · s_x · Σ q_x`: the block's share
+/// of the 4-bit values' offset (`(q_w - 8) · q_x` summed is `q_w · q_x` summed less `8 Σ q_x`).
+#[derive(Debug, Clone)]
+pub struct Q4Input {
+    /// The int8 blocks and their `f32` scales.
+    pub x: crate::quant::Q8Activation,
+    /// `-8 · s_x · Σ q_x` per block.
+    pub offsets: Vec<f32>,
+}
+
+impl Q4Input {
+    /// `row` quantized in blocks of [`Q8_BLOCK`](crate::quant::Q8_BLOCK), with its offsets.
+    pub fn new(row: &[f32]) -> Self {
+        let x = crate::quant::quantize_q8_activation(row, crate::quant::Q8_BLOCK);
+        let offsets = x
+            .values()
+            .chunks_exact(x.block)
+            .zip(&x.scales)
+            .map(|(q, &s)| -8.0 * s * q.iter().map(|&q| i32::from(q)).sum::<i32>() as f32)
+            .collect();
+        Self { x, offsets }
+    }
+}
+
+/// q4 weights ([`Q4Matrix`]): with blocks of 32 on a CPU with AVX-512 VNNI, int8 dots of the
+/// 4-bit values with the inputs quantized once per call ([`Q4Input`]: `Σ_b s_w · (s_x · Σ q_w ·
+/// q_x - 8 · s_x · Σ q_x)`, llama.cpp's `Q4_0 × Q8_0`), reading 0.5625 bytes per weight; else each
+/// block dequantized to `f32` (portable) and the `f32` dots or, for many tokens, the GEMM on
+/// dequantized tiles.
+impl HostMatrix<f32> for Q4Matrix<'_> {
+    type Prepared = Q4Input;
+    fn len(&self) -> usize {
+        Q4Matrix::len(self)
+    }
+    fn dots(&self, start: usize, inputs: &[&[f32]]) -> [f32; TOKENS_PER_PASS] {
+        let len = inputs.first().map_or(0, |x| x.len());
+        assert!(
+            start.is_multiple_of(self.block()) && len.is_multiple_of(self.block()),
+            "a q4 row is whole blocks"
+        );
+        let mut out = [0.0; TOKENS_PER_PASS];
+        let mut wide = [0.0f32; 256];
+        let chunk = (wide.len() / self.block()).max(1) * self.block();
+        let mut done = 0;
+        while done < len {
+            let part_len = (len - done).min(chunk);
+            self.dequantize_into(start + done..start + done + part_len, &mut wide[..part_len]);
+            let mut part: [&[f32]; TOKENS_PER_PASS] = [&[]; TOKENS_PER_PASS];
+            for (c, x) in part.iter_mut().zip(inputs) {
+                *c = &x[done..done + part_len];
+            }
+            let dots = portable_dots(&wide[..part_len], &part[..inputs.len()]);
+            for (o, d) in out.iter_mut().zip(dots) {
+                *o += d;
+            }
+            done += part_len;
+        }
+        out
+    }
+    fn tile<'s>(&'s self, range: core::ops::Range<usize>, buffer: &'s mut Vec<f32>) -> &'s [f32] {
+        buffer.clear();
+        buffer.resize(range.len(), 0.0);
+        self.dequantize_into(range, buffer);
+        buffer
+    }
+    fn project(
+        self,
+        base: usize,
+        row_len: usize,
+        rows: core::ops::Range<usize>,
+        inputs: &[&[f32]],
+        prepared: &[&Q4Input],
+        mut emit: impl FnMut(usize, usize, f32),
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if !prepared.is_empty() && q4_int8_inputs(&self, row_len) {
+            let block = crate::quant::Q8_BLOCK;
+            assert_eq!(prepared.len(), inputs.len(), "one quantized row per input");
+            let quantized: Vec<(&[i8], &[f32], &[f32])> = prepared
+                .iter()
+                .map(|a| (a.x.values(), a.x.scales.as_slice(), a.offsets.as_slice()))
+                .collect();
+            for (x, s, o) in &quantized {
+                assert!(
+                    x.len() == row_len && s.len() == row_len / block && o.len() == s.len(),
+                    "whole blocks"
+                );
+            }
+            assert!(
+                base.is_multiple_of(block) && base + rows.end * row_len <= self.len(),
+                "rows within the matrix"
+            );
+            let (first, count) = (base + rows.start * row_len, rows.len());
+            let values = &self.values()[first / 2..(first + count * row_len) / 2];
+            let scales = &self.scales()[first / block..(first + count * row_len) / block];
+            let (packed, blocks) = (row_len / 2, row_len / block);
+            if quantized.len() == 1 {
+                // One input (decode): every row in one call.
+                let mut out = vec![0.0f32; count];
+                // SAFETY: `q4_int8_inputs` checked the CPU's features; the rows lie within the
+                // matrix (asserted above) and the input is `blocks` whole blocks.
+                unsafe { avx512::rows_q4_q8(values, scales, row_len, quantized[0], &mut out) };
+                for (r, dot) in out.into_iter().enumerate() {
+                    emit(0, r, dot);
+                }
+                return;
+            }
+            for r in 0..count {
+                let row = &values[r * packed..(r + 1) * packed];
+                let row_scales = &scales[r * blocks..(r + 1) * blocks];
+                for (pass, group) in quantized.chunks(TOKENS_PER_PASS).enumerate() {
+                    // SAFETY: as above; the row and every input are `blocks` whole blocks.
+                    let dots = unsafe { avx512::dots_q4_q8(row, row_scales, group) };
+                    for (n, &dot) in dots[..group.len()].iter().enumerate() {
+                        emit(pass * TOKENS_PER_PASS + n, r, dot);
+                    }
+                }
+            }
+            return;
+        }
+        let _ = prepared;
+        project_by_dots(self, base, row_len, rows, inputs, emit)
+    }
+    fn gemm_min_tokens(&self, row_len: usize) -> usize {
+        if q4_int8_inputs(self, row_len) {
+            usize::MAX
+        } else {
+            GEMM_MIN_TOKENS
+        }
+    }
+    fn prepare_inputs(&self, data: &[f32], row_len: usize) -> Vec<Q4Input> {
+        if !q4_int8_inputs(self, row_len) {
+            return Vec::new();
+        }
+        data.chunks_exact(row_len).map(Q4Input::new).collect()
+    }
+}
+
+/// Whether [`HostMatrix::project`] dots q4 rows of `row_len` with int8 inputs: blocks of 32 on
+/// a CPU with AVX-512 VNNI.
+fn q4_int8_inputs(matrix: &Q4Matrix<'_>, row_len: usize) -> bool {
+    let block = crate::quant::Q8_BLOCK;
+    #[cfg(target_arch = "x86_64")]
+    {
+        matrix.block() == block && row_len.is_multiple_of(block) && avx512::q8_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (matrix, row_len, block);
+        false
     }
 }
 
@@ -2386,6 +2540,151 @@ mod avx512 {
         }
         result
     }
+    /// [`dots_q4_q8`] for one input over `out.len()` consecutive rows of `row_len` (one dot per
+    /// row): the decode step's product in one call.
+    ///
+    /// # Safety
+    /// As [`dots_q4_q8`]; `values` packs `out.len()` rows of `row_len` weights, `scales` holds
+    /// their blocks, and the input is one row of `row_len` with its block scales and offsets.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn rows_q4_q8(
+        values: &[i8],
+        scales: &[half::f16],
+        row_len: usize,
+        input: (&[i8], &[f32], &[f32]),
+        out: &mut [f32],
+    ) {
+        let blocks = row_len / 32;
+        for (r, out) in out.iter_mut().enumerate() {
+            let values = &values[r * row_len / 2..][..row_len / 2];
+            let scales = &scales[r * blocks..][..blocks];
+            // SAFETY: the caller's contract.
+            *out = unsafe { pass_q4_q8::<1>(values, scales, [input]) }[0];
+        }
+    }
+
+    /// Dots of one q4 row (blocks of 32: 16 packed bytes and an `f16` scale each) with 1 to
+    /// [`TOKENS_PER_PASS`] inputs quantized to int8 blocks of 32 (values, `f32` scales, and
+    /// the offsets of [`super::Q4Input`]), two blocks at a time: their 32 bytes are spread to
+    /// `[block b low, block b high, block b + 1 low, block b + 1 high]` nibbles in one register
+    /// (a lane shuffle, a per-lane shift, a mask), which is the inputs' own order, so
+    /// `vpdpbusd` (unsigned nibble × signed input) gives block `b`'s sums in lanes 0–7 and block
+    /// `b + 1`'s in lanes 8–15, scaled as in [`dots_q8_q8`]; the offsets add `s_w · (-8 s_x Σ
+    /// q_x)` sixteen blocks at a time. An odd last block takes a 256-bit step.
+    ///
+    /// # Safety
+    /// The CPU has [`q8_available`]'s features; `values` is `scales.len()` blocks of 16 bytes,
+    /// every input `scales.len()` blocks of 32 values with one scale and one offset each.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn dots_q4_q8(
+        values: &[i8],
+        scales: &[half::f16],
+        inputs: &[(&[i8], &[f32], &[f32])],
+    ) -> [f32; TOKENS_PER_PASS] {
+        // SAFETY: the caller's contract.
+        by_pass!(inputs, 0.0, |group| unsafe {
+            pass_q4_q8(values, scales, group)
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn pass_q4_q8<const N: usize>(
+        values: &[i8],
+        scales: &[half::f16],
+        inputs: [(&[i8], &[f32], &[f32]); N],
+    ) -> [f32; N] {
+        let blocks = scales.len();
+        assert_eq!(values.len(), blocks * 16);
+        for (x, s, o) in &inputs {
+            assert!(x.len() == blocks * 32 && s.len() == blocks && o.len() == blocks);
+        }
+        let mut pairs = [_mm512_setzero_ps(); N];
+        let mut offsets = [_mm512_setzero_ps(); N];
+        let mut last = [_mm256_setzero_ps(); N];
+        let mut tail = [0.0f32; N];
+        let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        // Shift the second and fourth 128-bit lanes by 4 (their bytes' high nibbles).
+        let shifts = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
+        let nibble = _mm512_set1_epi8(0x0F);
+        let mut products = [[0.0f32; 16]; N];
+        let mut chunk = 0;
+        while chunk < blocks {
+            let len = (blocks - chunk).min(16);
+            if len == 16 {
+                // SAFETY: sixteen scales (and offsets) from `chunk` lie within every slice.
+                unsafe {
+                    let w = _mm512_cvtph_ps(_mm256_loadu_si256(
+                        scales.as_ptr().add(chunk) as *const __m256i
+                    ));
+                    for n in 0..N {
+                        let x = _mm512_loadu_ps(inputs[n].1.as_ptr().add(chunk));
+                        _mm512_storeu_ps(products[n].as_mut_ptr(), _mm512_mul_ps(w, x));
+                        let o = _mm512_loadu_ps(inputs[n].2.as_ptr().add(chunk));
+                        offsets[n] = _mm512_fmadd_ps(w, o, offsets[n]);
+                    }
+                }
+            } else {
+                for j in 0..len {
+                    let w = super::avx2::widen(scales[chunk + j]);
+                    for n in 0..N {
+                        products[n][j] = w * inputs[n].1[chunk + j];
+                        tail[n] += w * inputs[n].2[chunk + j];
+                    }
+                }
+            }
+            // SAFETY: `products[n]` holds 16 floats.
+            let chunk_products: [__m512; N] =
+                core::array::from_fn(|n| unsafe { _mm512_loadu_ps(products[n].as_ptr()) });
+            let mut j = 0;
+            while j + 2 <= len {
+                let b = chunk + j;
+                // SAFETY: blocks b and b + 1 lie within the row (16 bytes each) and every input
+                // (32 values each).
+                unsafe {
+                    let packed = _mm256_loadu_si256(values.as_ptr().add(b * 16) as *const __m256i);
+                    let wide = _mm512_castsi256_si512(packed);
+                    // Lanes [b, b, b + 1, b + 1], then the high nibbles of the odd lanes.
+                    let spread = _mm512_shuffle_i64x2::<0x50>(wide, wide);
+                    let w = _mm512_and_si512(_mm512_srlv_epi64(spread, shifts), nibble);
+                    let lanes = _mm512_add_epi32(halves, _mm512_set1_epi32(j as i32));
+                    for n in 0..N {
+                        let x = _mm512_loadu_si512(inputs[n].0.as_ptr().add(b * 32) as *const _);
+                        let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+                        let scale = _mm512_permutexvar_ps(lanes, chunk_products[n]);
+                        pairs[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, pairs[n]);
+                    }
+                }
+                j += 2;
+            }
+            if j < len {
+                let b = chunk + j;
+                // SAFETY: block b lies within the row and every input.
+                unsafe {
+                    let packed = _mm_loadu_si128(values.as_ptr().add(b * 16) as *const __m128i);
+                    let low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
+                    let high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+                    let w = _mm256_set_m128i(high, low);
+                    for n in 0..N {
+                        let x =
+                            _mm256_loadu_si256(inputs[n].0.as_ptr().add(b * 32) as *const __m256i);
+                        let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+                        last[n] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(sums),
+                            _mm256_set1_ps(products[n][j]),
+                            last[n],
+                        );
+                    }
+                }
+            }
+            chunk += len;
+        }
+        let mut result = [0.0; N];
+        for n in 0..N {
+            let sum = _mm512_add_ps(pairs[n], _mm512_zextps256_ps512(last[n]));
+            result[n] = _mm512_reduce_add_ps(_mm512_add_ps(sum, offsets[n])) + tail[n];
+        }
+        result
+    }
 }
 
 #[cfg(test)]
@@ -2979,7 +3278,7 @@ mod tests {
             let x = rng.values(tokens * in_features, 1.0);
             let q = quantize_q8(&rng.values(out_features * in_features, 0.3), block);
             let dequantized = q.dequantize();
-            let got = linear(&x, q.matrix(), in_features, out_features);
+            let got = linear(&x, q.as_q8().unwrap(), in_features, out_features);
             assert_eq!(got.len(), tokens * out_features);
             // Blocks of 32 take the int8-activation dots at every row count on AVX2 CPUs (no
             // GEMM: `gemm_min_tokens`): each activation is off by at most half its block's step.
@@ -3059,6 +3358,167 @@ mod tests {
         }
     }
 
+    /// `x · dequantize(W)ᵀ` through [`linear`] on `q`'s own matrix type.
+    fn linear_quantized(
+        x: &[f32],
+        q: &crate::quant::QuantWeights,
+        in_features: usize,
+        out_features: usize,
+    ) -> Vec<f32> {
+        match q.matrix() {
+            crate::quant::QuantMatrix::Q8(m) => linear(x, m, in_features, out_features),
+            crate::quant::QuantMatrix::Q4(m) => linear(x, m, in_features, out_features),
+        }
+    }
+
+    #[test]
+    fn q4_linear_matches_an_f64_product_of_the_dequantized_weights() {
+        use crate::quant::{q4_block_len, quantize_q4};
+        let mut rng = Rng(61);
+        // Blocks of 32 (int8 inputs on AVX-512 VNNI CPUs: one input through `rows_q4_q8`,
+        // several through `dots_q4_q8` in passes of four), rows of 1, 3, 16, 17 and 64 blocks
+        // (the scale chunks of 16: whole, partial, with an odd last block); blocks of 24, 16, 20
+        // and 12 (the portable dots, and a dequantized tile + GEMM past the GEMM threshold).
+        for (tokens, in_features, out_features) in [
+            (1, 32, 5),
+            (1, 96, 700),
+            (1, 512, 40),
+            (1, 544, 9),
+            (2, 2048, 30),
+            (5, 544, 11),
+            (GEMM_MIN_TOKENS + 1, 256, 30),
+            (3, 48, 40),
+            (4, 16, 3),
+            (2, 40, 7),
+            (GEMM_MIN_TOKENS + 1, 12, 9),
+        ] {
+            let block = q4_block_len(in_features).unwrap();
+            let x = rng.values(tokens * in_features, 1.0);
+            let q = quantize_q4(&rng.values(out_features * in_features, 0.3), block);
+            let dequantized = q.dequantize();
+            let got = linear_quantized(&x, &q, in_features, out_features);
+            assert_eq!(got.len(), tokens * out_features);
+            let int8_activations = block == Q8_BLOCK;
+            for t in 0..tokens {
+                let input = &x[t * in_features..(t + 1) * in_features];
+                let steps: Vec<f64> = input
+                    .chunks(block)
+                    .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64 / 127.0)
+                    .collect();
+                for o in 0..out_features {
+                    let row = &dequantized[o * in_features..(o + 1) * in_features];
+                    let want = dot64(input, row);
+                    // Each int8 activation is off by at most half its block's step.
+                    let activation_bound: f64 = if int8_activations {
+                        row.iter()
+                            .enumerate()
+                            .map(|(j, &w)| w.abs() as f64 * steps[j / block] / 2.0)
+                            .sum()
+                    } else {
+                        0.0
+                    };
+                    let g = got[t * out_features + o] as f64;
+                    assert!(
+                        (g - want).abs() <= activation_bound + 1e-5 * (1.0 + want.abs()),
+                        "q4 [{tokens}, {in_features}] x [{out_features}, {in_features}]ᵀ (block {block}) at ({t}, {o}): {g} vs {want}"
+                    );
+                }
+            }
+            assert!(got.iter().any(|g| g.abs() > 1e-2), "not a test on zeros");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn q4_int8_dots_are_exact_products_of_the_quantized_rows_and_inputs() {
+        use crate::quant::quantize_q4;
+        if !avx512::q8_available() {
+            eprintln!("no AVX-512 VNNI on this CPU: the q4 int8 kernel does not run here");
+            return;
+        }
+        let mut rng = Rng(67);
+        for blocks in [1, 2, 3, 15, 16, 17, 33, 64] {
+            let len = blocks * 32;
+            let row = quantize_q4(&rng.values(len, 0.5), 32);
+            let weights = row.dequantize();
+            let xs: Vec<Q4Input> = (0..TOKENS_PER_PASS + 1)
+                .map(|_| Q4Input::new(&rng.values(len, 2.0)))
+                .collect();
+            for n in 1..=TOKENS_PER_PASS {
+                let group: Vec<(&[i8], &[f32], &[f32])> = xs[..n]
+                    .iter()
+                    .map(|q| (q.x.values(), q.x.scales.as_slice(), q.offsets.as_slice()))
+                    .collect();
+                // SAFETY: the CPU features checked above; whole blocks of 32 with their scales.
+                let got = unsafe { avx512::dots_q4_q8(&row.values, &row.scales, &group) };
+                for (k, x) in xs[..n].iter().enumerate() {
+                    let x = x.x.dequantize();
+                    let want = dot64(&x, &weights);
+                    // The f32 sums of (up to 61 000 · s_w · s_x per block) products and offsets.
+                    let magnitude: f64 = x
+                        .iter()
+                        .zip(&weights)
+                        .enumerate()
+                        .map(|(i, (&x, &w))| {
+                            (x as f64).abs()
+                                * ((w as f64).abs() + 8.0 * row.scales[i / 32].to_f64().abs())
+                        })
+                        .sum();
+                    assert!(
+                        (got[k] as f64 - want).abs() <= 1e-6 * (1.0 + magnitude),
+                        "{blocks} blocks, input {k}: {} vs {want}",
+                        got[k]
+                    );
+                }
+                assert!(got[n..].iter().all(|&v| v == 0.0));
+            }
+            // The decode kernel over several rows: each row's dot.
+            let rows = 3;
+            let many = quantize_q4(&rng.values(rows * len, 0.5), 32);
+            let mut out = vec![f32::NAN; rows];
+            let x = &xs[TOKENS_PER_PASS];
+            // SAFETY: as above; `rows` rows of `len` with their scales.
+            unsafe {
+                avx512::rows_q4_q8(
+                    &many.values,
+                    &many.scales,
+                    len,
+                    (x.x.values(), &x.x.scales, &x.offsets),
+                    &mut out,
+                )
+            };
+            let wide = many.dequantize();
+            for (r, &got) in out.iter().enumerate() {
+                let want = dot64(&x.x.dequantize(), &wide[r * len..(r + 1) * len]);
+                assert!(
+                    (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "row {r} of {blocks} blocks: {got} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn q4_f32_dots_match_an_f64_dot_of_the_dequantized_row() {
+        // The portable path (CPUs without AVX-512 VNNI, and the `dots` of any CPU): chunks of
+        // 256 weights and a partial one, 1 to 4 inputs.
+        use crate::quant::quantize_q4;
+        let mut rng = Rng(71);
+        let len = 640;
+        let q = quantize_q4(&rng.values(len, 1.0), 32);
+        let inputs: Vec<Vec<f32>> = (0..TOKENS_PER_PASS).map(|_| rng.values(len, 1.0)).collect();
+        let dequantized = q.dequantize();
+        for n in 1..=TOKENS_PER_PASS {
+            let group: Vec<&[f32]> = inputs[..n].iter().map(|v| v.as_slice()).collect();
+            let got = q.as_q4().unwrap().dots(0, &group);
+            for k in 0..n {
+                let want = dot64(group[k], &dequantized);
+                assert!((got[k] as f64 - want).abs() <= 1e-4, "{} vs {want}", got[k]);
+            }
+            assert!(got[n..].iter().all(|&v| v == 0.0));
+        }
+    }
+
     #[test]
     fn on_pool_runs_the_closure_on_a_pool_thread_and_returns_its_result() {
         assert!(
@@ -3087,7 +3547,7 @@ mod tests {
         for n in 1..=TOKENS_PER_PASS {
             let group: Vec<&[f32]> = inputs[..n].iter().map(|v| v.as_slice()).collect();
             let portable = portable_q8_dots(&q.values, &q.scales, 32, &group);
-            let dispatched = q.matrix().dots(0, &group);
+            let dispatched = q.as_q8().unwrap().dots(0, &group);
             for k in 0..n {
                 let want = dot64(group[k], &dequantized);
                 assert!(
@@ -3103,7 +3563,16 @@ mod tests {
 
     #[test]
     fn q8_moe_matches_the_f64_reference_and_never_reads_idle_experts() {
-        use crate::quant::{q8_block_len, quantize_q8};
+        quantized_moe_matches_the_f64_reference(crate::quant::QuantFormat::Q8);
+    }
+
+    #[test]
+    fn q4_moe_matches_the_f64_reference_and_never_reads_idle_experts() {
+        quantized_moe_matches_the_f64_reference(crate::quant::QuantFormat::Q4);
+    }
+
+    fn quantized_moe_matches_the_f64_reference(format: crate::quant::QuantFormat) {
+        use crate::quant::QuantMatrix;
         let mut rng = Rng(31);
         let mut cases = 0;
         for (hidden, intermediate) in [(64, 32), (48, 24), (40, 20), (256, 136)] {
@@ -3130,15 +3599,15 @@ mod tests {
                     let x = rng.values(tokens * hidden, 1.0);
                     let weights = rng.values(tokens * top_k, 1.0);
                     let (gu_block, d_block) = (
-                        q8_block_len(hidden).unwrap(),
-                        q8_block_len(intermediate).unwrap(),
+                        format.block_len(hidden).unwrap(),
+                        format.block_len(intermediate).unwrap(),
                     );
-                    let mut gate_up = quantize_q8(
+                    let mut gate_up = format.quantize(
                         &rng.values(experts * 2 * intermediate * hidden, 0.2),
                         gu_block,
                     );
                     let mut down =
-                        quantize_q8(&rng.values(experts * hidden * intermediate, 0.2), d_block);
+                        format.quantize(&rng.values(experts * hidden * intermediate, 0.2), d_block);
                     let want = masked_moe_f64(
                         &x,
                         &ids,
@@ -3157,25 +3626,27 @@ mod tests {
                             ] {
                                 let per = rows_len / q.block;
                                 q.scales[e * per..(e + 1) * per].fill(half::f16::NAN);
-                                q.values[e * rows_len..(e + 1) * rows_len].fill(i8::MAX);
+                                let bytes = rows_len / format.values_per_byte();
+                                q.values[e * bytes..(e + 1) * bytes].fill(i8::MAX);
                             }
                         }
                     }
-                    let got = masked_moe_decode(
-                        &x,
-                        &ids,
-                        &weights,
-                        gate_up.matrix(),
-                        down.matrix(),
-                        dims,
-                    );
+                    let got = match (gate_up.matrix(), down.matrix()) {
+                        (QuantMatrix::Q8(gate_up), QuantMatrix::Q8(down)) => {
+                            masked_moe_decode(&x, &ids, &weights, gate_up, down, dims)
+                        }
+                        (QuantMatrix::Q4(gate_up), QuantMatrix::Q4(down)) => {
+                            masked_moe_decode(&x, &ids, &weights, gate_up, down, dims)
+                        }
+                        _ => unreachable!("one format"),
+                    };
                     // The decode dots round the activations to int8 per block of 32 (the GEMM
                     // path and other blocks do not): within 2% of the output's scale.
                     let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
                     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (g as f64 - w).abs() <= 1e-4 + 2e-2 * scale,
-                            "q8 {dims:?}: out[{i}] = {g}, f64 reference {w}"
+                            "{format} {dims:?}: out[{i}] = {g}, f64 reference {w}"
                         );
                     }
                     assert!(got.iter().all(|g| g.is_finite()), "idle experts were read");

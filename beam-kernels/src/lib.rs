@@ -6,7 +6,7 @@
 //!
 //! | op | trait | what it computes |
 //! |---|---|---|
-//! | grouped experts (q8 weights: `grouped_experts_q8`; per-expert tensors: `grouped_experts_parts`) | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
+//! | grouped experts (quantized q8/q4 weights: `grouped_experts_quant`; per-expert tensors: `grouped_experts_parts`) | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
 //! | `[out, in]` linear | [`LinearBackend`] | `x · Wᵀ` for PyTorch-layout weights: router, attention projections, shared expert, LM head |
 //! | key/value cache append, attention | [`KvCacheBackend`] | `cat([cache, new], 2)`, in place where the backend can (Flex); `softmax(q · kᵀ · scale + mask) · v` over the cache (grouped-query) |
 //!
@@ -18,7 +18,7 @@
 //! |---|---|
 //! | `lib.rs` | the traits, the tensor-level wrappers, the kernels' options |
 //! | [`reference`] | the burn-tensor-ops reference every backend can run (the traits' defaults; exact gradients under autodiff), a dense check and a host `f64` reference |
-//! | [`quant`] | q8 weights (block-wise symmetric int8): quantizer, block choice, [`quant::Q8Tensor`] (int8 values + `f16` scales as plain burn tensors) and the borrowed [`quant::Q8Matrix`] the host kernels read |
+//! | [`quant`] | quantized weights (block-wise int8 q8 and 4-bit q4): quantizers, block choice, [`quant::QuantTensor`] (packed values + `f16` scales as plain burn tensors) and the borrowed [`quant::Q8Matrix`] / [`quant::Q4Matrix`] the host kernels read |
 //! | [`plan`] | [`DispatchPlan`] (kept pairs grouped by expert: what every path computes first) and [`MoeDims`] |
 //! | `ndarray.rs` (feature `ndarray`) | burn's `NdArray`: the host kernels on borrowed storage when few pairs per expert are kept, the reference otherwise |
 //! | [`flex`] (feature `flex`) | burn's `Flex`: the host kernels on `f32`, `bf16` or `f16` weights in place (activations `f32`), the reference otherwise |
@@ -81,7 +81,7 @@ use burn::tensor::{Int, Tensor, TensorPrimitive};
 /// | backend | implementation |
 /// |---|---|
 /// | `NdArray` (feature `ndarray`) | few kept pairs per expert (decode, or a heavily masked prefill): the host GEMVs ([`host`], AVX2+FMA where the CPU has them) on the weight storage in place; many: the reference |
-/// | `Flex` (feature `flex`) | the host GEMVs on `f32`, `bf16` or `f16` weights in place with `f32` activations (always for 16-bit weights; for `f32` while few pairs per expert are kept), else the reference; q8 (`grouped_experts_q8`) always on the host, int8 blocks in place |
+/// | `Flex` (feature `flex`) | the host GEMVs on `f32`, `bf16` or `f16` weights in place with `f32` activations (always for 16-bit weights; for `f32` while few pairs per expert are kept), else the reference; q8 and q4 (`grouped_experts_quant`) always on the host, packed blocks in place |
 /// | burn's `CubeBackend` — `Cuda`, `Wgpu` (feature `cubecl`) | the cubecl kernels ([`masked_moe`]): routing compaction on the device, grouped SwiGLU GEMMs, deterministic combine |
 /// | `Fusion<B>` — `Cuda`/`Wgpu` with burn's `fusion` feature (feature `fusion`) | `B`'s implementation, registered as a custom fusion operation |
 /// | `Autodiff<B>` (feature `autodiff`) | the reference, built from burn tensor ops on `Autodiff<B>`: exact gradients for training |
@@ -108,24 +108,25 @@ pub trait GroupedExpertsBackend: Backend {
         reference::grouped_experts_primitive::<Self>(x, expert_ids, weights, gate_up, down)
     }
 
-    /// [`Self::grouped_experts`] with the routed experts' weights in q8 ([`quant`]): the same
-    /// result as `grouped_experts` on the dequantized weights, up to summation order. Skipped
-    /// slots read none of their expert's int8 values or scales.
+    /// [`Self::grouped_experts`] with the routed experts' weights quantized (q8 or q4,
+    /// [`quant`]): the same result as `grouped_experts` on the dequantized weights, up to
+    /// summation order. Skipped slots read none of their expert's packed values or scales.
     ///
-    /// The default is [`reference::grouped_experts_q8_reference`] (each routed expert dequantized
-    /// with tensor ops).
+    /// The default is [`reference::grouped_experts_quant_reference`] (each routed expert
+    /// dequantized with tensor ops).
     ///
     /// # Shapes
-    /// - as [`Self::grouped_experts`]; `gate_up.values` `[E, 2I, H]`, `gate_up.scales`
-    ///   `[E, 2I, H / block]`, `down.values` `[E, H, I]`, `down.scales` `[E, H, I / block']`
-    fn grouped_experts_q8(
+    /// - as [`Self::grouped_experts`], with `v` weights per byte of the values (1 for q8, 2 for
+    ///   q4); `gate_up.values` `[E, 2I, H / v]`, `gate_up.scales` `[E, 2I, H / block]`,
+    ///   `down.values` `[E, H, I / v]`, `down.scales` `[E, H, I / block']`
+    fn grouped_experts_quant(
         x: FloatTensor<Self>,
         expert_ids: IntTensor<Self>,
         weights: FloatTensor<Self>,
-        gate_up: Q8Primitive<Self>,
-        down: Q8Primitive<Self>,
+        gate_up: QuantPrimitive<Self>,
+        down: QuantPrimitive<Self>,
     ) -> FloatTensor<Self> {
-        reference::grouped_experts_q8_primitive::<Self>(x, expert_ids, weights, gate_up, down)
+        reference::grouped_experts_quant_primitive::<Self>(x, expert_ids, weights, gate_up, down)
     }
 
     /// [`Self::grouped_experts`] with each expert's projections as separate tensors
@@ -204,7 +205,7 @@ impl<B: Backend> ExpertParts<B> {
 /// | backend | implementation |
 /// |---|---|
 /// | `NdArray` (feature `ndarray`) | host GEMV up to 32 rows ([`host::linear`]), else `W · xᵀ` (ndarray's `matmul` would copy a transposed weight) |
-/// | `Flex` (feature `flex`) | host GEMV for 16-bit weights (`bf16`, `f16`; `f32` activations) and for `f32` up to 32 rows, else Flex's `matmul` on the transposed view; q8 (`linear_out_in_q8`) always on the host |
+/// | `Flex` (feature `flex`) | host GEMV for 16-bit weights (`bf16`, `f16`; `f32` activations) and for `f32` up to 32 rows, else Flex's `matmul` on the transposed view; q8 and q4 (`linear_out_in_quant`) always on the host |
 /// | every other backend | the reference, `x.matmul(weight.transpose())` (a 16-bit weight widened to `x`'s dtype first) |
 pub trait LinearBackend: Backend {
     /// `x · Wᵀ`. The default is [`reference::linear_out_in_reference`].
@@ -218,21 +219,24 @@ pub trait LinearBackend: Backend {
         ))
     }
 
-    /// [`Self::linear_out_in`] with a q8 weight ([`quant`]): `x · dequantize(W)ᵀ`. The default
-    /// dequantizes the weight with tensor ops, then runs the reference.
+    /// [`Self::linear_out_in`] with a quantized weight ([`quant`]): `x · dequantize(W)ᵀ`. The
+    /// default dequantizes the weight with tensor ops, then runs the reference.
     ///
     /// # Shapes
-    /// - `x`: `[T, in]`, `weight.values`: `[out, in]`, `weight.scales`: `[out, in / block]`;
-    ///   output `[T, out]`
-    fn linear_out_in_q8(x: FloatTensor<Self>, weight: Q8Primitive<Self>) -> FloatTensor<Self> {
-        reference::linear_out_in_q8_primitive::<Self>(x, weight)
+    /// - `x`: `[T, in]`, `weight.values`: `[out, in / v]` (`v` weights per byte),
+    ///   `weight.scales`: `[out, in / block]`; output `[T, out]`
+    fn linear_out_in_quant(
+        x: FloatTensor<Self>,
+        weight: QuantPrimitive<Self>,
+    ) -> FloatTensor<Self> {
+        reference::linear_out_in_quant_primitive::<Self>(x, weight)
     }
 
-    /// Whether this backend runs q8 weights ([`quant`]) in place, reading their int8 blocks
-    /// (burn's `Flex`); `false` (the default) makes the model loader dequantize q8 weights once
+    /// Whether this backend runs quantized weights ([`quant`]) in place, reading their packed
+    /// blocks (burn's `Flex`); `false` (the default) makes the model loader dequantize them once
     /// at load to the precision it would otherwise hold (the same values, full-size bytes), so
     /// the fast paths of those backends serve them.
-    fn q8_in_place() -> bool {
+    fn quant_in_place() -> bool {
         false
     }
 
@@ -358,15 +362,15 @@ pub fn grouped_experts_parts<B: GroupedExpertsBackend>(
     ))
 }
 
-/// Calls [`GroupedExpertsBackend::grouped_experts_q8`] on tensors. Shapes as documented there.
-pub fn grouped_experts_q8<B: GroupedExpertsBackend>(
+/// Calls [`GroupedExpertsBackend::grouped_experts_quant`] on tensors. Shapes as documented there.
+pub fn grouped_experts_quant<B: GroupedExpertsBackend>(
     x: Tensor<B, 2>,
     expert_ids: Tensor<B, 2, Int>,
     weights: Tensor<B, 2>,
-    gate_up: quant::Q8Tensor<B, 3>,
-    down: quant::Q8Tensor<B, 3>,
+    gate_up: quant::QuantTensor<B, 3>,
+    down: quant::QuantTensor<B, 3>,
 ) -> Tensor<B, 2> {
-    float(B::grouped_experts_q8(
+    float(B::grouped_experts_quant(
         x.into_primitive().tensor(),
         expert_ids.into_primitive(),
         weights.into_primitive().tensor(),
@@ -375,12 +379,16 @@ pub fn grouped_experts_q8<B: GroupedExpertsBackend>(
     ))
 }
 
-/// The primitives of a q8 weight ([`quant::Q8Tensor`]): int8 `values` (an `I8` int tensor) and
-/// `scales` (`f16`, or `f32` where the backend holds no `f16`), one per block of consecutive
-/// values along the last dimension.
+/// The primitives of a quantized weight ([`quant::QuantTensor`]): packed `values` (an `I8` int
+/// tensor: int8 values for q8, two 4-bit values per byte for q4) and `scales` (`f16`, or `f32`
+/// where the backend holds no `f16`), one per block of consecutive values along the last
+/// dimension.
 #[derive(Debug)]
-pub struct Q8Primitive<B: Backend> {
-    /// `[.., C]` int8 values.
+pub struct QuantPrimitive<B: Backend> {
+    /// How the values are packed.
+    pub format: quant::QuantFormat,
+    /// `[.., C / v]` packed values, `v` weights per byte
+    /// ([`quant::QuantFormat::values_per_byte`]).
     pub values: IntTensor<B>,
     /// `[.., C / block]` scales.
     pub scales: FloatTensor<B>,
@@ -397,13 +405,13 @@ pub fn linear_out_in<B: LinearBackend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) ->
     ))
 }
 
-/// `x · dequantize(W)ᵀ` for a q8 weight stored `[out, in]`, through
-/// [`LinearBackend::linear_out_in_q8`]. Shapes as documented there.
-pub fn linear_out_in_q8<B: LinearBackend>(
+/// `x · dequantize(W)ᵀ` for a quantized weight stored `[out, in]`, through
+/// [`LinearBackend::linear_out_in_quant`]. Shapes as documented there.
+pub fn linear_out_in_quant<B: LinearBackend>(
     x: Tensor<B, 2>,
-    weight: quant::Q8Tensor<B, 2>,
+    weight: quant::QuantTensor<B, 2>,
 ) -> Tensor<B, 2> {
-    float(B::linear_out_in_q8(
+    float(B::linear_out_in_quant(
         x.into_primitive().tensor(),
         weight.into_primitive(),
     ))

@@ -1,4 +1,4 @@
-//! q8 weights: block-wise symmetric int8.
+//! Quantized weights: block-wise int8 (q8) and 4-bit (q4).
 //!
 //! A weight matrix `[rows, row_len]` (row-major, the `[out, in]` layout) is cut along each row
 //! into blocks of `block` consecutive values (32 where it divides the row, see
@@ -16,14 +16,19 @@
 //! quantize to an infinite one, as a non-finite value does: it shows up rather than being
 //! clamped away.
 //!
+//! q4 ([`quantize_q4`], llama.cpp's `Q4_0`: same block of 32, same `f16` scale, same nibble
+//! layout) keeps 4 bits per weight: `w ≈ (q - 8) · s` with `q` in `[0, 15]`, the scale's sign
+//! and magnitude chosen so the block's largest-magnitude value maps to `-8` exactly; 0.5625
+//! bytes per weight at block 32, half of q8's, at about 16 times q8's error per weight.
+//!
 //! Activations are quantized the same way per call ([`quantize_q8_activation`]) but keep an `f32`
 //! scale: they are not streamed, and the int8 dot then stays exact on the quantized values.
 //!
-//! In a model a q8 weight is a [`Q8Tensor`]: two plain burn tensors, the int8 values (an `I8`
-//! int tensor) and the scales (`[.., C / block]`, `f16` where the backend holds `f16`, else
-//! `f32`). Not burn's own quantized tensors: burn-flex 0.21 keeps a quantized tensor's block scales in a `Vec` that every clone copies, and a module's
-//! parameter is cloned on each forward (`Param::val`), which cost more than the product (an
-//! OLMoE-shaped 4-layer model decoded at 7.3 tokens/s that way, against 20 in bf16); plain
+//! In a model a quantized weight is a [`QuantTensor`]: two plain burn tensors, the packed values
+//! (an `I8` int tensor) and the scales (`[.., C / block]`, `f16` where the backend holds `f16`,
+//! else `f32`). Not burn's own quantized tensors: burn-flex 0.21 keeps a quantized tensor's
+//! block scales in a `Vec` that every clone copies, and a module's parameter is cloned on each
+//! forward (`Param::val`), which cost more than the product (an OLMoE-shaped 4-layer model decoded at 7.3 tokens/s that way, against 20 in bf16); plain
 //! tensors share their storage between clones, and every backend can hold them, slice them
 //! (the reference dequantizes only routed experts) and move them.
 
@@ -33,7 +38,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use crate::aligned::AlignedRows;
-use crate::Q8Primitive;
+use crate::QuantPrimitive;
 
 /// The block length along the input dimension where the row length allows it.
 pub const Q8_BLOCK: usize = 32;
@@ -113,10 +118,169 @@ impl<'a> Q8Matrix<'a> {
     }
 }
 
-/// Owned q8 weights: what [`quantize_q8`] makes and a burn quantized tensor is built from.
+/// The packing of a quantized weight's values: what a [`QuantWeights`] or [`QuantTensor`] holds
+/// in its `i8` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// One int8 value per weight in `[-127, 127]` ([`quantize_q8`]): `w ≈ q · s`.
+    Q8,
+    /// Two 4-bit values per byte ([`quantize_q4`]): `w ≈ (q - 8) · s` with `q` in `[0, 15]`;
+    /// byte `j` of a block of `n` values holds value `j` in its low nibble and value
+    /// `j + n / 2` in its high one (llama.cpp's `Q4_0` layout).
+    Q4,
+}
+
+impl QuantFormat {
+    /// The lower-case name (`q8`, `q4`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8 => "q8",
+            Self::Q4 => "q4",
+        }
+    }
+
+    /// Weights per stored byte (1 for q8, 2 for q4).
+    pub fn values_per_byte(self) -> usize {
+        match self {
+            Self::Q8 => 1,
+            Self::Q4 => 2,
+        }
+    }
+
+    /// The block length for rows of `row_len` values ([`q8_block_len`], [`q4_block_len`]).
+    pub fn block_len(self, row_len: usize) -> Option<usize> {
+        match self {
+            Self::Q8 => q8_block_len(row_len),
+            Self::Q4 => q4_block_len(row_len),
+        }
+    }
+
+    /// Bytes per weight with blocks of `block` values and an `f16` scale each.
+    pub fn bytes_per_weight(self, block: usize) -> f64 {
+        1.0 / self.values_per_byte() as f64 + 2.0 / block as f64
+    }
+
+    /// Quantizes `values` with blocks of `block`: [`quantize_q8`] or [`quantize_q4`].
+    ///
+    /// # Panics
+    /// If `block` does not suit the format or does not divide `values.len()`.
+    pub fn quantize<W: Copy + Send + Sync + Into<f32>>(
+        self,
+        values: &[W],
+        block: usize,
+    ) -> QuantWeights {
+        let blocks = values.len() / block.max(1);
+        self.quantize_into(
+            values,
+            block,
+            vec![0i8; values.len() / self.values_per_byte()],
+            vec![f16::ZERO; blocks],
+        )
+    }
+
+    /// [`Self::quantize`] into buffers the caller allocated (`q` holding the packed values, as
+    /// long as `values` over [`Self::values_per_byte`]; `scales` one per block), e.g. backed by
+    /// huge pages: the packed values are what decode streams. Blocks on rayon's pool.
+    ///
+    /// # Panics
+    /// If `block` does not suit the format or does not divide `values.len()`, or a buffer has
+    /// the wrong length.
+    pub fn quantize_into<W: Copy + Send + Sync + Into<f32>>(
+        self,
+        values: &[W],
+        block: usize,
+        mut q: Vec<i8>,
+        mut scales: Vec<f16>,
+    ) -> QuantWeights {
+        self.check_block(values.len(), block);
+        assert!(
+            q.len() == values.len() / self.values_per_byte()
+                && scales.len() == values.len() / block,
+            "buffer lengths"
+        );
+        let chunk = QUANTIZE_CHUNK_BLOCKS * block;
+        q.par_chunks_mut(chunk / self.values_per_byte())
+            .zip(scales.par_chunks_mut(QUANTIZE_CHUNK_BLOCKS))
+            .zip(values.par_chunks(chunk))
+            .for_each(|((q, scales), values)| self.quantize_slice(values, block, q, scales));
+        QuantWeights {
+            format: self,
+            values: q,
+            scales,
+            block,
+        }
+    }
+
+    /// [`Self::quantize_into`] on borrowed slices, on the calling thread: the same values and
+    /// scales block for block. For a caller that already runs one task per part of a weight (one
+    /// expert per task while loading).
+    ///
+    /// # Panics
+    /// As [`Self::quantize_into`].
+    pub fn quantize_slice<W: Copy + Into<f32>>(
+        self,
+        values: &[W],
+        block: usize,
+        q: &mut [i8],
+        scales: &mut [f16],
+    ) {
+        self.check_block(values.len(), block);
+        let packed = block / self.values_per_byte();
+        assert!(
+            q.len() == values.len() / self.values_per_byte()
+                && scales.len() == values.len() / block,
+            "{} values into whole {} blocks of {block}",
+            values.len(),
+            self.name()
+        );
+        let mut wide = vec![0.0f32; block];
+        for ((q, scale), values) in q
+            .chunks_exact_mut(packed)
+            .zip(scales.iter_mut())
+            .zip(values.chunks_exact(block))
+        {
+            for (wide, &w) in wide.iter_mut().zip(values) {
+                *wide = w.into();
+            }
+            *scale = match self {
+                Self::Q8 => quantize_block(&wide, q),
+                Self::Q4 => quantize_block_q4(&wide, q),
+            };
+        }
+    }
+
+    fn check_block(self, len: usize, block: usize) {
+        assert!(
+            block > 0 && block.is_multiple_of(self.values_per_byte()) && len.is_multiple_of(block),
+            "{len} values are not whole {} blocks of {block}",
+            self.name()
+        );
+    }
+}
+
+impl std::fmt::Display for QuantFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A borrowed quantized matrix of either format, for callers that dispatch on it.
+#[derive(Debug, Clone, Copy)]
+pub enum QuantMatrix<'a> {
+    /// int8 values.
+    Q8(Q8Matrix<'a>),
+    /// Packed 4-bit values.
+    Q4(Q4Matrix<'a>),
+}
+
+/// Owned quantized weights: what [`quantize_q8`] and [`quantize_q4`] make and a
+/// [`QuantTensor`] is built from.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Q8Weights {
-    /// The int8 values, row-major like the source.
+pub struct QuantWeights {
+    /// How [`Self::values`] are packed.
+    pub format: QuantFormat,
+    /// The packed values, row-major like the source: one byte per weight (q8) or two weights per
+    /// byte (q4).
     pub values: Vec<i8>,
     /// One scale per block of [`Self::block`] values.
     pub scales: Vec<f16>,
@@ -124,18 +288,142 @@ pub struct Q8Weights {
     pub block: usize,
 }
 
-impl Q8Weights {
+impl QuantWeights {
     /// The weights as a borrowed matrix.
-    pub fn matrix(&self) -> Q8Matrix<'_> {
-        Q8Matrix::new(&self.values, &self.scales, self.block).expect("built whole blocks")
+    pub fn matrix(&self) -> QuantMatrix<'_> {
+        match self.format {
+            QuantFormat::Q8 => QuantMatrix::Q8(
+                Q8Matrix::new(&self.values, &self.scales, self.block).expect("built whole blocks"),
+            ),
+            QuantFormat::Q4 => QuantMatrix::Q4(
+                Q4Matrix::new(&self.values, &self.scales, self.block).expect("built whole blocks"),
+            ),
+        }
     }
 
-    /// Every value dequantized: `q · s`, what the kernels compute with.
+    /// The weights as a q8 matrix, if they are q8.
+    pub fn as_q8(&self) -> Option<Q8Matrix<'_>> {
+        match self.matrix() {
+            QuantMatrix::Q8(m) => Some(m),
+            QuantMatrix::Q4(_) => None,
+        }
+    }
+
+    /// The weights as a q4 matrix, if they are q4.
+    pub fn as_q4(&self) -> Option<Q4Matrix<'_>> {
+        match self.matrix() {
+            QuantMatrix::Q4(m) => Some(m),
+            QuantMatrix::Q8(_) => None,
+        }
+    }
+
+    /// Weights held (packed values times [`QuantFormat::values_per_byte`]).
+    pub fn len(&self) -> usize {
+        self.values.len() * self.format.values_per_byte()
+    }
+
+    /// Whether no weight is held.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Every value dequantized: `q · s` (q8) or `(q - 8) · s` (q4), what the kernels compute
+    /// with.
     pub fn dequantize(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.values.len()];
-        self.matrix()
-            .dequantize_into(0..self.values.len(), &mut out);
+        let mut out = vec![0.0; self.len()];
+        match self.matrix() {
+            QuantMatrix::Q8(m) => m.dequantize_into(0..out.len(), &mut out),
+            QuantMatrix::Q4(m) => m.dequantize_into(0..out.len(), &mut out),
+        }
         out
+    }
+}
+
+/// The shortest q4 block [`q4_block_len`] picks.
+pub const Q4_MIN_BLOCK: usize = 8;
+
+/// The q4 block length for rows of `row_len` values: 32 where it divides the row, else the
+/// largest *even* divisor of `row_len` from [`Q4_MIN_BLOCK`] to 32 (a block packs its first and
+/// second halves into one byte each pair); `None` when there is none.
+pub fn q4_block_len(row_len: usize) -> Option<usize> {
+    if row_len == 0 {
+        return None;
+    }
+    (Q4_MIN_BLOCK..=Q8_BLOCK)
+        .rev()
+        .step_by(2)
+        .find(|block| row_len.is_multiple_of(*block))
+}
+
+/// A borrowed q4 matrix: `values` the packed bytes (llama.cpp's `Q4_0` layout within a block,
+/// see [`QuantFormat::Q4`]), one `f16` scale per `block` consecutive weights. Weights are
+/// addressed by their index in the unpacked row-major matrix.
+#[derive(Debug, Clone, Copy)]
+pub struct Q4Matrix<'a> {
+    values: &'a [i8],
+    scales: &'a [f16],
+    block: usize,
+}
+
+impl<'a> Q4Matrix<'a> {
+    /// `None` unless `block` is positive and even, `values` packs whole blocks (`block / 2`
+    /// bytes each) and `scales` has one per block.
+    pub fn new(values: &'a [i8], scales: &'a [f16], block: usize) -> Option<Self> {
+        (block > 0
+            && block.is_multiple_of(2)
+            && values.len().is_multiple_of(block / 2)
+            && scales.len() == values.len() / (block / 2))
+            .then_some(Self {
+                values,
+                scales,
+                block,
+            })
+    }
+
+    /// The packed bytes.
+    pub fn values(&self) -> &'a [i8] {
+        self.values
+    }
+
+    /// One scale per block.
+    pub fn scales(&self) -> &'a [f16] {
+        self.scales
+    }
+
+    /// Weights per block.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// Weights held (twice the bytes).
+    pub fn len(&self) -> usize {
+        self.values.len() * 2
+    }
+
+    /// Whether no weight is held.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The 4-bit value `q` (0 to 15) of weight `index`.
+    pub fn nibble(&self, index: usize) -> u8 {
+        let (b, j) = (index / self.block, index % self.block);
+        let half = self.block / 2;
+        let byte = self.values[b * half + j % half] as u8;
+        if j < half {
+            byte & 0x0F
+        } else {
+            byte >> 4
+        }
+    }
+
+    /// Writes `(q - 8) · s` for the weights `range` into `out` (as long as `range`).
+    pub fn dequantize_into(&self, range: core::ops::Range<usize>, out: &mut [f32]) {
+        assert_eq!(out.len(), range.len(), "output as long as the range");
+        for (o, i) in out.iter_mut().zip(range) {
+            let scale = self.scales[i / self.block].to_f32();
+            *o = (f32::from(self.nibble(i)) - 8.0) * scale;
+        }
     }
 }
 
@@ -210,6 +498,40 @@ fn quantize_block(wide: &[f32], q: &mut [i8]) -> f16 {
     scale
 }
 
+/// Quantizes one q4 weight block into `packed` (half as long): llama.cpp's `Q4_0` rule. The
+/// scale is the block's signed extreme `m` (the first value of largest magnitude) over `-8`,
+/// its magnitude rounded *up* to an `f16`, so `m` maps to `-8` exactly and every `w / s` lies in
+/// `[-8, 8]`; values are rounded half away from zero and clamped to `[-8, 7]`, then stored
+/// plus 8. The error is within `|s| / 2`, except for values beyond `7.5 |s|` on the side
+/// opposite `m`, which clamp to `7 |s|` (within `|s|`). An all-zero block has scale 0.
+fn quantize_block_q4(wide: &[f32], packed: &mut [i8]) -> f16 {
+    let half = wide.len() / 2;
+    let max = block_max(wide);
+    if max == 0.0 {
+        packed.fill(0x88u8 as i8);
+        return f16::ZERO;
+    }
+    let extreme = wide
+        .iter()
+        .copied()
+        .find(|w| w.abs() == max)
+        .unwrap_or(f32::NAN);
+    let magnitude = f16_at_least(max / 8.0);
+    let scale = if extreme > 0.0 { -magnitude } else { magnitude };
+    let inverse = 1.0 / scale.to_f32();
+    let nibble = |w: f32| -> u8 {
+        let v = w * inverse;
+        let r = (v + 0.5f32.copysign(v)).clamp(-8.0, 7.0);
+        let r = if r.is_nan() { 0.0 } else { r };
+        // SAFETY: `r` is finite and within [-8, 7], so it truncates to an i32.
+        (unsafe { r.to_int_unchecked::<i32>() } + 8) as u8
+    };
+    for (j, byte) in packed.iter_mut().enumerate() {
+        *byte = (nibble(wide[j]) | nibble(wide[j + half]) << 4) as i8;
+    }
+    scale
+}
+
 /// An activation row quantized to q8 (see [`quantize_q8_activation`]): `f32` scales.
 #[derive(Debug, Clone)]
 pub struct Q8Activation {
@@ -275,101 +597,50 @@ const QUANTIZE_CHUNK_BLOCKS: usize = 4096;
 ///
 /// # Panics
 /// If `block` is 0 or does not divide `values.len()` (callers pick it with [`q8_block_len`]).
-pub fn quantize_q8<W: Copy + Send + Sync + Into<f32>>(values: &[W], block: usize) -> Q8Weights {
-    quantize_q8_into(
-        values,
-        block,
-        vec![0i8; values.len()],
-        vec![f16::ZERO; values.len() / block.max(1)],
-    )
+pub fn quantize_q8<W: Copy + Send + Sync + Into<f32>>(values: &[W], block: usize) -> QuantWeights {
+    QuantFormat::Q8.quantize(values, block)
 }
 
-/// [`quantize_q8`] into buffers the caller allocated (`q` as long as `values`, `scales` one per
-/// block), e.g. backed by huge pages: the int8 values are what decode streams.
+/// Quantizes `values` (`f32`, `bf16` or `f16`, row-major) to q4 with blocks of `block` values
+/// (llama.cpp's `Q4_0` rule and layout, see [`QuantFormat::Q4`]): per block an `f16` scale
+/// `s` with `|s| = max|w| / 8` rounded up and the sign that maps the block's extreme to `-8`,
+/// and 4-bit `q = clamp(round(w / s), -8, 7) + 8`; `w ≈ (q - 8) · s` within `|s| / 2` (within
+/// `|s|` for values beyond `7.5 |s|` opposite the extreme). 0.5625 bytes per weight at block
+/// 32. Non-finite values make their block's scale non-finite, as for q8.
 ///
 /// # Panics
-/// If `block` does not divide `values.len()` or a buffer has the wrong length.
-pub fn quantize_q8_into<W: Copy + Send + Sync + Into<f32>>(
-    values: &[W],
-    block: usize,
-    mut q: Vec<i8>,
-    mut scales: Vec<f16>,
-) -> Q8Weights {
-    assert!(
-        block > 0 && values.len().is_multiple_of(block),
-        "{} values are not whole q8 blocks of {block}",
-        values.len()
-    );
-    assert!(
-        q.len() == values.len() && scales.len() == values.len() / block,
-        "buffer lengths"
-    );
-    let chunk = QUANTIZE_CHUNK_BLOCKS * block;
-    q.par_chunks_mut(chunk)
-        .zip(scales.par_chunks_mut(QUANTIZE_CHUNK_BLOCKS))
-        .zip(values.par_chunks(chunk))
-        .for_each(|((q, scales), values)| quantize_q8_slice(values, block, q, scales));
-    Q8Weights {
-        values: q,
-        scales,
-        block,
-    }
+/// If `block` is 0, odd or does not divide `values.len()` (callers pick it with
+/// [`q4_block_len`]).
+pub fn quantize_q4<W: Copy + Send + Sync + Into<f32>>(values: &[W], block: usize) -> QuantWeights {
+    QuantFormat::Q4.quantize(values, block)
 }
 
-/// [`quantize_q8_into`] on borrowed slices, on the calling thread: `values` into `q` (as long)
-/// and `scales` (one per block of `block`), the same values and scales block for block. For a
-/// caller that already runs one task per part of a weight (one expert per task while loading).
-///
-/// # Panics
-/// If `block` is 0 or does not divide `values.len()`, or a buffer has the wrong length.
-pub fn quantize_q8_slice<W: Copy + Into<f32>>(
-    values: &[W],
-    block: usize,
-    q: &mut [i8],
-    scales: &mut [f16],
-) {
-    assert!(
-        block > 0
-            && values.len().is_multiple_of(block)
-            && q.len() == values.len()
-            && scales.len() == values.len() / block,
-        "{} values into whole q8 blocks of {block}",
-        values.len()
-    );
-    let mut wide = vec![0.0f32; block];
-    for ((q, scale), values) in q
-        .chunks_exact_mut(block)
-        .zip(scales.iter_mut())
-        .zip(values.chunks_exact(block))
-    {
-        for (wide, &w) in wide.iter_mut().zip(values) {
-            *wide = w.into();
-        }
-        *scale = quantize_block(&wide, q);
-    }
-}
-
-/// A q8 weight as burn tensors: int8 `values` `[.., C]` (an `I8` int tensor) and `scales`
-/// `[.., C / block]` (one per block of `block` consecutive values of the last dimension): `f16`
-/// as quantized where the backend holds `f16` tensors, else the same values in `f32`.
+/// A quantized weight as burn tensors: `values` (an `I8` int tensor) `[.., C / v]` with `v`
+/// weights per byte ([`QuantFormat::values_per_byte`]: the int8 values for q8, the packed
+/// bytes for q4) and `scales` `[.., C / block]` (one per block of `block` consecutive weights of
+/// the last dimension): `f16` as quantized where the backend holds `f16` tensors, else the same
+/// values in `f32`.
 #[derive(Debug, Clone)]
-pub struct Q8Tensor<B: Backend, const D: usize> {
-    /// The int8 values.
+pub struct QuantTensor<B: Backend, const D: usize> {
+    /// The packed values.
     pub values: Tensor<B, D, Int>,
     /// The block scales.
     pub scales: Tensor<B, D>,
+    /// How the values are packed.
+    pub format: QuantFormat,
 }
 
-impl<B: Backend, const D: usize> Q8Tensor<B, D> {
-    /// `weights` (row-major, of shape `shape`) on `device`.
+impl<B: Backend, const D: usize> QuantTensor<B, D> {
+    /// `weights` (row-major, of shape `shape`: the weight's, not the packed values') on
+    /// `device`.
     ///
     /// # Panics
-    /// If `shape` does not hold `weights.values.len()` elements in rows of whole blocks.
-    pub fn new(weights: Q8Weights, shape: [usize; D], device: &B::Device) -> Self {
+    /// If `shape` does not hold `weights.len()` elements in rows of whole blocks.
+    pub fn new(weights: QuantWeights, shape: [usize; D], device: &B::Device) -> Self {
         let row_len = shape[D - 1];
         assert!(
             row_len.is_multiple_of(weights.block)
-                && shape.iter().product::<usize>() == weights.values.len(),
+                && shape.iter().product::<usize>() == weights.len(),
             "{shape:?} is not rows of whole blocks of {}",
             weights.block
         );
@@ -381,34 +652,50 @@ impl<B: Backend, const D: usize> Q8Tensor<B, D> {
         } else {
             Tensor::from_data(scales.convert::<f32>(), device)
         };
+        let mut values_shape = shape;
+        values_shape[D - 1] = row_len / weights.format.values_per_byte();
         Self {
-            values: Tensor::from_data(TensorData::new(weights.values, shape), (device, DType::I8)),
+            values: Tensor::from_data(
+                TensorData::new(weights.values, values_shape),
+                (device, DType::I8),
+            ),
             scales,
+            format: weights.format,
         }
     }
 
     /// Values per block.
     pub fn block(&self) -> usize {
-        let (c, blocks) = (self.values.dims()[D - 1], self.scales.dims()[D - 1]);
+        let (c, blocks) = (self.dims()[D - 1], self.scales.dims()[D - 1]);
         c.checked_div(blocks).unwrap_or(0)
     }
 
     /// The shape of the weight.
     pub fn dims(&self) -> [usize; D] {
-        self.values.dims()
+        let mut dims = self.values.dims();
+        dims[D - 1] *= self.format.values_per_byte();
+        dims
     }
 
-    /// `q · s` as an `f32` tensor, with tensor ops.
+    /// The weights as an `f32` tensor, with tensor ops: `q · s`, or `(q - 8) · s` for q4 (its
+    /// nibbles taken apart with float ops, which every backend has).
     pub fn dequantize(&self) -> Tensor<B, D> {
-        let shape = self.values.dims();
+        let shape = self.dims();
         let block = self.block().max(1);
         let n = shape.iter().product::<usize>() / block;
-        let values = self
-            .values
-            .clone()
-            .float()
-            .cast(DType::F32)
-            .reshape([n, block]);
+        let values = self.values.clone().float().cast(DType::F32);
+        let values = match self.format {
+            QuantFormat::Q8 => values.reshape([n, block]),
+            QuantFormat::Q4 => {
+                // The byte's bits as 0..=255 (the int8 reads them as two's complement), then its
+                // high nibble (exact: floor of a multiple of 1/16) and low one.
+                let bytes = values.reshape([n, block / 2]);
+                let bytes = bytes.clone() + bytes.lower_elem(0.0).float() * 256.0;
+                let high = (bytes.clone() / 16.0).floor();
+                let low = bytes - high.clone() * 16.0;
+                Tensor::cat(vec![low, high], 1) - 8.0
+            }
+        };
         let scales = self.scales.clone().cast(DType::F32).reshape([n, 1]);
         (values * scales).reshape(shape)
     }
@@ -419,22 +706,25 @@ impl<B: Backend, const D: usize> Q8Tensor<B, D> {
         Self {
             values: self.values.clone().narrow(0, index, 1),
             scales: self.scales.clone().narrow(0, index, 1),
+            format: self.format,
         }
     }
 
     /// The primitives, for the backend traits.
-    pub fn into_primitive(self) -> Q8Primitive<B> {
-        Q8Primitive {
+    pub fn into_primitive(self) -> QuantPrimitive<B> {
+        QuantPrimitive {
             values: self.values.into_primitive(),
             scales: self.scales.into_primitive().tensor(),
+            format: self.format,
         }
     }
 
     /// From the backend traits' primitives.
-    pub fn from_primitive(primitive: Q8Primitive<B>) -> Self {
+    pub fn from_primitive(primitive: QuantPrimitive<B>) -> Self {
         Self {
             values: Tensor::from_primitive(primitive.values),
             scales: Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(primitive.scales)),
+            format: primitive.format,
         }
     }
 }
@@ -589,13 +879,188 @@ mod tests {
         }
     }
 
+    #[test]
+    fn q4_block_lengths_are_even_divisors() {
+        assert_eq!(q4_block_len(2048), Some(32));
+        assert_eq!(q4_block_len(48), Some(24));
+        assert_eq!(q4_block_len(40), Some(20));
+        assert_eq!(
+            q4_block_len(136),
+            Some(8),
+            "17 · 8: no even divisor from 10 to 32"
+        );
+        assert_eq!(q4_block_len(27), None, "only odd divisors");
+        assert_eq!(q4_block_len(12), Some(12));
+        assert_eq!(q4_block_len(6), None);
+        assert_eq!(q4_block_len(0), None);
+        assert_eq!(QuantFormat::Q4.block_len(48), Some(24));
+        assert_eq!(QuantFormat::Q8.block_len(27), Some(27));
+    }
+
+    /// The q4 rule written value by value in `f64` (the signed extreme over -8, its magnitude
+    /// rounded up to an `f16`; round half away from zero, clamp to [-8, 7], plus 8), unpacked.
+    fn q4_reference(wide: &[f32]) -> (f16, Vec<u8>) {
+        let max = wide.iter().fold(0.0f32, |m, &w| {
+            if w.is_nan() || m.is_nan() {
+                f32::NAN
+            } else {
+                m.max(w.abs())
+            }
+        });
+        if max == 0.0 {
+            return (f16::ZERO, vec![8; wide.len()]);
+        }
+        let extreme = wide
+            .iter()
+            .copied()
+            .find(|w| w.abs() == max)
+            .unwrap_or(f32::NAN);
+        let magnitude = f16_at_least(max / 8.0);
+        let scale = if extreme > 0.0 { -magnitude } else { magnitude };
+        let inverse = 1.0 / scale.to_f32();
+        let q = wide
+            .iter()
+            .map(|&w| {
+                let v = w * inverse;
+                if v.is_nan() {
+                    8
+                } else {
+                    ((v + 0.5f32.copysign(v)) as i32).clamp(-8, 7) as u8 + 8
+                }
+            })
+            .collect();
+        (scale, q)
+    }
+
+    #[test]
+    fn the_q4_quantizer_follows_the_rule_and_packs_llama_cpp_s_layout() {
+        let mut blocks: Vec<Vec<f32>> = (0..100)
+            .map(|i| values(32, 0.5 + i as f32))
+            .chain((4..=16).map(|n| values(2 * n, 3.0)))
+            .collect();
+        let mut special = values(32, 1.0);
+        special[5] = 40.0; // a positive extreme: the scale is negative
+        blocks.push(special.clone());
+        special[5] = -40.0;
+        blocks.push(special.clone());
+        special[5] = f32::NAN;
+        blocks.push(special);
+        blocks.push(vec![0.0; 32]);
+        blocks.push((0..32).map(|i| (i as f32 - 15.5) * 1e-7).collect());
+        for wide in &blocks {
+            let mut packed = vec![0i8; wide.len() / 2];
+            let scale = quantize_block_q4(wide, &mut packed);
+            let (want_scale, want_q) = q4_reference(wide);
+            assert_eq!(scale.to_bits(), want_scale.to_bits(), "{wide:?}");
+            let half = wide.len() / 2;
+            for (j, &byte) in packed.iter().enumerate() {
+                let byte = byte as u8;
+                assert_eq!(byte & 0x0F, want_q[j], "low nibble {j} of {wide:?}");
+                assert_eq!(byte >> 4, want_q[j + half], "high nibble {j} of {wide:?}");
+            }
+        }
+        // The extreme maps to -8 exactly (stored 0), whichever its sign.
+        let mut source = values(32, 0.1);
+        source[7] = 2.0;
+        let q = quantize_q4(&source, 32);
+        assert!(q.scales[0].to_f32() < 0.0);
+        let m = q.as_q4().unwrap();
+        assert_eq!(m.nibble(7), 0);
+        assert_eq!(q.dequantize()[7], 2.0);
+    }
+
+    #[test]
+    fn q4_round_trip_is_within_half_a_step_or_a_step_at_the_clamped_end() {
+        for (len, block) in [(96, 32), (48, 24), (36, 12)] {
+            let mut source = values(len, 0.3);
+            source[block..2 * block].fill(0.0);
+            let q = quantize_q4(&source, block);
+            assert_eq!(q.format, QuantFormat::Q4);
+            assert_eq!(
+                (q.values.len(), q.scales.len(), q.len()),
+                (len / 2, len / block, len)
+            );
+            assert_eq!(q.scales[1], f16::ZERO, "an all-zero block");
+            let back = q.dequantize();
+            for (b, (src, got)) in source.chunks(block).zip(back.chunks(block)).enumerate() {
+                let max = src.iter().fold(0.0f32, |m, w| m.max(w.abs()));
+                let step = q.scales[b].to_f32().abs();
+                assert!(step >= max / 8.0 && step <= max / 8.0 * (1.0 + 1.0 / 1024.0));
+                for (&w, &g) in src.iter().zip(got) {
+                    // Half a step, except values past 7.5 steps opposite the extreme (clamped
+                    // to 7 steps): within a step.
+                    let bound = if (w / q.scales[b].to_f32()) > 7.5 {
+                        step
+                    } else {
+                        step / 2.0
+                    };
+                    assert!(
+                        (w - g).abs() <= bound * (1.0 + 1e-5) + 1e-7,
+                        "block {b}: {w} -> {g} (scale {})",
+                        q.scales[b]
+                    );
+                }
+            }
+        }
+        // Non-finite values poison their block only.
+        let mut source = values(64, 0.1);
+        source[40] = f32::NAN;
+        let q = quantize_q4(&source, 32);
+        assert!(q.scales[0].is_finite() && q.scales[1].is_nan());
+        // 16-bit sources quantize their widened values.
+        let bf: Vec<half::bf16> = values(64, 0.7)
+            .iter()
+            .map(|&v| half::bf16::from_f32(v))
+            .collect();
+        let widened: Vec<f32> = bf.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(quantize_q4(&bf, 32), quantize_q4(&widened, 32));
+    }
+
+    #[test]
+    fn q4_slices_and_pool_chunks_give_the_whole_quantizer_s_blocks() {
+        // Past one pool chunk (4 096 blocks), so the chunks' packed offsets are exercised.
+        let source = values(32 * 4096 + 96, 0.4);
+        let whole = quantize_q4(&source, 32);
+        let mut q = vec![0i8; source.len() / 2];
+        let mut scales = vec![f16::ZERO; source.len() / 32];
+        QuantFormat::Q4.quantize_slice(&source, 32, &mut q, &mut scales);
+        assert_eq!((q, scales), (whole.values.clone(), whole.scales.clone()));
+    }
+
+    #[cfg(feature = "flex")]
+    #[test]
+    fn a_q4_tensor_dequantizes_with_tensor_ops_to_the_quantizer_values() {
+        use burn::backend::flex::Flex;
+        use burn::backend::NdArray;
+        let q = quantize_q4(&values(2 * 3 * 48, 0.2), 24);
+        let want = q.dequantize();
+        let tensor = QuantTensor::<Flex, 3>::new(q.clone(), [2, 3, 48], &Default::default());
+        assert_eq!(tensor.format, QuantFormat::Q4);
+        assert_eq!(tensor.values.dims(), [2, 3, 24], "two weights per byte");
+        assert_eq!((tensor.dims(), tensor.block()), ([2, 3, 48], 24));
+        let got = tensor.dequantize().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(got, want);
+        let second = tensor
+            .narrow_first(1)
+            .dequantize()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(second, want[3 * 48..]);
+        // A backend without f16 (scales widened to f32), bytes with the high bit set included.
+        assert!(q.values.iter().any(|&b| b < 0));
+        let ndarray = QuantTensor::<NdArray, 3>::new(q, [2, 3, 48], &Default::default());
+        let got = ndarray.dequantize().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(got, want);
+    }
+
     #[cfg(feature = "flex")]
     #[test]
     fn a_q8_tensor_dequantizes_with_tensor_ops_to_the_quantizer_values() {
         use burn::backend::flex::Flex;
         let q = quantize_q8(&values(2 * 3 * 48, 0.2), 24);
         let want = q.dequantize();
-        let tensor = Q8Tensor::<Flex, 3>::new(q, [2, 3, 48], &Default::default());
+        let tensor = QuantTensor::<Flex, 3>::new(q, [2, 3, 48], &Default::default());
         assert_eq!(tensor.block(), 24);
         assert_eq!(tensor.values.dtype(), DType::I8);
         assert_eq!(

@@ -16,8 +16,8 @@ use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::activation::silu;
 use crate::plan::{DispatchPlan, MoeDims};
-use crate::quant::Q8Tensor;
-use crate::Q8Primitive;
+use crate::quant::QuantTensor;
+use crate::QuantPrimitive;
 use crate::{float, primitive};
 
 /// `down · (silu(gate · x) ⊙ up · x)` on rows `x` (`[N, H]`), with `gate_up` `[2I, H]` (gate rows
@@ -87,18 +87,18 @@ pub fn grouped_experts_reference<B: Backend>(
     })
 }
 
-/// Reference for [`GroupedExpertsBackend::grouped_experts_q8`](crate::GroupedExpertsBackend::grouped_experts_q8):
-/// [`grouped_experts_reference`] with each routed expert's q8 weights sliced out and dequantized
+/// Reference for [`GroupedExpertsBackend::grouped_experts_quant`](crate::GroupedExpertsBackend::grouped_experts_quant):
+/// [`grouped_experts_reference`] with each routed expert's quantized weights sliced out and dequantized
 /// with tensor ops (idle experts' values and scales are not touched).
 ///
 /// # Shapes
-/// As [`grouped_experts_reference`], with `gate_up`, `down` as [`Q8Tensor`]s of those shapes.
-pub fn grouped_experts_q8_reference<B: Backend>(
+/// As [`grouped_experts_reference`], with `gate_up`, `down` as [`QuantTensor`]s of those shapes.
+pub fn grouped_experts_quant_reference<B: Backend>(
     x: Tensor<B, 2>,
     expert_ids: Tensor<B, 2, Int>,
     weights: Tensor<B, 2>,
-    gate_up: Q8Tensor<B, 3>,
-    down: Q8Tensor<B, 3>,
+    gate_up: QuantTensor<B, 3>,
+    down: QuantTensor<B, 3>,
 ) -> Tensor<B, 2> {
     let [experts, two_i, hidden] = gate_up.dims();
     let [_, _, inter] = down.dims();
@@ -122,21 +122,21 @@ pub fn grouped_experts_q8_reference<B: Backend>(
     })
 }
 
-/// [`grouped_experts_q8_reference`] on primitives: the default of
-/// [`GroupedExpertsBackend::grouped_experts_q8`](crate::GroupedExpertsBackend::grouped_experts_q8).
-pub fn grouped_experts_q8_primitive<B: Backend>(
+/// [`grouped_experts_quant_reference`] on primitives: the default of
+/// [`GroupedExpertsBackend::grouped_experts_quant`](crate::GroupedExpertsBackend::grouped_experts_quant).
+pub fn grouped_experts_quant_primitive<B: Backend>(
     x: FloatTensor<B>,
     expert_ids: IntTensor<B>,
     weights: FloatTensor<B>,
-    gate_up: Q8Primitive<B>,
-    down: Q8Primitive<B>,
+    gate_up: QuantPrimitive<B>,
+    down: QuantPrimitive<B>,
 ) -> FloatTensor<B> {
-    primitive(grouped_experts_q8_reference::<B>(
+    primitive(grouped_experts_quant_reference::<B>(
         float(x),
         Tensor::from_primitive(expert_ids),
         float(weights),
-        Q8Tensor::from_primitive(gate_up),
-        Q8Tensor::from_primitive(down),
+        QuantTensor::from_primitive(gate_up),
+        QuantTensor::from_primitive(down),
     ))
 }
 
@@ -268,16 +268,16 @@ pub fn linear_out_in_reference<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>
     x.matmul(like(weight, dtype).transpose())
 }
 
-/// Reference for [`LinearBackend::linear_out_in_q8`](crate::LinearBackend::linear_out_in_q8):
+/// Reference for [`LinearBackend::linear_out_in_quant`](crate::LinearBackend::linear_out_in_quant):
 /// the weight dequantized with tensor ops, then [`linear_out_in_reference`]; on primitives (the
 /// trait's default and the fallback of backends whose fast path declines a call).
-pub fn linear_out_in_q8_primitive<B: Backend>(
+pub fn linear_out_in_quant_primitive<B: Backend>(
     x: FloatTensor<B>,
-    weight: Q8Primitive<B>,
+    weight: QuantPrimitive<B>,
 ) -> FloatTensor<B> {
     primitive(linear_out_in_reference::<B>(
         float(x),
-        Q8Tensor::<B, 2>::from_primitive(weight).dequantize(),
+        QuantTensor::<B, 2>::from_primitive(weight).dequantize(),
     ))
 }
 

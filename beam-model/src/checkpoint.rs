@@ -94,24 +94,42 @@ impl std::str::FromStr for WeightDtype {
 /// A quantized format the large `[out, in]` weights can be held in: what `--quantize` chooses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Quantization {
-    /// Block-wise symmetric int8 ([`beam_kernels::quant`]): blocks of 32 values along the input
-    /// dimension (fewer where a row is not a multiple of 32), one `f32` scale each.
+    /// Block-wise symmetric int8 ([`beam_kernels::quant::quantize_q8`]): blocks of 32 values
+    /// along the input dimension (fewer where a row is not a multiple of 32), one `f16` scale
+    /// each.
     Q8,
+    /// Block-wise 4-bit ([`beam_kernels::quant::quantize_q4`], llama.cpp's `Q4_0`): blocks of 32
+    /// values (an even divisor from 8 where a row is not a multiple of 32), one `f16` scale each.
+    Q4,
 }
 
 impl Quantization {
-    /// The lower-case name (`q8`), as `--quantize` spells it.
+    /// The lower-case name (`q8`, `q4`), as `--quantize` spells it.
     pub fn name(self) -> &'static str {
+        self.format().name()
+    }
+
+    /// The packing the weights are held in.
+    pub fn format(self) -> beam_kernels::quant::QuantFormat {
         match self {
-            Self::Q8 => "q8",
+            Self::Q8 => beam_kernels::quant::QuantFormat::Q8,
+            Self::Q4 => beam_kernels::quant::QuantFormat::Q4,
         }
     }
 
-    /// Bytes per weight at the default block (int8 value + its share of the scale).
-    pub fn bytes_per_weight(self) -> f64 {
-        match self {
-            Self::Q8 => 1.0 + 2.0 / beam_kernels::quant::Q8_BLOCK as f64,
+    /// The quantization holding `format`.
+    pub fn from_format(format: beam_kernels::quant::QuantFormat) -> Self {
+        match format {
+            beam_kernels::quant::QuantFormat::Q8 => Self::Q8,
+            beam_kernels::quant::QuantFormat::Q4 => Self::Q4,
         }
+    }
+
+    /// Bytes per weight at the default block (packed value + its share of the scale): 1.0625
+    /// for q8, 0.5625 for q4.
+    pub fn bytes_per_weight(self) -> f64 {
+        self.format()
+            .bytes_per_weight(beam_kernels::quant::Q8_BLOCK)
     }
 }
 
@@ -126,7 +144,10 @@ impl std::str::FromStr for Quantization {
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "q8" | "int8" | "q8_0" => Ok(Self::Q8),
-            other => Err(format!("unknown quantization `{other}` (expected q8)")),
+            "q4" | "int4" | "q4_0" => Ok(Self::Q4),
+            other => Err(format!(
+                "unknown quantization `{other}` (expected q8 or q4)"
+            )),
         }
     }
 }
@@ -135,8 +156,8 @@ impl std::str::FromStr for Quantization {
 /// experts, an optional quantization (embeddings are never quantized).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WeightFormat {
-    /// Precision of the weights (of those not quantized, and what q8 dequantizes to on backends
-    /// that do not run q8 in place).
+    /// Precision of the weights (of those not quantized, and what quantized weights dequantize
+    /// to on backends that do not run them in place).
     pub dtype: WeightDtype,
     /// The quantization of the linear weights, if any.
     pub quantize: Option<Quantization>,
@@ -152,24 +173,26 @@ impl From<WeightDtype> for WeightFormat {
 }
 
 /// `data` (in `format.dtype`, rows along its last dimension) as a weight on `device`: as [`held`]
-/// when `format` quantizes nothing; quantized to q8 ([`beam_kernels::quant::quantize_q8`])
-/// otherwise — int8 values and scales where the backend runs q8 in place (`q8_in_place`, see
-/// [`beam_kernels::LinearBackend::q8_in_place`]), else dequantized back into `format.dtype` once
-/// (the q8 model's values; rounded to it when it is 16-bit). `path` and `name` name the tensor in
-/// the error for rows no q8 block length tiles ([`beam_kernels::quant::q8_block_len`]).
+/// when `format` quantizes nothing; quantized (q8: [`beam_kernels::quant::quantize_q8`], q4:
+/// [`beam_kernels::quant::quantize_q4`]) otherwise — packed values and scales where the backend
+/// runs them in place (`quant_in_place`, see [`beam_kernels::LinearBackend::quant_in_place`]),
+/// else dequantized back into `format.dtype` once (the quantized model's values; rounded to it
+/// when it is 16-bit). `path` and `name` name the tensor in the error for rows no block length of
+/// the format tiles ([`beam_kernels::quant::QuantFormat::block_len`]).
 pub fn held_as<B: Backend, const D: usize>(
     data: TensorData,
     format: WeightFormat,
-    q8_in_place: bool,
+    quant_in_place: bool,
     device: &B::Device,
     (path, name): (&Path, &str),
 ) -> Result<Weight<B, D>, LoadError> {
-    use beam_kernels::quant::{quantize_q8_into, Q8Tensor};
-    let Some(Quantization::Q8) = format.quantize else {
+    use beam_kernels::quant::QuantTensor;
+    let Some(quantization) = format.quantize else {
         return Ok(held(data, format.dtype, device).into());
     };
+    let packing = quantization.format();
     let shape = data.shape.clone();
-    let block = q8_block(&shape, (path, name))?;
+    let block = quant_block(quantization, &shape, (path, name))?;
     let dtype_error = |actual: DType| LoadError::Dtype {
         path: path.to_path_buf(),
         name: name.to_string(),
@@ -179,25 +202,25 @@ pub fn held_as<B: Backend, const D: usize>(
     // Huge-page-backed buffers (see `weight_buffer`): decode streams these values.
     let n = data.num_elements();
     let (q, scales) = (
-        weight_buffer::<i8>(n),
+        weight_buffer::<i8>(n / packing.values_per_byte()),
         weight_buffer::<half::f16>(n / block),
     );
     let q = match data.dtype {
-        DType::F32 => quantize_q8_into(
+        DType::F32 => packing.quantize_into(
             data.as_slice::<f32>()
                 .map_err(|_| dtype_error(data.dtype))?,
             block,
             q,
             scales,
         ),
-        DType::BF16 => quantize_q8_into(
+        DType::BF16 => packing.quantize_into(
             data.as_slice::<half::bf16>()
                 .map_err(|_| dtype_error(data.dtype))?,
             block,
             q,
             scales,
         ),
-        DType::F16 => quantize_q8_into(
+        DType::F16 => packing.quantize_into(
             data.as_slice::<half::f16>()
                 .map_err(|_| dtype_error(data.dtype))?,
             block,
@@ -207,9 +230,9 @@ pub fn held_as<B: Backend, const D: usize>(
         other => return Err(dtype_error(other)),
     };
     drop(data);
-    if q8_in_place {
+    if quant_in_place {
         let shape: [usize; D] = shape.as_slice().try_into().expect("a rank-D tensor");
-        return Ok(Weight::q8(Q8Tensor::new(q, shape, device)));
+        return Ok(Weight::quantized(QuantTensor::new(q, shape, device)));
     }
     let dequantized = TensorData::new(q.dequantize(), shape);
     let dequantized = match format.dtype {
@@ -219,23 +242,35 @@ pub fn held_as<B: Backend, const D: usize>(
     Ok(held(dequantized, format.dtype, device).into())
 }
 
-/// The q8 block length for a weight of `shape` ([`beam_kernels::quant::q8_block_len`] of its
-/// rows), or the [`LoadError::Quantize`] naming the tensor.
-fn q8_block(shape: &[usize], (path, name): (&Path, &str)) -> Result<usize, LoadError> {
+/// The block length of `quantization` for a weight of `shape`
+/// ([`beam_kernels::quant::QuantFormat::block_len`] of its rows), or the [`LoadError::Quantize`]
+/// naming the tensor.
+fn quant_block(
+    quantization: Quantization,
+    shape: &[usize],
+    (path, name): (&Path, &str),
+) -> Result<usize, LoadError> {
     let row_len = shape.last().copied().unwrap_or(0);
-    beam_kernels::quant::q8_block_len(row_len).ok_or_else(|| LoadError::Quantize {
-        path: path.to_path_buf(),
-        name: name.to_string(),
-        shape: shape.to_vec(),
-        reason: format!(
-            "rows of {row_len} values: q8 needs a block of 8 to 32 values that divides the row"
-        ),
-    })
+    let need = match quantization {
+        Quantization::Q8 => "a block of 8 to 32 values",
+        Quantization::Q4 => "an even block of 8 to 32 values",
+    };
+    quantization
+        .format()
+        .block_len(row_len)
+        .ok_or_else(|| LoadError::Quantize {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            reason: format!(
+                "rows of {row_len} values: {quantization} needs {need} that divides the row"
+            ),
+        })
 }
 
 /// Per-expert tensors ([`TensorStore::stacked_data`]) held as [`held_as`] holds them: when the
-/// backend runs q8 in place, quantized expert by expert as they are read
-/// ([`TensorStore::stacked_q8`]: the same int8 values and scales, without the stacked buffer in
+/// backend runs quantized weights in place, quantized expert by expert as they are read
+/// ([`TensorStore::stacked_quant`]: the same packed values and scales, without the stacked buffer in
 /// `format.dtype` that quantizing it whole needs); otherwise [`held_as`] of the stacked data.
 /// `(path, name)` name the weight in errors, as for [`held_as`].
 #[allow(clippy::too_many_arguments)]
@@ -245,20 +280,26 @@ pub fn stacked_held_as<B: Backend>(
     experts: usize,
     [rows, cols]: [usize; 2],
     format: WeightFormat,
-    q8_in_place: bool,
+    quant_in_place: bool,
     device: &B::Device,
     (path, name): (&Path, &str),
 ) -> Result<Weight<B, 3>, LoadError> {
-    if let (Some(Quantization::Q8), true) = (format.quantize, q8_in_place) {
+    if let (Some(quantization), true) = (format.quantize, quant_in_place) {
         let shape = [experts, parts.len() * rows, cols];
-        let block = q8_block(&shape, (path, name))?;
-        let q = file.stacked_q8(parts, experts, [rows, cols], format.dtype, block)?;
-        return Ok(Weight::q8(beam_kernels::quant::Q8Tensor::new(
+        let block = quant_block(quantization, &shape, (path, name))?;
+        let q = file.stacked_quant(
+            parts,
+            experts,
+            [rows, cols],
+            format.dtype,
+            (quantization.format(), block),
+        )?;
+        return Ok(Weight::quantized(beam_kernels::quant::QuantTensor::new(
             q, shape, device,
         )));
     }
     let data = file.stacked_data(parts, experts, [rows, cols], format.dtype)?;
-    held_as(data, format, q8_in_place, device, (path, name))
+    held_as(data, format, quant_in_place, device, (path, name))
 }
 
 /// `read(state, e, item)` for expert `e`'s `item` of `experts`, on rayon's pool (`state` from
@@ -1315,54 +1356,59 @@ impl TensorStore {
         })
     }
 
-    /// [`Self::stacked_data`] quantized to q8 (blocks of `block`, which must divide `cols`) as
-    /// it is read: each expert's parts read into a buffer in `dtype` (the values
-    /// `stacked_data` holds) and quantized straight into their place, experts on rayon's pool.
-    /// The same int8 values and scales as quantizing `stacked_data`'s buffer whole, without
-    /// that buffer (the whole weight in `dtype`).
+    /// [`Self::stacked_data`] quantized (`format`, blocks of `block`, which must suit the format
+    /// and divide `cols`) as it is read: each expert's parts read into a buffer in `dtype` (the
+    /// values `stacked_data` holds) and quantized straight into their place, experts on rayon's
+    /// pool. The same packed values and scales as quantizing `stacked_data`'s buffer whole,
+    /// without that buffer (the whole weight in `dtype`).
     ///
     /// # Panics
-    /// If `block` is 0 or does not divide `cols` (callers take it from
-    /// [`beam_kernels::quant::q8_block_len`]).
-    pub fn stacked_q8(
+    /// If `block` does not suit `format` or does not divide `cols` (callers take it from
+    /// [`beam_kernels::quant::QuantFormat::block_len`]).
+    pub fn stacked_quant(
         &self,
         parts: &[&(dyn Fn(usize) -> String + Sync)],
         experts: usize,
         [rows, cols]: [usize; 2],
         dtype: WeightDtype,
-        block: usize,
-    ) -> Result<beam_kernels::quant::Q8Weights, LoadError> {
+        (format, block): (beam_kernels::quant::QuantFormat, usize),
+    ) -> Result<beam_kernels::quant::QuantWeights, LoadError> {
         assert!(
-            block > 0 && cols.is_multiple_of(block),
-            "q8 blocks tile the rows"
+            block > 0
+                && block.is_multiple_of(format.values_per_byte())
+                && cols.is_multiple_of(block),
+            "{format} blocks tile the rows"
         );
+        let shape = [rows, cols];
         match dtype {
-            WeightDtype::F32 => self.stacked_q8_as::<f32>(parts, experts, [rows, cols], block),
+            WeightDtype::F32 => self.stacked_quant_as::<f32>(parts, experts, shape, format, block),
             WeightDtype::F16 => {
-                self.stacked_q8_as::<half::f16>(parts, experts, [rows, cols], block)
+                self.stacked_quant_as::<half::f16>(parts, experts, shape, format, block)
             }
             WeightDtype::BF16 => {
-                self.stacked_q8_as::<half::bf16>(parts, experts, [rows, cols], block)
+                self.stacked_quant_as::<half::bf16>(parts, experts, shape, format, block)
             }
         }
     }
 
-    fn stacked_q8_as<T: StoredFloat + Into<f32>>(
+    fn stacked_quant_as<T: StoredFloat + Into<f32>>(
         &self,
         parts: &[&(dyn Fn(usize) -> String + Sync)],
         experts: usize,
         [rows, cols]: [usize; 2],
+        format: beam_kernels::quant::QuantFormat,
         block: usize,
-    ) -> Result<beam_kernels::quant::Q8Weights, LoadError> {
+    ) -> Result<beam_kernels::quant::QuantWeights, LoadError> {
         use rayon::prelude::*;
         let part = rows * cols;
         let per_expert = parts.len() * part;
-        let mut values = weight_buffer::<i8>(experts * per_expert);
+        let per_byte = format.values_per_byte();
+        let mut values = weight_buffer::<i8>(experts * per_expert / per_byte);
         let mut scales = weight_buffer::<half::f16>(experts * per_expert / block);
         if part > 0 {
-            let blocks = part / block;
+            let (blocks, bytes) = (part / block, part / per_byte);
             let experts = values
-                .par_chunks_exact_mut(per_expert)
+                .par_chunks_exact_mut(per_expert / per_byte)
                 .zip(scales.par_chunks_exact_mut(per_expert / block));
             // One buffer of an expert part's values in `T` per rayon job, reused across experts.
             each_expert(
@@ -1371,10 +1417,10 @@ impl TensorStore {
                 |held, e, (q, s)| {
                     for (p, name) in parts.iter().enumerate() {
                         self.read_into(&name(e), &[rows, cols], held)?;
-                        beam_kernels::quant::quantize_q8_slice(
+                        format.quantize_slice(
                             held,
                             block,
-                            &mut q[p * part..(p + 1) * part],
+                            &mut q[p * bytes..(p + 1) * bytes],
                             &mut s[p * blocks..(p + 1) * blocks],
                         );
                     }
@@ -1382,7 +1428,8 @@ impl TensorStore {
                 },
             )?;
         }
-        Ok(beam_kernels::quant::Q8Weights {
+        Ok(beam_kernels::quant::QuantWeights {
+            format,
             values,
             scales,
             block,
@@ -1700,9 +1747,9 @@ mod tests {
         let device = Default::default();
         let place = ("model.safetensors".as_ref(), "w");
         let in_place = held_as::<Flex, 2>(data([4, 64]), q8(), true, &device, place).unwrap();
-        assert!(in_place.is_q8());
+        assert!(in_place.is_quantized());
         let dequantized = held_as::<Flex, 2>(data([4, 64]), q8(), false, &device, place).unwrap();
-        assert!(!dequantized.is_q8());
+        assert!(!dequantized.is_quantized());
         // The same values either way.
         assert_eq!(
             in_place.val().into_data().to_vec::<f32>().unwrap(),

@@ -32,7 +32,7 @@ pub struct LoadOptions {
     /// Quantize the `[out, in]` linear weights at load (attention projections, routed and shared
     /// experts, dense MLPs, an untied LM head), from whatever precision they are stored in;
     /// embeddings, norms, routers and mask routers keep `dtype`/`f32`. Backends that run q8 in
-    /// place ([`LinearBackend::q8_in_place`]: burn's Flex) hold the int8 blocks; the others get
+    /// place ([`LinearBackend::quant_in_place`]: burn's Flex) hold the int8 blocks; the others get
     /// the q8 model's values dequantized once at load into `dtype`.
     pub quantize: Option<Quantization>,
     /// Copy every weight into memory the model owns even where the backend could read the
@@ -52,7 +52,7 @@ pub struct LoadOptions {
 /// What the backend reads in place, which decides what the loader copies.
 #[derive(Debug, Clone, Copy, Default)]
 struct InPlace {
-    /// q8 weights as int8 blocks ([`LinearBackend::q8_in_place`]).
+    /// q8 weights as int8 blocks ([`LinearBackend::quant_in_place`]).
     q8: bool,
     /// Tensors borrowed from the mapped checkpoint ([`LinearBackend::borrows_host_weights`]).
     borrows: bool,
@@ -65,7 +65,7 @@ impl InPlace {
     fn of<B: LinearBackend + GroupedExpertsBackend>(copy_weights: bool) -> Self {
         let borrows = B::borrows_host_weights() && !copy_weights;
         Self {
-            q8: B::q8_in_place(),
+            q8: B::quant_in_place(),
             borrows,
             expert_parts: borrows && B::expert_parts_in_place(),
         }
@@ -413,7 +413,7 @@ pub fn load_moe_block_as<B: Backend>(
 
 /// [`load_moe_block_as`] with the routed and shared experts held in `format`: quantized (q8) when
 /// it says so, as the int8 blocks where the backend runs them in place
-/// ([`LinearBackend::q8_in_place`]); otherwise borrowed from the mapped checkpoint where the
+/// ([`LinearBackend::quant_in_place`]); otherwise borrowed from the mapped checkpoint where the
 /// backend reads it in place ([`LinearBackend::borrows_host_weights`], per-expert tensors as
 /// [`Weight::Parts`] where [`GroupedExpertsBackend::expert_parts_in_place`]).
 pub fn load_moe_block_with<B: LinearBackend + GroupedExpertsBackend>(
@@ -634,7 +634,7 @@ pub fn load_swiglu_with<B: LinearBackend>(
         gate,
         format,
         InPlace {
-            q8: B::q8_in_place(),
+            q8: B::quant_in_place(),
             ..InPlace::default()
         },
         device,

@@ -265,14 +265,14 @@ impl<B: Backend> MoeLm<B> {
 }
 
 impl<B: Backend> MoeLm<B> {
-    /// The quantization the linear weights are held in (`Some(Q8)` after a q8 load on a backend
-    /// that runs q8 in place; a q8 load dequantized at load on another backend holds floats and
-    /// gives `None`).
+    /// The quantization the linear weights are held in (`Some(Q8)` or `Some(Q4)` after such a
+    /// load on a backend that runs quantized weights in place; a load dequantized at load on
+    /// another backend holds floats and gives `None`).
     pub fn quantization(&self) -> Option<crate::checkpoint::Quantization> {
         let weight = &self.layers.first()?.attention.o_proj().weight;
         weight
-            .is_q8()
-            .then_some(crate::checkpoint::Quantization::Q8)
+            .quant_format()
+            .map(crate::checkpoint::Quantization::from_format)
     }
 }
 

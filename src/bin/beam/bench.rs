@@ -80,8 +80,9 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
         .moe_layers()
         .next()
         .map_or(0, |moe| moe.config().mask_router_outputs());
-    // q8 weights count 1 + 4/32 bytes each (the routers and norms, f32, are a fraction of a
-    // percent of the weights read); otherwise the held precision's bytes.
+    // Quantized weights count their packed bytes and scale (1 + 2/32 for q8, 1/2 + 2/32 for
+    // q4; the routers and norms, f32, are a fraction of a percent of the weights read);
+    // otherwise the held precision's bytes.
     let (dtype, bytes_per_weight) = match model.quantization() {
         Some(q) => (q.name(), q.bytes_per_weight()),
         None => (

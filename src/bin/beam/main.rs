@@ -15,8 +15,8 @@
 //! Every command takes `--backend flex|ndarray|wgpu|cuda` (flex, burn's CPU backend, by default;
 //! train and eval default to ndarray; wgpu and cuda need the cargo features of the same name).
 //! info, logits, generate and bench take `--dtype f32|f16|bf16` (default: the checkpoint's
-//! precision where the backend holds it) and `--quantize q8` (int8 linear weights; eval takes it
-//! too). Errors print one line and exit with status 1.
+//! precision where the backend holds it) and `--quantize q8|q4` (int8 or 4-bit linear weights;
+//! eval takes it too). Errors print one line and exit with status 1.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -79,8 +79,9 @@ struct Common {
     #[arg(long)]
     dtype: Option<WeightDtype>,
     /// Quantize the linear weights (attention, experts, dense MLPs, LM head) at load: q8 is
-    /// block-wise int8 (blocks of 32, one f16 scale each), read in place by flex; other backends
-    /// dequantize it once at load. Embeddings, norms and routers keep --dtype / f32.
+    /// block-wise int8, q4 block-wise 4-bit (llama.cpp's Q4_0; both blocks of 32, one f16 scale
+    /// each), read in place by flex; other backends dequantize them once at load. Embeddings,
+    /// norms and routers keep --dtype / f32.
     #[arg(long)]
     quantize: Option<Quantization>,
     /// Copy every weight into memory beam owns. By default flex reads the weights it keeps in

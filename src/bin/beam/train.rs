@@ -351,7 +351,7 @@ pub struct EvalArgs {
     /// report the accuracy (chance: 0.25).
     #[arg(long)]
     choice_items: Option<usize>,
-    /// Quantize the model's linear weights at load (q8: block-wise int8); the adapters' mask
+    /// Quantize the model's linear weights at load (q8: block-wise int8, q4: 4-bit); the adapters' mask
     /// routers stay f32.
     #[arg(long)]
     quantize: Option<beam_model::checkpoint::Quantization>,
