@@ -568,27 +568,65 @@ impl Q8Matrix<'_> {
 }
 
 /// An input row prepared for q4 rows ([`Q4Matrix`]'s `project`): the int8 blocks of
-/// [`crate::quant::quantize_q8_activation`] and, per block, `-8 · s_x · Σ q_x`: the block's share
-/// of the 4-bit values' offset (`(q_w - 8) · q_x` summed is `q_w · q_x` summed less `8 Σ q_x`).
+/// [`crate::quant::quantize_q8_activation`] in the order the q4 kernel reads them, and, per
+/// block, `-8 · s_x · Σ q_x`: the block's share of the 4-bit values' offset (`(q_w - 8) · q_x`
+/// summed is `q_w · q_x` summed less `8 Σ q_x`).
+///
+/// The kernel takes four blocks of packed weights (64 bytes) at a time and splits them into
+/// their low nibbles (the four blocks' values 0–15) and high nibbles (values 16–31), so each
+/// whole group of four blocks is held here as the four blocks' first halves, then their second
+/// halves; blocks past the last whole group keep their order.
 #[derive(Debug, Clone)]
 pub struct Q4Input {
-    /// The int8 blocks and their `f32` scales.
+    /// The int8 blocks and their `f32` scales, in the row's order.
     pub x: crate::quant::Q8Activation,
+    /// The same int8 values in the kernel's order (see above).
+    grouped: crate::aligned::AlignedRows<i8>,
     /// `-8 · s_x · Σ q_x` per block.
     pub offsets: Vec<f32>,
 }
 
+/// Blocks of 32 the q4 kernel reads per step (see [`Q4Input`]).
+const Q4_GROUP_BLOCKS: usize = 4;
+
 impl Q4Input {
     /// `row` quantized in blocks of [`Q8_BLOCK`](crate::quant::Q8_BLOCK), with its offsets.
+    ///
+    /// # Panics
+    /// If the row is not whole blocks.
     pub fn new(row: &[f32]) -> Self {
-        let x = crate::quant::quantize_q8_activation(row, crate::quant::Q8_BLOCK);
+        let block = crate::quant::Q8_BLOCK;
+        let x = crate::quant::quantize_q8_activation(row, block);
         let offsets = x
             .values()
-            .chunks_exact(x.block)
+            .chunks_exact(block)
             .zip(&x.scales)
             .map(|(q, &s)| -8.0 * s * q.iter().map(|&q| i32::from(q)).sum::<i32>() as f32)
             .collect();
-        Self { x, offsets }
+        let mut grouped = crate::aligned::AlignedRows::from_rows(x.values(), row.len().max(1));
+        let group = Q4_GROUP_BLOCKS * block;
+        let half = block / 2;
+        for (out, src) in grouped
+            .row_mut(0)
+            .chunks_exact_mut(group)
+            .zip(x.values().chunks_exact(group))
+        {
+            for (b, values) in src.chunks_exact(block).enumerate() {
+                out[b * half..(b + 1) * half].copy_from_slice(&values[..half]);
+                out[group / 2 + b * half..group / 2 + (b + 1) * half]
+                    .copy_from_slice(&values[half..]);
+            }
+        }
+        Self {
+            x,
+            grouped,
+            offsets,
+        }
+    }
+
+    /// The int8 values in the kernel's order.
+    pub fn grouped(&self) -> &[i8] {
+        &self.grouped.row(0)[..self.x.values().len()]
     }
 }
 
@@ -648,7 +686,7 @@ impl HostMatrix<f32> for Q4Matrix<'_> {
             assert_eq!(prepared.len(), inputs.len(), "one quantized row per input");
             let quantized: Vec<(&[i8], &[f32], &[f32])> = prepared
                 .iter()
-                .map(|a| (a.x.values(), a.x.scales.as_slice(), a.offsets.as_slice()))
+                .map(|a| (a.grouped(), a.x.scales.as_slice(), a.offsets.as_slice()))
                 .collect();
             for (x, s, o) in &quantized {
                 assert!(
@@ -2564,17 +2602,20 @@ mod avx512 {
     }
 
     /// Dots of one q4 row (blocks of 32: 16 packed bytes and an `f16` scale each) with 1 to
-    /// [`TOKENS_PER_PASS`] inputs quantized to int8 blocks of 32 (values, `f32` scales, and
-    /// the offsets of [`super::Q4Input`]), two blocks at a time: their 32 bytes are spread to
-    /// `[block b low, block b high, block b + 1 low, block b + 1 high]` nibbles in one register
-    /// (a lane shuffle, a per-lane shift, a mask), which is the inputs' own order, so
-    /// `vpdpbusd` (unsigned nibble × signed input) gives block `b`'s sums in lanes 0–7 and block
-    /// `b + 1`'s in lanes 8–15, scaled as in [`dots_q8_q8`]; the offsets add `s_w · (-8 s_x Σ
-    /// q_x)` sixteen blocks at a time. An odd last block takes a 256-bit step.
+    /// [`TOKENS_PER_PASS`] inputs quantized to int8 blocks of 32 and held as [`super::Q4Input`]
+    /// holds them (values in the kernel's order, `f32` scales, offsets). Four blocks a step: their
+    /// 64 bytes give the low nibbles (every block's values 0–15) with one mask and the high ones
+    /// (values 16–31) with a shift and a mask, which the inputs' grouped order matches, so two
+    /// `vpdpbusd` (unsigned nibble × signed input) leave block `b + i`'s sum in lanes `4i` to
+    /// `4i + 3`; one conversion and one FMA by the four blocks' `s_w · s_x` (permuted from
+    /// sixteen made at once) add them up, into two accumulators taken in turn (the FMA's
+    /// latency). The offsets add `s_w · (-8 s_x Σ q_x)` sixteen blocks at a time. Blocks past
+    /// the last group of four take a 256-bit step each.
     ///
     /// # Safety
     /// The CPU has [`q8_available`]'s features; `values` is `scales.len()` blocks of 16 bytes,
-    /// every input `scales.len()` blocks of 32 values with one scale and one offset each.
+    /// every input `scales.len()` blocks of 32 values (grouped) with one scale and one offset
+    /// each.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     pub(super) unsafe fn dots_q4_q8(
         values: &[i8],
@@ -2598,14 +2639,34 @@ mod avx512 {
         for (x, s, o) in &inputs {
             assert!(x.len() == blocks * 32 && s.len() == blocks && o.len() == blocks);
         }
-        let mut pairs = [_mm512_setzero_ps(); N];
+        let mut sums = [[_mm512_setzero_ps(); 2]; N];
         let mut offsets = [_mm512_setzero_ps(); N];
         let mut last = [_mm256_setzero_ps(); N];
         let mut tail = [0.0f32; N];
-        let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        // Shift the second and fourth 128-bit lanes by 4 (their bytes' high nibbles).
-        let shifts = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
         let nibble = _mm512_set1_epi8(0x0F);
+        // Group `g` of a chunk scales lanes 4i..4i + 3 by product 4g + i (`set` lists the lanes
+        // high first).
+        let lanes: [__m512i; 4] = core::array::from_fn(|g| {
+            let b = 4 * g as i32;
+            _mm512_set_epi32(
+                b + 3,
+                b + 3,
+                b + 3,
+                b + 3,
+                b + 2,
+                b + 2,
+                b + 2,
+                b + 2,
+                b + 1,
+                b + 1,
+                b + 1,
+                b + 1,
+                b,
+                b,
+                b,
+                b,
+            )
+        });
         let mut products = [[0.0f32; 16]; N];
         let mut chunk = 0;
         while chunk < blocks {
@@ -2635,30 +2696,34 @@ mod avx512 {
             // SAFETY: `products[n]` holds 16 floats.
             let chunk_products: [__m512; N] =
                 core::array::from_fn(|n| unsafe { _mm512_loadu_ps(products[n].as_ptr()) });
-            let mut j = 0;
-            while j + 2 <= len {
-                let b = chunk + j;
-                // SAFETY: blocks b and b + 1 lie within the row (16 bytes each) and every input
+            let groups = len / 4;
+            for (g, lanes) in lanes.iter().enumerate().take(groups) {
+                let b = chunk + 4 * g;
+                // SAFETY: blocks b to b + 3 lie within the row (16 bytes each) and every input
                 // (32 values each).
                 unsafe {
-                    let packed = _mm256_loadu_si256(values.as_ptr().add(b * 16) as *const __m256i);
-                    let wide = _mm512_castsi256_si512(packed);
-                    // Lanes [b, b, b + 1, b + 1], then the high nibbles of the odd lanes.
-                    let spread = _mm512_shuffle_i64x2::<0x50>(wide, wide);
-                    let w = _mm512_and_si512(_mm512_srlv_epi64(spread, shifts), nibble);
-                    let lanes = _mm512_add_epi32(halves, _mm512_set1_epi32(j as i32));
+                    let packed = _mm512_loadu_si512(values.as_ptr().add(b * 16) as *const _);
+                    let low = _mm512_and_si512(packed, nibble);
+                    let high = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), nibble);
                     for n in 0..N {
-                        let x = _mm512_loadu_si512(inputs[n].0.as_ptr().add(b * 32) as *const _);
-                        let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-                        let scale = _mm512_permutexvar_ps(lanes, chunk_products[n]);
-                        pairs[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, pairs[n]);
+                        let x = inputs[n].0.as_ptr().add(b * 32);
+                        let x_low = _mm512_loadu_si512(x as *const _);
+                        let x_high = _mm512_loadu_si512(x.add(64) as *const _);
+                        let dots = _mm512_dpbusd_epi32(
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), low, x_low),
+                            high,
+                            x_high,
+                        );
+                        let scale = _mm512_permutexvar_ps(*lanes, chunk_products[n]);
+                        let acc = &mut sums[n][g & 1];
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), scale, *acc);
                     }
                 }
-                j += 2;
             }
-            if j < len {
+            for j in 4 * groups..len {
                 let b = chunk + j;
-                // SAFETY: block b lies within the row and every input.
+                // SAFETY: block b lies within the row and every input (in the row's order:
+                // past the last whole group).
                 unsafe {
                     let packed = _mm_loadu_si128(values.as_ptr().add(b * 16) as *const __m128i);
                     let low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
@@ -2667,9 +2732,9 @@ mod avx512 {
                     for n in 0..N {
                         let x =
                             _mm256_loadu_si256(inputs[n].0.as_ptr().add(b * 32) as *const __m256i);
-                        let sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+                        let dots = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
                         last[n] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(sums),
+                            _mm256_cvtepi32_ps(dots),
                             _mm256_set1_ps(products[n][j]),
                             last[n],
                         );
@@ -2680,7 +2745,8 @@ mod avx512 {
         }
         let mut result = [0.0; N];
         for n in 0..N {
-            let sum = _mm512_add_ps(pairs[n], _mm512_zextps256_ps512(last[n]));
+            let sum = _mm512_add_ps(sums[n][0], sums[n][1]);
+            let sum = _mm512_add_ps(sum, _mm512_zextps256_ps512(last[n]));
             result[n] = _mm512_reduce_add_ps(_mm512_add_ps(sum, offsets[n])) + tail[n];
         }
         result
@@ -3447,7 +3513,7 @@ mod tests {
             for n in 1..=TOKENS_PER_PASS {
                 let group: Vec<(&[i8], &[f32], &[f32])> = xs[..n]
                     .iter()
-                    .map(|q| (q.x.values(), q.x.scales.as_slice(), q.offsets.as_slice()))
+                    .map(|q| (q.grouped(), q.x.scales.as_slice(), q.offsets.as_slice()))
                     .collect();
                 // SAFETY: the CPU features checked above; whole blocks of 32 with their scales.
                 let got = unsafe { avx512::dots_q4_q8(&row.values, &row.scales, &group) };
@@ -3483,7 +3549,7 @@ mod tests {
                     &many.values,
                     &many.scales,
                     len,
-                    (x.x.values(), &x.x.scales, &x.offsets),
+                    (x.grouped(), &x.x.scales, &x.offsets),
                     &mut out,
                 )
             };
