@@ -513,7 +513,7 @@ fn generation_stops_at_the_model_context_and_says_so() {
 }
 
 #[test]
-fn quantize_q8_runs_logits_generate_and_bench_and_refuses_unknown_formats() {
+fn quantize_q8_and_q4_run_logits_generate_and_bench_and_refuse_unknown_formats() {
     let ids = reference_ids("olmoe", "input_ids");
     let logits = |extra: &[&str]| -> Vec<f64> {
         let mut args = vec!["logits", "--model", "assets/models/tiny-olmoe", "--ids"];
@@ -541,6 +541,30 @@ fn quantize_q8_runs_logits_generate_and_bench_and_refuses_unknown_formats() {
     // ndarray dequantizes q8 at load: the same q8 model (its prefill keeps f32 activations).
     let on_ndarray = logits(&["--quantize", "q8", "--backend", "ndarray"]);
     assert!(on_ndarray.iter().zip(&q8).all(|(a, b)| (a - b).abs() < 0.1));
+    // q4: further from f32 than q8 (on this random tiny model: 16 levels per block), the same q4
+    // model on ndarray.
+    let q4 = logits(&["--quantize", "q4"]);
+    let mean_q4 = q4
+        .iter()
+        .zip(&full)
+        .map(|(a, b)| (a - b).abs())
+        .sum::<f64>()
+        / full.len() as f64;
+    assert!(
+        mean_q4 > mean && mean_q4 < 1.0,
+        "q4 vs f32 mean |diff| {mean_q4}"
+    );
+    // Flex rounds the activations of its int8 dots, ndarray keeps them f32: on this random model
+    // that flips a near-tied top-K choice at one position (measured: max |diff| 0.8 there, < 0.1
+    // at every other), so all but one position must agree within 0.1.
+    let on_ndarray = logits(&["--quantize", "q4", "--backend", "ndarray"]);
+    let vocab = full.len() / ids.len();
+    let apart = on_ndarray
+        .chunks(vocab)
+        .zip(q4.chunks(vocab))
+        .filter(|(a, b)| a.iter().zip(*b).any(|(a, b)| (a - b).abs() >= 0.1))
+        .count();
+    assert!(apart <= 1, "{apart} positions differ by 0.1 or more");
 
     let out = stdout(&beam(&[
         "generate",
@@ -571,6 +595,26 @@ fn quantize_q8_runs_logits_generate_and_bench_and_refuses_unknown_formats() {
     ]));
     let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(row["dtype"], "q8", "{row}");
+    let out = stdout(&beam(&[
+        "bench",
+        "--model",
+        "assets/models/tiny-qwen3_moe",
+        "--prompt-tokens",
+        "6",
+        "--new-tokens",
+        "3",
+        "--quantize",
+        "q4",
+        "--json",
+    ]));
+    let q4_row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(q4_row["dtype"], "q4", "{q4_row}");
+    let bytes = |row: &serde_json::Value| row["weight_bytes_per_token"].as_f64().unwrap();
+    let ratio = bytes(&q4_row) / bytes(&row);
+    assert!(
+        (ratio - 0.5625 / 1.0625).abs() < 0.02,
+        "q4 reads {ratio} of q8's bytes per token"
+    );
 
     let out = beam(&[
         "logits",
@@ -579,11 +623,14 @@ fn quantize_q8_runs_logits_generate_and_bench_and_refuses_unknown_formats() {
         "--ids",
         "1,2",
         "--quantize",
-        "q4",
+        "q3",
     ]);
     assert_eq!(out.status.code(), Some(2), "clap's usage error");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("q4") && stderr.contains("q8"), "{stderr}");
+    assert!(
+        stderr.contains("q3") && stderr.contains("q8") && stderr.contains("q4"),
+        "{stderr}"
+    );
 }
 
 /// `--backend wgpu` is probed once before any work: without a Vulkan driver (the loader pointed

@@ -86,7 +86,7 @@ const DATA: &[&str] = &[
 
 const BACKENDS: &[&str] = &["flex", "ndarray", "wgpu", "cuda", "vulkan"];
 const DTYPES: &[&str] = &["f32", "bf16", "f16", "int4"];
-const QUANTIZE: &[&str] = &["q8", "q4"];
+const QUANTIZE: &[&str] = &["q8", "q4", "q3"];
 
 fn pick<'a>(rng: &mut Rng, values: &[&'a str]) -> &'a str {
     values[rng.below(values.len())]

@@ -1503,9 +1503,13 @@ mod tests {
     }
 
     fn q8() -> WeightFormat {
+        quantized(Quantization::Q8)
+    }
+
+    fn quantized(quantization: Quantization) -> WeightFormat {
         WeightFormat {
             dtype: WeightDtype::F32,
-            quantize: Some(Quantization::Q8),
+            quantize: Some(quantization),
         }
     }
 
@@ -1537,6 +1541,27 @@ mod tests {
             message.contains("model.safetensors") && message.contains("37"),
             "{message}"
         );
+        // Rows of 27: a q8 block (27) but no even q4 one.
+        let place = (
+            Path::new("model.safetensors"),
+            "model.layers.0.mlp.down_proj.weight",
+        );
+        let device = Default::default();
+        assert!(held_as::<Flex, 2>(data([2, 27]), q8(), true, &device, place).is_ok());
+        let err = held_as::<Flex, 2>(
+            data([2, 27]),
+            quantized(Quantization::Q4),
+            true,
+            &device,
+            place,
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert!(
+            matches!(&err, LoadError::Quantize { name, shape, .. } if name == place.1 && shape == &[2, 27]),
+            "{err}"
+        );
+        assert!(err.to_string().contains("q4 needs an even block"), "{err}");
     }
 
     #[test]
@@ -1696,8 +1721,8 @@ mod tests {
     }
 
     #[test]
-    fn stacked_q8_equals_quantizing_the_stacked_weight_whole() {
-        use beam_kernels::quant::{q8_block_len, quantize_q8};
+    fn stacked_quant_equals_quantizing_the_stacked_weight_whole() {
+        use beam_kernels::quant::QuantFormat;
         let gate = |e: usize| format!("experts.{e}.gate.weight");
         let up = |e: usize| format!("experts.{e}.up.weight");
         let parts: [&(dyn Fn(usize) -> String + Sync); 2] = [&gate, &up];
@@ -1707,18 +1732,30 @@ mod tests {
             (Dtype::F32, WeightDtype::F32),
             (Dtype::BF16, WeightDtype::F16),
         ] {
-            for shape in [[6, 64], [5, 40]] {
+            for (shape, format) in [
+                ([6, 64], QuantFormat::Q8),
+                ([5, 40], QuantFormat::Q8),
+                ([6, 64], QuantFormat::Q4),
+                ([5, 40], QuantFormat::Q4),
+            ] {
                 let file =
                     TensorStore::from_bytes("model.safetensors", per_expert_file(stored, 3, shape))
                         .unwrap();
-                let block = q8_block_len(shape[1]).unwrap();
-                let direct = file.stacked_q8(&parts, 3, shape, dtype, block).unwrap();
+                let block = format.block_len(shape[1]).unwrap();
+                let direct = file
+                    .stacked_quant(&parts, 3, shape, dtype, (format, block))
+                    .unwrap();
                 let data = file.stacked_data(&parts, 3, shape, dtype).unwrap();
                 let whole = match dtype {
-                    WeightDtype::F32 => quantize_q8(data.as_slice::<f32>().unwrap(), block),
-                    WeightDtype::F16 => quantize_q8(data.as_slice::<half::f16>().unwrap(), block),
-                    WeightDtype::BF16 => quantize_q8(data.as_slice::<half::bf16>().unwrap(), block),
+                    WeightDtype::F32 => format.quantize(data.as_slice::<f32>().unwrap(), block),
+                    WeightDtype::F16 => {
+                        format.quantize(data.as_slice::<half::f16>().unwrap(), block)
+                    }
+                    WeightDtype::BF16 => {
+                        format.quantize(data.as_slice::<half::bf16>().unwrap(), block)
+                    }
                 };
+                assert_eq!(direct.format, format);
                 assert!(direct.values.iter().any(|&v| v != 0), "not a test on zeros");
                 assert_eq!(direct.block, whole.block);
                 assert_eq!(
@@ -1736,25 +1773,34 @@ mod tests {
         let file = TensorStore::from_bytes("model.safetensors", bytes).unwrap();
         let missing = |e: usize| format!("experts.{}.gate.weight", e + 1);
         let parts: [&(dyn Fn(usize) -> String + Sync); 2] = [&up, &missing];
-        match file.stacked_q8(&parts, 3, [6, 64], WeightDtype::BF16, 32) {
+        match file.stacked_quant(
+            &parts,
+            3,
+            [6, 64],
+            WeightDtype::BF16,
+            (beam_kernels::quant::QuantFormat::Q4, 32),
+        ) {
             Err(LoadError::Missing { name, .. }) => assert_eq!(name, "experts.3.gate.weight"),
             other => panic!("expected Missing, got {other:?}"),
         }
     }
 
     #[test]
-    fn q8_is_held_in_place_or_dequantized_into_the_requested_precision() {
+    fn quantized_weights_are_held_in_place_or_dequantized_into_the_requested_precision() {
         let device = Default::default();
         let place = ("model.safetensors".as_ref(), "w");
-        let in_place = held_as::<Flex, 2>(data([4, 64]), q8(), true, &device, place).unwrap();
-        assert!(in_place.is_quantized());
-        let dequantized = held_as::<Flex, 2>(data([4, 64]), q8(), false, &device, place).unwrap();
-        assert!(!dequantized.is_quantized());
-        // The same values either way.
-        assert_eq!(
-            in_place.val().into_data().to_vec::<f32>().unwrap(),
-            dequantized.val().into_data().to_vec::<f32>().unwrap()
-        );
+        for quantization in [Quantization::Q8, Quantization::Q4] {
+            let format = quantized(quantization);
+            let in_place = held_as::<Flex, 2>(data([4, 64]), format, true, &device, place).unwrap();
+            assert_eq!(in_place.quant_format(), Some(quantization.format()));
+            let dequantized =
+                held_as::<Flex, 2>(data([4, 64]), format, false, &device, place).unwrap();
+            assert!(!dequantized.is_quantized());
+            // The same values either way, and not the source's.
+            let got = in_place.val().into_data().to_vec::<f32>().unwrap();
+            assert_eq!(got, dequantized.val().into_data().to_vec::<f32>().unwrap());
+            assert_ne!(got, data([4, 64]).to_vec::<f32>().unwrap());
+        }
         // No quantization: the float tensor as read.
         let plain =
             held_as::<Flex, 2>(data([4, 64]), WeightDtype::F32.into(), true, &device, place);
