@@ -3548,7 +3548,7 @@ mod tests {
                 assert!(got[n..].iter().all(|&v| v == 0.0));
             }
             // The decode kernel over several rows: each row's dot.
-            let rows = 3;
+            let rows = 6;
             let many = quantize_q4(&rng.values(rows * len, 0.5), 32);
             let mut out = vec![f32::NAN; rows];
             let x = &xs[TOKENS_PER_PASS];
