@@ -630,11 +630,11 @@ impl Q4Input {
     }
 }
 
-/// q4 weights ([`Q4Matrix`]): with blocks of 32 on a CPU with AVX-512 VNNI, int8 dots of the
-/// 4-bit values with the inputs quantized once per call ([`Q4Input`]: `Σ_b s_w · (s_x · Σ q_w ·
-/// q_x - 8 · s_x · Σ q_x)`, llama.cpp's `Q4_0 × Q8_0`), reading 0.5625 bytes per weight; else each
-/// block dequantized to `f32` (portable) and the `f32` dots or, for many tokens, the GEMM on
-/// dequantized tiles.
+/// q4 weights ([`Q4Matrix`]): with blocks of 32 on a CPU with AVX2 (AVX-512 VNNI's kernels
+/// where it has them), int8 dots of the 4-bit values with the inputs quantized once per call
+/// ([`Q4Input`]: `Σ_b s_w · (s_x · Σ q_w · q_x - 8 · s_x · Σ q_x)`, llama.cpp's
+/// `Q4_0 × Q8_0`), reading 0.5625 bytes per weight; else each block dequantized to `f32`
+/// (portable) and the `f32` dots or, for many tokens, the GEMM on dequantized tiles.
 impl HostMatrix<f32> for Q4Matrix<'_> {
     type Prepared = Q4Input;
     fn len(&self) -> usize {
@@ -702,23 +702,35 @@ impl HostMatrix<f32> for Q4Matrix<'_> {
             let values = &self.values()[first / 2..(first + count * row_len) / 2];
             let scales = &self.scales()[first / block..(first + count * row_len) / block];
             let (packed, blocks) = (row_len / 2, row_len / block);
-            if quantized.len() == 1 {
+            if quantized.len() == 1 && avx512::q8_available() {
                 // One input (decode): every row in one call.
                 let mut out = vec![0.0f32; count];
-                // SAFETY: `q4_int8_inputs` checked the CPU's features; the rows lie within the
-                // matrix (asserted above) and the input is `blocks` whole blocks.
+                // SAFETY: the CPU has the kernel's features; the rows lie within the matrix
+                // (asserted above) and the input is `blocks` whole blocks.
                 unsafe { avx512::rows_q4_q8(values, scales, row_len, quantized[0], &mut out) };
                 for (r, dot) in out.into_iter().enumerate() {
                     emit(0, r, dot);
                 }
                 return;
             }
+            type Q4Kernel = unsafe fn(
+                &[i8],
+                &[half::f16],
+                &[(&[i8], &[f32], &[f32])],
+            ) -> [f32; TOKENS_PER_PASS];
+            let kernel: Q4Kernel = if avx512::q8_available() {
+                avx512::dots_q4_q8
+            } else {
+                avx2::dots_q4_q8
+            };
             for r in 0..count {
                 let row = &values[r * packed..(r + 1) * packed];
                 let row_scales = &scales[r * blocks..(r + 1) * blocks];
                 for (pass, group) in quantized.chunks(TOKENS_PER_PASS).enumerate() {
-                    // SAFETY: as above; the row and every input are `blocks` whole blocks.
-                    let dots = unsafe { avx512::dots_q4_q8(row, row_scales, group) };
+                    // SAFETY: `q4_int8_inputs` checked the CPU's features (AVX2, FMA, F16C;
+                    // `kernel` checked AVX-512 VNNI); the row and every input are `blocks`
+                    // whole blocks.
+                    let dots = unsafe { kernel(row, row_scales, group) };
                     for (n, &dot) in dots[..group.len()].iter().enumerate() {
                         emit(pass * TOKENS_PER_PASS + n, r, dot);
                     }
@@ -745,12 +757,12 @@ impl HostMatrix<f32> for Q4Matrix<'_> {
 }
 
 /// Whether [`HostMatrix::project`] dots q4 rows of `row_len` with int8 inputs: blocks of 32 on
-/// a CPU with AVX-512 VNNI.
+/// a CPU with AVX2, FMA and F16C (AVX-512 VNNI's kernels where it has them).
 fn q4_int8_inputs(matrix: &Q4Matrix<'_>, row_len: usize) -> bool {
     let block = crate::quant::Q8_BLOCK;
     #[cfg(target_arch = "x86_64")]
     {
-        matrix.block() == block && row_len.is_multiple_of(block) && avx512::q8_available()
+        matrix.block() == block && row_len.is_multiple_of(block) && avx2::q8_available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -1870,6 +1882,142 @@ mod avx2 {
         |abs_w, signed_x| _mm256_dpbusd_epi32(_mm256_setzero_si256(), abs_w, signed_x)
     );
 
+    /// Dots of one q4 row with 1 to [`TOKENS_PER_PASS`] inputs held as [`super::Q4Input`] holds
+    /// them, on AVX2 (the kernel of CPUs without AVX-512 VNNI; same contract and result as
+    /// [`super::avx512::dots_q4_q8`] up to the order of the `f32` sums). Two blocks a step: their
+    /// 32 packed bytes give the two blocks' low nibbles with a mask and their high ones with a
+    /// shift and a mask, which is the grouped inputs' order within a group of four; `maddubs`
+    /// (unsigned nibble × signed input, pairs in `i16`: at most 2 · 15 · 127) on both halves,
+    /// added in `i16` (at most 7 620), then `madd` by ones leave block `b`'s sum in lanes 0–3 and
+    /// block `b + 1`'s in lanes 4–7; scaled by their `s_w · s_x`, plus the offsets. Blocks past
+    /// the last group of four take a 128-bit step each.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C ([`q8_available`]); `values` is `scales.len()` blocks of 16
+    /// bytes, every input `scales.len()` blocks of 32 values (grouped) with one scale and one
+    /// offset each.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dots_q4_q8(
+        values: &[i8],
+        scales: &[half::f16],
+        inputs: &[(&[i8], &[f32], &[f32])],
+    ) -> [f32; TOKENS_PER_PASS] {
+        // SAFETY: the caller's contract.
+        by_pass!(inputs, 0.0, |group| unsafe {
+            pass_q4_q8(values, scales, group)
+        })
+    }
+
+    // Tail blocks index each input's products by block, as the groups do.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pass_q4_q8<const N: usize>(
+        values: &[i8],
+        scales: &[half::f16],
+        inputs: [(&[i8], &[f32], &[f32]); N],
+    ) -> [f32; N] {
+        let blocks = scales.len();
+        assert_eq!(values.len(), blocks * 16);
+        for (x, s, o) in &inputs {
+            assert!(x.len() == blocks * 32 && s.len() == blocks && o.len() == blocks);
+        }
+        let nibble = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut even = [_mm256_setzero_ps(); N];
+        let mut odd = [_mm256_setzero_ps(); N];
+        let mut offsets = [_mm256_setzero_ps(); N];
+        let mut rest = [0.0f32; N];
+        // `s_w · s_x` of the eight blocks from `chunk`, per input (a chunk is two groups).
+        let mut products = [[0.0f32; 8]; N];
+        let mut chunk = 0;
+        while chunk < blocks {
+            let len = (blocks - chunk).min(8);
+            if len == 8 {
+                // SAFETY: eight scales (and offsets) from `chunk` lie within every slice.
+                unsafe {
+                    let w = _mm256_cvtph_ps(_mm_loadu_si128(
+                        scales.as_ptr().add(chunk) as *const __m128i
+                    ));
+                    for n in 0..N {
+                        let x = _mm256_loadu_ps(inputs[n].1.as_ptr().add(chunk));
+                        _mm256_storeu_ps(products[n].as_mut_ptr(), _mm256_mul_ps(w, x));
+                        let o = _mm256_loadu_ps(inputs[n].2.as_ptr().add(chunk));
+                        offsets[n] = _mm256_fmadd_ps(w, o, offsets[n]);
+                    }
+                }
+            } else {
+                for j in 0..len {
+                    let w = widen(scales[chunk + j]);
+                    for n in 0..N {
+                        products[n][j] = w * inputs[n].1[chunk + j];
+                        rest[n] += w * inputs[n].2[chunk + j];
+                    }
+                }
+            }
+            // SAFETY: `products[n]` holds 8 floats.
+            let chunk_products: [__m256; N] =
+                core::array::from_fn(|n| unsafe { _mm256_loadu_ps(products[n].as_ptr()) });
+            let groups = len / 4;
+            for g in 0..groups {
+                for half in 0..2 {
+                    let j = (4 * g + 2 * half) as i32;
+                    let b = chunk + 4 * g + 2 * half;
+                    // Lanes 0–3 pick product j, lanes 4–7 product j + 1.
+                    let lanes = _mm256_set_epi32(j + 1, j + 1, j + 1, j + 1, j, j, j, j);
+                    // SAFETY: blocks b and b + 1 lie within the row; the input's group holds
+                    // their first halves at 32 · half and second halves 64 bytes on.
+                    unsafe {
+                        let packed =
+                            _mm256_loadu_si256(values.as_ptr().add(b * 16) as *const __m256i);
+                        let low = _mm256_and_si256(packed, nibble);
+                        let high = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), nibble);
+                        for n in 0..N {
+                            let x = inputs[n].0.as_ptr().add((chunk + 4 * g) * 32 + 32 * half);
+                            let x_low = _mm256_loadu_si256(x as *const __m256i);
+                            let x_high = _mm256_loadu_si256(x.add(64) as *const __m256i);
+                            let pairs = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(low, x_low),
+                                _mm256_maddubs_epi16(high, x_high),
+                            );
+                            let dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+                            let scale = _mm256_permutevar8x32_ps(chunk_products[n], lanes);
+                            let acc = if half == 0 { &mut even[n] } else { &mut odd[n] };
+                            *acc = _mm256_fmadd_ps(dots, scale, *acc);
+                        }
+                    }
+                }
+            }
+            for j in 4 * groups..len {
+                let b = chunk + j;
+                // SAFETY: block b lies within the row and every input (in the row's order:
+                // past the last whole group).
+                unsafe {
+                    let packed = _mm_loadu_si128(values.as_ptr().add(b * 16) as *const __m128i);
+                    let low = _mm_and_si128(packed, _mm_set1_epi8(0x0F));
+                    let high = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F));
+                    for n in 0..N {
+                        let x = inputs[n].0.as_ptr().add(b * 32);
+                        let pairs = _mm_add_epi16(
+                            _mm_maddubs_epi16(low, _mm_loadu_si128(x as *const __m128i)),
+                            _mm_maddubs_epi16(high, _mm_loadu_si128(x.add(16) as *const __m128i)),
+                        );
+                        let dots = _mm_madd_epi16(pairs, _mm_set1_epi16(1));
+                        let dots = _mm_add_epi32(dots, _mm_shuffle_epi32::<0b01_00_11_10>(dots));
+                        let dots = _mm_add_epi32(dots, _mm_shuffle_epi32::<0b10_11_00_01>(dots));
+                        rest[n] += _mm_cvtsi128_si32(dots) as f32 * products[n][j];
+                    }
+                }
+            }
+            chunk += len;
+        }
+        let mut result = [0.0; N];
+        for n in 0..N {
+            let sums = _mm256_add_ps(even[n], offsets[n]);
+            result[n] = sum_lanes(sums, odd[n]) + rest[n];
+        }
+        result
+    }
+
     /// The 16 lanes of two accumulators summed in one fixed order (pairwise across halves), the
     /// reduction every pass ends with.
     #[target_feature(enable = "avx2")]
@@ -2632,6 +2780,8 @@ mod avx512 {
     /// steps), the best of 256, 512, 768 and 1 024 on a streamed GEMV (one and two threads).
     const Q4_PREFETCH_BYTES: usize = 512;
 
+    // Tail blocks index each input's products by block, as the groups do.
+    #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn pass_q4_q8<const N: usize>(
         values: &[i8],
@@ -2709,7 +2859,7 @@ mod avx512 {
                     // The hardware prefetcher alone leaves the stream short of its bandwidth
                     // at this much work per byte (+5-10 % GEMV throughput streamed).
                     _mm_prefetch::<_MM_HINT_T0>(
-                        values.as_ptr().wrapping_add(b * 16 + Q4_PREFETCH_BYTES) as *const i8,
+                        values.as_ptr().wrapping_add(b * 16 + Q4_PREFETCH_BYTES),
                     );
                     let packed = _mm512_loadu_si512(values.as_ptr().add(b * 16) as *const _);
                     let low = _mm512_and_si512(packed, nibble);
@@ -3507,8 +3657,17 @@ mod tests {
     #[test]
     fn q4_int8_dots_are_exact_products_of_the_quantized_rows_and_inputs() {
         use crate::quant::quantize_q4;
-        if !avx512::q8_available() {
-            eprintln!("no AVX-512 VNNI on this CPU: the q4 int8 kernel does not run here");
+        type Q4Kernel =
+            unsafe fn(&[i8], &[half::f16], &[(&[i8], &[f32], &[f32])]) -> [f32; TOKENS_PER_PASS];
+        let mut kernels: Vec<(&str, Q4Kernel)> = Vec::new();
+        if avx2::q8_available() {
+            kernels.push(("avx2", avx2::dots_q4_q8));
+        }
+        if avx512::q8_available() {
+            kernels.push(("avx512-vnni", avx512::dots_q4_q8));
+        }
+        if kernels.is_empty() {
+            eprintln!("no AVX2 on this CPU: the q4 int8 kernels do not run here");
             return;
         }
         let mut rng = Rng(67);
@@ -3524,28 +3683,33 @@ mod tests {
                     .iter()
                     .map(|q| (q.grouped(), q.x.scales.as_slice(), q.offsets.as_slice()))
                     .collect();
-                // SAFETY: the CPU features checked above; whole blocks of 32 with their scales.
-                let got = unsafe { avx512::dots_q4_q8(&row.values, &row.scales, &group) };
-                for (k, x) in xs[..n].iter().enumerate() {
-                    let x = x.x.dequantize();
-                    let want = dot64(&x, &weights);
-                    // The f32 sums of (up to 61 000 · s_w · s_x per block) products and offsets.
-                    let magnitude: f64 = x
-                        .iter()
-                        .zip(&weights)
-                        .enumerate()
-                        .map(|(i, (&x, &w))| {
-                            (x as f64).abs()
-                                * ((w as f64).abs() + 8.0 * row.scales[i / 32].to_f64().abs())
-                        })
-                        .sum();
-                    assert!(
-                        (got[k] as f64 - want).abs() <= 1e-6 * (1.0 + magnitude),
-                        "{blocks} blocks, input {k}: {} vs {want}",
-                        got[k]
-                    );
+                for (name, kernel) in &kernels {
+                    // SAFETY: the CPU features checked above; whole blocks of 32 with their scales.
+                    let got = unsafe { kernel(&row.values, &row.scales, &group) };
+                    for (k, x) in xs[..n].iter().enumerate() {
+                        let x = x.x.dequantize();
+                        let want = dot64(&x, &weights);
+                        // The f32 sums of (up to 61 000 · s_w · s_x per block) products and offsets.
+                        let magnitude: f64 = x
+                            .iter()
+                            .zip(&weights)
+                            .enumerate()
+                            .map(|(i, (&x, &w))| {
+                                (x as f64).abs()
+                                    * ((w as f64).abs() + 8.0 * row.scales[i / 32].to_f64().abs())
+                            })
+                            .sum();
+                        assert!(
+                            (got[k] as f64 - want).abs() <= 1e-6 * (1.0 + magnitude),
+                            "{name}: {blocks} blocks, input {k}: {} vs {want}",
+                            got[k]
+                        );
+                    }
+                    assert!(got[n..].iter().all(|&v| v == 0.0));
                 }
-                assert!(got[n..].iter().all(|&v| v == 0.0));
+            }
+            if !avx512::q8_available() {
+                continue;
             }
             // The decode kernel over several rows: each row's dot.
             let rows = 6;

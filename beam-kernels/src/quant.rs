@@ -417,12 +417,28 @@ impl<'a> Q4Matrix<'a> {
         }
     }
 
-    /// Writes `(q - 8) · s` for the weights `range` into `out` (as long as `range`).
+    /// Writes `(q - 8) · s` for the weights `range` into `out` (as long as `range`): whole
+    /// blocks a block at a time (the portable kernels' tiles), any others weight by weight.
     pub fn dequantize_into(&self, range: core::ops::Range<usize>, out: &mut [f32]) {
         assert_eq!(out.len(), range.len(), "output as long as the range");
-        for (o, i) in out.iter_mut().zip(range) {
-            let scale = self.scales[i / self.block].to_f32();
-            *o = (f32::from(self.nibble(i)) - 8.0) * scale;
+        let (block, half) = (self.block, self.block / 2);
+        let mut done = 0;
+        while done < out.len() {
+            let i = range.start + done;
+            let scale = self.scales[i / block].to_f32();
+            if i.is_multiple_of(block) && out.len() - done >= block {
+                let bytes = &self.values[i / 2..i / 2 + half];
+                let (low, high) = out[done..done + block].split_at_mut(half);
+                for ((l, h), &byte) in low.iter_mut().zip(high).zip(bytes) {
+                    let byte = byte as u8;
+                    *l = (f32::from(byte & 0x0F) - 8.0) * scale;
+                    *h = (f32::from(byte >> 4) - 8.0) * scale;
+                }
+                done += block;
+            } else {
+                out[done] = (f32::from(self.nibble(i)) - 8.0) * scale;
+                done += 1;
+            }
         }
     }
 }
@@ -1014,6 +1030,21 @@ mod tests {
             .collect();
         let widened: Vec<f32> = bf.iter().map(|v| v.to_f32()).collect();
         assert_eq!(quantize_q4(&bf, 32), quantize_q4(&widened, 32));
+    }
+
+    #[test]
+    fn q4_dequantizes_any_range_as_weight_by_weight() {
+        let q = quantize_q4(&values(5 * 24, 0.6), 24);
+        let m = q.as_q4().unwrap();
+        let each: Vec<f32> = (0..m.len())
+            .map(|i| (f32::from(m.nibble(i)) - 8.0) * m.scales()[i / 24].to_f32())
+            .collect();
+        assert!(each.iter().any(|&v| v != 0.0), "not a test on zeros");
+        for range in [0..120, 24..72, 5..100, 30..31, 0..0, 47..120] {
+            let mut out = vec![f32::NAN; range.len()];
+            m.dequantize_into(range.clone(), &mut out);
+            assert_eq!(out, each[range.clone()], "{range:?}");
+        }
     }
 
     #[test]
