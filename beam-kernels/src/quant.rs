@@ -234,6 +234,7 @@ impl QuantFormat {
             self.name()
         );
         let mut wide = vec![0.0f32; block];
+        let mut nibbles = vec![0u8; block];
         for ((q, scale), values) in q
             .chunks_exact_mut(packed)
             .zip(scales.iter_mut())
@@ -244,7 +245,7 @@ impl QuantFormat {
             }
             *scale = match self {
                 Self::Q8 => quantize_block(&wide, q),
-                Self::Q4 => quantize_block_q4(&wide, q),
+                Self::Q4 => quantize_block_q4(&wide, q, &mut nibbles),
             };
         }
     }
@@ -470,6 +471,32 @@ fn block_max(wide: &[f32]) -> f32 {
     lanes.iter().fold(0.0f32, |m, &l| if l > m { l } else { m })
 }
 
+/// The largest and smallest value in `wide` (NaNs are skipped: callers have checked
+/// [`block_max`]), eight running lanes each as in [`block_max`].
+fn block_range(wide: &[f32]) -> (f32, f32) {
+    const LANES: usize = 8;
+    let mut high = [f32::NEG_INFINITY; LANES];
+    let mut low = [f32::INFINITY; LANES];
+    let chunks = wide.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for ((h, l), &w) in high.iter_mut().zip(low.iter_mut()).zip(chunk) {
+            *h = if w > *h { w } else { *h };
+            *l = if w < *l { w } else { *l };
+        }
+    }
+    for &w in rest {
+        high[0] = if w > high[0] { w } else { high[0] };
+        low[0] = if w < low[0] { w } else { low[0] };
+    }
+    (
+        high.iter()
+            .fold(f32::NEG_INFINITY, |m, &h| if h > m { h } else { m }),
+        low.iter()
+            .fold(f32::INFINITY, |m, &l| if l < m { l } else { m }),
+    )
+}
+
 /// The smallest `f16` at least `value` (`value` positive or NaN; infinite above `f16::MAX`).
 fn f16_at_least(value: f32) -> f16 {
     let near = f16::from_f32(value);
@@ -520,30 +547,40 @@ fn quantize_block(wide: &[f32], q: &mut [i8]) -> f16 {
 /// `[-8, 8]`; values are rounded half away from zero and clamped to `[-8, 7]`, then stored
 /// plus 8. The error is within `|s| / 2`, except for values beyond `7.5 |s|` on the side
 /// opposite `m`, which clamp to `7 |s|` (within `|s|`). An all-zero block has scale 0.
-fn quantize_block_q4(wide: &[f32], packed: &mut [i8]) -> f16 {
+fn quantize_block_q4(wide: &[f32], packed: &mut [i8], nibbles: &mut [u8]) -> f16 {
     let half = wide.len() / 2;
     let max = block_max(wide);
     if max == 0.0 {
         packed.fill(0x88u8 as i8);
         return f16::ZERO;
     }
-    let extreme = wide
-        .iter()
-        .copied()
-        .find(|w| w.abs() == max)
-        .unwrap_or(f32::NAN);
+    // The signed extreme from the block's range (vectorised); only a tie between `+max` and
+    // `-max` needs the first of them, found in order.
+    let (high, low) = block_range(wide);
+    let extreme = if max.is_nan() {
+        f32::NAN
+    } else if high == max && -low == max {
+        wide.iter().copied().find(|w| w.abs() == max).unwrap_or(max)
+    } else if high == max {
+        high
+    } else {
+        low
+    };
     let magnitude = f16_at_least(max / 8.0);
     let scale = if extreme > 0.0 { -magnitude } else { magnitude };
     let inverse = 1.0 / scale.to_f32();
-    let nibble = |w: f32| -> u8 {
+    // Round half away from zero, clamp to [-8, 7] in `f32` (NaN to 0), truncate, plus 8: a
+    // loop the compiler vectorises, as `round_block`; then the halves packed into bytes.
+    for (q, &w) in nibbles.iter_mut().zip(wide) {
         let v = w * inverse;
         let r = (v + 0.5f32.copysign(v)).clamp(-8.0, 7.0);
         let r = if r.is_nan() { 0.0 } else { r };
         // SAFETY: `r` is finite and within [-8, 7], so it truncates to an i32.
-        (unsafe { r.to_int_unchecked::<i32>() } + 8) as u8
-    };
-    for (j, byte) in packed.iter_mut().enumerate() {
-        *byte = (nibble(wide[j]) | nibble(wide[j + half]) << 4) as i8;
+        *q = (unsafe { r.to_int_unchecked::<i32>() } + 8) as u8;
+    }
+    let (low, high) = nibbles[..wide.len()].split_at(half);
+    for ((byte, &l), &h) in packed.iter_mut().zip(low).zip(high) {
+        *byte = (l | h << 4) as i8;
     }
     scale
 }
@@ -959,13 +996,18 @@ mod tests {
         blocks.push(special.clone());
         special[5] = -40.0;
         blocks.push(special.clone());
+        // Ties between +max and -max: the first of them sets the sign.
+        special[9] = 40.0;
+        blocks.push(special.clone());
+        special[2] = 40.0;
+        blocks.push(special.clone());
         special[5] = f32::NAN;
         blocks.push(special);
         blocks.push(vec![0.0; 32]);
         blocks.push((0..32).map(|i| (i as f32 - 15.5) * 1e-7).collect());
         for wide in &blocks {
             let mut packed = vec![0i8; wide.len() / 2];
-            let scale = quantize_block_q4(wide, &mut packed);
+            let scale = quantize_block_q4(wide, &mut packed, &mut vec![0; wide.len()]);
             let (want_scale, want_q) = q4_reference(wide);
             assert_eq!(scale.to_bits(), want_scale.to_bits(), "{wide:?}");
             let half = wide.len() / 2;
