@@ -978,7 +978,7 @@ mod tests {
                 if v.is_nan() {
                     8
                 } else {
-                    ((v + 0.5f32.copysign(v)) as i32).clamp(-8, 7) as u8 + 8
+                    (((v + 0.5f32.copysign(v)) as i32).clamp(-8, 7) + 8) as u8
                 }
             })
             .collect();
