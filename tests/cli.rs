@@ -581,33 +581,25 @@ fn quantize_q8_and_q4_run_logits_generate_and_bench_and_refuse_unknown_formats()
     let json: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(json["ids"].as_array().unwrap().len(), 4, "{out}");
 
-    let out = stdout(&beam(&[
-        "bench",
-        "--model",
-        "assets/models/tiny-qwen3_moe",
-        "--prompt-tokens",
-        "6",
-        "--new-tokens",
-        "3",
-        "--quantize",
-        "q8",
-        "--json",
-    ]));
-    let row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    // The top-K row of `bench --json` on a quantized tiny model.
+    let bench_row = |quantize: &str| -> serde_json::Value {
+        let out = stdout(&beam(&[
+            "bench",
+            "--model",
+            "assets/models/tiny-qwen3_moe",
+            "--prompt-tokens",
+            "6",
+            "--new-tokens",
+            "3",
+            "--quantize",
+            quantize,
+            "--json",
+        ]));
+        serde_json::from_str(out.lines().next().unwrap()).unwrap()
+    };
+    let row = bench_row("q8");
     assert_eq!(row["dtype"], "q8", "{row}");
-    let out = stdout(&beam(&[
-        "bench",
-        "--model",
-        "assets/models/tiny-qwen3_moe",
-        "--prompt-tokens",
-        "6",
-        "--new-tokens",
-        "3",
-        "--quantize",
-        "q4",
-        "--json",
-    ]));
-    let q4_row: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    let q4_row = bench_row("q4");
     assert_eq!(q4_row["dtype"], "q4", "{q4_row}");
     let bytes = |row: &serde_json::Value| row["weight_bytes_per_token"].as_f64().unwrap();
     let ratio = bytes(&q4_row) / bytes(&row);

@@ -13,7 +13,7 @@
 //!   [`LINEAR_MAX_ROWS`] rows; above, Flex's `matmul` on the transposed view (no copy);
 //! - quantized weights ([`crate::quant`]: q8 or q4, `I8` values and `f16` scales) always take
 //!   the host kernels ([`masked_moe_quant`], [`linear_quant`]): int8 dots with the activations
-//!   quantized once per call (blocks of 32 on AVX2 CPUs for q8, on AVX-512 VNNI CPUs for q4, at
+//!   quantized once per call (blocks of 32 on AVX2 CPUs, AVX-512 VNNI kernels where present, at
 //!   every token count), dequantized tiles and the GEMM for many tokens per row block
 //!   otherwise. Flex therefore says `quant_in_place() == true`, and the model loader hands it
 //!   the packed blocks.

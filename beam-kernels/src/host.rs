@@ -3480,33 +3480,46 @@ mod tests {
 
     #[test]
     fn q8_linear_matches_an_f64_product_of_the_dequantized_weights() {
-        use crate::quant::{q8_block_len, quantize_q8};
-        let mut rng = Rng(23);
         // Blocks of 32, 24 (odd number of 8-value groups per row), 16, 20 and 12 (not multiples
         // of 8: the portable path); several row blocks (out · in > BLOCK_WEIGHTS); 1 to 33 rows
         // (past the GEMM threshold: int8 passes for blocks of 32, a dequantized tile + GEMM for
         // the others).
-        for (tokens, in_features, out_features) in [
-            (1, 64, 5),
-            (3, 48, 40),
-            (9, 256, 300),
-            (GEMM_MIN_TOKENS + 1, 256, 30),
-            (4, 16, 3),
-            (2, 40, 7),
-            (8, 12, 9),
-            (GEMM_MIN_TOKENS + 1, 12, 9),
-            (1, 2048, 40),
-            // One input over rows of an odd number of blocks of 32, in two row blocks.
-            (1, 96, 700),
-        ] {
-            let block = q8_block_len(in_features).unwrap();
+        quantized_linear_matches_an_f64_product(
+            crate::quant::QuantFormat::Q8,
+            &[
+                (1, 64, 5),
+                (3, 48, 40),
+                (9, 256, 300),
+                (GEMM_MIN_TOKENS + 1, 256, 30),
+                (4, 16, 3),
+                (2, 40, 7),
+                (8, 12, 9),
+                (GEMM_MIN_TOKENS + 1, 12, 9),
+                (1, 2048, 40),
+                // One input over rows of an odd number of blocks of 32, in two row blocks.
+                (1, 96, 700),
+            ],
+            23,
+        );
+    }
+
+    /// `linear` on `format` weights (`(tokens, in, out)` per case, blocks as the loader picks
+    /// them) against an `f64` product of the dequantized weights: exact up to `f32` sums, plus
+    /// half an activation step per weight where blocks of 32 take the int8-activation dots (at
+    /// every row count on AVX2 CPUs: no GEMM, `gemm_min_tokens`).
+    fn quantized_linear_matches_an_f64_product(
+        format: crate::quant::QuantFormat,
+        cases: &[(usize, usize, usize)],
+        seed: u64,
+    ) {
+        let mut rng = Rng(seed);
+        for &(tokens, in_features, out_features) in cases {
+            let block = format.block_len(in_features).unwrap();
             let x = rng.values(tokens * in_features, 1.0);
-            let q = quantize_q8(&rng.values(out_features * in_features, 0.3), block);
+            let q = format.quantize(&rng.values(out_features * in_features, 0.3), block);
             let dequantized = q.dequantize();
-            let got = linear(&x, q.as_q8().unwrap(), in_features, out_features);
+            let got = linear_quantized(&x, &q, in_features, out_features);
             assert_eq!(got.len(), tokens * out_features);
-            // Blocks of 32 take the int8-activation dots at every row count on AVX2 CPUs (no
-            // GEMM: `gemm_min_tokens`): each activation is off by at most half its block's step.
             let int8_activations = block == Q8_BLOCK;
             for t in 0..tokens {
                 let input = &x[t * in_features..(t + 1) * in_features];
@@ -3528,7 +3541,7 @@ mod tests {
                     let g = got[t * out_features + o] as f64;
                     assert!(
                         (g - want).abs() <= activation_bound + 1e-5 * (1.0 + want.abs()),
-                        "q8 [{tokens}, {in_features}] x [{out_features}, {in_features}]ᵀ (block {block}) at ({t}, {o}): {g} vs {want}"
+                        "{format} [{tokens}, {in_features}] x [{out_features}, {in_features}]ᵀ (block {block}) at ({t}, {o}): {g} vs {want}"
                     );
                 }
             }
@@ -3598,59 +3611,28 @@ mod tests {
 
     #[test]
     fn q4_linear_matches_an_f64_product_of_the_dequantized_weights() {
-        use crate::quant::{q4_block_len, quantize_q4};
-        let mut rng = Rng(61);
-        // Blocks of 32 (int8 inputs on AVX-512 VNNI CPUs: one input through `rows_q4_q8`,
-        // several through `dots_q4_q8` in passes of four), rows of 1, 3, 16, 17 and 64 blocks
-        // (the scale chunks of 16: whole, partial, with an odd last block); blocks of 24, 16, 20
-        // and 12 (the portable dots, and a dequantized tile + GEMM past the GEMM threshold).
-        for (tokens, in_features, out_features) in [
-            (1, 32, 5),
-            (1, 96, 700),
-            (1, 512, 40),
-            (1, 544, 9),
-            (2, 2048, 30),
-            (5, 544, 11),
-            (GEMM_MIN_TOKENS + 1, 256, 30),
-            (3, 48, 40),
-            (4, 16, 3),
-            (2, 40, 7),
-            (GEMM_MIN_TOKENS + 1, 12, 9),
-        ] {
-            let block = q4_block_len(in_features).unwrap();
-            let x = rng.values(tokens * in_features, 1.0);
-            let q = quantize_q4(&rng.values(out_features * in_features, 0.3), block);
-            let dequantized = q.dequantize();
-            let got = linear_quantized(&x, &q, in_features, out_features);
-            assert_eq!(got.len(), tokens * out_features);
-            let int8_activations = block == Q8_BLOCK;
-            for t in 0..tokens {
-                let input = &x[t * in_features..(t + 1) * in_features];
-                let steps: Vec<f64> = input
-                    .chunks(block)
-                    .map(|b| b.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64 / 127.0)
-                    .collect();
-                for o in 0..out_features {
-                    let row = &dequantized[o * in_features..(o + 1) * in_features];
-                    let want = dot64(input, row);
-                    // Each int8 activation is off by at most half its block's step.
-                    let activation_bound: f64 = if int8_activations {
-                        row.iter()
-                            .enumerate()
-                            .map(|(j, &w)| w.abs() as f64 * steps[j / block] / 2.0)
-                            .sum()
-                    } else {
-                        0.0
-                    };
-                    let g = got[t * out_features + o] as f64;
-                    assert!(
-                        (g - want).abs() <= activation_bound + 1e-5 * (1.0 + want.abs()),
-                        "q4 [{tokens}, {in_features}] x [{out_features}, {in_features}]ᵀ (block {block}) at ({t}, {o}): {g} vs {want}"
-                    );
-                }
-            }
-            assert!(got.iter().any(|g| g.abs() > 1e-2), "not a test on zeros");
-        }
+        // Blocks of 32 (int8 inputs on AVX2 CPUs; on AVX-512 VNNI one input through
+        // `rows_q4_q8`, several through `dots_q4_q8` in passes of four), rows of 1, 3, 16, 17
+        // and 64 blocks (the scale chunks of 16: whole, partial, with an odd last block); blocks
+        // of 24, 16, 20 and 12 (the portable dots, and a dequantized tile + GEMM past the GEMM
+        // threshold).
+        quantized_linear_matches_an_f64_product(
+            crate::quant::QuantFormat::Q4,
+            &[
+                (1, 32, 5),
+                (1, 96, 700),
+                (1, 512, 40),
+                (1, 544, 9),
+                (2, 2048, 30),
+                (5, 544, 11),
+                (GEMM_MIN_TOKENS + 1, 256, 30),
+                (3, 48, 40),
+                (4, 16, 3),
+                (2, 40, 7),
+                (GEMM_MIN_TOKENS + 1, 12, 9),
+            ],
+            61,
+        );
     }
 
     #[cfg(target_arch = "x86_64")]

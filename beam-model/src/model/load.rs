@@ -31,9 +31,10 @@ pub struct LoadOptions {
     pub dtype: Option<WeightDtype>,
     /// Quantize the `[out, in]` linear weights at load (attention projections, routed and shared
     /// experts, dense MLPs, an untied LM head), from whatever precision they are stored in;
-    /// embeddings, norms, routers and mask routers keep `dtype`/`f32`. Backends that run q8 in
-    /// place ([`LinearBackend::quant_in_place`]: burn's Flex) hold the int8 blocks; the others get
-    /// the q8 model's values dequantized once at load into `dtype`.
+    /// embeddings, norms, routers and mask routers keep `dtype`/`f32`. Backends that run
+    /// quantized weights in place ([`LinearBackend::quant_in_place`]: burn's Flex) hold the
+    /// packed blocks (int8 for q8, nibbles for q4); the others get the quantized model's values
+    /// dequantized once at load into `dtype`.
     pub quantize: Option<Quantization>,
     /// Copy every weight into memory the model owns even where the backend could read the
     /// memory-mapped checkpoint in place (burn's Flex, weights kept in their stored dtype):
@@ -52,8 +53,8 @@ pub struct LoadOptions {
 /// What the backend reads in place, which decides what the loader copies.
 #[derive(Debug, Clone, Copy, Default)]
 struct InPlace {
-    /// q8 weights as int8 blocks ([`LinearBackend::quant_in_place`]).
-    q8: bool,
+    /// Quantized weights as packed blocks ([`LinearBackend::quant_in_place`]).
+    quant: bool,
     /// Tensors borrowed from the mapped checkpoint ([`LinearBackend::borrows_host_weights`]).
     borrows: bool,
     /// Routed experts as per-expert tensors
@@ -65,7 +66,7 @@ impl InPlace {
     fn of<B: LinearBackend + GroupedExpertsBackend>(copy_weights: bool) -> Self {
         let borrows = B::borrows_host_weights() && !copy_weights;
         Self {
-            q8: B::quant_in_place(),
+            quant: B::quant_in_place(),
             borrows,
             expert_parts: borrows && B::expert_parts_in_place(),
         }
@@ -186,7 +187,7 @@ fn weight<B: Backend, const D: usize>(
     held_as(
         data,
         format,
-        in_place.q8,
+        in_place.quant,
         device,
         (store.path_of(name), name),
     )
@@ -411,8 +412,8 @@ pub fn load_moe_block_as<B: Backend>(
     moe_block(layer, file, prefix, names, dtype.into(), InPlace::default())
 }
 
-/// [`load_moe_block_as`] with the routed and shared experts held in `format`: quantized (q8) when
-/// it says so, as the int8 blocks where the backend runs them in place
+/// [`load_moe_block_as`] with the routed and shared experts held in `format`: quantized (q8, q4)
+/// when it says so, as the packed blocks where the backend runs them in place
 /// ([`LinearBackend::quant_in_place`]); otherwise borrowed from the mapped checkpoint where the
 /// backend reads it in place ([`LinearBackend::borrows_host_weights`], per-expert tensors as
 /// [`Weight::Parts`] where [`GroupedExpertsBackend::expert_parts_in_place`]).
@@ -478,7 +479,7 @@ fn moe_block<B: Backend>(
                 e,
                 shape,
                 format,
-                in_place.q8,
+                in_place.quant,
                 &device,
                 (file.path_of(&parts[0](0)), label),
             )
@@ -634,7 +635,7 @@ pub fn load_swiglu_with<B: LinearBackend>(
         gate,
         format,
         InPlace {
-            q8: B::quant_in_place(),
+            quant: B::quant_in_place(),
             ..InPlace::default()
         },
         device,
@@ -670,7 +671,7 @@ fn swiglu<B: Backend>(
         gate_up: held_as(
             gate_up,
             format,
-            in_place.q8,
+            in_place.quant,
             device,
             (
                 file.path_of(&gate_name),
