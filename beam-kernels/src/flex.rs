@@ -32,7 +32,7 @@ use half::{bf16, f16};
 
 use crate::host::{linear as host_linear, masked_moe_experts, masked_moe_planned, ExpertMatrices};
 use crate::plan::{DispatchPlan, MoeDims};
-use crate::quant::{Q4Matrix, Q8Matrix, QuantFormat, QuantMatrix};
+use crate::quant::{Q4Matrix, Q8Matrix, QuantMatrix};
 use crate::reference::{
     attention_primitive, grouped_experts_primitive, grouped_experts_quant_primitive,
     kv_append_reference, linear_out_in_quant_primitive, linear_out_in_reference,
@@ -507,12 +507,12 @@ fn quant_matrix(q: &QuantPrimitive<Flex>) -> Option<QuantMatrix<'_>> {
     {
         return None;
     }
-    let (values, scales) = (q.values.as_slice::<i8>()?, q.scales.as_slice::<f16>()?);
-    let block = row_len / blocks;
-    Some(match q.format {
-        QuantFormat::Q8 => QuantMatrix::Q8(Q8Matrix::new(values, scales, block)?),
-        QuantFormat::Q4 => QuantMatrix::Q4(Q4Matrix::new(values, scales, block)?),
-    })
+    QuantMatrix::new(
+        q.format,
+        q.values.as_slice::<i8>()?,
+        q.scales.as_slice::<f16>()?,
+        row_len / blocks,
+    )
 }
 
 /// [`masked_moe`] with quantized expert weights (q8 or q4): `Some(output)` from the host kernels

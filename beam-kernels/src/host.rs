@@ -451,7 +451,9 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
             // the scales cover the row's blocks (multiples of 8 values).
             return unsafe { avx2::dots_q8(values, scales, block, inputs) };
         }
-        portable_q8_dots(values, scales, block, inputs)
+        dequantized_dots(block, inputs, |range, out| {
+            self.dequantize_into(start + range.start..start + range.end, out)
+        })
     }
     fn tile<'s>(&'s self, range: core::ops::Range<usize>, buffer: &'s mut Vec<f32>) -> &'s [f32] {
         buffer.clear();
@@ -551,19 +553,25 @@ impl HostMatrix<f32> for Q8Matrix<'_> {
 }
 
 impl Q8Matrix<'_> {
-    /// Whether [`HostMatrix::project`] dots rows of `row_len` with int8 inputs: blocks of 32 on a
-    /// CPU with AVX2, FMA and F16C.
+    /// Whether [`HostMatrix::project`] dots rows of `row_len` with int8 inputs
+    /// ([`int8_input_rows`]).
     fn int8_inputs(&self, row_len: usize) -> bool {
-        let block = crate::quant::Q8_BLOCK;
-        #[cfg(target_arch = "x86_64")]
-        {
-            self.block() == block && row_len.is_multiple_of(block) && avx2::q8_available()
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (row_len, block);
-            false
-        }
+        int8_input_rows(self.block(), row_len)
+    }
+}
+
+/// Whether a quantized matrix's `project` (q8 or q4) dots rows of `row_len` with int8 inputs:
+/// blocks of 32 on a CPU with AVX2, FMA and F16C (AVX-512 VNNI's kernels where it has them).
+fn int8_input_rows(block: usize, row_len: usize) -> bool {
+    let int8_block = crate::quant::Q8_BLOCK;
+    #[cfg(target_arch = "x86_64")]
+    {
+        block == int8_block && row_len.is_multiple_of(int8_block) && avx2::q8_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (block, row_len, int8_block);
+        false
     }
 }
 
@@ -646,24 +654,9 @@ impl HostMatrix<f32> for Q4Matrix<'_> {
             start.is_multiple_of(self.block()) && len.is_multiple_of(self.block()),
             "a q4 row is whole blocks"
         );
-        let mut out = [0.0; TOKENS_PER_PASS];
-        let mut wide = [0.0f32; 256];
-        let chunk = (wide.len() / self.block()).max(1) * self.block();
-        let mut done = 0;
-        while done < len {
-            let part_len = (len - done).min(chunk);
-            self.dequantize_into(start + done..start + done + part_len, &mut wide[..part_len]);
-            let mut part: [&[f32]; TOKENS_PER_PASS] = [&[]; TOKENS_PER_PASS];
-            for (c, x) in part.iter_mut().zip(inputs) {
-                *c = &x[done..done + part_len];
-            }
-            let dots = portable_dots(&wide[..part_len], &part[..inputs.len()]);
-            for (o, d) in out.iter_mut().zip(dots) {
-                *o += d;
-            }
-            done += part_len;
-        }
-        out
+        dequantized_dots(self.block(), inputs, |range, out| {
+            self.dequantize_into(start + range.start..start + range.end, out)
+        })
     }
     fn tile<'s>(&'s self, range: core::ops::Range<usize>, buffer: &'s mut Vec<f32>) -> &'s [f32] {
         buffer.clear();
@@ -681,7 +674,7 @@ impl HostMatrix<f32> for Q4Matrix<'_> {
         mut emit: impl FnMut(usize, usize, f32),
     ) {
         #[cfg(target_arch = "x86_64")]
-        if !prepared.is_empty() && q4_int8_inputs(&self, row_len) {
+        if !prepared.is_empty() && int8_input_rows(self.block(), row_len) {
             let block = crate::quant::Q8_BLOCK;
             assert_eq!(prepared.len(), inputs.len(), "one quantized row per input");
             let quantized: Vec<(&[i8], &[f32], &[f32])> = prepared
@@ -727,7 +720,7 @@ impl HostMatrix<f32> for Q4Matrix<'_> {
                 let row = &values[r * packed..(r + 1) * packed];
                 let row_scales = &scales[r * blocks..(r + 1) * blocks];
                 for (pass, group) in quantized.chunks(TOKENS_PER_PASS).enumerate() {
-                    // SAFETY: `q4_int8_inputs` checked the CPU's features (AVX2, FMA, F16C;
+                    // SAFETY: `int8_input_rows` checked the CPU's features (AVX2, FMA, F16C;
                     // `kernel` checked AVX-512 VNNI); the row and every input are `blocks`
                     // whole blocks.
                     let dots = unsafe { kernel(row, row_scales, group) };
@@ -742,32 +735,17 @@ impl HostMatrix<f32> for Q4Matrix<'_> {
         project_by_dots(self, base, row_len, rows, inputs, emit)
     }
     fn gemm_min_tokens(&self, row_len: usize) -> usize {
-        if q4_int8_inputs(self, row_len) {
+        if int8_input_rows(self.block(), row_len) {
             usize::MAX
         } else {
             GEMM_MIN_TOKENS
         }
     }
     fn prepare_inputs(&self, data: &[f32], row_len: usize) -> Vec<Q4Input> {
-        if !q4_int8_inputs(self, row_len) {
+        if !int8_input_rows(self.block(), row_len) {
             return Vec::new();
         }
         data.chunks_exact(row_len).map(Q4Input::new).collect()
-    }
-}
-
-/// Whether [`HostMatrix::project`] dots q4 rows of `row_len` with int8 inputs: blocks of 32 on
-/// a CPU with AVX2, FMA and F16C (AVX-512 VNNI's kernels where it has them).
-fn q4_int8_inputs(matrix: &Q4Matrix<'_>, row_len: usize) -> bool {
-    let block = crate::quant::Q8_BLOCK;
-    #[cfg(target_arch = "x86_64")]
-    {
-        matrix.block() == block && row_len.is_multiple_of(block) && avx2::q8_available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (matrix, row_len, block);
-        false
     }
 }
 
@@ -779,29 +757,22 @@ fn pick<P>(prepared: &[P], index: impl Iterator<Item = usize>) -> Vec<&P> {
     index.map(|i| &prepared[i]).collect()
 }
 
-/// [`portable_dots`] on q8 rows: a chunk of blocks at a time dequantized into a stack buffer.
-fn portable_q8_dots(
-    values: &[i8],
-    scales: &[half::f16],
+/// [`portable_dots`] on quantized rows (q8 or q4): `dequantize(range, out)` writes weights
+/// `range` of the row (`range` relative to its start) as `f32`; a chunk of whole blocks at a time
+/// is dequantized into a stack buffer and dotted with the inputs.
+fn dequantized_dots(
     block: usize,
     inputs: &[&[f32]],
+    dequantize: impl Fn(core::ops::Range<usize>, &mut [f32]),
 ) -> [f32; TOKENS_PER_PASS] {
+    let total = inputs.first().map_or(0, |x| x.len());
     let mut out = [0.0; TOKENS_PER_PASS];
     let mut wide = [0.0f32; 256];
     let chunk = (wide.len() / block).max(1) * block;
     let mut done = 0;
-    while done < values.len() {
-        let len = (values.len() - done).min(chunk);
-        for (b, (w, q)) in wide[..len]
-            .chunks_mut(block)
-            .zip(values[done..done + len].chunks(block))
-            .enumerate()
-        {
-            let scale = scales[done / block + b].to_f32();
-            for (w, &q) in w.iter_mut().zip(q) {
-                *w = q as f32 * scale;
-            }
-        }
+    while done < total {
+        let len = (total - done).min(chunk);
+        dequantize(done..done + len, &mut wide[..len]);
         let mut part: [&[f32]; TOKENS_PER_PASS] = [&[]; TOKENS_PER_PASS];
         for (c, x) in part.iter_mut().zip(inputs) {
             *c = &x[done..done + len];
@@ -3758,7 +3729,7 @@ mod tests {
     }
 
     #[test]
-    fn portable_q8_dots_match_the_simd_ones() {
+    fn dequantized_q8_dots_match_the_simd_ones() {
         use crate::quant::quantize_q8;
         let mut rng = Rng(29);
         let len = 640; // several 256-value chunks and a partial one
@@ -3767,8 +3738,9 @@ mod tests {
         let dequantized = q.dequantize();
         for n in 1..=TOKENS_PER_PASS {
             let group: Vec<&[f32]> = inputs[..n].iter().map(|v| v.as_slice()).collect();
-            let portable = portable_q8_dots(&q.values, &q.scales, 32, &group);
-            let dispatched = q.as_q8().unwrap().dots(0, &group);
+            let m = q.as_q8().unwrap();
+            let portable = dequantized_dots(32, &group, |range, out| m.dequantize_into(range, out));
+            let dispatched = m.dots(0, &group);
             for k in 0..n {
                 let want = dot64(group[k], &dequantized);
                 assert!(

@@ -28,9 +28,10 @@
 //! (an `I8` int tensor) and the scales (`[.., C / block]`, `f16` where the backend holds `f16`,
 //! else `f32`). Not burn's own quantized tensors: burn-flex 0.21 keeps a quantized tensor's
 //! block scales in a `Vec` that every clone copies, and a module's parameter is cloned on each
-//! forward (`Param::val`), which cost more than the product (an OLMoE-shaped 4-layer model decoded at 7.3 tokens/s that way, against 20 in bf16); plain
-//! tensors share their storage between clones, and every backend can hold them, slice them
-//! (the reference dequantizes only routed experts) and move them.
+//! forward (`Param::val`), which cost more than the product (an OLMoE-shaped 4-layer model
+//! decoded at 7.3 tokens/s that way, against 20 in bf16); plain tensors share their storage
+//! between clones, and every backend can hold them, slice them (the reference dequantizes only
+//! routed experts) and move them.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -54,11 +55,18 @@ const Q8_MAX: f32 = 127.0;
 /// the largest divisor of `row_len` from [`Q8_MIN_BLOCK`] to 32 (small models: rows of 16, 24,
 /// 48, … values), `None` when there is none (or the row is empty): such a matrix cannot be q8.
 pub fn q8_block_len(row_len: usize) -> Option<usize> {
+    largest_block(row_len, 1)
+}
+
+/// The largest multiple of `step` from [`Q8_MIN_BLOCK`] to [`Q8_BLOCK`] that divides `row_len`
+/// (`None` for an empty row or when there is none).
+fn largest_block(row_len: usize, step: usize) -> Option<usize> {
     if row_len == 0 {
         return None;
     }
     (Q8_MIN_BLOCK..=Q8_BLOCK)
         .rev()
+        .filter(|block| block.is_multiple_of(step))
         .find(|block| row_len.is_multiple_of(*block))
 }
 
@@ -274,6 +282,22 @@ pub enum QuantMatrix<'a> {
     Q4(Q4Matrix<'a>),
 }
 
+impl<'a> QuantMatrix<'a> {
+    /// `values` packed as `format` says, with one scale per `block` weights: `None` where the
+    /// format's matrix refuses them ([`Q8Matrix::new`], [`Q4Matrix::new`]).
+    pub fn new(
+        format: QuantFormat,
+        values: &'a [i8],
+        scales: &'a [f16],
+        block: usize,
+    ) -> Option<Self> {
+        Some(match format {
+            QuantFormat::Q8 => Self::Q8(Q8Matrix::new(values, scales, block)?),
+            QuantFormat::Q4 => Self::Q4(Q4Matrix::new(values, scales, block)?),
+        })
+    }
+}
+
 /// Owned quantized weights: what [`quantize_q8`] and [`quantize_q4`] make and a
 /// [`QuantTensor`] is built from.
 #[derive(Debug, Clone, PartialEq)]
@@ -292,14 +316,8 @@ pub struct QuantWeights {
 impl QuantWeights {
     /// The weights as a borrowed matrix.
     pub fn matrix(&self) -> QuantMatrix<'_> {
-        match self.format {
-            QuantFormat::Q8 => QuantMatrix::Q8(
-                Q8Matrix::new(&self.values, &self.scales, self.block).expect("built whole blocks"),
-            ),
-            QuantFormat::Q4 => QuantMatrix::Q4(
-                Q4Matrix::new(&self.values, &self.scales, self.block).expect("built whole blocks"),
-            ),
-        }
+        QuantMatrix::new(self.format, &self.values, &self.scales, self.block)
+            .expect("built whole blocks")
     }
 
     /// The weights as a q8 matrix, if they are q8.
@@ -340,20 +358,11 @@ impl QuantWeights {
     }
 }
 
-/// The shortest q4 block [`q4_block_len`] picks.
-pub const Q4_MIN_BLOCK: usize = 8;
-
 /// The q4 block length for rows of `row_len` values: 32 where it divides the row, else the
-/// largest *even* divisor of `row_len` from [`Q4_MIN_BLOCK`] to 32 (a block packs its first and
+/// largest *even* divisor of `row_len` from [`Q8_MIN_BLOCK`] to 32 (a block packs its first and
 /// second halves into one byte each pair); `None` when there is none.
 pub fn q4_block_len(row_len: usize) -> Option<usize> {
-    if row_len == 0 {
-        return None;
-    }
-    (Q4_MIN_BLOCK..=Q8_BLOCK)
-        .rev()
-        .step_by(2)
-        .find(|block| row_len.is_multiple_of(*block))
+    largest_block(row_len, 2)
 }
 
 /// A borrowed q4 matrix: `values` the packed bytes (llama.cpp's `Q4_0` layout within a block,
@@ -471,23 +480,29 @@ fn block_max(wide: &[f32]) -> f32 {
     lanes.iter().fold(0.0f32, |m, &l| if l > m { l } else { m })
 }
 
-/// The largest and smallest value in `wide` (NaNs are skipped: callers have checked
-/// [`block_max`]), eight running lanes each as in [`block_max`].
+/// The largest and smallest value in `wide` (both NaN if any value is NaN), eight running lanes
+/// each as in [`block_max`]; `max|w|` is the larger of `high` and `-low`.
 fn block_range(wide: &[f32]) -> (f32, f32) {
     const LANES: usize = 8;
     let mut high = [f32::NEG_INFINITY; LANES];
     let mut low = [f32::INFINITY; LANES];
+    let mut nan = false;
     let chunks = wide.chunks_exact(LANES);
     let rest = chunks.remainder();
     for chunk in chunks {
         for ((h, l), &w) in high.iter_mut().zip(low.iter_mut()).zip(chunk) {
+            nan |= w.is_nan();
             *h = if w > *h { w } else { *h };
             *l = if w < *l { w } else { *l };
         }
     }
     for &w in rest {
+        nan |= w.is_nan();
         high[0] = if w > high[0] { w } else { high[0] };
         low[0] = if w < low[0] { w } else { low[0] };
+    }
+    if nan {
+        return (f32::NAN, f32::NAN);
     }
     (
         high.iter()
@@ -549,14 +564,18 @@ fn quantize_block(wide: &[f32], q: &mut [i8]) -> f16 {
 /// opposite `m`, which clamp to `7 |s|` (within `|s|`). An all-zero block has scale 0.
 fn quantize_block_q4(wide: &[f32], packed: &mut [i8], nibbles: &mut [u8]) -> f16 {
     let half = wide.len() / 2;
-    let max = block_max(wide);
+    // One vectorised pass gives the range, hence `max|w|` and the signed extreme; only a tie
+    // between `+max` and `-max` needs the first of them, found in order.
+    let (high, low) = block_range(wide);
+    let max = if high.is_nan() {
+        f32::NAN
+    } else {
+        high.max(-low)
+    };
     if max == 0.0 {
         packed.fill(0x88u8 as i8);
         return f16::ZERO;
     }
-    // The signed extreme from the block's range (vectorised); only a tie between `+max` and
-    // `-max` needs the first of them, found in order.
-    let (high, low) = block_range(wide);
     let extreme = if max.is_nan() {
         f32::NAN
     } else if high == max && -low == max {

@@ -1,6 +1,6 @@
 //! A large weight as a model holds it: a float tensor (`f32`, `f16`, `bf16`) or quantized (q8 or
-//! q4: packed values and block scales, [`beam_kernels::quant`]). The linear layers, experts and LM head hold one;
-//! routers, norms and embeddings stay plain float parameters.
+//! q4: packed values and block scales, [`beam_kernels::quant`]). The linear layers, experts and
+//! LM head hold one; routers, norms and embeddings stay plain float parameters.
 
 use beam_kernels::quant::{QuantFormat, QuantTensor};
 use beam_kernels::{
