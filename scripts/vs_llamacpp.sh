@@ -9,7 +9,12 @@
 # env: LLAMA_BIN (llama.cpp's build/bin, default /tmp/llamacpp/build/bin from build_llamacpp.sh),
 #      BEAM (the beam binary, default target/release/beam), THREADS (default 2),
 #      PROMPT / NEW (tokens, default 64 / 32), WARM=0 to skip re-reading each file before its run,
-#      FORMATS (default "bf16 q8"; any of bf16 q8 q4, in the order given).
+#      FORMATS (default "bf16 q8"; any of bf16 q8 q4, in the order given),
+#      DEPTH (default 0): decode after DEPTH positions of context, llama.cpp's `-d DEPTH` and beam's
+#      `--prompt-tokens DEPTH` (the prefill columns then compare llama.cpp's PROMPT tokens after
+#      DEPTH with beam's DEPTH tokens from an empty cache: read only the decode ratios),
+#      KV (beam's --kv-cache; default beam's own: f16 for q8 / q4, bf16 for bf16 weights;
+#      llama.cpp's cache is f16, its default).
 #
 # Each round runs, per format, llama.cpp on its GGUF (BF16, Q8_0, Q4_0), then beam at the same
 # precision (top-K and keep-1: --quantize q8 / q4 for the quantized ones). Before each run the engine's file is evicted from the page cache and read back in
@@ -23,7 +28,9 @@ cd "$(dirname "$0")/.."
 CKPT=$1; PREFIX=$2; ROUNDS=${3:-3}
 L=${LLAMA_BIN:-/tmp/llamacpp/build/bin}
 B=${BEAM:-target/release/beam}
-T=${THREADS:-2}; P=${PROMPT:-64}; N=${NEW:-32}
+T=${THREADS:-2}; P=${PROMPT:-64}; N=${NEW:-32}; D=${DEPTH:-0}
+BEAM_PROMPT=$P; [ "$D" -gt 0 ] && BEAM_PROMPT=$D
+KV_ARGS=(); [ -n "${KV:-}" ] && KV_ARGS=(--kv-cache "$KV")
 for f in "$L/llama-bench" "$B" "$CKPT/config.json"; do
   [ -e "$f" ] || { echo "missing: $f" >&2; exit 1; }
 done
@@ -40,7 +47,7 @@ for p in sys.argv[1:]:
 llama() {
   [ -e "$PREFIX-$1.gguf" ] || { echo "missing: $PREFIX-$1.gguf" >&2; exit 1; }
   warm "$PREFIX-$1.gguf"
-  "$L/llama-bench" -m "$PREFIX-$1.gguf" -t "$T" -p "$P" -n "$N" -r 2 -o csv 2>/dev/null |
+  "$L/llama-bench" -m "$PREFIX-$1.gguf" -t "$T" -p "$P" -n "$N" -d "$D" -r 2 -o csv 2>/dev/null |
     python3 -c 'import csv, sys
 rows = list(csv.DictReader(sys.stdin))
 get = lambda key: next(float(r["avg_ts"]) for r in rows if int(r[key]) > 0)
@@ -50,8 +57,8 @@ print(get("n_prompt"), get("n_gen"))'
 # beam bench --json: top-K then keep-1, prefill and decode tokens/s of each.
 beam() {
   warm "$CKPT"/*.safetensors
-  RAYON_NUM_THREADS=$T "$B" bench --model "$CKPT" "$@" --prompt-tokens "$P" --new-tokens "$N" \
-    --keep 1 --json 2>/dev/null |
+  RAYON_NUM_THREADS=$T "$B" bench --model "$CKPT" "$@" "${KV_ARGS[@]}" --prompt-tokens "$BEAM_PROMPT" \
+    --new-tokens "$N" --keep 1 --json 2>/dev/null |
     python3 -c 'import json, sys
 rows = [json.loads(line) for line in sys.stdin if line.strip()]
 print(" ".join(f"{r[k]:.2f}" for r in rows for k in ("prefill_tokens_per_s", "decode_tokens_per_s")))'

@@ -67,17 +67,18 @@ fn info_describes_each_family() {
         assert!(out.contains(needle), "{name}: {out}");
         assert!(out.contains("no adapter"), "{out}");
         match mla_layers {
-            // MLA caches the latent and the rotary key, (12 + 4) f32 per token and layer, where
-            // full keys and values would be 4 heads · (12 + 6).
+            // MLA caches the latent and the rotary key, 12 + 4 values per token and layer (2 or
+            // 4 bytes each), where full keys and values would be 4 heads · (12 + 6): 4.5×.
             Some(layers) => {
                 let line = format!(
-                    "KV cache:    {} B per token (f32; compressed latent, full K/V would take {} B",
+                    "KV cache:    {} B per token in 16 bits, {} B in f32 (compressed latent; full \
+                     K/V would take 4.5× more)",
+                    layers * 16 * 2,
                     layers * 16 * 4,
-                    layers * 4 * 18 * 4
                 );
                 assert!(out.contains(&line), "{name}: {out}");
             }
-            None => assert!(out.contains("per token (f32 keys and values)"), "{out}"),
+            None => assert!(out.contains(" in f32 (keys and values)"), "{out}"),
         }
     }
 }
@@ -513,7 +514,7 @@ fn generation_stops_at_the_model_context_and_says_so() {
 }
 
 #[test]
-fn quantize_q8_and_q4_run_logits_generate_and_bench_and_refuse_unknown_formats() {
+fn quantize_q8_and_q4_run_logits_generate_and_bench_and_refuse_unknown_formats_and_caches() {
     let ids = reference_ids("olmoe", "input_ids");
     let logits = |extra: &[&str]| -> Vec<f64> {
         let mut args = vec!["logits", "--model", "assets/models/tiny-olmoe", "--ids"];
@@ -582,8 +583,8 @@ fn quantize_q8_and_q4_run_logits_generate_and_bench_and_refuse_unknown_formats()
     assert_eq!(json["ids"].as_array().unwrap().len(), 4, "{out}");
 
     // The top-K row of `bench --json` on a quantized tiny model.
-    let bench_row = |quantize: &str| -> serde_json::Value {
-        let out = stdout(&beam(&[
+    let bench_row = |quantize: &str, extra: &[&str]| -> serde_json::Value {
+        let mut args = vec![
             "bench",
             "--model",
             "assets/models/tiny-qwen3_moe",
@@ -594,18 +595,43 @@ fn quantize_q8_and_q4_run_logits_generate_and_bench_and_refuse_unknown_formats()
             "--quantize",
             quantize,
             "--json",
-        ]));
+        ];
+        args.extend_from_slice(extra);
+        let out = stdout(&beam(&args));
         serde_json::from_str(out.lines().next().unwrap()).unwrap()
     };
-    let row = bench_row("q8");
+    let row = bench_row("q8", &[]);
     assert_eq!(row["dtype"], "q8", "{row}");
-    let q4_row = bench_row("q4");
+    // Quantized weights get llama.cpp's default cache type, unless asked otherwise.
+    assert_eq!(row["kv_dtype"], "f16", "{row}");
+    let f32_cache = bench_row("q8", &["--kv-cache", "f32"]);
+    assert_eq!(f32_cache["kv_dtype"], "f32", "{f32_cache}");
+    let q4_row = bench_row("q4", &[]);
     assert_eq!(q4_row["dtype"], "q4", "{q4_row}");
     let bytes = |row: &serde_json::Value| row["weight_bytes_per_token"].as_f64().unwrap();
     let ratio = bytes(&q4_row) / bytes(&row);
     assert!(
         (ratio - 0.5625 / 1.0625).abs() < 0.02,
         "q4 reads {ratio} of q8's bytes per token"
+    );
+
+    // A 16-bit cache on ndarray (f32 only) is a clear error, not a panic.
+    let out = beam(&[
+        "generate",
+        "--model",
+        "assets/models/tiny-olmoe",
+        "--ids",
+        "5,17,42",
+        "--backend",
+        "ndarray",
+        "--kv-cache",
+        "bf16",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot hold a bf16 KV cache") && !stderr.contains("panicked"),
+        "{stderr}"
     );
 
     let out = beam(&[

@@ -524,7 +524,8 @@ fn published_deepseek_configs_give_the_stated_sizes() {
         // Activated: what one token reads (one embedding row, the LM head, top-K experts).
         assert!((read / active - 1.0).abs() < 0.03, "{read:e} vs {active:e}");
         assert_eq!(config.kv_cache_values_per_token(), 576);
-        assert_eq!(config.kv_cache_bytes_per_token(), layers * 576 * 4);
+        assert_eq!(config.kv_cache_bytes_per_token(4), layers * 576 * 4);
+        assert_eq!(config.kv_cache_bytes_per_token(2), layers * 576 * 2);
         assert!(matches!(config.rope_scaling, RopeScaling::Yarn { factor, .. } if factor == 40.0));
     }
     let v3 = parse(v3);

@@ -329,3 +329,143 @@ fn flex_reads_the_mapped_checkpoint_in_place_with_the_copied_loads_logits() {
         "both layouts: {per_expert} / {fused}"
     );
 }
+
+/// Every logit of decoding `tokens` on `model` with a KV cache in `dtype`: the first three
+/// tokens at once, then one at a time.
+fn decoded_logits<B: MoeBackend>(model: &MoeLm<B>, tokens: &[u32], dtype: WeightDtype) -> Vec<f64> {
+    let ids = |tokens: &[u32]| {
+        let values: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        Tensor::<B, 2, Int>::from_data(
+            TensorData::new(values, [1, tokens.len()]),
+            &Default::default(),
+        )
+    };
+    let mut cache = model.new_cache_with(dtype).unwrap();
+    assert_eq!(
+        cache.dtype(),
+        (dtype != WeightDtype::F32).then(|| dtype.dtype())
+    );
+    let mut all = Vec::new();
+    let steps = std::iter::once(&tokens[..3]).chain(tokens[3..].chunks(1));
+    for step in steps {
+        let out = model.forward(
+            ids(step),
+            Some(&mut cache),
+            MaskMode::TopK,
+            HiddenStates::Skip,
+        );
+        all.extend(
+            out.logits
+                .into_data()
+                .convert::<f64>()
+                .into_vec::<f64>()
+                .unwrap(),
+        );
+    }
+    assert_eq!(cache.len(), tokens.len());
+    all
+}
+
+/// A 16-bit KV cache (what llama.cpp holds by default: half the bytes a decode step's attention
+/// reads) on every family, prefill then decode:
+/// - Flex's host kernel reading the cache in place (MLA: the latent widened) gives the logits of
+///   the tensor-ops reference on a cache of the same precision (`Autodiff<Flex>`, whose attention
+///   widens the cached keys and values and runs burn's matmuls): to 1e-5 with an f32 cache, to
+///   5e-4 with a 16-bit one (the two paths' f32 rounding upstream can put a cached value on
+///   either side of a 16-bit rounding boundary: one 16-bit step, not a misread; seen: at most
+///   1.0e-4, on DeepSeek-V2);
+/// - over 70 positions (across a cache buffer), an f16 cache moves the logits from the f32
+///   cache's by at most 1e-2 (relative to 1 + |x|; f16 keeps 11 significant bits; seen: at most
+///   3.2e-3 over the families). A bf16 cache (8 bits) can flip a top-K choice of these random
+///   tiny models, so it is held to the first check only.
+///
+/// The kernel's own exactness (against f64 from the same rounded values) is `beam-kernels`'
+/// `kv_attention_matches_an_f64_reference_on_the_cache_in_place_and_through_the_reference`.
+#[test]
+fn a_16_bit_kv_cache_reads_the_rounded_values_as_the_reference_does() {
+    use burn::backend::Autodiff;
+    let prompt = [5u32, 17, 42, 7, 3, 11, 29, 2];
+    let tokens: Vec<u32> = prompt.iter().copied().cycle().take(70).collect();
+    for family in common::MODELS {
+        let dir = repo_root().join(format!("assets/models/tiny-{family}"));
+        let model = flex(&dir, Some(WeightDtype::F32));
+        let reference = load_model::<Autodiff<Flex>>(&dir, &Default::default()).unwrap();
+        let exact = decoded_logits(&model, &tokens, WeightDtype::F32);
+        for dtype in [WeightDtype::F32, WeightDtype::F16, WeightDtype::BF16] {
+            let got = decoded_logits(&model, &tokens, dtype);
+            // 20 positions: the reference's 16-bit concatenations are slow on Autodiff.
+            let want = decoded_logits(&reference, &tokens[..20], dtype);
+            let off = max_rel(&got[..want.len()], &want);
+            let bound = if dtype == WeightDtype::F32 {
+                1e-5
+            } else {
+                5e-4
+            };
+            assert!(
+                off < bound,
+                "{family}: {dtype} cache, kernel vs reference {off:e}"
+            );
+            if dtype != WeightDtype::F32 {
+                let moved = max_rel(&got, &exact);
+                eprintln!("{family}: {dtype} cache moves the logits by {moved:.2e}");
+                assert!(moved > 0.0, "{family}: the {dtype} cache rounds nothing");
+                if dtype == WeightDtype::F16 {
+                    assert!(
+                        moved < 1e-2,
+                        "{family}: f16 cache moves the logits by {moved:e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Which cache [`MoeLm::new_cache`] makes: the weights' precision when they are 16-bit, f16 for
+/// weights quantized in place, f32 otherwise (ndarray, which holds f32 only, included); a
+/// precision the backend cannot hold is a typed error.
+#[test]
+fn the_default_kv_cache_follows_the_weights_and_ndarray_refuses_16_bits() {
+    use beam_model::checkpoint::Quantization;
+    let tiny = repo_root().join("assets/models/tiny-olmoe");
+    assert_eq!(
+        flex(&tiny, Some(WeightDtype::F32)).default_kv_dtype(),
+        WeightDtype::F32
+    );
+    for (stored, held) in [
+        (Dtype::BF16, WeightDtype::BF16),
+        (Dtype::F16, WeightDtype::F16),
+    ] {
+        let ck = Converted::new("olmoe", stored);
+        let model = flex(&ck.0, None);
+        assert_eq!(model.default_kv_dtype(), held);
+        assert_eq!(model.new_cache().dtype(), Some(held.dtype()));
+    }
+    let quantized = |quantize| LoadOptions {
+        quantize: Some(quantize),
+        ..Default::default()
+    };
+    for quantize in [Quantization::Q8, Quantization::Q4] {
+        let model =
+            load_model_with::<Flex>(&tiny, &Default::default(), &quantized(quantize)).unwrap();
+        assert_eq!(model.default_kv_dtype(), WeightDtype::F16);
+        // ndarray dequantizes at load: f32 weights, an f32 cache.
+        let model =
+            load_model_with::<NdArray>(&tiny, &Default::default(), &quantized(quantize)).unwrap();
+        assert_eq!(model.default_kv_dtype(), WeightDtype::F32);
+        assert_eq!(model.new_cache().dtype(), None);
+        let err = model
+            .new_cache_with(WeightDtype::F16)
+            .expect_err("ndarray cannot hold f16");
+        assert!(
+            matches!(err, ModelError::UnsupportedKvDtype { .. }),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("f16")
+                && message.contains("ndarray")
+                && message.contains("--kv-cache"),
+            "{message}"
+        );
+    }
+}

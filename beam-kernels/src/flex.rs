@@ -135,10 +135,11 @@ impl KvCacheBackend for Flex {
 /// above, the reference's batched `matmul`s (a prefill's many queries make it a GEMM).
 pub const ATTENTION_MAX_QUERIES: usize = 16;
 
-/// `Some(output)` when [`host::attention`](crate::host::attention) takes the call: every tensor
-/// `f32`, at most [`ATTENTION_MAX_QUERIES`] queries, a `[1, 1, T, S]` mask, and keys and
-/// values whose rows are contiguous (a [`kv_append`] buffer or any other such view: read in
-/// place). `None` sends the call to the reference.
+/// `Some(output)` when [`host::attention`](crate::host::attention) takes the call: `q` and the
+/// mask `f32`, keys and values both `f32`, both `f16` or both `bf16` (a 16-bit cache: read in
+/// its own precision), at most [`ATTENTION_MAX_QUERIES`] queries, a `[1, 1, T, S]` mask, and
+/// keys and values whose rows are contiguous (a [`kv_append`] buffer or any other such view:
+/// read in place). `None` sends the call to the reference.
 ///
 /// # Shapes
 /// As [`KvCacheBackend::kv_attention`].
@@ -149,20 +150,42 @@ pub fn attention(
     mask: &FlexTensor,
     scale: f64,
 ) -> Option<FlexTensor> {
-    if [q, k, v, mask].iter().any(|t| t.dtype() != DType::F32)
+    if [q, mask].iter().any(|t| t.dtype() != DType::F32)
+        || k.dtype() != v.dtype()
         || [q, k, v, mask].iter().any(|t| t.shape().num_dims() != 4)
     {
         return None;
     }
+    match k.dtype() {
+        DType::F32 => attention_typed::<f32>(q, k, v, mask, scale),
+        DType::F16 => attention_typed::<f16>(q, k, v, mask, scale),
+        DType::BF16 => attention_typed::<bf16>(q, k, v, mask, scale),
+        _ => None,
+    }
+}
+
+/// What a key/value cache on Flex holds: `f32`, `f16` or `bf16`.
+trait CacheElement: crate::host::CacheValue + burn::tensor::Element + bytemuck::Pod {}
+
+impl<E: crate::host::CacheValue + burn::tensor::Element + bytemuck::Pod> CacheElement for E {}
+
+/// [`attention`] with keys and values of element type `E` (checked by the caller).
+fn attention_typed<E: CacheElement>(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    mask: &FlexTensor,
+    scale: f64,
+) -> Option<FlexTensor> {
     // Keys and values in place: rows of D contiguous, non-negative strides.
-    fn heads_of(t: &FlexTensor) -> Option<crate::host::Heads<'_>> {
+    fn heads_of<E: CacheElement>(t: &FlexTensor) -> Option<crate::host::Heads<'_, E>> {
         let layout = t.layout();
         let strides = layout.strides();
         if strides[3] != 1 {
             return None;
         }
         let stride = |i: usize| usize::try_from(strides[i]).ok();
-        let values = t.storage::<f32>().get(layout.start_offset()..)?;
+        let values = t.storage::<E>().get(layout.start_offset()..)?;
         crate::host::Heads::new(
             values,
             t.shape().dims(),
@@ -170,7 +193,7 @@ pub fn attention(
         )
     }
     let [batch, heads, queries, dim] = q.shape().dims();
-    let (keys, values) = (heads_of(k)?, heads_of(v)?);
+    let (keys, values) = (heads_of::<E>(k)?, heads_of::<E>(v)?);
     let [kb, kv_heads, positions, kd] = keys.dims();
     let [vb, vh, vs, value_dim] = values.dims();
     if queries > ATTENTION_MAX_QUERIES
@@ -203,23 +226,36 @@ pub fn attention(
 pub const KV_MIN_CAPACITY: usize = 64;
 
 /// `Ok(cat([cache, new], 2))` without copying what `cache` holds when it can: `cache` is then a
-/// view of the first `S` positions of a uniquely owned `f32` buffer `[B, H, C, D]` with `C ≥ S + T`
+/// view of the first `S` positions of a uniquely owned buffer `[B, H, C, D]` with `C ≥ S + T`
 /// (what this function returns), and `new`'s `T` positions are written after them in place.
 /// Otherwise (a first append, a full or shared buffer) the values are copied into a new buffer
 /// with room for `max(2 (S + T), KV_MIN_CAPACITY)` positions, so appending `N` positions one at a
-/// time copies `O(N)` values in all, not `O(N²)`. `Err(cache)` for the reference when either
-/// tensor is not `f32` or the shapes do not line up.
+/// time copies `O(N)` values in all, not `O(N²)`. Both tensors must have one dtype, `f32`, `f16`
+/// or `bf16` (the cache's precision: the model casts new keys and values to it first);
+/// `Err(cache)` for the reference otherwise, or when the shapes do not line up.
 ///
 /// # Shapes
 /// - `cache`: `[B, H, S, D]`, `new`: `[B, H, T, D]`; output `[B, H, S + T, D]` (a view of its
 ///   buffer: strides `[H·C·D, C·D, D, 1]`)
-pub fn kv_append(mut cache: FlexTensor, new: &FlexTensor) -> Result<FlexTensor, FlexTensor> {
+pub fn kv_append(cache: FlexTensor, new: &FlexTensor) -> Result<FlexTensor, FlexTensor> {
+    if cache.dtype() != new.dtype() {
+        return Err(cache);
+    }
+    match cache.dtype() {
+        DType::F32 => kv_append_typed::<f32>(cache, new),
+        DType::F16 => kv_append_typed::<f16>(cache, new),
+        DType::BF16 => kv_append_typed::<bf16>(cache, new),
+        _ => Err(cache),
+    }
+}
+
+/// [`kv_append`] on tensors of element type `E` (checked by the caller).
+fn kv_append_typed<E: CacheElement>(
+    mut cache: FlexTensor,
+    new: &FlexTensor,
+) -> Result<FlexTensor, FlexTensor> {
     let (cache_shape, new_shape) = (cache.shape(), new.shape());
-    if cache.dtype() != DType::F32
-        || new.dtype() != DType::F32
-        || cache_shape.num_dims() != 4
-        || new_shape.num_dims() != 4
-    {
+    if cache_shape.num_dims() != 4 || new_shape.num_dims() != 4 {
         return Err(cache);
     }
     let [b, h, s, d] = cache_shape.dims();
@@ -228,30 +264,30 @@ pub fn kv_append(mut cache: FlexTensor, new: &FlexTensor) -> Result<FlexTensor, 
         return Err(cache);
     }
     let new = new.to_contiguous();
-    let Some(new_values) = new.as_slice::<f32>() else {
+    let Some(new_values) = new.as_slice::<E>() else {
         return Err(cache);
     };
     // Row `r` (batch · head) of `values` (`len` positions per row) written at position `at` of
     // row `r` of a buffer with room for `capacity` positions per row.
-    let write = |buffer: &mut [f32], capacity: usize, at: usize, values: &[f32], len: usize| {
+    let write = |buffer: &mut [E], capacity: usize, at: usize, values: &[E], len: usize| {
         for row in 0..b * h {
             let start = (row * capacity + at) * d;
             buffer[start..start + len * d]
                 .copy_from_slice(&values[row * len * d..(row + 1) * len * d]);
         }
     };
-    if let Some(capacity) = buffer_capacity(&cache, [b, h, s, d]).filter(|&c| c >= s + t) {
-        if let Some(buffer) = cache.try_storage_mut::<f32>() {
+    if let Some(capacity) = buffer_capacity::<E>(&cache, [b, h, s, d]).filter(|&c| c >= s + t) {
+        if let Some(buffer) = cache.try_storage_mut::<E>() {
             write(buffer, capacity, s, new_values, t);
             return Ok(view(cache, [b, h, capacity, d], s + t));
         }
     }
     let capacity = (2 * (s + t)).max(KV_MIN_CAPACITY);
     let cached = cache.to_contiguous();
-    let Some(cached_values) = cached.as_slice::<f32>() else {
+    let Some(cached_values) = cached.as_slice::<E>() else {
         return Err(cache);
     };
-    let mut buffer = vec![0.0f32; b * h * capacity * d];
+    let mut buffer = vec![E::zeroed(); b * h * capacity * d];
     write(&mut buffer, capacity, 0, cached_values, s);
     write(&mut buffer, capacity, s, new_values, t);
     let full = FlexTensor::from_data(TensorData::new(buffer, [b, h, capacity, d]));
@@ -260,7 +296,7 @@ pub fn kv_append(mut cache: FlexTensor, new: &FlexTensor) -> Result<FlexTensor, 
 
 /// The positions `C` of the buffer `cache` (`[B, H, S, D]`) is the first `S` of, when it is a
 /// view [`kv_append`] made: strides `[H·C·D, C·D, D, 1]` from offset 0, over `B·H·C·D` values.
-fn buffer_capacity(cache: &FlexTensor, [b, h, s, d]: [usize; 4]) -> Option<usize> {
+fn buffer_capacity<E>(cache: &FlexTensor, [b, h, s, d]: [usize; 4]) -> Option<usize> {
     let layout = cache.layout();
     let strides = layout.strides();
     if d == 0 || layout.start_offset() != 0 || strides[3] != 1 || strides[2] != d as isize {
@@ -271,7 +307,7 @@ fn buffer_capacity(cache: &FlexTensor, [b, h, s, d]: [usize; 4]) -> Option<usize
         return None;
     }
     let capacity = row / d;
-    let values = cache.bytes().len() / core::mem::size_of::<f32>();
+    let values = cache.bytes().len() / core::mem::size_of::<E>();
     (capacity >= s && values >= b * h * capacity * d).then_some(capacity)
 }
 
@@ -870,56 +906,65 @@ mod tests {
     fn kv_append_writes_in_place_and_equals_the_concatenation() {
         use super::{kv_append, KV_MIN_CAPACITY};
         use crate::reference::kv_append_reference;
-        // [B, H, S, D] with several heads and batches, and MLA's single-head latent (B = H = 1).
-        for [b, h, d] in [[2, 3, 5], [1, 1, 7]] {
-            let tensor = |t: usize, seed: f32| {
-                Tensor::<Flex, 4>::from_data(
-                    TensorData::new(values(b * h * t * d, seed), [b, h, t, d]),
-                    &Default::default(),
-                )
-            };
-            // A prompt of 3 positions as attention makes it (a transposed view), then single
-            // positions past the first buffer's capacity.
-            let mut cache = tensor(3, 0.5).swap_dims(1, 2).swap_dims(1, 2);
-            let mut reference = cache.clone();
-            let mut buffers = Vec::new();
-            for step in 0..KV_MIN_CAPACITY + 10 {
-                let new = tensor(1, step as f32);
-                reference = kv_append_reference(reference, new.clone());
-                let next = kv_append(
-                    cache.into_primitive().tensor(),
-                    &new.into_primitive().tensor(),
-                )
-                .expect("f32 tensors");
-                let buffer = std::sync::Arc::as_ptr(&next.data_arc()) as usize;
-                if buffers.last() != Some(&buffer) {
-                    buffers.push(buffer);
+        // [B, H, S, D] with several heads and batches, and MLA's single-head latent (B = H = 1);
+        // an f32 cache and the 16-bit ones.
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for [b, h, d] in [[2, 3, 5], [1, 1, 7]] {
+                let tensor = |t: usize, seed: f32| {
+                    Tensor::<Flex, 4>::from_data(
+                        TensorData::new(values(b * h * t * d, seed), [b, h, t, d]),
+                        &Default::default(),
+                    )
+                    .cast(dtype)
+                };
+                // A prompt of 3 positions as attention makes it (a transposed view), then single
+                // positions past the first buffer's capacity.
+                let mut cache = tensor(3, 0.5).swap_dims(1, 2).swap_dims(1, 2);
+                let mut reference = cache.clone();
+                let mut buffers = Vec::new();
+                for step in 0..KV_MIN_CAPACITY + 10 {
+                    let new = tensor(1, step as f32);
+                    reference = kv_append_reference(reference, new.clone());
+                    let next = kv_append(
+                        cache.into_primitive().tensor(),
+                        &new.into_primitive().tensor(),
+                    )
+                    .expect("one dtype");
+                    assert_eq!(next.dtype(), dtype);
+                    let buffer = std::sync::Arc::as_ptr(&next.data_arc()) as usize;
+                    if buffers.last() != Some(&buffer) {
+                        buffers.push(buffer);
+                    }
+                    cache = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(next));
+                    assert_eq!(cache.dims(), [b, h, 4 + step, d]);
+                    assert_eq!(
+                        to_f64(cache.clone().into_primitive().tensor()),
+                        to_f64(reference.clone().into_primitive().tensor()),
+                        "{dtype:?} [{b}, {h}, {}, {d}]",
+                        4 + step
+                    );
                 }
-                cache = Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(next));
-                assert_eq!(cache.dims(), [b, h, 4 + step, d]);
+                // One buffer of KV_MIN_CAPACITY positions (made at the first append), then one
+                // of twice the positions when it was full: every other step wrote in place.
                 assert_eq!(
-                    to_f64(cache.clone().into_primitive().tensor()),
-                    to_f64(reference.clone().into_primitive().tensor()),
-                    "[{b}, {h}, {}, {d}]",
-                    4 + step
+                    buffers.len(),
+                    2,
+                    "{dtype:?} [{b}, {h}, _, {d}]: buffers {buffers:?}"
                 );
+                // A shared cache (another tensor holds its buffer) is copied, not written over.
+                let shared = cache.clone();
+                let before = to_f64(shared.clone().into_primitive().tensor());
+                let grown = kv_append(
+                    cache.into_primitive().tensor(),
+                    &tensor(2, 9.0).into_primitive().tensor(),
+                )
+                .expect("one dtype");
+                assert_eq!(
+                    burn::tensor::TensorMetadata::shape(&grown).dims::<4>()[2],
+                    before.len() / (b * h * d) + 2
+                );
+                assert_eq!(to_f64(shared.into_primitive().tensor()), before);
             }
-            // One buffer of KV_MIN_CAPACITY positions (made at the first append), then one of
-            // twice the positions when it was full: every other step wrote in place.
-            assert_eq!(buffers.len(), 2, "[{b}, {h}, _, {d}]: buffers {buffers:?}");
-            // A shared cache (another tensor holds its buffer) is copied, not written over.
-            let shared = cache.clone();
-            let before = to_f64(shared.clone().into_primitive().tensor());
-            let grown = kv_append(
-                cache.into_primitive().tensor(),
-                &tensor(2, 9.0).into_primitive().tensor(),
-            )
-            .expect("f32 tensors");
-            assert_eq!(
-                burn::tensor::TensorMetadata::shape(&grown).dims::<4>()[2],
-                before.len() / (b * h * d) + 2
-            );
-            assert_eq!(to_f64(shared.into_primitive().tensor()), before);
         }
         // Appending no positions, to a buffer this function made (written in place) or to
         // another tensor (copied), gives the cache's values back.
@@ -935,10 +980,13 @@ mod tests {
         let made = kv_append(tensor(4, 0.3), &tensor(0, 0.0)).expect("f32 tensors");
         assert_eq!(to_f64(made.clone()), want);
         assert_eq!(to_f64(kv_append(made, &tensor(0, 0.0)).unwrap()), want);
-        // Other dtypes take the reference.
+        // Two dtypes, or one the host does not hold (f64), take the reference.
         let (half, _) = stored(&values(8, 1.0), vec![1, 2, 2, 2], DType::F16);
+        let (single, _) = stored(&values(8, 1.0), vec![1, 2, 2, 2], DType::F32);
+        let (double, _) = stored(&values(8, 1.0), vec![1, 2, 2, 2], DType::F64);
         assert_eq!(half.dtype(), DType::F16);
-        assert!(kv_append(half.clone(), &half).is_err());
+        assert!(kv_append(half, &single).is_err());
+        assert!(kv_append(double.clone(), &double).is_err());
     }
 
     /// `softmax(q · kᵀ · scale + mask) · v` in `f64` from the same `f32` values, query head `h`
@@ -1002,15 +1050,23 @@ mod tests {
             (3, Some(20), 16, 8),
             (ATTENTION_MAX_QUERIES + 1, None, 16, 8),
         ];
-        for (queries, window, d, dv) in cases {
+        // Keys and values cached in f32, f16 or bf16 (read in their own precision); the f64
+        // reference is computed from the same rounded values.
+        let dtypes = [DType::F32, DType::F16, DType::BF16];
+        for ((queries, window, d, dv), dtype) in cases
+            .into_iter()
+            .flat_map(|case| dtypes.map(|dtype| (case, dtype)))
+        {
             let [b, h, kv_heads, past] = [2, 4, 2, 37];
             let s = past + queries;
+            // Cached values as held: rounded to the cache's dtype.
             let tensor = |dims: [usize; 4], seed: f32| {
                 let len = dims.iter().product();
-                let values = values(len, seed);
                 let t =
-                    Tensor::<Flex, 4>::from_data(TensorData::new(values.clone(), dims), &device);
-                (t, values)
+                    Tensor::<Flex, 4>::from_data(TensorData::new(values(len, seed), dims), &device)
+                        .cast(dtype);
+                let held = t.to_data().convert::<f32>().into_vec::<f32>().unwrap();
+                (t, held)
             };
             // The cache as decoding holds it: a view of a buffer with room for more positions.
             let cached = |dim: usize, seed: f32| {
@@ -1020,7 +1076,7 @@ mod tests {
                     old.into_primitive().tensor(),
                     &new.into_primitive().tensor(),
                 )
-                .expect("f32 tensors");
+                .expect("one dtype");
                 let mut all = Vec::new();
                 for row in 0..b * kv_heads {
                     all.extend_from_slice(&old_values[row * past * dim..][..past * dim]);
@@ -1106,7 +1162,7 @@ mod tests {
                 // Within 1e-4 of the largest output (f32 sums in another order).
                 assert!(
                     worst < 1e-4 * largest,
-                    "{label}, {queries} queries: off by {worst:e} (largest {largest})"
+                    "{label}, {dtype:?}, {queries} queries: off by {worst:e} (largest {largest})"
                 );
             }
         }

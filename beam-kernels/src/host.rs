@@ -1402,19 +1402,87 @@ pub fn linear<F: HostFloat, M: HostMatrix<F>>(
     out
 }
 
-/// A `[B, H, S, D]` tensor's `f32` values where they are (a key/value cache's buffer): element
-/// `[b, h, s, d]` at `values[b · strides[0] + h · strides[1] + s · strides[2] + d]`, each row of
-/// `D` contiguous.
-#[derive(Debug, Clone, Copy)]
-pub struct Heads<'a> {
-    values: &'a [f32],
+/// The element a key/value cache holds: `f32`, or `f16` / `bf16` (half the bytes a decode
+/// step's attention reads) widened to `f32` as they are read; scores, softmax and sums stay `f32`.
+pub trait CacheValue: Copy + Send + Sync + 'static {
+    /// The values of `row` as `f32` in `out` (as long as `row`).
+    fn widen_into(row: &[Self], out: &mut [f32]);
+
+    /// Sixteen values from `p`, widened.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and sixteen values are readable from `p`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl CacheValue for f32 {
+    fn widen_into(row: &[Self], out: &mut [f32]) {
+        out.copy_from_slice(row)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller's contract.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl CacheValue for half::f16 {
+    fn widen_into(row: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(row, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract (16 values of 2 bytes: one 256-bit load).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+}
+
+impl CacheValue for half::bf16 {
+    fn widen_into(row: &[Self], out: &mut [f32]) {
+        half::slice::HalfFloatSliceExt::convert_to_f32_slice(row, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract. A `bf16` is the top half of an `f32`.
+        unsafe {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256(p as *const __m256i),
+            )))
+        }
+    }
+}
+
+/// A `[B, H, S, D]` tensor's values where they are (a key/value cache's buffer, of `f32`, `f16`
+/// or `bf16`: [`CacheValue`]): element `[b, h, s, d]` at
+/// `values[b · strides[0] + h · strides[1] + s · strides[2] + d]`, each row of `D` contiguous.
+#[derive(Debug)]
+pub struct Heads<'a, E = f32> {
+    values: &'a [E],
     dims: [usize; 4],
     strides: [usize; 3],
 }
 
-impl<'a> Heads<'a> {
+// Not derived: the derive would ask `E: Clone`/`E: Copy` of the element, not of the reference.
+impl<E> Clone for Heads<'_, E> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<E> Copy for Heads<'_, E> {}
+
+impl<'a, E> Heads<'a, E> {
     /// `None` unless every element the dims and strides address lies within `values`.
-    pub fn new(values: &'a [f32], dims: [usize; 4], strides: [usize; 3]) -> Option<Self> {
+    pub fn new(values: &'a [E], dims: [usize; 4], strides: [usize; 3]) -> Option<Self> {
         if dims.contains(&0) {
             return Some(Self {
                 values,
@@ -1438,7 +1506,7 @@ impl<'a> Heads<'a> {
     }
 
     /// Row `[b, h, s, ..]`.
-    fn row(&self, b: usize, h: usize, s: usize) -> &'a [f32] {
+    fn row(&self, b: usize, h: usize, s: usize) -> &'a [E] {
         let at = b * self.strides[0] + h * self.strides[1] + s * self.strides[2];
         &self.values[at..at + self.dims[3]]
     }
@@ -1447,9 +1515,10 @@ impl<'a> Heads<'a> {
 /// Grouped-query scaled dot-product attention of a few queries over cached keys and values (the
 /// decode step): `out[b, h, t] = Σ_s p_s · v[b, h / g, s]` with `p = softmax_s(q[b, h, t] ·
 /// k[b, h / g, s] · scale + mask[t, s])`, `g = H / H_kv`, reading the keys and values where they
-/// are: on AVX-512 CPUs with key and value rows of whole 16-lane registers, four keys scored a
-/// step and the weighted values summed in registers (`avx512::attention_scores`,
-/// `avx512::weighted_values`); portable rows otherwise. Heads run on rayon's pool when the keys
+/// are, in their own precision ([`CacheValue`]: `f32`, or `f16` / `bf16` widened as they are
+/// loaded): on AVX-512 CPUs with key and value rows of whole 16-lane registers, four keys scored
+/// a step and the weighted values summed in registers (`avx512::attention_scores`,
+/// `avx512::weighted_values`); portable rows (widened one at a time) otherwise. Heads run on rayon's pool when the keys
 /// and values read are at least [`ATTENTION_PARALLEL_MIN`] elements. Same formula as
 /// [`attention_reference`](crate::reference::attention_reference); the sums are `f32` in
 /// another order.
@@ -1461,11 +1530,11 @@ impl<'a> Heads<'a> {
 /// # Panics
 /// If the shapes do not line up (`H` a multiple of `H_kv`, the same `B` and `S`, `D` for `q` and
 /// `k`).
-pub fn attention(
+pub fn attention<E: CacheValue>(
     q: &[f32],
     [batch, heads, queries, dim]: [usize; 4],
-    k: Heads<'_>,
-    v: Heads<'_>,
+    k: Heads<'_, E>,
+    v: Heads<'_, E>,
     mask: &[f32],
     scale: f32,
 ) -> Vec<f32> {
@@ -1492,6 +1561,8 @@ pub fn attention(
         let (b, h) = (index / heads, index % heads);
         let kv = h / group;
         let mut weights = vec![0.0f32; positions];
+        // A key or value row widened to `f32` (portable path).
+        let mut widened = Vec::new();
         for (t, out_row) in out.chunks_exact_mut(value_dim).enumerate() {
             let query = &q[((b * heads + h) * queries + t) * dim..][..dim];
             let mask = &mask[t * positions..][..positions];
@@ -1507,13 +1578,18 @@ pub fn attention(
                 unsafe { avx512::weighted_values(&weights, v, b, kv, inverse, out_row) };
                 continue;
             }
+            widened.resize(dim.max(value_dim), 0.0);
             for (s, w) in weights.iter_mut().enumerate() {
-                *w = <f32 as HostFloat>::dots(k.row(b, kv, s), &[query])[0] * scale + mask[s];
+                let key = &mut widened[..dim];
+                E::widen_into(k.row(b, kv, s), key);
+                *w = <f32 as HostFloat>::dots(key, &[query])[0] * scale + mask[s];
             }
             let inverse = softmax_in_place(&mut weights);
             for (s, &w) in weights.iter().enumerate() {
                 if w != 0.0 {
-                    for (o, &x) in out_row.iter_mut().zip(v.row(b, kv, s)) {
+                    let value = &mut widened[..value_dim];
+                    E::widen_into(v.row(b, kv, s), value);
+                    for (o, &x) in out_row.iter_mut().zip(&*value) {
                         *o += w * x;
                     }
                 }
@@ -2155,9 +2231,9 @@ mod avx512 {
     /// The CPU has AVX-512 F; `query.len()` (the keys' row length) is a multiple of 16 and
     /// `scores` and `mask` are as long as the keys' positions.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn attention_scores(
+    pub(super) unsafe fn attention_scores<E: super::CacheValue>(
         query: &[f32],
-        keys: super::Heads<'_>,
+        keys: super::Heads<'_, E>,
         b: usize,
         kv: usize,
         scale: f32,
@@ -2170,7 +2246,7 @@ mod avx512 {
         let mut s = 0;
         while s < positions {
             let step = (positions - s).min(4);
-            let rows: [&[f32]; 4] = core::array::from_fn(|i| keys.row(b, kv, s + i.min(step - 1)));
+            let rows: [&[E]; 4] = core::array::from_fn(|i| keys.row(b, kv, s + i.min(step - 1)));
             let mut sums = [_mm512_setzero_ps(); 4];
             let mut c = 0;
             while c < dim {
@@ -2178,7 +2254,7 @@ mod avx512 {
                 unsafe {
                     let q = _mm512_loadu_ps(query.as_ptr().add(c));
                     for (sum, row) in sums.iter_mut().zip(rows) {
-                        *sum = _mm512_fmadd_ps(q, _mm512_loadu_ps(row.as_ptr().add(c)), *sum);
+                        *sum = _mm512_fmadd_ps(q, E::load16(row.as_ptr().add(c)), *sum);
                     }
                 }
                 c += 16;
@@ -2197,18 +2273,18 @@ mod avx512 {
     /// The CPU has AVX-512 F; `out.len()` (the values' row length) is a multiple of 16 and
     /// `weights` is as long as the values' positions.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn weighted_values(
+    pub(super) unsafe fn weighted_values<E: super::CacheValue>(
         weights: &[f32],
-        values: super::Heads<'_>,
+        values: super::Heads<'_, E>,
         b: usize,
         kv: usize,
         inverse: f32,
         out: &mut [f32],
     ) {
         #[target_feature(enable = "avx512f")]
-        fn columns<const C: usize>(
+        fn columns<E: super::CacheValue, const C: usize>(
             weights: &[f32],
-            values: super::Heads<'_>,
+            values: super::Heads<'_, E>,
             (b, kv, col): (usize, usize, usize),
             inverse: f32,
             out: &mut [f32],
@@ -2222,11 +2298,7 @@ mod avx512 {
                 let w = _mm512_set1_ps(w);
                 for (i, sum) in sums.iter_mut().enumerate() {
                     // SAFETY: 16 · (i + 1) <= row.len().
-                    *sum = _mm512_fmadd_ps(
-                        w,
-                        unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * i)) },
-                        *sum,
-                    );
+                    *sum = _mm512_fmadd_ps(w, unsafe { E::load16(row.as_ptr().add(16 * i)) }, *sum);
                 }
             }
             let out = &mut out[col..col + 16 * C];
@@ -2245,14 +2317,14 @@ mod avx512 {
             let registers = ((width - col) / 16).min(8);
             let at = (b, kv, col);
             match registers {
-                8 => columns::<8>(weights, values, at, inverse, out),
-                7 => columns::<7>(weights, values, at, inverse, out),
-                6 => columns::<6>(weights, values, at, inverse, out),
-                5 => columns::<5>(weights, values, at, inverse, out),
-                4 => columns::<4>(weights, values, at, inverse, out),
-                3 => columns::<3>(weights, values, at, inverse, out),
-                2 => columns::<2>(weights, values, at, inverse, out),
-                _ => columns::<1>(weights, values, at, inverse, out),
+                8 => columns::<E, 8>(weights, values, at, inverse, out),
+                7 => columns::<E, 7>(weights, values, at, inverse, out),
+                6 => columns::<E, 6>(weights, values, at, inverse, out),
+                5 => columns::<E, 5>(weights, values, at, inverse, out),
+                4 => columns::<E, 4>(weights, values, at, inverse, out),
+                3 => columns::<E, 3>(weights, values, at, inverse, out),
+                2 => columns::<E, 2>(weights, values, at, inverse, out),
+                _ => columns::<E, 1>(weights, values, at, inverse, out),
             }
             col += 16 * registers;
         }

@@ -202,17 +202,24 @@ pub fn grouped_experts_primitive<B: Backend>(
 }
 
 /// Reference for [`KvCacheBackend::kv_append`](crate::KvCacheBackend::kv_append): the cache
-/// and the new positions concatenated along the sequence dimension (a new tensor each call).
+/// and the new positions concatenated along the sequence dimension (a new tensor each call),
+/// in the cache's dtype (`new` is cast to it if it differs).
 ///
 /// # Shapes
 /// - `cache`: `[B, H, S, D]`, `new`: `[B, H, T, D]`; output `[B, H, S + T, D]`
 pub fn kv_append_reference<B: Backend>(cache: Tensor<B, 4>, new: Tensor<B, 4>) -> Tensor<B, 4> {
+    let new = if new.dtype() == cache.dtype() {
+        new
+    } else {
+        new.cast(cache.dtype())
+    };
     Tensor::cat(vec![cache, new], 2)
 }
 
 /// Reference for [`KvCacheBackend::kv_attention`](crate::KvCacheBackend::kv_attention): grouped-query
 /// scaled dot-product attention from tensor ops, `softmax(q · kᵀ · scale + mask) · v`, each key
-/// and value head repeated for the `H / H_kv` query heads that read it.
+/// and value head repeated for the `H / H_kv` query heads that read it. Keys and values held in
+/// another precision than `q` (a 16-bit cache) are cast to `q`'s first.
 ///
 /// # Shapes
 /// - `q`: `[B, H, T, D]`, `k`: `[B, H_kv, S, D]`, `v`: `[B, H_kv, S, D_v]`
@@ -227,6 +234,14 @@ pub fn attention_reference<B: Backend>(
 ) -> Tensor<B, 4> {
     let [batch, heads, _, _] = q.dims();
     let kv_heads = k.dims()[1];
+    let like_q = |t: Tensor<B, 4>| {
+        if t.dtype() == q.dtype() {
+            t
+        } else {
+            t.cast(q.dtype())
+        }
+    };
+    let (k, v) = (like_q(k), like_q(v));
     let group = heads / kv_heads.max(1);
     // Query head h reads key/value head h / group (no copy when every head has its own).
     let repeat = |t: Tensor<B, 4>| {

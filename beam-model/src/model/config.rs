@@ -464,9 +464,10 @@ impl ModelConfig {
         }
     }
 
-    /// Bytes the KV cache takes per token over all layers (f32 values, as the cache holds).
-    pub fn kv_cache_bytes_per_token(&self) -> usize {
-        self.num_layers * self.kv_cache_values_per_token() * 4
+    /// Bytes the KV cache takes per token over all layers, holding values of `value_bytes` bytes
+    /// (4 for `f32`, 2 for a 16-bit cache: [`KvCache`](super::cache::KvCache)).
+    pub fn kv_cache_bytes_per_token(&self, value_bytes: usize) -> usize {
+        self.num_layers * self.kv_cache_values_per_token() * value_bytes
     }
 
     /// Number of MoE layers.

@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use burn::tensor::{Int, Tensor, TensorData};
 
-use super::{HiddenStates, MaskMode, MoeLm};
+use super::{HiddenStates, MaskMode, ModelError, MoeLm};
+use crate::checkpoint::WeightDtype;
 use crate::MoeBackend;
 
 /// Generation settings.
@@ -22,6 +23,9 @@ pub struct GenerateConfig {
     pub eos_token_ids: Vec<u32>,
     /// Learned BEAM masks or plain top-K.
     pub mask: MaskMode,
+    /// Precision of the KV cache; `None` (default): the model's
+    /// ([`MoeLm::default_kv_dtype`]).
+    pub kv_dtype: Option<WeightDtype>,
 }
 
 impl Default for GenerateConfig {
@@ -33,6 +37,7 @@ impl Default for GenerateConfig {
             seed: 0,
             eos_token_ids: Vec::new(),
             mask: MaskMode::Learned,
+            kv_dtype: None,
         }
     }
 }
@@ -93,15 +98,29 @@ pub fn ids_tensor<B: burn::tensor::backend::Backend>(
 /// context gives no tokens.
 ///
 /// # Panics
-/// If `prompt` is empty.
+/// If `prompt` is empty, or the backend cannot hold `config.kv_dtype` ([`try_generate`] returns
+/// that as an error).
 pub fn generate<B: MoeBackend>(
     model: &MoeLm<B>,
     prompt: &[u32],
     config: &GenerateConfig,
 ) -> Generation {
+    try_generate(model, prompt, config).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`generate`], or [`ModelError::UnsupportedKvDtype`] when the backend cannot hold
+/// `config.kv_dtype`.
+///
+/// # Panics
+/// If `prompt` is empty.
+pub fn try_generate<B: MoeBackend>(
+    model: &MoeLm<B>,
+    prompt: &[u32],
+    config: &GenerateConfig,
+) -> Result<Generation, ModelError> {
     assert!(!prompt.is_empty(), "generation needs a non-empty prompt");
     let device = model.embed.weight.device();
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache_with(config.kv_dtype.unwrap_or(model.default_kv_dtype()))?;
     let mut sampler = Sampler::new(config);
     let moe_layers = model.config().num_moe_layers();
     let ids = |tokens: &[u32]| ids_tensor::<B>(tokens, &device);
@@ -153,7 +172,7 @@ pub fn generate<B: MoeBackend>(
         }
         input = vec![next];
     }
-    generation
+    Ok(generation)
 }
 
 /// Greedy or temperature / top-p sampling with a seeded generator (splitmix64).

@@ -138,10 +138,21 @@ impl<B: LinearBackend + KvCacheBackend> MlaAttention<B> {
         };
         let q_rot = rotate(q_rot, cos.clone(), sin.clone());
         let k_rot = rotate(k_rot, cos, sin);
+        let activations = latent.dtype();
         let (latent, k_rot) = match cache {
             Some((cache, layer)) => cache.append(layer, latent, k_rot),
             None => (latent, k_rot),
         };
+        // A 16-bit cache: keys and values are expanded from the latent at the activations'
+        // precision.
+        let widen = |t: Tensor<B, 4>| {
+            if t.dtype() == activations {
+                t
+            } else {
+                t.cast(activations)
+            }
+        };
+        let (latent, k_rot) = (widen(latent), widen(k_rot));
         let keys = latent.dims()[2];
         let kv = self
             .kv_b_proj

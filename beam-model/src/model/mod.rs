@@ -76,6 +76,14 @@ pub enum ModelError {
         /// The backend's name.
         backend: String,
     },
+    /// The requested key/value cache precision cannot be held by the backend.
+    #[error("the {backend} backend cannot hold a {dtype} KV cache (use --backend flex, or --kv-cache f32)")]
+    UnsupportedKvDtype {
+        /// The requested precision.
+        dtype: crate::checkpoint::WeightDtype,
+        /// The backend's name.
+        backend: String,
+    },
     /// A BEAM adapter does not fit the model.
     #[error("{}: {reason}", path.display())]
     Adapter {
@@ -246,9 +254,50 @@ impl<B: Backend> MoeLm<B> {
         self.layers.iter().filter_map(|l| l.feed_forward.moe())
     }
 
-    /// An empty KV cache for this model.
+    /// An empty KV cache for this model, in its default precision
+    /// ([`Self::default_kv_dtype`]).
     pub fn new_cache(&self) -> KvCache<B> {
-        KvCache::new(self.layers.len())
+        self.new_cache_with(self.default_kv_dtype())
+            .expect("the default KV cache precision is one the backend holds")
+    }
+
+    /// An empty KV cache holding keys and values in `dtype` (`F32`: as computed, the backend's
+    /// default float), or [`ModelError::UnsupportedKvDtype`] where the backend cannot hold it.
+    pub fn new_cache_with(
+        &self,
+        dtype: crate::checkpoint::WeightDtype,
+    ) -> Result<KvCache<B>, ModelError> {
+        use crate::checkpoint::WeightDtype;
+        let layers = self.layers.len();
+        if dtype == WeightDtype::F32 {
+            return Ok(KvCache::new(layers));
+        }
+        let device = self.embed.weight.device();
+        if !B::supports_dtype(&device, dtype.dtype()) {
+            return Err(ModelError::UnsupportedKvDtype {
+                dtype,
+                backend: B::name(&device),
+            });
+        }
+        Ok(KvCache::with_dtype(layers, dtype.dtype()))
+    }
+
+    /// The KV cache precision [`Self::new_cache`] uses: the weights' when they are 16-bit (as
+    /// transformers caches a `bf16` model in `bf16`), `f16` when they are quantized in place
+    /// (llama.cpp's default cache type), else `F32` (as computed: what `f32` models have always
+    /// cached, so their generations stay those of an `f32` reference).
+    pub fn default_kv_dtype(&self) -> crate::checkpoint::WeightDtype {
+        use crate::checkpoint::WeightDtype;
+        let device = self.embed.weight.device();
+        match self.weight_dtype() {
+            WeightDtype::F32
+                if self.quantization().is_some()
+                    && B::supports_dtype(&device, WeightDtype::F16.dtype()) =>
+            {
+                WeightDtype::F16
+            }
+            dtype => dtype,
+        }
     }
 
     /// The precision the large weights are held in: that of the token embeddings (the loader

@@ -3,8 +3,9 @@
 
 use std::time::Instant;
 
+use beam_model::checkpoint::WeightDtype;
 use beam_model::model::config::ModelConfig;
-use beam_model::model::generate::{generate, GenerateConfig, Generation};
+use beam_model::model::generate::{try_generate, GenerateConfig, Generation};
 use beam_model::model::MaskMode;
 use beam_model::{MaskRule, MoeBackend};
 use clap::Args;
@@ -29,6 +30,9 @@ pub struct BenchArgs {
     /// One JSON object per row instead of the table.
     #[arg(long)]
     json: bool,
+    /// Precision of the KV cache (f32, f16, bf16); default as `beam generate`'s.
+    #[arg(long)]
+    kv_cache: Option<WeightDtype>,
 }
 
 /// One variant's measurements.
@@ -90,6 +94,7 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
             model.weight_dtype().bytes() as f64,
         ),
     };
+    let kv_dtype = args.kv_cache.unwrap_or(model.default_kv_dtype());
     let prompt = prompt_ids(args.prompt_tokens, config.vocab_size);
     let mut rows = Vec::new();
     for (variant, mask) in [("top-K".to_string(), MaskMode::TopK), beam] {
@@ -97,18 +102,20 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
             max_new_tokens: args.new_tokens,
             eos_token_ids: Vec::new(),
             mask,
+            kv_dtype: Some(kv_dtype),
             ..Default::default()
         };
         // Warm-up: first-call costs (allocations, kernel compilation on GPUs) are not measured.
-        generate(
+        try_generate(
             &model,
             &prompt[..prompt.len().min(8)],
             &GenerateConfig {
                 max_new_tokens: 2,
                 ..settings.clone()
             },
-        );
-        let generation = generate(&model, &prompt, &settings);
+        )
+        .map_err(|e| e.to_string())?;
+        let generation = try_generate(&model, &prompt, &settings).map_err(|e| e.to_string())?;
         let mask_outputs = if matches!(mask, MaskMode::Learned) {
             mask_outputs
         } else {
@@ -126,8 +133,8 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
     let backend = args.common.backend.name();
     if !args.json {
         println!(
-            "model {} ({} layers, {} experts, top-{top_k}), {backend}, weights {dtype} in memory; \
-             load {load_s:.2} s; prompt {} tokens, {} new",
+            "model {} ({} layers, {} experts, top-{top_k}), {backend}, weights {dtype} in memory, \
+             KV cache {kv_dtype}; load {load_s:.2} s; prompt {} tokens, {} new",
             args.common.model.display(),
             config.num_layers,
             config.moe.num_experts,
@@ -148,6 +155,7 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
             let json = serde_json::json!({
                 "variant": row.variant,
                 "dtype": dtype,
+                "kv_dtype": kv_dtype.name(),
                 "backend": backend,
                 "load_s": load_s,
                 "peak_rss_bytes": row.peak_rss_bytes,

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use beam_model::checkpoint::{Quantization, WeightDtype};
-use beam_model::model::generate::{generate, ids_tensor, GenerateConfig};
+use beam_model::model::generate::{ids_tensor, try_generate, GenerateConfig};
 use beam_model::model::load::{load_model_with, LoadOptions};
 use beam_model::model::{HiddenStates, MaskMode, MoeLm};
 use beam_model::MoeBackend;
@@ -137,6 +137,10 @@ enum Command {
         /// Print {"ids": [...new ids...], "text": "..."} instead of the text.
         #[arg(long)]
         json: bool,
+        /// Precision of the KV cache (f32, f16, bf16). Default: the weights' when they are
+        /// 16-bit, f16 when they are quantized in place (llama.cpp's default), else f32.
+        #[arg(long)]
+        kv_cache: Option<WeightDtype>,
     },
     /// Train BEAM mask routers on a text corpus; writes OUT/adapter.safetensors.
     Train(train::TrainArgs),
@@ -317,7 +321,14 @@ fn info(common: &Common) -> Result<(), String> {
             "rope:        yarn, factor {factor} of {original_max_position_embeddings} positions"
         );
     }
-    println!("KV cache:    {}", kv_cache_line(&config));
+    // The cache's precision depends on the weights the backend holds (`MoeLm::default_kv_dtype`):
+    // both sizes.
+    println!(
+        "KV cache:    {} per token in 16 bits, {} in f32 ({})",
+        kib(config.kv_cache_bytes_per_token(2)),
+        kib(config.kv_cache_bytes_per_token(4)),
+        kv_cache_kind(&config)
+    );
     println!("vocabulary:  {}", config.vocab_size);
     println!("parameters:  {}", config.parameters());
     match (&common.beam_adapter, beam) {
@@ -350,25 +361,36 @@ fn info(common: &Common) -> Result<(), String> {
     Ok(())
 }
 
-/// Bytes the KV cache takes per token, and with MLA what full per-head keys and values would.
-fn kv_cache_line(config: &beam_model::model::config::ModelConfig) -> String {
-    let bytes = config.kv_cache_bytes_per_token();
-    let kib = |b: usize| match b {
-        0..10_240 => format!("{b} B"),
-        10_240..10_485_760 => format!("{:.1} KiB", b as f64 / 1024.0),
-        _ => format!("{:.1} MiB", b as f64 / 1048576.0),
-    };
+/// `bytes` in B, KiB or MiB.
+fn kib(bytes: usize) -> String {
+    match bytes {
+        0..10_240 => format!("{bytes} B"),
+        10_240..10_485_760 => format!("{:.1} KiB", bytes as f64 / 1024.0),
+        _ => format!("{:.1} MiB", bytes as f64 / 1048576.0),
+    }
+}
+
+/// What the KV cache holds: keys and values, or with MLA the compressed latent and how many
+/// times less that takes than full per-head keys and values.
+fn kv_cache_kind(config: &beam_model::model::config::ModelConfig) -> String {
     if config.mla.is_some() {
-        let full = config.num_layers * config.full_kv_values_per_token() * 4;
+        let full = config.full_kv_values_per_token() as f64;
         format!(
-            "{} per token (f32; compressed latent, full K/V would take {}: {:.1}× less)",
-            kib(bytes),
-            kib(full),
-            full as f64 / bytes as f64
+            "compressed latent; full K/V would take {:.1}× more",
+            full / config.kv_cache_values_per_token() as f64
         )
     } else {
-        format!("{} per token (f32 keys and values)", kib(bytes))
+        "keys and values".to_string()
     }
+}
+
+/// Bytes the KV cache takes per token in `dtype`, and what it holds.
+fn kv_cache_line(config: &beam_model::model::config::ModelConfig, dtype: WeightDtype) -> String {
+    format!(
+        "{} per token ({dtype}; {})",
+        kib(config.kv_cache_bytes_per_token(dtype.bytes())),
+        kv_cache_kind(config)
+    )
 }
 
 /// Range checks of the options of info, logits, generate and bench, before anything is read.
@@ -474,6 +496,7 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
             top_p,
             seed,
             json,
+            kv_cache,
             ..
         } => {
             let tokenizer = tokenizer(&common.model);
@@ -505,8 +528,10 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
                 seed: *seed,
                 eos_token_ids: config.eos_token_ids.clone(),
                 mask: MaskMode::Learned,
+                kv_dtype: *kv_cache,
             };
-            let generation = generate(&model, &prompt_ids, &settings);
+            let generation =
+                try_generate(&model, &prompt_ids, &settings).map_err(|e| e.to_string())?;
             let text = match &tokenizer {
                 Ok(tok) => tok
                     .decode(&generation.ids, true)
@@ -544,7 +569,7 @@ fn run<B: MoeBackend>(command: &Command, device: &B::Device) -> Result<(), Strin
             eprintln!(
                 "[beam] KV cache: {} tokens, {}",
                 prompt_ids.len() + generation.ids.len(),
-                kv_cache_line(config)
+                kv_cache_line(config, kv_cache.unwrap_or(model.default_kv_dtype()))
             );
             if generation.context_limit_reached {
                 eprintln!(
