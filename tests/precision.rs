@@ -444,10 +444,19 @@ fn the_default_kv_cache_follows_the_weights_and_ndarray_refuses_16_bits() {
         quantize: Some(quantize),
         ..Default::default()
     };
+    let bf16 = Converted::new("olmoe", Dtype::BF16);
     for quantize in [Quantization::Q8, Quantization::Q4] {
-        let model =
-            load_model_with::<Flex>(&tiny, &Default::default(), &quantized(quantize)).unwrap();
-        assert_eq!(model.default_kv_dtype(), WeightDtype::F16);
+        // From an f32 or a bf16 checkpoint (whose embeddings stay bf16).
+        for dir in [&tiny, &bf16.0] {
+            let model =
+                load_model_with::<Flex>(dir, &Default::default(), &quantized(quantize)).unwrap();
+            assert_eq!(
+                model.default_kv_dtype(),
+                WeightDtype::F16,
+                "{}",
+                dir.display()
+            );
+        }
         // ndarray dequantizes at load: f32 weights, an f32 cache.
         let model =
             load_model_with::<NdArray>(&tiny, &Default::default(), &quantized(quantize)).unwrap();

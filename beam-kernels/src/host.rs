@@ -1505,6 +1505,27 @@ impl<'a, E> Heads<'a, E> {
         self.dims
     }
 
+    /// Positions `range` of every row (`[B, H, range.len(), D]`), where they are.
+    ///
+    /// # Panics
+    /// If `range` is not within `0..S`.
+    fn positions(&self, range: core::ops::Range<usize>) -> Self {
+        assert!(range.start <= range.end && range.end <= self.dims[2]);
+        let [b, h, _, d] = self.dims;
+        if range.is_empty() {
+            return Self {
+                values: &self.values[..0],
+                dims: [b, h, 0, d],
+                strides: self.strides,
+            };
+        }
+        Self {
+            values: &self.values[range.start * self.strides[2]..],
+            dims: [b, h, range.len(), d],
+            strides: self.strides,
+        }
+    }
+
     /// Row `[b, h, s, ..]`.
     fn row(&self, b: usize, h: usize, s: usize) -> &'a [E] {
         let at = b * self.strides[0] + h * self.strides[1] + s * self.strides[2];
@@ -1566,16 +1587,33 @@ pub fn attention<E: CacheValue>(
         for (t, out_row) in out.chunks_exact_mut(value_dim).enumerate() {
             let query = &q[((b * heads + h) * queries + t) * dim..][..dim];
             let mask = &mask[t * positions..][..positions];
+            // Only the positions from the first to the last the mask lets through are read
+            // (a causal prefill's query `t` sees `past + t + 1` of them); the rest weigh 0. A row
+            // the mask closes entirely reads every position, as the reference (NaN, as its
+            // softmax gives).
+            let visible = match mask.iter().position(|m| *m != f32::NEG_INFINITY) {
+                Some(first) => {
+                    let last = mask.iter().rposition(|m| *m != f32::NEG_INFINITY);
+                    first..last.map_or(positions, |l| l + 1)
+                }
+                None => 0..positions,
+            };
+            let (k, v, mask) = (
+                k.positions(visible.clone()),
+                v.positions(visible.clone()),
+                &mask[visible.clone()],
+            );
+            let weights = &mut weights[..visible.len()];
             #[cfg(target_arch = "x86_64")]
             if wide {
                 // SAFETY: the CPU has AVX-512 F; the query, every key row and every value row
                 // are whole registers of 16 (`dim`, `value_dim` multiples of 16).
                 unsafe {
-                    avx512::attention_scores(query, k, b, kv, scale, mask, &mut weights);
+                    avx512::attention_scores(query, k, b, kv, scale, mask, weights);
                 }
-                let inverse = softmax_in_place(&mut weights);
+                let inverse = softmax_in_place(weights);
                 // SAFETY: as above; `out_row` is `value_dim` long.
-                unsafe { avx512::weighted_values(&weights, v, b, kv, inverse, out_row) };
+                unsafe { avx512::weighted_values(weights, v, b, kv, inverse, out_row) };
                 continue;
             }
             widened.resize(dim.max(value_dim), 0.0);
@@ -1584,7 +1622,7 @@ pub fn attention<E: CacheValue>(
                 E::widen_into(k.row(b, kv, s), key);
                 *w = <f32 as HostFloat>::dots(key, &[query])[0] * scale + mask[s];
             }
-            let inverse = softmax_in_place(&mut weights);
+            let inverse = softmax_in_place(weights);
             for (s, &w) in weights.iter().enumerate() {
                 if w != 0.0 {
                     let value = &mut widened[..value_dim];

@@ -282,22 +282,19 @@ impl<B: Backend> MoeLm<B> {
         Ok(KvCache::with_dtype(layers, dtype.dtype()))
     }
 
-    /// The KV cache precision [`Self::new_cache`] uses: the weights' when they are 16-bit (as
-    /// transformers caches a `bf16` model in `bf16`), `f16` when they are quantized in place
-    /// (llama.cpp's default cache type), else `F32` (as computed: what `f32` models have always
-    /// cached, so their generations stay those of an `f32` reference).
+    /// The KV cache precision [`Self::new_cache`] uses: `f16` when the linear weights are
+    /// quantized in place (llama.cpp's default cache type), else the weights' precision when
+    /// they are 16-bit (as transformers caches a `bf16` model in `bf16`), else `F32` (as
+    /// computed: what `f32` models have always cached, so their generations stay those of an
+    /// `f32` reference).
     pub fn default_kv_dtype(&self) -> crate::checkpoint::WeightDtype {
         use crate::checkpoint::WeightDtype;
         let device = self.embed.weight.device();
-        match self.weight_dtype() {
-            WeightDtype::F32
-                if self.quantization().is_some()
-                    && B::supports_dtype(&device, WeightDtype::F16.dtype()) =>
-            {
-                WeightDtype::F16
-            }
-            dtype => dtype,
+        if self.quantization().is_some() && B::supports_dtype(&device, WeightDtype::F16.dtype()) {
+            // Whatever the embeddings are kept in.
+            return WeightDtype::F16;
         }
+        self.weight_dtype()
     }
 
     /// The precision the large weights are held in: that of the token embeddings (the loader
