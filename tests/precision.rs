@@ -420,9 +420,10 @@ fn a_16_bit_kv_cache_reads_the_rounded_values_as_the_reference_does() {
     }
 }
 
-/// Which cache [`MoeLm::new_cache`] makes: the weights' precision when they are 16-bit, f16 for
-/// weights quantized in place, f32 otherwise (ndarray, which holds f32 only, included); a
-/// precision the backend cannot hold is a typed error.
+/// Which cache [`MoeLm::new_cache`] makes: on Flex (whose attention reads 16-bit caches in
+/// place) the weights' precision when they are 16-bit and f16 for weights quantized in place;
+/// f32 otherwise (ndarray, which holds f32 only, and backends that would widen the cache on every
+/// step); a precision the backend cannot hold is a typed error.
 #[test]
 fn the_default_kv_cache_follows_the_weights_and_ndarray_refuses_16_bits() {
     use beam_model::checkpoint::Quantization;
@@ -439,6 +440,18 @@ fn the_default_kv_cache_follows_the_weights_and_ndarray_refuses_16_bits() {
         let model = flex(&ck.0, None);
         assert_eq!(model.default_kv_dtype(), held);
         assert_eq!(model.new_cache().dtype(), Some(held.dtype()));
+        // A backend whose attention widens a 16-bit cache into a copy on every call (here the
+        // reference's, on Autodiff) caches f32 by default, and 16 bits when asked.
+        let reference = load_model_with::<burn::backend::Autodiff<Flex>>(
+            &ck.0,
+            &Default::default(),
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(reference.weight_dtype(), held);
+        assert_eq!(reference.default_kv_dtype(), WeightDtype::F32);
+        let asked = reference.new_cache_with(held).unwrap();
+        assert_eq!(asked.dtype(), Some(held.dtype()));
     }
     let quantized = |quantize| LoadOptions {
         quantize: Some(quantize),

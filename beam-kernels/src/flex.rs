@@ -130,6 +130,10 @@ impl KvCacheBackend for Flex {
         attention(&q, &k, &v, &mask, scale)
             .unwrap_or_else(|| attention_primitive::<Self>([q, k, v, mask], scale))
     }
+
+    fn reads_16_bit_kv_in_place() -> bool {
+        true
+    }
 }
 
 /// `Some(output)` when [`host::attention`](crate::host::attention) takes the call: `q` and the

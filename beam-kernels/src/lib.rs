@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | grouped experts (quantized q8/q4 weights: `grouped_experts_quant`; per-expert tensors: `grouped_experts_parts`) | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
 //! | `[out, in]` linear | [`LinearBackend`] | `x · Wᵀ` for PyTorch-layout weights: router, attention projections, shared expert, LM head |
-//! | key/value cache append, attention | [`KvCacheBackend`] | `cat([cache, new], 2)`, in place where the backend can (Flex); `softmax(q · kᵀ · scale + mask) · v` over the cache (grouped-query) |
+//! | key/value cache append, attention | [`KvCacheBackend`] | `cat([cache, new], 2)`, in place where the backend can (Flex); `softmax(q · kᵀ · scale + mask) · v` over the cache (grouped-query), on an `f32`, `f16` or `bf16` cache (`reads_16_bit_kv_in_place`: Flex reads 16 bits in place, the reference widens) |
 //!
 //! [`MoeBackend`] is all three together (implemented for every backend that has them); the
 //! tensor-level wrappers [`grouped_experts`], [`linear_out_in`], [`kv_append`] and [`kv_attention`]
@@ -289,6 +289,14 @@ pub trait KvCacheBackend: Backend {
         scale: f64,
     ) -> FloatTensor<Self> {
         reference::attention_primitive::<Self>([q, k, v, mask], scale)
+    }
+
+    /// Whether [`Self::kv_attention`] reads `f16` and `bf16` keys and values where they are (a
+    /// 16-bit cache then halves the bytes a decode step reads). The default, `false`: the
+    /// reference widens the cache into an `f32` copy on every call, so a 16-bit cache saves
+    /// memory but costs time; models then cache `f32` unless asked otherwise.
+    fn reads_16_bit_kv_in_place() -> bool {
+        false
     }
 }
 

@@ -254,6 +254,20 @@ impl<B: Backend> MoeLm<B> {
         self.layers.iter().filter_map(|l| l.feed_forward.moe())
     }
 
+    /// The precision the large weights are held in: that of the token embeddings (the loader
+    /// holds embeddings, projections, experts and LM head in one precision). `f64` weights
+    /// (burn's `NdArray<f64>`) count as `F32`.
+    pub fn weight_dtype(&self) -> crate::checkpoint::WeightDtype {
+        use crate::checkpoint::WeightDtype;
+        match self.embed.weight.val().dtype() {
+            DType::BF16 => WeightDtype::BF16,
+            DType::F16 => WeightDtype::F16,
+            _ => WeightDtype::F32,
+        }
+    }
+}
+
+impl<B: beam_kernels::KvCacheBackend> MoeLm<B> {
     /// An empty KV cache for this model, in its default precision
     /// ([`Self::default_kv_dtype`]).
     pub fn new_cache(&self) -> KvCache<B> {
@@ -282,31 +296,25 @@ impl<B: Backend> MoeLm<B> {
         Ok(KvCache::with_dtype(layers, dtype.dtype()))
     }
 
-    /// The KV cache precision [`Self::new_cache`] uses: `f16` when the linear weights are
-    /// quantized in place (llama.cpp's default cache type), else the weights' precision when
-    /// they are 16-bit (as transformers caches a `bf16` model in `bf16`), else `F32` (as
-    /// computed: what `f32` models have always cached, so their generations stay those of an
-    /// `f32` reference).
+    /// The KV cache precision [`Self::new_cache`] uses. On a backend whose attention reads a
+    /// 16-bit cache in place ([`KvCacheBackend::reads_16_bit_kv_in_place`]: Flex): `f16` when
+    /// the linear weights are quantized in place (llama.cpp's default cache type), else the
+    /// weights' precision when they are 16-bit (as transformers caches a `bf16` model in
+    /// `bf16`). Otherwise, and for `f32` weights, `F32` (as computed: what `f32` models have
+    /// always cached, so their generations stay those of an `f32` reference).
+    ///
+    /// [`KvCacheBackend::reads_16_bit_kv_in_place`]: beam_kernels::KvCacheBackend::reads_16_bit_kv_in_place
     pub fn default_kv_dtype(&self) -> crate::checkpoint::WeightDtype {
         use crate::checkpoint::WeightDtype;
+        if !B::reads_16_bit_kv_in_place() {
+            return WeightDtype::F32;
+        }
         let device = self.embed.weight.device();
         if self.quantization().is_some() && B::supports_dtype(&device, WeightDtype::F16.dtype()) {
             // Whatever the embeddings are kept in.
             return WeightDtype::F16;
         }
         self.weight_dtype()
-    }
-
-    /// The precision the large weights are held in: that of the token embeddings (the loader
-    /// holds embeddings, projections, experts and LM head in one precision). `f64` weights
-    /// (burn's `NdArray<f64>`) count as `F32`.
-    pub fn weight_dtype(&self) -> crate::checkpoint::WeightDtype {
-        use crate::checkpoint::WeightDtype;
-        match self.embed.weight.val().dtype() {
-            DType::BF16 => WeightDtype::BF16,
-            DType::F16 => WeightDtype::F16,
-            _ => WeightDtype::F32,
-        }
     }
 }
 

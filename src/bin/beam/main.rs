@@ -137,8 +137,9 @@ enum Command {
         /// Print {"ids": [...new ids...], "text": "..."} instead of the text.
         #[arg(long)]
         json: bool,
-        /// Precision of the KV cache (f32, f16, bf16). Default: the weights' when they are
-        /// 16-bit, f16 when they are quantized in place (llama.cpp's default), else f32.
+        /// Precision of the KV cache (f32, f16, bf16). Default on flex: the weights' when they
+        /// are 16-bit, f16 when they are quantized (llama.cpp's default), else f32; f32 on the
+        /// other backends.
         #[arg(long)]
         kv_cache: Option<WeightDtype>,
     },
