@@ -606,6 +606,10 @@ fn quantize_q8_and_q4_run_logits_generate_and_bench_and_refuse_unknown_formats_a
     assert_eq!(row["kv_dtype"], "f16", "{row}");
     let f32_cache = bench_row("q8", &["--kv-cache", "f32"]);
     assert_eq!(f32_cache["kv_dtype"], "f32", "{f32_cache}");
+    // 9 positions cached at the end, of twice the bytes in f32.
+    let cache_bytes = |row: &serde_json::Value| row["kv_cache_bytes"].as_u64().unwrap();
+    assert!(cache_bytes(&row) > 0);
+    assert_eq!(cache_bytes(&f32_cache), 2 * cache_bytes(&row), "{row}");
     let q4_row = bench_row("q4", &[]);
     assert_eq!(q4_row["dtype"], "q4", "{q4_row}");
     let bytes = |row: &serde_json::Value| row["weight_bytes_per_token"].as_f64().unwrap();

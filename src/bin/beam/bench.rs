@@ -131,13 +131,19 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
         });
     }
     let backend = args.common.backend.name();
+    // What the cache holds after the last decoded token: the bytes each decode step's attention
+    // reads at the end (beside the weights).
+    let kv_cache_bytes =
+        (args.prompt_tokens + args.new_tokens) * config.kv_cache_bytes_per_token(kv_dtype.bytes());
     if !args.json {
         println!(
             "model {} ({} layers, {} experts, top-{top_k}), {backend}, weights {dtype} in memory, \
-             KV cache {kv_dtype}; load {load_s:.2} s; prompt {} tokens, {} new",
+             KV cache {kv_dtype} ({:.1} MB at the last token); load {load_s:.2} s; prompt {} \
+             tokens, {} new",
             args.common.model.display(),
             config.num_layers,
             config.moe.num_experts,
+            kv_cache_bytes as f64 / 1e6,
             args.prompt_tokens,
             args.new_tokens
         );
@@ -156,6 +162,7 @@ pub fn bench<B: MoeBackend>(args: &BenchArgs, device: &B::Device) -> Result<(), 
                 "variant": row.variant,
                 "dtype": dtype,
                 "kv_dtype": kv_dtype.name(),
+                "kv_cache_bytes": kv_cache_bytes,
                 "backend": backend,
                 "load_s": load_s,
                 "peak_rss_bytes": row.peak_rss_bytes,
