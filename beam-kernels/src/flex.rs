@@ -1056,12 +1056,15 @@ mod tests {
         ];
         // Keys and values cached in f32, f16 or bf16 (read in their own precision); the f64
         // reference is computed from the same rounded values.
+        // Two query heads per key/value head, and one each (tiles of 1 to 4 query rows: the host
+        // kernel scores up to 4 rows against each key it loads).
         let dtypes = [DType::F32, DType::F16, DType::BF16];
-        for ((queries, window, d, dv), dtype) in cases
+        for (((queries, window, d, dv), dtype), kv_heads) in cases
             .into_iter()
             .flat_map(|case| dtypes.map(|dtype| (case, dtype)))
+            .flat_map(|case| [2, 4].map(|kv_heads| (case, kv_heads)))
         {
-            let [b, h, kv_heads, past] = [2, 4, 2, 37];
+            let [b, h, past] = [2, 4, 37];
             let s = past + queries;
             // Cached values as held: rounded to the cache's dtype.
             let tensor = |dims: [usize; 4], seed: f32| {
@@ -1166,7 +1169,8 @@ mod tests {
                 // Within 1e-4 of the largest output (f32 sums in another order).
                 assert!(
                     worst < 1e-4 * largest,
-                    "{label}, {dtype:?}, {queries} queries: off by {worst:e} (largest {largest})"
+                    "{label}, {dtype:?}, {kv_heads} kv heads, {queries} queries: off by {worst:e} \
+                     (largest {largest})"
                 );
             }
         }

@@ -1533,16 +1533,24 @@ impl<'a, E> Heads<'a, E> {
     }
 }
 
-/// Grouped-query scaled dot-product attention of a few queries over cached keys and values (the
-/// decode step): `out[b, h, t] = Σ_s p_s · v[b, h / g, s]` with `p = softmax_s(q[b, h, t] ·
-/// k[b, h / g, s] · scale + mask[t, s])`, `g = H / H_kv`, reading the keys and values where they
-/// are, in their own precision ([`CacheValue`]: `f32`, or `f16` / `bf16` widened as they are
-/// loaded): on AVX-512 CPUs with key and value rows of whole 16-lane registers, four keys scored
-/// a step and the weighted values summed in registers (`avx512::attention_scores`,
-/// `avx512::weighted_values`); portable rows (widened one at a time) otherwise. Heads run on rayon's pool when the keys
-/// and values read are at least [`ATTENTION_PARALLEL_MIN`] elements. Same formula as
+/// Grouped-query scaled dot-product attention over cached keys and values (a decode step, or a
+/// prefill's many queries): `out[b, h, t] = Σ_s p_s · v[b, h / g, s]` with
+/// `p = softmax_s(q[b, h, t] · k[b, h / g, s] · scale + mask[t, s])`, `g = H / H_kv`, reading the
+/// keys and values where they are, in their own precision ([`CacheValue`]: `f32`, or `f16` /
+/// `bf16` widened as they are loaded).
+///
+/// One work item per batch row and key/value head: its `g · T` query rows (every query head that
+/// reads the key/value head, every query position) in tiles of up to [`ATTENTION_TILE`] rows, so
+/// each key and value row loaded serves the whole tile (the `g` heads of a grouped-query decode
+/// step, or consecutive positions of a prefill). A tile reads only the positions from the first
+/// to the last its rows' masks let through (a causal prefill's query `t` sees `past + t + 1`);
+/// the rest weigh 0. On AVX-512 CPUs with key and value rows of whole 16-lane registers, four keys
+/// scored a step for every row of the tile and the weighted values summed in registers
+/// (`avx512::tile_scores`, `avx512::tile_values`); portable rows (widened one at a time)
+/// otherwise. Items run on rayon's pool when the keys and values read are at least
+/// [`ATTENTION_PARALLEL_MIN`] elements. Same formula as
 /// [`attention_reference`](crate::reference::attention_reference); the sums are `f32` in
-/// another order.
+/// another order. A row its mask closes entirely gives NaN, as the reference's softmax.
 ///
 /// # Shapes
 /// - `q`: `[B, H, T, D]` (row-major), `k`: `[B, H_kv, S, D]`, `v`: `[B, H_kv, S, D_v]`
@@ -1577,79 +1585,105 @@ pub fn attention<E: CacheValue>(
     }
     #[cfg(target_arch = "x86_64")]
     let wide = avx512::available() && dim.is_multiple_of(16) && value_dim.is_multiple_of(16);
-    // One (batch row, head): its T output rows.
-    let head = |index: usize, out: &mut [f32]| {
-        let (b, h) = (index / heads, index % heads);
-        let kv = h / group;
-        let mut weights = vec![0.0f32; positions];
-        // A key or value row widened to `f32` (portable path).
+    // The g · T query rows of one (batch row, key/value head), row r = (head kv · g + r / T,
+    // position r % T): their outputs are consecutive in `out` ([B, H, T, D_v]).
+    let rows = group * queries;
+    let item = |index: usize, out: &mut [f32]| {
+        let (b, kv) = (index / kv_heads, index % kv_heads);
+        let query = |r: usize| {
+            let (h, t) = (kv * group + r / queries, r % queries);
+            &q[((b * heads + h) * queries + t) * dim..][..dim]
+        };
+        let mask_row = |r: usize| &mask[(r % queries) * positions..][..positions];
+        // Scores, then weights, of the tile's rows (row-major, `visible.len()` each), and a key
+        // or value row widened to `f32` (portable path).
+        let mut weights = Vec::new();
         let mut widened = Vec::new();
-        for (t, out_row) in out.chunks_exact_mut(value_dim).enumerate() {
-            let query = &q[((b * heads + h) * queries + t) * dim..][..dim];
-            let mask = &mask[t * positions..][..positions];
-            // Only the positions from the first to the last the mask lets through are read
-            // (a causal prefill's query `t` sees `past + t + 1` of them); the rest weigh 0. A row
-            // the mask closes entirely reads every position, as the reference (NaN, as its
-            // softmax gives).
-            let visible = match mask.iter().position(|m| *m != f32::NEG_INFINITY) {
-                Some(first) => {
-                    let last = mask.iter().rposition(|m| *m != f32::NEG_INFINITY);
-                    first..last.map_or(positions, |l| l + 1)
-                }
-                None => 0..positions,
+        let mut first = 0;
+        while first < rows {
+            let tile = (rows - first).min(ATTENTION_TILE);
+            let tile_rows = first..first + tile;
+            // From the first to the last position any row of the tile sees; everything when a
+            // row sees none (NaN, as the reference).
+            let seen = |r: usize| {
+                let m = mask_row(r);
+                let start = m.iter().position(|x| *x != f32::NEG_INFINITY)?;
+                let end = m.iter().rposition(|x| *x != f32::NEG_INFINITY)? + 1;
+                Some(start..end)
             };
-            let (k, v, mask) = (
-                k.positions(visible.clone()),
-                v.positions(visible.clone()),
-                &mask[visible.clone()],
-            );
-            let weights = &mut weights[..visible.len()];
+            let visible = tile_rows
+                .clone()
+                .map(seen)
+                .try_fold(positions..0, |all, r| {
+                    r.map(|r| all.start.min(r.start)..all.end.max(r.end))
+                })
+                .unwrap_or(0..positions);
+            let len = visible.len();
+            let (keys, values) = (k.positions(visible.clone()), v.positions(visible.clone()));
+            weights.clear();
+            weights.resize(tile * len, 0.0);
+            let out_rows = &mut out[(first * value_dim)..][..tile * value_dim];
             #[cfg(target_arch = "x86_64")]
             if wide {
-                // SAFETY: the CPU has AVX-512 F; the query, every key row and every value row
-                // are whole registers of 16 (`dim`, `value_dim` multiples of 16).
+                // SAFETY: the CPU has AVX-512 F; every query, key and value row is whole
+                // registers of 16 (`dim`, `value_dim` multiples of 16); `weights` holds `tile`
+                // rows of `len`, `out_rows` `tile` rows of `value_dim`.
                 unsafe {
-                    avx512::attention_scores(query, k, b, kv, scale, mask, weights);
+                    avx512::tile(
+                        tile_rows.clone().map(query),
+                        tile_rows.clone().map(|r| &mask_row(r)[visible.clone()]),
+                        (keys, values, b, kv),
+                        scale,
+                        &mut weights,
+                        out_rows,
+                    );
                 }
-                let inverse = softmax_in_place(weights);
-                // SAFETY: as above; `out_row` is `value_dim` long.
-                unsafe { avx512::weighted_values(weights, v, b, kv, inverse, out_row) };
+                first += tile;
                 continue;
             }
-            widened.resize(dim.max(value_dim), 0.0);
-            for (s, w) in weights.iter_mut().enumerate() {
-                let key = &mut widened[..dim];
-                E::widen_into(k.row(b, kv, s), key);
-                *w = <f32 as HostFloat>::dots(key, &[query])[0] * scale + mask[s];
-            }
-            let inverse = softmax_in_place(weights);
-            for (s, &w) in weights.iter().enumerate() {
-                if w != 0.0 {
-                    let value = &mut widened[..value_dim];
-                    E::widen_into(v.row(b, kv, s), value);
-                    for (o, &x) in out_row.iter_mut().zip(&*value) {
-                        *o += w * x;
+            for (i, r) in tile_rows.clone().enumerate() {
+                let (query, mask) = (query(r), &mask_row(r)[visible.clone()]);
+                let scores = &mut weights[i * len..][..len];
+                widened.resize(dim.max(value_dim), 0.0);
+                for (s, w) in scores.iter_mut().enumerate() {
+                    let key = &mut widened[..dim];
+                    E::widen_into(keys.row(b, kv, s), key);
+                    *w = <f32 as HostFloat>::dots(key, &[query])[0] * scale + mask[s];
+                }
+                let inverse = softmax_in_place(scores);
+                let out_row = &mut out_rows[i * value_dim..][..value_dim];
+                for (s, &w) in scores.iter().enumerate() {
+                    if w != 0.0 {
+                        let value = &mut widened[..value_dim];
+                        E::widen_into(values.row(b, kv, s), value);
+                        for (o, &x) in out_row.iter_mut().zip(&*value) {
+                            *o += w * x;
+                        }
                     }
                 }
+                for o in out_row.iter_mut() {
+                    *o *= inverse;
+                }
             }
-            for o in out_row.iter_mut() {
-                *o *= inverse;
-            }
+            first += tile;
         }
     };
-    let per_head = queries * value_dim;
-    let reads = batch * heads * queries * positions * (dim + value_dim);
-    if reads >= ATTENTION_PARALLEL_MIN && batch * heads > 1 {
-        out.par_chunks_mut(per_head)
+    let per_item = rows * value_dim;
+    let reads = batch * heads * queries * positions * (dim + value_dim) / ATTENTION_TILE.min(rows);
+    if reads >= ATTENTION_PARALLEL_MIN && batch * kv_heads > 1 {
+        out.par_chunks_mut(per_item)
             .enumerate()
-            .for_each(|(index, out)| head(index, out));
+            .for_each(|(index, out)| item(index, out));
     } else {
-        out.chunks_mut(per_head)
+        out.chunks_mut(per_item)
             .enumerate()
-            .for_each(|(index, out)| head(index, out));
+            .for_each(|(index, out)| item(index, out));
     }
     out
 }
+
+/// Query rows [`attention`] scores together against each key and value row it loads.
+pub const ATTENTION_TILE: usize = 4;
 
 /// Key and value elements a call of [`attention`] must read before its heads go to rayon's
 /// pool. Lower than [`PARALLEL_MIN_WEIGHTS`]: a decode step's attention is one call per layer
@@ -2261,108 +2295,169 @@ mod avx512 {
             && std::is_x86_feature_detected!("avx512vnni")
     }
 
-    /// `scores[s] = query · keys[b, kv, s] · scale + mask[s]` for every position `s`, four keys
-    /// a step (each its own accumulator, so the steps overlap; one load of the query serves all
-    /// four).
+    /// One tile of [`super::attention`]: the `Q` (1 to 4) query rows `queries` against every
+    /// position of `keys` / `values` (already narrowed to what the tile sees), `masks` their
+    /// additive masks over those positions. `weights` (`Q` rows of the positions) receives the
+    /// scores, then the softmax weights; `out` (`Q` rows of `D_v`) the outputs.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F; `query.len()` (the keys' row length) is a multiple of 16 and
-    /// `scores` and `mask` are as long as the keys' positions.
+    /// The CPU has AVX-512 F; the query and key rows (`D`) and the value rows (`D_v`) are whole
+    /// registers of 16; `weights` and `out` are as long as said.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn attention_scores<E: super::CacheValue>(
-        query: &[f32],
-        keys: super::Heads<'_, E>,
-        b: usize,
-        kv: usize,
+    pub(super) unsafe fn tile<'q, E: super::CacheValue>(
+        queries: impl ExactSizeIterator<Item = &'q [f32]>,
+        masks: impl ExactSizeIterator<Item = &'q [f32]>,
+        (keys, values, b, kv): (super::Heads<'_, E>, super::Heads<'_, E>, usize, usize),
         scale: f32,
-        mask: &[f32],
-        scores: &mut [f32],
+        weights: &mut [f32],
+        out: &mut [f32],
     ) {
-        let dim = query.len();
+        let queries: Vec<&[f32]> = queries.collect();
+        let masks: Vec<&[f32]> = masks.collect();
+        macro_rules! rows {
+            ($q:literal) => {{
+                let queries: [&[f32]; $q] = core::array::from_fn(|i| queries[i]);
+                let masks: [&[f32]; $q] = core::array::from_fn(|i| masks[i]);
+                // SAFETY: the caller's contract.
+                unsafe { tile_scores::<E, $q>(queries, masks, keys, (b, kv), scale, weights) };
+                let len = keys.dims()[2];
+                let inverses: [f32; $q] = core::array::from_fn(|i| {
+                    super::softmax_in_place(&mut weights[i * len..][..len])
+                });
+                // SAFETY: the caller's contract.
+                unsafe { tile_values::<E, $q>(weights, values, (b, kv), inverses, out) };
+            }};
+        }
+        match queries.len() {
+            1 => rows!(1),
+            2 => rows!(2),
+            3 => rows!(3),
+            _ => rows!(4),
+        }
+    }
+
+    /// `weights[i · S + s] = queries[i] · keys[b, kv, s] · scale + masks[i][s]`, four keys a step
+    /// (each key row loaded once for the `Q` queries; the `4 · Q` sums reduced together).
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_scores<E: super::CacheValue, const Q: usize>(
+        queries: [&[f32]; Q],
+        masks: [&[f32]; Q],
+        keys: super::Heads<'_, E>,
+        (b, kv): (usize, usize),
+        scale: f32,
+        weights: &mut [f32],
+    ) {
+        let dim = queries[0].len();
+        let positions = keys.dims()[2];
         debug_assert!(dim.is_multiple_of(16) && keys.dims()[3] == dim);
-        let positions = scores.len();
+        debug_assert!(weights.len() == Q * positions);
         let mut s = 0;
         while s < positions {
             let step = (positions - s).min(4);
             let rows: [&[E]; 4] = core::array::from_fn(|i| keys.row(b, kv, s + i.min(step - 1)));
-            let mut sums = [_mm512_setzero_ps(); 4];
+            let mut sums = [[_mm512_setzero_ps(); 4]; Q];
             let mut c = 0;
             while c < dim {
-                // SAFETY: c + 16 <= dim, the length of the query and of every key row.
+                // SAFETY: c + 16 <= dim, the length of every query and key row.
                 unsafe {
-                    let q = _mm512_loadu_ps(query.as_ptr().add(c));
-                    for (sum, row) in sums.iter_mut().zip(rows) {
-                        *sum = _mm512_fmadd_ps(q, E::load16(row.as_ptr().add(c)), *sum);
+                    let k: [__m512; 4] =
+                        core::array::from_fn(|i| E::load16(rows[i].as_ptr().add(c)));
+                    for (sums, query) in sums.iter_mut().zip(&queries) {
+                        let q = _mm512_loadu_ps(query.as_ptr().add(c));
+                        for (sum, k) in sums.iter_mut().zip(&k) {
+                            *sum = _mm512_fmadd_ps(q, *k, *sum);
+                        }
                     }
                 }
                 c += 16;
             }
-            for (i, sum) in sums.iter().take(step).enumerate() {
-                scores[s + i] = _mm512_reduce_add_ps(*sum) * scale + mask[s + i];
+            let dots: [[f32; 4]; Q] = if Q == 4 {
+                let lanes = reduce_16(core::array::from_fn(|j| sums[j / 4][j % 4]));
+                core::array::from_fn(|i| core::array::from_fn(|j| lanes[4 * i + j]))
+            } else {
+                core::array::from_fn(|i| core::array::from_fn(|j| _mm512_reduce_add_ps(sums[i][j])))
+            };
+            for (i, (dots, mask)) in dots.iter().zip(&masks).enumerate() {
+                for j in 0..step {
+                    weights[i * positions + s + j] = dots[j] * scale + mask[s + j];
+                }
             }
             s += step;
         }
     }
 
-    /// `out = inverse · Σ_s weights[s] · values[b, kv, s]`, up to 128 columns (8 registers) at a
-    /// time held in registers across the positions; positions of weight 0 (masked) are skipped.
+    /// `out[i] = inverses[i] · Σ_s weights[i · S + s] · values[b, kv, s]` for the `Q` rows, up to
+    /// 128 columns (8 registers; 64 for three or four rows) a pass held in registers for every
+    /// row across the positions
+    /// (each value chunk loaded once for the `Q` rows); a position no row weighs is skipped.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F; `out.len()` (the values' row length) is a multiple of 16 and
-    /// `weights` is as long as the values' positions.
+    /// As [`tile`].
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn weighted_values<E: super::CacheValue>(
+    unsafe fn tile_values<E: super::CacheValue, const Q: usize>(
         weights: &[f32],
         values: super::Heads<'_, E>,
-        b: usize,
-        kv: usize,
-        inverse: f32,
+        (b, kv): (usize, usize),
+        inverses: [f32; Q],
         out: &mut [f32],
     ) {
         #[target_feature(enable = "avx512f")]
-        fn columns<E: super::CacheValue, const C: usize>(
+        fn columns<E: super::CacheValue, const Q: usize, const C: usize>(
             weights: &[f32],
             values: super::Heads<'_, E>,
             (b, kv, col): (usize, usize, usize),
-            inverse: f32,
+            inverses: [f32; Q],
             out: &mut [f32],
         ) {
-            let mut sums = [_mm512_setzero_ps(); C];
-            for (s, &w) in weights.iter().enumerate() {
-                if w == 0.0 {
+            let [_, _, positions, width] = values.dims();
+            let mut sums = [[_mm512_setzero_ps(); C]; Q];
+            for s in 0..positions {
+                let w: [f32; Q] = core::array::from_fn(|i| weights[i * positions + s]);
+                if w.iter().all(|w| *w == 0.0) {
                     continue;
                 }
                 let row = &values.row(b, kv, s)[col..col + 16 * C];
-                let w = _mm512_set1_ps(w);
-                for (i, sum) in sums.iter_mut().enumerate() {
-                    // SAFETY: 16 · (i + 1) <= row.len().
-                    *sum = _mm512_fmadd_ps(w, unsafe { E::load16(row.as_ptr().add(16 * i)) }, *sum);
+                // SAFETY: 16 · (i + 1) <= row.len().
+                let v: [__m512; C] =
+                    core::array::from_fn(|i| unsafe { E::load16(row.as_ptr().add(16 * i)) });
+                for (sums, w) in sums.iter_mut().zip(w) {
+                    let w = _mm512_set1_ps(w);
+                    for (sum, v) in sums.iter_mut().zip(&v) {
+                        *sum = _mm512_fmadd_ps(w, *v, *sum);
+                    }
                 }
             }
-            let out = &mut out[col..col + 16 * C];
-            let inverse = _mm512_set1_ps(inverse);
-            for (i, sum) in sums.iter().enumerate() {
-                // SAFETY: 16 · (i + 1) <= out.len().
-                unsafe {
-                    _mm512_storeu_ps(out.as_mut_ptr().add(16 * i), _mm512_mul_ps(*sum, inverse))
-                };
+            for (i, (sums, inverse)) in sums.iter().zip(inverses).enumerate() {
+                let out = &mut out[i * width + col..][..16 * C];
+                let inverse = _mm512_set1_ps(inverse);
+                for (j, sum) in sums.iter().enumerate() {
+                    // SAFETY: 16 · (j + 1) <= out.len().
+                    unsafe {
+                        _mm512_storeu_ps(out.as_mut_ptr().add(16 * j), _mm512_mul_ps(*sum, inverse))
+                    };
+                }
             }
         }
-        let width = out.len();
-        debug_assert!(width.is_multiple_of(16) && values.dims()[3] == width);
+        let width = values.dims()[3];
+        debug_assert!(width.is_multiple_of(16) && out.len() == Q * width);
+        // Accumulators for `Q` rows of `C` registers, and `C` loaded: at most 32 registers.
+        let most = if Q <= 2 { 8 } else { 4 };
         let mut col = 0;
         while col < width {
-            let registers = ((width - col) / 16).min(8);
+            let registers = ((width - col) / 16).min(most);
             let at = (b, kv, col);
             match registers {
-                8 => columns::<E, 8>(weights, values, at, inverse, out),
-                7 => columns::<E, 7>(weights, values, at, inverse, out),
-                6 => columns::<E, 6>(weights, values, at, inverse, out),
-                5 => columns::<E, 5>(weights, values, at, inverse, out),
-                4 => columns::<E, 4>(weights, values, at, inverse, out),
-                3 => columns::<E, 3>(weights, values, at, inverse, out),
-                2 => columns::<E, 2>(weights, values, at, inverse, out),
-                _ => columns::<E, 1>(weights, values, at, inverse, out),
+                8 => columns::<E, Q, 8>(weights, values, at, inverses, out),
+                7 => columns::<E, Q, 7>(weights, values, at, inverses, out),
+                6 => columns::<E, Q, 6>(weights, values, at, inverses, out),
+                5 => columns::<E, Q, 5>(weights, values, at, inverses, out),
+                4 => columns::<E, Q, 4>(weights, values, at, inverses, out),
+                3 => columns::<E, Q, 3>(weights, values, at, inverses, out),
+                2 => columns::<E, Q, 2>(weights, values, at, inverses, out),
+                _ => columns::<E, Q, 1>(weights, values, at, inverses, out),
             }
             col += 16 * registers;
         }
