@@ -255,7 +255,7 @@ pub trait LinearBackend: Backend {
 ///
 /// | backend | `kv_append` | `kv_attention` |
 /// |---|---|---|
-/// | `Flex` (feature `flex`) | in place: the cache is a view of a buffer with room for more positions, the new ones are written after it (amortized: the buffer doubles when full), no copy of what is cached | [`host::attention`] on the cache's buffer in place (`f32`, `f16` or `bf16`; decode and prefill, each query reading the positions its mask lets through), heads on rayon's pool; the reference otherwise |
+/// | `Flex` (feature `flex`) | in place: the cache is a view of a buffer with room for more positions, the new ones are written after it (amortized: the buffer doubles when full), no copy of what is cached | [`host::attention`] on the cache's buffer in place (`f32`, `f16` or `bf16`; decode and prefill, each key and value row loaded once for up to 4 query rows, only the positions their masks let through), key/value heads on rayon's pool; the reference otherwise |
 /// | every other backend | the reference, `cat([cache, new], 2)` (a copy of the whole cache per step) | the reference |
 ///
 /// A custom backend opts in to the reference with an empty `impl KvCacheBackend for MyBackend {}`.
