@@ -1685,10 +1685,10 @@ pub fn attention<E: CacheValue>(
 /// Query rows [`attention`] scores together against each key and value row it loads.
 pub const ATTENTION_TILE: usize = 4;
 
-/// Key and value elements a call of [`attention`] must read before its heads go to rayon's
-/// pool. Lower than [`PARALLEL_MIN_WEIGHTS`]: a decode step's attention is one call per layer
-/// between two products that already woke the pool, so at a few hundred positions (16 heads of
-/// 128) its heads are worth splitting.
+/// Key and value elements a call of [`attention`] reads (for its tiles: once per tile of query
+/// rows) before its key/value heads go to rayon's pool. Lower than [`PARALLEL_MIN_WEIGHTS`]: a
+/// decode step's attention is one call per layer between two products that already woke the
+/// pool, so at a few hundred positions (16 heads of 128) its heads are worth splitting.
 pub const ATTENTION_PARALLEL_MIN: usize = 1 << 17;
 
 /// `scores` (logits, `−∞` where masked) replaced by `exp(score − max)`; returns
