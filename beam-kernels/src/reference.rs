@@ -208,11 +208,8 @@ pub fn grouped_experts_primitive<B: Backend>(
 /// # Shapes
 /// - `cache`: `[B, H, S, D]`, `new`: `[B, H, T, D]`; output `[B, H, S + T, D]`
 pub fn kv_append_reference<B: Backend>(cache: Tensor<B, 4>, new: Tensor<B, 4>) -> Tensor<B, 4> {
-    let new = if new.dtype() == cache.dtype() {
-        new
-    } else {
-        new.cast(cache.dtype())
-    };
+    // `cast` returns a tensor of the same dtype as it is.
+    let new = new.cast(cache.dtype());
     Tensor::cat(vec![cache, new], 2)
 }
 
@@ -234,14 +231,8 @@ pub fn attention_reference<B: Backend>(
 ) -> Tensor<B, 4> {
     let [batch, heads, _, _] = q.dims();
     let kv_heads = k.dims()[1];
-    let like_q = |t: Tensor<B, 4>| {
-        if t.dtype() == q.dtype() {
-            t
-        } else {
-            t.cast(q.dtype())
-        }
-    };
-    let (k, v) = (like_q(k), like_q(v));
+    // `cast` returns a tensor of the same dtype as it is.
+    let (k, v) = (k.cast(q.dtype()), v.cast(q.dtype()));
     let group = heads / kv_heads.max(1);
     // Query head h reads key/value head h / group (no copy when every head has its own).
     let repeat = |t: Tensor<B, 4>| {

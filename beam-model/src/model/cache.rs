@@ -72,9 +72,10 @@ impl<B: Backend> KvCache<B> {
     where
         B: KvCacheBackend,
     {
+        // `cast` returns a tensor of the same dtype as it is.
         let held = |t: Tensor<B, 4>| match self.dtype {
-            Some(dtype) if t.dtype() != dtype => t.cast(dtype),
-            _ => t,
+            Some(dtype) => t.cast(dtype),
+            None => t,
         };
         let (k, v) = (held(k), held(v));
         let merged = match self.layers[layer].take() {

@@ -144,15 +144,8 @@ impl<B: LinearBackend + KvCacheBackend> MlaAttention<B> {
             None => (latent, k_rot),
         };
         // A 16-bit cache: keys and values are expanded from the latent at the activations'
-        // precision.
-        let widen = |t: Tensor<B, 4>| {
-            if t.dtype() == activations {
-                t
-            } else {
-                t.cast(activations)
-            }
-        };
-        let (latent, k_rot) = (widen(latent), widen(k_rot));
+        // precision (`cast` returns a tensor of the same dtype as it is).
+        let (latent, k_rot) = (latent.cast(activations), k_rot.cast(activations));
         let keys = latent.dims()[2];
         let kv = self
             .kv_b_proj
