@@ -1625,13 +1625,18 @@ pub fn attention<E: CacheValue>(
             let out_rows = &mut out[(first * value_dim)..][..tile * value_dim];
             #[cfg(target_arch = "x86_64")]
             if wide {
+                // The tile's rows (the array's unused end repeats the last).
+                let queries: [&[f32]; ATTENTION_TILE] =
+                    core::array::from_fn(|i| query(first + i.min(tile - 1)));
+                let masks: [&[f32]; ATTENTION_TILE] =
+                    core::array::from_fn(|i| &mask_row(first + i.min(tile - 1))[visible.clone()]);
                 // SAFETY: the CPU has AVX-512 F; every query, key and value row is whole
                 // registers of 16 (`dim`, `value_dim` multiples of 16); `weights` holds `tile`
                 // rows of `len`, `out_rows` `tile` rows of `value_dim`.
                 unsafe {
                     avx512::tile(
-                        tile_rows.clone().map(query),
-                        tile_rows.clone().map(|r| &mask_row(r)[visible.clone()]),
+                        &queries[..tile],
+                        &masks[..tile],
                         (keys, values, b, kv),
                         scale,
                         &mut weights,
@@ -2304,16 +2309,14 @@ mod avx512 {
     /// The CPU has AVX-512 F; the query and key rows (`D`) and the value rows (`D_v`) are whole
     /// registers of 16; `weights` and `out` are as long as said.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn tile<'q, E: super::CacheValue>(
-        queries: impl ExactSizeIterator<Item = &'q [f32]>,
-        masks: impl ExactSizeIterator<Item = &'q [f32]>,
+    pub(super) unsafe fn tile<E: super::CacheValue>(
+        queries: &[&[f32]],
+        masks: &[&[f32]],
         (keys, values, b, kv): (super::Heads<'_, E>, super::Heads<'_, E>, usize, usize),
         scale: f32,
         weights: &mut [f32],
         out: &mut [f32],
     ) {
-        let queries: Vec<&[f32]> = queries.collect();
-        let masks: Vec<&[f32]> = masks.collect();
         macro_rules! rows {
             ($q:literal) => {{
                 let queries: [&[f32]; $q] = core::array::from_fn(|i| queries[i]);
