@@ -2524,7 +2524,9 @@ mod avx512 {
     /// [`HostMatrix::project`](super::HostMatrix::project) for `bf16` rows with split-`bf16`
     /// inputs ([`super::SplitBf16`]): rows four at a time (then one at a time), inputs up to
     /// [`TOKENS_PER_PASS`] at a time, each tile one pass of [`tile_split_bf16`] over the rows,
-    /// which stay in L1 across the input groups.
+    /// which stay in L1 across the input groups. The first pass over a group of rows prefetches
+    /// the next group (the rows after them in `matrix`), so a product of a few tokens (a prefill's
+    /// experts) streams its weights while it computes instead of after.
     ///
     /// # Panics
     /// If an input or prepared row is not `row_len` long, the rows lie outside `matrix`, or the
@@ -2570,7 +2572,8 @@ mod avx512 {
             {
                 // SAFETY: the CPU has AVX-512 F and BF16 (asserted); every row, input and
                 // prepared row is `row_len` long (asserted).
-                let dots = unsafe { tile_dispatch(count, &tile_rows[..count], group, split) };
+                let dots =
+                    unsafe { tile_dispatch(count, &tile_rows[..count], group, split, pass == 0) };
                 for (i, tile_row) in dots[..count].iter().enumerate() {
                     for (n, &dot) in tile_row[..group.len()].iter().enumerate() {
                         emit(pass * TOKENS_PER_PASS + n, r + i - rows.start, dot);
@@ -2640,7 +2643,8 @@ mod avx512 {
         (body..len).fold(sum, |total, k| total + row[k].to_f32() * x[k])
     }
 
-    /// `out[i][n] = rows[i] · inputs[n]` for 1 or 4 rows and 1 to [`TOKENS_PER_PASS`] inputs.
+    /// `out[i][n] = rows[i] · inputs[n]` for 1 or 4 rows and 1 to [`TOKENS_PER_PASS`] inputs;
+    /// with `prefetch`, the rows that follow them are prefetched ([`tile_split_bf16`]).
     ///
     /// # Safety
     /// The CPU has AVX-512 F and BF16; rows, inputs and prepared rows are all equally long.
@@ -2649,6 +2653,7 @@ mod avx512 {
         rows: &[&[half::bf16]],
         inputs: &[&[f32]],
         prepared: &[&super::SplitBf16],
+        prefetch: bool,
     ) -> [[f32; TOKENS_PER_PASS]; 4] {
         macro_rules! arm {
             ($r:literal, $n:literal) => {{
@@ -2657,7 +2662,7 @@ mod avx512 {
                 let hi: [&[half::bf16]; $n] = core::array::from_fn(|n| prepared[n].hi());
                 let lo: [&[half::bf16]; $n] = core::array::from_fn(|n| prepared[n].lo());
                 // SAFETY: the caller's contract.
-                let tile = unsafe { tile_split_bf16::<$r, $n>(rows, x, hi, lo) };
+                let tile = unsafe { tile_split_bf16::<$r, $n>(rows, x, hi, lo, prefetch) };
                 let mut out = [[0.0; TOKENS_PER_PASS]; 4];
                 for (o, t) in out.iter_mut().zip(tile) {
                     o[..$n].copy_from_slice(&t);
@@ -2681,18 +2686,32 @@ mod avx512 {
     /// `R × N` dots of `bf16` rows with split-`bf16` inputs: per 32-weight step, `R` row loads,
     /// `2N` input loads and `2RN` `vdpbf16ps` into `RN` accumulators (`w · hi` then `w · lo`);
     /// the tail past the last whole step in `f32` (each weight widened, times the `f32` input).
+    ///
+    /// With `prefetch`, each step also prefetches the same 64 bytes of the `R` rows that follow
+    /// `rows` in memory (`rows[i]` plus `R` rows: the next tile of a row-major matrix; the
+    /// addresses are only prefetched, never read, so past the matrix's end they cost nothing).
+    /// Each row is one 4 KB page of a 2 048-wide matrix, and the hardware prefetcher alone
+    /// leaves a few-token product short of both its compute and its bandwidth
+    /// (`gemv --dtype bf16 --tokens 2|4|8`: 20-54 % more throughput with it, docs/BENCHMARKS.md,
+    /// session 25).
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile_split_bf16<const R: usize, const N: usize>(
         rows: [&[half::bf16]; R],
         inputs: [&[f32]; N],
         hi: [&[half::bf16]; N],
         lo: [&[half::bf16]; N],
+        prefetch: bool,
     ) -> [[f32; N]; R] {
         let len = rows[0].len();
         let body = len - len % 32;
         let mut acc = [[_mm512_setzero_ps(); N]; R];
         let mut start = 0;
         while start < body {
+            if prefetch {
+                for row in rows {
+                    _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(R * len + start).cast());
+                }
+            }
             // SAFETY: start + 32 <= body <= len, the length of every row and prepared input;
             // a bf16 is 16 bits, so 32 of them are one 512-bit register.
             unsafe {
