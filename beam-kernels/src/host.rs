@@ -814,7 +814,7 @@ fn block_product<F: HostFloat, M: HostMatrix<F>>(
     let width = rows.len();
     assert_eq!(out.len(), inputs.len() * width, "out is [inputs, rows]");
     if inputs.len() < matrix.gemm_min_tokens(row_len) || row_len == 0 {
-        let chunk = (PASS_INPUT_ELEMENTS / row_len.max(1)).max(TOKENS_PER_PASS);
+        let (chunk, group) = pass_blocks(row_len);
         if inputs.len() <= chunk {
             matrix.project(base, row_len, rows, inputs, prepared, |n, r, dot| {
                 out[n * width + r] = dot;
@@ -824,7 +824,6 @@ fn block_product<F: HostFloat, M: HostMatrix<F>>(
         // Many inputs: groups of `PASS_ROW_ELEMENTS` rows, each dotted with the inputs `chunk`
         // at a time, so the rows and the inputs being read both stay in L2 (every row dotted
         // with every input in turn streamed all the inputs from L3 once per row or four).
-        let group = (PASS_ROW_ELEMENTS / row_len).max(4);
         for first in (rows.start..rows.end).step_by(group) {
             let group_rows = first..(first + group).min(rows.end);
             for start in (0..inputs.len()).step_by(chunk) {
@@ -868,6 +867,17 @@ pub const PASS_INPUT_ELEMENTS: usize = 1 << 17;
 /// the next group of rows, where a work item has more inputs than that (32 rows of 2 048: 128 KB
 /// of `bf16`, 36 KB of q4): they stay in L2 while every group of inputs passes over them.
 pub const PASS_ROW_ELEMENTS: usize = 1 << 16;
+
+/// For rows of `row_len`: the inputs one [`HostMatrix::project`] call takes at most (about
+/// [`PASS_INPUT_ELEMENTS`], whole passes of [`TOKENS_PER_PASS`]) and the rows of a group (about
+/// [`PASS_ROW_ELEMENTS`], whole 4-row tiles); the dots are the same at any split.
+fn pass_blocks(row_len: usize) -> (usize, usize) {
+    let row_len = row_len.max(1);
+    (
+        (PASS_INPUT_ELEMENTS / row_len / TOKENS_PER_PASS).max(1) * TOKENS_PER_PASS,
+        (PASS_ROW_ELEMENTS / row_len / 4).max(1) * 4,
+    )
+}
 
 /// Fewest weight elements per parallel work item of dot passes (256 KiB of `f32`): below this,
 /// rayon's per-task cost is no longer noise.
@@ -3725,23 +3735,26 @@ mod tests {
     #[test]
     fn many_inputs_pass_over_groups_of_rows_in_chunks() {
         // Two chunks of inputs (the second partial) over two groups of rows (the second
-        // partial), the rows starting past the matrix's first (outputs are relative to them).
-        let row_len = 1024;
-        let (chunk, group) = (PASS_INPUT_ELEMENTS / row_len, PASS_ROW_ELEMENTS / row_len);
-        let (tokens, rows) = (chunk + 9, 3..3 + group + 7);
+        // partial), the rows starting past the matrix's first (outputs are relative to them);
+        // rows of 3 008 (94 blocks of 32) so that neither split falls on a power of two.
         let mut rng = Rng(91);
-        let x = rng.values(tokens * row_len, 1.0);
-        let w = rng.values(rows.end * row_len, 0.3);
-        let bf16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
-        chunked_equals_one_call("bf16", bf16.as_slice(), row_len, rows.clone(), &x);
-        for format in [crate::quant::QuantFormat::Q8, crate::quant::QuantFormat::Q4] {
-            let q = format.quantize(&w, format.block_len(row_len).unwrap());
-            match q.matrix() {
-                crate::quant::QuantMatrix::Q8(m) => {
-                    chunked_equals_one_call("q8", m, row_len, rows.clone(), &x)
-                }
-                crate::quant::QuantMatrix::Q4(m) => {
-                    chunked_equals_one_call("q4", m, row_len, rows.clone(), &x)
+        for row_len in [1024, 3008] {
+            let (chunk, group) = pass_blocks(row_len);
+            assert!(chunk.is_multiple_of(TOKENS_PER_PASS) && group.is_multiple_of(4));
+            let (tokens, rows) = (chunk + 9, 3..3 + group + 7);
+            let x = rng.values(tokens * row_len, 1.0);
+            let w = rng.values(rows.end * row_len, 0.3);
+            let bf16: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+            chunked_equals_one_call("bf16", bf16.as_slice(), row_len, rows.clone(), &x);
+            for format in [crate::quant::QuantFormat::Q8, crate::quant::QuantFormat::Q4] {
+                let q = format.quantize(&w, format.block_len(row_len).unwrap());
+                match q.matrix() {
+                    crate::quant::QuantMatrix::Q8(m) => {
+                        chunked_equals_one_call("q8", m, row_len, rows.clone(), &x)
+                    }
+                    crate::quant::QuantMatrix::Q4(m) => {
+                        chunked_equals_one_call("q4", m, row_len, rows.clone(), &x)
+                    }
                 }
             }
         }
