@@ -2563,6 +2563,15 @@ mod avx512 {
         |w: half::f16| w.to_f32()
     );
 
+    /// Inputs from which [`project_split_bf16`] takes 8-row × 2-input tiles instead of 4 × 4.
+    /// Both hold 16 accumulators and issue 32 `vdpbf16ps` per 32-weight step; the tall tile
+    /// loads 8 rows (from L1: the rows are reused by every pass) and 4 input halves (from L2: a
+    /// pass's inputs are up to 512 KB) where the square one loads 4 and 8. On the Zen 4 VM of
+    /// docs/BENCHMARKS.md (session 26, `gemv --dtype bf16`, 2 threads) it was faster at 24 and
+    /// more inputs in every alternating round (+3 to +40 %) and as often slower as faster at
+    /// 8 to 16.
+    pub(super) const TALL_TILE_MIN_INPUTS: usize = 24;
+
     /// Whether this CPU runs [`project_split_bf16`]: AVX-512 F and BF16.
     pub(super) fn bf16_available() -> bool {
         available() && std::is_x86_feature_detected!("avx512bf16")
@@ -2571,7 +2580,9 @@ mod avx512 {
     /// [`HostMatrix::project`](super::HostMatrix::project) for `bf16` rows with split-`bf16`
     /// inputs ([`super::SplitBf16`]): rows four at a time (then one at a time), inputs up to
     /// [`TOKENS_PER_PASS`] at a time, each tile one pass of [`tile_split_bf16`] over the rows,
-    /// which stay in L1 across the input groups. The first pass over a group of rows prefetches
+    /// which stay in L1 across the input groups; from [`TALL_TILE_MIN_INPUTS`] inputs on, rows
+    /// eight at a time and inputs two at a time (the same 16 accumulators, half the loads of
+    /// inputs from L2 per `vdpbf16ps`). The first pass over a group of rows prefetches
     /// the next group (the rows after them in `matrix`), so a product of a few tokens (a prefill's
     /// experts) streams its weights while it computes instead of after.
     ///
@@ -2608,14 +2619,22 @@ mod avx512 {
             }
             return;
         }
+        // Many inputs: 8-row tiles two inputs at a time, else 4-row tiles four at a time.
+        let tall = inputs.len() >= TALL_TILE_MIN_INPUTS;
         let mut r = rows.start;
         while r < rows.end {
-            let count = if rows.end - r >= 4 { 4 } else { 1 };
-            let tile_rows: [&[half::bf16]; 4] = core::array::from_fn(|i| row(r + i.min(count - 1)));
-            for (pass, (group, split)) in inputs
-                .chunks(TOKENS_PER_PASS)
-                .zip(prepared.chunks(TOKENS_PER_PASS))
-                .enumerate()
+            let left = rows.end - r;
+            let count = if tall && left >= 8 {
+                8
+            } else if left >= 4 {
+                4
+            } else {
+                1
+            };
+            let width = if count == 8 { 2 } else { TOKENS_PER_PASS };
+            let tile_rows: [&[half::bf16]; 8] = core::array::from_fn(|i| row(r + i.min(count - 1)));
+            for (pass, (group, split)) in
+                inputs.chunks(width).zip(prepared.chunks(width)).enumerate()
             {
                 // SAFETY: the CPU has AVX-512 F and BF16 (asserted); every row, input and
                 // prepared row is `row_len` long (asserted).
@@ -2623,7 +2642,7 @@ mod avx512 {
                     unsafe { tile_dispatch(count, &tile_rows[..count], group, split, pass == 0) };
                 for (i, tile_row) in dots[..count].iter().enumerate() {
                     for (n, &dot) in tile_row[..group.len()].iter().enumerate() {
-                        emit(pass * TOKENS_PER_PASS + n, r + i - rows.start, dot);
+                        emit(pass * width + n, r + i - rows.start, dot);
                     }
                 }
             }
@@ -2690,7 +2709,8 @@ mod avx512 {
         (body..len).fold(sum, |total, k| total + row[k].to_f32() * x[k])
     }
 
-    /// `out[i][n] = rows[i] · inputs[n]` for 1 or 4 rows and 1 to [`TOKENS_PER_PASS`] inputs;
+    /// `out[i][n] = rows[i] · inputs[n]` for 8 rows and 1 or 2 inputs, or 1 or 4 rows and 1 to
+    /// [`TOKENS_PER_PASS`] inputs;
     /// with `prefetch`, the rows that follow them are prefetched ([`tile_split_bf16`]).
     ///
     /// # Safety
@@ -2701,7 +2721,7 @@ mod avx512 {
         inputs: &[&[f32]],
         prepared: &[&super::SplitBf16],
         prefetch: bool,
-    ) -> [[f32; TOKENS_PER_PASS]; 4] {
+    ) -> [[f32; TOKENS_PER_PASS]; 8] {
         macro_rules! arm {
             ($r:literal, $n:literal) => {{
                 let rows: [&[half::bf16]; $r] = core::array::from_fn(|i| rows[i]);
@@ -2710,7 +2730,7 @@ mod avx512 {
                 let lo: [&[half::bf16]; $n] = core::array::from_fn(|n| prepared[n].lo());
                 // SAFETY: the caller's contract.
                 let tile = unsafe { tile_split_bf16::<$r, $n>(rows, x, hi, lo, prefetch) };
-                let mut out = [[0.0; TOKENS_PER_PASS]; 4];
+                let mut out = [[0.0; TOKENS_PER_PASS]; 8];
                 for (o, t) in out.iter_mut().zip(tile) {
                     o[..$n].copy_from_slice(&t);
                 }
@@ -2718,6 +2738,8 @@ mod avx512 {
             }};
         }
         match (count, inputs.len()) {
+            (8, 1) => arm!(8, 1),
+            (8, 2) => arm!(8, 2),
             (4, 1) => arm!(4, 1),
             (4, 2) => arm!(4, 2),
             (4, 3) => arm!(4, 3),
@@ -2726,7 +2748,7 @@ mod avx512 {
             (1, 2) => arm!(1, 2),
             (1, 3) => arm!(1, 3),
             (1, 4) => arm!(1, 4),
-            _ => unreachable!("tiles of 1 or 4 rows by 1 to {TOKENS_PER_PASS} inputs"),
+            _ => unreachable!("tiles of 8 rows by 1 or 2 inputs, or of 1 or 4 rows by 1 to 4"),
         }
     }
 
@@ -3583,15 +3605,28 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn split_bf16_tiles_match_an_f64_dot_of_the_bf16_weights() {
-        // Tiles of 4 rows and single rows (1 to 9 rows), 1 to 9 inputs (passes of 4, 4, 1),
-        // lengths of whole 32-weight steps and with f32 tails, rows from an offset `base`.
+        // Tiles of 4 rows and single rows (1 to 9 rows), 1 to 9 inputs (passes of 4, 4, 1);
+        // from `TALL_TILE_MIN_INPUTS` inputs on, tiles of 8 rows (then 4, then single rows:
+        // 21 rows) with passes of 2 inputs and a last one of 1; lengths of whole 32-weight
+        // steps and with f32 tails, rows from an offset `base`.
         if !avx512::bf16_available() {
             eprintln!("no AVX-512 BF16 on this CPU: the split-bf16 kernel does not run here");
             return;
         }
         let mut rng = Rng(43);
         for len in [32, 33, 63, 64, 100, 2048] {
-            for (rows, tokens) in [(1, 1), (4, 4), (5, 2), (9, 9), (3, 7), (8, 5)] {
+            let tall = avx512::TALL_TILE_MIN_INPUTS;
+            for (rows, tokens) in [
+                (1, 1),
+                (4, 4),
+                (5, 2),
+                (9, 9),
+                (3, 7),
+                (8, 5),
+                (21, tall + 1),
+                (8, tall),
+                (3, tall),
+            ] {
                 let base = 3 * len;
                 let weights: Vec<half::bf16> = rng
                     .values(base + rows * len, 1.0)
