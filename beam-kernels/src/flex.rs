@@ -36,7 +36,7 @@ use crate::plan::{DispatchPlan, MoeDims};
 use crate::quant::{Q4Matrix, Q8Matrix, QuantMatrix};
 use crate::reference::{
     attention_primitive, grouped_experts_primitive, grouped_experts_quant_primitive,
-    kv_append_reference, linear_out_in_quant_primitive, linear_out_in_reference,
+    kv_append_reference, linear_out_in_quant_primitive, linear_out_in_reference, rope_reference,
 };
 use crate::{
     float, primitive, ExpertParts, GroupedExpertsBackend, KvCacheBackend, LinearBackend,
@@ -131,9 +131,42 @@ impl KvCacheBackend for Flex {
             .unwrap_or_else(|| attention_primitive::<Self>([q, k, v, mask], scale))
     }
 
+    fn kv_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        rope(&x, &cos, &sin)
+            .unwrap_or_else(|| primitive(rope_reference::<Self>(float(x), float(cos), float(sin))))
+    }
+
     fn reads_16_bit_kv_in_place() -> bool {
         true
     }
+}
+
+/// `Some(output)` when [`host::rope`](crate::host::rope) takes the call: `x`, `cos` and `sin`
+/// all `f32`, `x` of 4 dimensions `[B, T, H, D]` and the tables `[T, D]` (read contiguous, a
+/// copy only when a view is not). `None` sends the call to the reference.
+///
+/// # Shapes
+/// As [`KvCacheBackend::kv_rope`].
+pub fn rope(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor) -> Option<FlexTensor> {
+    if [x, cos, sin].iter().any(|t| t.dtype() != DType::F32)
+        || x.shape().num_dims() != 4
+        || cos.shape().num_dims() != 2
+        || sin.shape().num_dims() != 2
+    {
+        return None;
+    }
+    let dims: [usize; 4] = x.shape().dims();
+    let table = [dims[1], dims[3]];
+    if cos.shape().dims::<2>() != table || sin.shape().dims::<2>() != table {
+        return None;
+    }
+    let (x, cos, sin) = (x.to_contiguous(), cos.to_contiguous(), sin.to_contiguous());
+    let out = crate::host::rope(x.as_slice()?, dims, cos.as_slice()?, sin.as_slice()?);
+    Some(FlexTensor::from_data(TensorData::new(out, dims)))
 }
 
 /// `Some(output)` when [`host::attention`](crate::host::attention) takes the call: `q` and the
@@ -1173,6 +1206,74 @@ mod tests {
                      (largest {largest})"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn kv_rope_equals_the_reference_and_an_f64_rotation() {
+        use crate::host::ROPE_PARALLEL_ELEMENTS;
+        use crate::kv_rope;
+        use crate::reference::rope_reference;
+        let device = Default::default();
+        // Even and odd head widths (an odd one rotates D − D/2 against D/2 elements), a decode
+        // step, and a prefill large enough for the parallel path; x contiguous and as a view
+        // (the heads-first layout swapped back: read through a copy).
+        let cases = [[2, 5, 3, 8], [1, 1, 4, 7], [1, 64, 16, 64], [2, 3, 2, 128]];
+        assert!(cases
+            .iter()
+            .any(|c| c.iter().product::<usize>() >= ROPE_PARALLEL_ELEMENTS));
+        for (case, [b, t, h, d]) in cases.into_iter().enumerate() {
+            let xs = values(b * t * h * d, 0.3 + case as f32);
+            let (cos_v, sin_v) = (values(t * d, 1.1), values(t * d, 2.7));
+            let table = |v: &Vec<f32>| {
+                Tensor::<Flex, 2>::from_data(TensorData::new(v.clone(), [t, d]), &device)
+            };
+            let contiguous =
+                Tensor::<Flex, 4>::from_data(TensorData::new(xs.clone(), [b, t, h, d]), &device);
+            let heads_first = contiguous.clone().swap_dims(1, 2).into_data();
+            let view = Tensor::<Flex, 4>::from_data(heads_first, &device).swap_dims(1, 2);
+            let want = rope_reference(contiguous.clone(), table(&cos_v), table(&sin_v));
+            for x in [contiguous, view] {
+                let got = kv_rope(x, table(&cos_v), table(&sin_v));
+                // The same operations in the same order: bit for bit.
+                assert_eq!(got.to_data(), want.to_data(), "[{b}, {t}, {h}, {d}]");
+            }
+            // And the rotation itself, in f64 from the same values.
+            let got: Vec<f32> = want.into_data().to_vec().unwrap();
+            let first = d - d / 2;
+            for (row, (o, x)) in got.chunks(d).zip(xs.chunks(d)).enumerate() {
+                let p = (row / h) % t;
+                for i in 0..d {
+                    let rotated = if i < first {
+                        -(x[d / 2 + i] as f64)
+                    } else {
+                        x[i - first] as f64
+                    };
+                    let want =
+                        x[i] as f64 * cos_v[p * d + i] as f64 + rotated * sin_v[p * d + i] as f64;
+                    assert!((o[i] as f64 - want).abs() <= 1e-6, "row {row} element {i}");
+                }
+            }
+        }
+        // Another dtype (all three bf16) goes to the reference.
+        let x =
+            Tensor::<Flex, 4>::from_data(TensorData::new(values(24, 0.1), [1, 2, 3, 4]), &device);
+        let (cos, sin) = (
+            Tensor::<Flex, 2>::from_data(TensorData::new(values(8, 0.2), [2, 4]), &device),
+            Tensor::<Flex, 2>::from_data(TensorData::new(values(8, 0.4), [2, 4]), &device),
+        );
+        let half = kv_rope(
+            x.clone().cast(DType::BF16),
+            cos.clone().cast(DType::BF16),
+            sin.clone().cast(DType::BF16),
+        );
+        assert_eq!(half.dtype(), DType::BF16);
+        let (half, full): (Vec<f32>, Vec<f32>) = (
+            half.cast(DType::F32).into_data().to_vec().unwrap(),
+            kv_rope(x, cos, sin).into_data().to_vec().unwrap(),
+        );
+        for (a, b) in half.iter().zip(&full) {
+            assert!((a - b).abs() <= 2e-2, "{a} vs {b}");
         }
     }
 }

@@ -8,10 +8,10 @@
 //! |---|---|---|
 //! | grouped experts (quantized q8/q4 weights: `grouped_experts_quant`; per-expert tensors: `grouped_experts_parts`) | [`GroupedExpertsBackend`] | `out[t] = Σ_k w[t, k] · Expert_{ids[t, k]}(x[t])`, masked slots (sentinel id `E`) skipped: no FLOPs, no weight reads |
 //! | `[out, in]` linear | [`LinearBackend`] | `x · Wᵀ` for PyTorch-layout weights: router, attention projections, shared expert, LM head |
-//! | key/value cache append, attention | [`KvCacheBackend`] | `cat([cache, new], 2)`, in place where the backend can (Flex); `softmax(q · kᵀ · scale + mask) · v` over the cache (grouped-query), on an `f32`, `f16` or `bf16` cache (`reads_16_bit_kv_in_place`: Flex reads 16 bits in place, the reference widens) |
+//! | key/value cache append, attention, rotary embedding | [`KvCacheBackend`] | `cat([cache, new], 2)`, in place where the backend can (Flex); `softmax(q · kᵀ · scale + mask) · v` over the cache (grouped-query), on an `f32`, `f16` or `bf16` cache (`reads_16_bit_kv_in_place`: Flex reads 16 bits in place, the reference widens); `x · cos + rotate_half(x) · sin` (`kv_rope`: Flex in one pass) |
 //!
 //! [`MoeBackend`] is all three together (implemented for every backend that has them); the
-//! tensor-level wrappers [`grouped_experts`], [`linear_out_in`], [`kv_append`] and [`kv_attention`]
+//! tensor-level wrappers [`grouped_experts`], [`linear_out_in`], [`kv_append`], [`kv_attention`] and [`kv_rope`]
 //! call them.
 //!
 //! | file | job |
@@ -251,12 +251,13 @@ pub trait LinearBackend: Backend {
 }
 
 /// Backend extension for the key/value cache of incremental decoding: appending the new
-/// positions' keys (or values) to those cached, and attending over them.
+/// positions' keys (or values) to those cached, attending over them, and the rotary position
+/// embedding of the new queries and keys.
 ///
-/// | backend | `kv_append` | `kv_attention` |
-/// |---|---|---|
-/// | `Flex` (feature `flex`) | in place: the cache is a view of a buffer with room for more positions, the new ones are written after it (amortized: the buffer doubles when full), no copy of what is cached | [`host::attention`] on the cache's buffer in place (`f32`, `f16` or `bf16`; decode and prefill, each key and value row loaded once for up to 4 query rows, only the positions their masks let through), key/value heads on rayon's pool; the reference otherwise |
-/// | every other backend | the reference, `cat([cache, new], 2)` (a copy of the whole cache per step) | the reference |
+/// | backend | `kv_append` | `kv_attention` | `kv_rope` |
+/// |---|---|---|---|
+/// | `Flex` (feature `flex`) | in place: the cache is a view of a buffer with room for more positions, the new ones are written after it (amortized: the buffer doubles when full), no copy of what is cached | [`host::attention`] on the cache's buffer in place (`f32`, `f16` or `bf16`; decode and prefill, each key and value row loaded once for up to 4 query rows, only the positions their masks let through), key/value heads on rayon's pool; the reference otherwise | [`host::rope`] in one pass over `f32` rows (the same operations as the reference, so the same values), rows on rayon's pool for a prefill; the reference otherwise |
+/// | every other backend | the reference, `cat([cache, new], 2)` (a copy of the whole cache per step) | the reference | the reference |
 ///
 /// A custom backend opts in to the reference with an empty `impl KvCacheBackend for MyBackend {}`.
 pub trait KvCacheBackend: Backend {
@@ -291,6 +292,26 @@ pub trait KvCacheBackend: Backend {
         reference::attention_primitive::<Self>([q, k, v, mask], scale)
     }
 
+    /// Rotary position embedding of the queries or keys of `T` new positions, laid out tokens
+    /// first (a projection's output with its heads split off): `x · cos + rotate_half(x) · sin`
+    /// along `D`, the tables of position `t` applied to every batch row and head. The default
+    /// is [`reference::rope_reference`] (tensor ops: a narrow, a negation, a concatenation and
+    /// three broadcast element-wise ops).
+    ///
+    /// # Shapes
+    /// - `x`: `[B, T, H, D]`, `cos`, `sin`: `[T, D]`; output `[B, T, H, D]`
+    fn kv_rope(
+        x: FloatTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        primitive(reference::rope_reference::<Self>(
+            float(x),
+            float(cos),
+            float(sin),
+        ))
+    }
+
     /// Whether [`Self::kv_attention`] reads `f16` and `bf16` keys and values where they are (a
     /// 16-bit cache then halves the bytes a decode step reads). The default, `false`: the
     /// reference widens the cache into an `f32` copy on every call, so a 16-bit cache saves
@@ -306,6 +327,15 @@ pub fn kv_append<B: KvCacheBackend>(cache: Tensor<B, 4>, new: Tensor<B, 4>) -> T
         cache.into_primitive().tensor(),
         new.into_primitive().tensor(),
     ))
+}
+
+/// Calls [`KvCacheBackend::kv_rope`] on tensors. Shapes as documented there.
+pub fn kv_rope<B: KvCacheBackend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    float(B::kv_rope(primitive(x), primitive(cos), primitive(sin)))
 }
 
 /// Calls [`KvCacheBackend::kv_attention`] on tensors. Shapes as documented there.

@@ -213,6 +213,44 @@ pub fn kv_append_reference<B: Backend>(cache: Tensor<B, 4>, new: Tensor<B, 4>) -
     Tensor::cat(vec![cache, new], 2)
 }
 
+/// Rotary position embedding on the halves of the last dimension: `x · cos + rotate_half(x) ·
+/// sin`, `rotate_half(x) = cat(−x[.., D/2..], x[.., ..D/2])` (transformers' `rotate_half`), the
+/// tables broadcast to `x`. What [`rope_reference`] and every RoPE of the model computes.
+///
+/// # Shapes
+/// - `x`: `[.., D]` (4 dimensions), `cos`, `sin`: broadcastable to it (e.g. `[1, T, 1, D]`)
+/// - output: `x`'s shape
+pub fn rotate_half<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [_, _, _, d] = x.dims();
+    let half = d / 2;
+    let rotated = Tensor::cat(
+        vec![
+            x.clone().narrow(3, half, d - half).neg(),
+            x.clone().narrow(3, 0, half),
+        ],
+        3,
+    );
+    x * cos + rotated * sin
+}
+
+/// Reference for [`KvCacheBackend::kv_rope`](crate::KvCacheBackend::kv_rope): [`rotate_half`]
+/// with the tables of the `T` positions broadcast over the batch and the heads.
+///
+/// # Shapes
+/// - `x`: `[B, T, H, D]` (tokens first), `cos`, `sin`: `[T, D]`; output `[B, T, H, D]`
+pub fn rope_reference<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 2>,
+    sin: Tensor<B, 2>,
+) -> Tensor<B, 4> {
+    let [t, d] = cos.dims();
+    rotate_half(x, cos.reshape([1, t, 1, d]), sin.reshape([1, t, 1, d]))
+}
+
 /// Reference for [`KvCacheBackend::kv_attention`](crate::KvCacheBackend::kv_attention): grouped-query
 /// scaled dot-product attention from tensor ops, `softmax(q · kᵀ · scale + mask) · v`, each key
 /// and value head repeated for the `H / H_kv` query heads that read it. Keys and values held in

@@ -1,6 +1,8 @@
 //! Rotary position embedding: transformers' `default` and `yarn` frequencies, applied in the
 //! `rotate_half` layout (pairs `(i, i + d/2)`) or, for DeepSeek, on interleaved pairs `(2i, 2i+1)`.
 
+use beam_kernels::reference::rotate_half;
+use beam_kernels::KvCacheBackend;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 
@@ -103,28 +105,14 @@ pub fn apply_rope<B: Backend>(
 
 /// [`apply_rope`] on `x` laid out tokens first (`[B, T, heads, d]`, as a projection's output
 /// reshaped, before its heads are swapped in front): the same values, computed on a contiguous
-/// tensor instead of a strided view of one.
-pub fn apply_rope_tokens_first<B: Backend>(
+/// tensor instead of a strided view of one, by the backend's
+/// [`KvCacheBackend::kv_rope`](beam_kernels::KvCacheBackend::kv_rope) (one pass on Flex).
+pub fn apply_rope_tokens_first<B: KvCacheBackend>(
     x: Tensor<B, 4>,
     cos: Tensor<B, 2>,
     sin: Tensor<B, 2>,
 ) -> Tensor<B, 4> {
-    let [t, d] = cos.dims();
-    rotate_half(x, cos.reshape([1, t, 1, d]), sin.reshape([1, t, 1, d]))
-}
-
-/// `x · cos + rotate_half(x) · sin` along the last dimension, the tables broadcast to `x`.
-fn rotate_half<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 4>, sin: Tensor<B, 4>) -> Tensor<B, 4> {
-    let [_, _, _, d] = x.dims();
-    let half = d / 2;
-    let rotated = Tensor::cat(
-        vec![
-            x.clone().narrow(3, half, d - half).neg(),
-            x.clone().narrow(3, 0, half),
-        ],
-        3,
-    );
-    x * cos + rotated * sin
+    beam_kernels::kv_rope(x, cos, sin)
 }
 
 /// RoPE on interleaved pairs `(2i, 2i+1)` of `x` (`[B, heads, T, d]`), each rotated by frequency
