@@ -172,13 +172,15 @@ pub fn rope(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor) -> Option<FlexTe
 /// `Some(output)` when [`host::attention`](crate::host::attention) takes the call: `q` and the
 /// mask `f32`, keys and values both `f32`, both `f16` or both `bf16` (a 16-bit cache: read in
 /// its own precision), a `[1, 1, T, S]` mask, and keys and values whose rows are contiguous (a
-/// [`kv_append`] buffer or any other such view: read in place). Any number of queries: decode,
-/// and a prefill, where each query reads only the positions its mask lets through (the
-/// reference's batched `matmul`s score every position, then mask half of them; measured in
-/// docs/BENCHMARKS.md, session 24). `None` sends the call to the reference.
+/// [`kv_append`] buffer or any other such view: read in place; queries too, else copied). Any
+/// number of queries: decode, and a prefill, where each query reads only the positions its mask
+/// lets through (the reference's batched `matmul`s score every position, then mask half of
+/// them; measured in docs/BENCHMARKS.md, session 24). `None` sends the call to the reference.
 ///
 /// # Shapes
-/// As [`KvCacheBackend::kv_attention`].
+/// As [`KvCacheBackend::kv_attention`]. With several queries and heads the output is a view of
+/// a `[B, T, H, D_v]` buffer (its heads swapped in front), the layout the output projection
+/// reads once the model swaps them back.
 pub fn attention(
     q: &FlexTensor,
     k: &FlexTensor,
@@ -213,7 +215,7 @@ fn attention_typed<E: CacheElement>(
     mask: &FlexTensor,
     scale: f64,
 ) -> Option<FlexTensor> {
-    // Keys and values in place: rows of D contiguous, non-negative strides.
+    // Queries, keys and values in place: rows of D contiguous, non-negative strides.
     fn heads_of<E: CacheElement>(t: &FlexTensor) -> Option<crate::host::Heads<'_, E>> {
         let layout = t.layout();
         let strides = layout.strides();
@@ -241,20 +243,42 @@ fn attention_typed<E: CacheElement>(
     {
         return None;
     }
-    let q = q.to_contiguous();
+    // Queries where they are (a projection's output with its heads swapped in front), or a
+    // contiguous copy when their rows are not.
+    let contiguous;
+    let query = match heads_of::<f32>(q) {
+        Some(query) => query,
+        None => {
+            contiguous = q.to_contiguous();
+            heads_of::<f32>(&contiguous)?
+        }
+    };
     let mask = mask.to_contiguous();
-    let out = crate::host::attention(
-        q.as_slice()?,
-        [batch, heads, queries, dim],
-        keys,
-        values,
-        mask.as_slice()?,
-        scale as f32,
-    );
-    Some(FlexTensor::from_data(TensorData::new(
-        out,
-        [batch, heads, queries, value_dim],
-    )))
+    let out = crate::host::attention(query, keys, values, mask.as_slice()?, scale as f32);
+    if queries == 1 || heads == 1 {
+        return Some(FlexTensor::from_data(TensorData::new(
+            out,
+            [batch, heads, queries, value_dim],
+        )));
+    }
+    // Several queries and heads: returned as a view of `[B, T, H, D_v]` rows (one copy of whole
+    // rows here), so the model's `swap_dims(1, 2)` and `reshape` to `[B, T, H · D_v]` (what the
+    // output projection reads) copy nothing more.
+    let mut tokens_first = vec![0.0f32; out.len()];
+    for (row, values) in out.chunks_exact(value_dim).enumerate() {
+        let (b, h, t) = (
+            row / (heads * queries),
+            (row / queries) % heads,
+            row % queries,
+        );
+        let at = ((b * queries + t) * heads + h) * value_dim;
+        tokens_first[at..at + value_dim].copy_from_slice(values);
+    }
+    let tensor = FlexTensor::from_data(TensorData::new(
+        tokens_first,
+        [batch, queries, heads, value_dim],
+    ));
+    Some(tensor.transpose(1, 2))
 }
 
 /// Positions a key/value buffer made by [`kv_append`] has room for at least.
@@ -1187,6 +1211,15 @@ mod tests {
                     .into_primitive()
                     .tensor(),
             );
+            // The queries as the model hands them over: the heads of a `[B, T, H, D]` buffer
+            // swapped in front (a view, read in place): the same outputs, bit for bit.
+            let swapped =
+                Tensor::<Flex, 4>::from_data(q.clone().swap_dims(1, 2).into_data(), &device)
+                    .swap_dims(1, 2);
+            assert!(!swapped.clone().into_primitive().tensor().is_contiguous());
+            let from_view = kv_attention(swapped, k.clone(), v.clone(), mask.clone(), scale);
+            assert_eq!(from_view.dims(), [b, h, queries, dv]);
+            assert_eq!(to_f64(from_view.into_primitive().tensor()), got);
             let reference = to_f64(
                 attention_reference(q, k, v, mask, scale)
                     .into_primitive()

@@ -1641,8 +1641,9 @@ pub const ROPE_PARALLEL_ELEMENTS: usize = 1 << 16;
 /// Grouped-query scaled dot-product attention over cached keys and values (a decode step, or a
 /// prefill's many queries): `out[b, h, t] = Σ_s p_s · v[b, h / g, s]` with
 /// `p = softmax_s(q[b, h, t] · k[b, h / g, s] · scale + mask[t, s])`, `g = H / H_kv`, reading the
-/// keys and values where they are, in their own precision ([`CacheValue`]: `f32`, or `f16` /
-/// `bf16` widened as they are loaded).
+/// queries (any strides: the heads of a projection's output swapped in front) and the keys and
+/// values where they are, the keys and values in their own precision ([`CacheValue`]: `f32`, or
+/// `f16` / `bf16` widened as they are loaded).
 ///
 /// One work item per batch row and key/value head: its `g · T` query rows (every query head that
 /// reads the key/value head, every query position) in tiles of up to [`ATTENTION_TILE`] rows, so
@@ -1658,25 +1659,25 @@ pub const ROPE_PARALLEL_ELEMENTS: usize = 1 << 16;
 /// another order. A row its mask closes entirely gives NaN, as the reference's softmax.
 ///
 /// # Shapes
-/// - `q`: `[B, H, T, D]` (row-major), `k`: `[B, H_kv, S, D]`, `v`: `[B, H_kv, S, D_v]`
+/// - `q`: `[B, H, T, D]`, `k`: `[B, H_kv, S, D]`, `v`: `[B, H_kv, S, D_v]`
 /// - `mask`: `[T, S]` (additive, the same for every batch row and head); output `[B, H, T, D_v]`
+///   (row-major)
 ///
 /// # Panics
 /// If the shapes do not line up (`H` a multiple of `H_kv`, the same `B` and `S`, `D` for `q` and
 /// `k`).
 pub fn attention<E: CacheValue>(
-    q: &[f32],
-    [batch, heads, queries, dim]: [usize; 4],
+    q: Heads<'_, f32>,
     k: Heads<'_, E>,
     v: Heads<'_, E>,
     mask: &[f32],
     scale: f32,
 ) -> Vec<f32> {
+    let [batch, heads, queries, dim] = q.dims();
     let [kb, kv_heads, positions, kd] = k.dims();
     let [vb, vh, vs, value_dim] = v.dims();
     assert!(
-        q.len() == batch * heads * queries * dim
-            && (kb, kd) == (batch, dim)
+        (kb, kd) == (batch, dim)
             && (vb, vh, vs) == (batch, kv_heads, positions)
             && kv_heads > 0
             && heads.is_multiple_of(kv_heads)
@@ -1695,10 +1696,7 @@ pub fn attention<E: CacheValue>(
     let rows = group * queries;
     let item = |index: usize, out: &mut [f32]| {
         let (b, kv) = (index / kv_heads, index % kv_heads);
-        let query = |r: usize| {
-            let (h, t) = (kv * group + r / queries, r % queries);
-            &q[((b * heads + h) * queries + t) * dim..][..dim]
-        };
+        let query = |r: usize| q.row(b, kv * group + r / queries, r % queries);
         let mask_row = |r: usize| &mask[(r % queries) * positions..][..positions];
         // Scores, then weights, of the tile's rows (row-major, `visible.len()` each), and a key
         // or value row widened to `f32` (portable path).

@@ -101,9 +101,16 @@ impl<B: LinearBackend + KvCacheBackend> Attention<B> {
             k = self.k_norm.as_ref().expect("k_norm").forward(k);
         }
         let (cos, sin) = rope;
+        // Keys and values in the cache's precision while still contiguous (a cast of the
+        // swapped view walks it element by element); the cache's own cast is then a no-op.
+        let dtype = cache.as_ref().and_then(|(cache, _)| cache.dtype());
+        let held = |t: Tensor<B, 4>| match dtype {
+            Some(dtype) => t.cast(dtype),
+            None => t,
+        };
         let q = apply_rope_tokens_first(q, cos.clone(), sin.clone()).swap_dims(1, 2);
-        let k = apply_rope_tokens_first(k, cos, sin).swap_dims(1, 2);
-        let v = split(v, self.kv_heads).swap_dims(1, 2);
+        let k = held(apply_rope_tokens_first(k, cos, sin)).swap_dims(1, 2);
+        let v = held(split(v, self.kv_heads)).swap_dims(1, 2);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),
