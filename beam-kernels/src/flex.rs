@@ -207,6 +207,23 @@ trait CacheElement: crate::host::CacheValue + burn::tensor::Element + bytemuck::
 
 impl<E: crate::host::CacheValue + burn::tensor::Element + bytemuck::Pod> CacheElement for E {}
 
+/// A `[B, H, S, D]` tensor's values where they are: rows of `D` contiguous, non-negative strides
+/// (`None` otherwise, or for another element type than `E`).
+fn heads_of<E: CacheElement>(t: &FlexTensor) -> Option<crate::host::Heads<'_, E>> {
+    let layout = t.layout();
+    let strides = layout.strides();
+    if t.shape().num_dims() != 4 || strides[3] != 1 {
+        return None;
+    }
+    let stride = |i: usize| usize::try_from(strides[i]).ok();
+    let values = t.storage::<E>().get(layout.start_offset()..)?;
+    crate::host::Heads::new(
+        values,
+        t.shape().dims(),
+        [stride(0)?, stride(1)?, stride(2)?],
+    )
+}
+
 /// [`attention`] with keys and values of element type `E` (checked by the caller).
 fn attention_typed<E: CacheElement>(
     q: &FlexTensor,
@@ -215,21 +232,6 @@ fn attention_typed<E: CacheElement>(
     mask: &FlexTensor,
     scale: f64,
 ) -> Option<FlexTensor> {
-    // Queries, keys and values in place: rows of D contiguous, non-negative strides.
-    fn heads_of<E: CacheElement>(t: &FlexTensor) -> Option<crate::host::Heads<'_, E>> {
-        let layout = t.layout();
-        let strides = layout.strides();
-        if strides[3] != 1 {
-            return None;
-        }
-        let stride = |i: usize| usize::try_from(strides[i]).ok();
-        let values = t.storage::<E>().get(layout.start_offset()..)?;
-        crate::host::Heads::new(
-            values,
-            t.shape().dims(),
-            [stride(0)?, stride(1)?, stride(2)?],
-        )
-    }
     let [batch, heads, queries, dim] = q.shape().dims();
     let (keys, values) = (heads_of::<E>(k)?, heads_of::<E>(v)?);
     let [kb, kv_heads, positions, kd] = keys.dims();
@@ -322,33 +324,56 @@ fn kv_append_typed<E: CacheElement>(
     if (nb, nh, nd) != (b, h, d) {
         return Err(cache);
     }
-    let new = new.to_contiguous();
-    let Some(new_values) = new.as_slice::<E>() else {
-        return Err(cache);
+    // New positions and cached ones where they are (a strided view's rows copied one by one).
+    let contiguous;
+    let new_rows = match heads_of::<E>(new) {
+        Some(rows) => rows,
+        None => {
+            contiguous = new.to_contiguous();
+            match heads_of::<E>(&contiguous) {
+                Some(rows) => rows,
+                None => return Err(cache),
+            }
+        }
     };
-    // Row `r` (batch · head) of `values` (`len` positions per row) written at position `at` of
-    // row `r` of a buffer with room for `capacity` positions per row.
-    let write = |buffer: &mut [E], capacity: usize, at: usize, values: &[E], len: usize| {
-        for row in 0..b * h {
+    // The `len` positions of `rows` written from position `at` of each row (batch, head) of a
+    // buffer with room for `capacity` positions per row.
+    let write = |buffer: &mut [E], capacity: usize, at: usize, rows: crate::host::Heads<'_, E>| {
+        let len = rows.dims()[2];
+        for (row, (bi, hi)) in (0..b)
+            .flat_map(|bi| (0..h).map(move |hi| (bi, hi)))
+            .enumerate()
+        {
             let start = (row * capacity + at) * d;
-            buffer[start..start + len * d]
-                .copy_from_slice(&values[row * len * d..(row + 1) * len * d]);
+            for (p, out) in buffer[start..start + len * d]
+                .chunks_exact_mut(d)
+                .enumerate()
+            {
+                out.copy_from_slice(rows.row(bi, hi, p));
+            }
         }
     };
     if let Some(capacity) = buffer_capacity::<E>(&cache, [b, h, s, d]).filter(|&c| c >= s + t) {
         if let Some(buffer) = cache.try_storage_mut::<E>() {
-            write(buffer, capacity, s, new_values, t);
+            write(buffer, capacity, s, new_rows);
             return Ok(view(cache, [b, h, capacity, d], s + t));
         }
     }
     let capacity = (2 * (s + t)).max(KV_MIN_CAPACITY);
-    let cached = cache.to_contiguous();
-    let Some(cached_values) = cached.as_slice::<E>() else {
-        return Err(cache);
+    let cached_contiguous;
+    let cached_rows = match heads_of::<E>(&cache) {
+        Some(rows) => rows,
+        None => {
+            cached_contiguous = cache.to_contiguous();
+            match heads_of::<E>(&cached_contiguous) {
+                Some(rows) => rows,
+                None => return Err(cache),
+            }
+        }
     };
     let mut buffer = vec![E::zeroed(); b * h * capacity * d];
-    write(&mut buffer, capacity, 0, cached_values, s);
-    write(&mut buffer, capacity, s, new_values, t);
+    write(&mut buffer, capacity, 0, cached_rows);
+    write(&mut buffer, capacity, s, new_rows);
     let full = FlexTensor::from_data(TensorData::new(buffer, [b, h, capacity, d]));
     Ok(view(full, [b, h, capacity, d], s + t))
 }
@@ -976,9 +1001,22 @@ mod tests {
                     )
                     .cast(dtype)
                 };
-                // A prompt of 3 positions as attention makes it (a transposed view), then single
-                // positions past the first buffer's capacity.
-                let mut cache = tensor(3, 0.5).swap_dims(1, 2).swap_dims(1, 2);
+                // Positions as attention makes them: the heads of `[B, T, H, D]` rows swapped in
+                // front (a strided view, read in place).
+                let tokens_first = |t: usize, seed: f32| {
+                    Tensor::<Flex, 4>::from_data(
+                        TensorData::new(values(b * h * t * d, seed), [b, t, h, d]),
+                        &Default::default(),
+                    )
+                    .cast(dtype)
+                    .swap_dims(1, 2)
+                };
+                // A prompt of 3 positions, then single positions past the first buffer's
+                // capacity.
+                let mut cache = tokens_first(3, 0.5);
+                if b * h > 1 {
+                    assert!(!cache.clone().into_primitive().tensor().is_contiguous());
+                }
                 let mut reference = cache.clone();
                 let mut buffers = Vec::new();
                 for step in 0..KV_MIN_CAPACITY + 10 {
@@ -1013,14 +1051,19 @@ mod tests {
                 // A shared cache (another tensor holds its buffer) is copied, not written over.
                 let shared = cache.clone();
                 let before = to_f64(shared.clone().into_primitive().tensor());
+                let more = tokens_first(2, 9.0);
                 let grown = kv_append(
-                    cache.into_primitive().tensor(),
-                    &tensor(2, 9.0).into_primitive().tensor(),
+                    cache.clone().into_primitive().tensor(),
+                    &more.clone().into_primitive().tensor(),
                 )
                 .expect("one dtype");
                 assert_eq!(
                     burn::tensor::TensorMetadata::shape(&grown).dims::<4>()[2],
                     before.len() / (b * h * d) + 2
+                );
+                assert_eq!(
+                    to_f64(grown),
+                    to_f64(kv_append_reference(cache, more).into_primitive().tensor())
                 );
                 assert_eq!(to_f64(shared.into_primitive().tensor()), before);
             }

@@ -1574,7 +1574,10 @@ impl<'a, E> Heads<'a, E> {
     }
 
     /// Row `[b, h, s, ..]`.
-    fn row(&self, b: usize, h: usize, s: usize) -> &'a [E] {
+    ///
+    /// # Panics
+    /// If `[b, h, s]` is outside the dims.
+    pub fn row(&self, b: usize, h: usize, s: usize) -> &'a [E] {
         let at = b * self.strides[0] + h * self.strides[1] + s * self.strides[2];
         &self.values[at..at + self.dims[3]]
     }
