@@ -224,6 +224,19 @@ fn heads_of<E: CacheElement>(t: &FlexTensor) -> Option<crate::host::Heads<'_, E>
     )
 }
 
+/// [`heads_of`] `t`, or of a contiguous copy of it (kept in `copy`) when its rows are not
+/// contiguous: the rows where they are whenever they can be.
+fn heads_or_copy<'a, E: CacheElement>(
+    t: &'a FlexTensor,
+    copy: &'a mut Option<FlexTensor>,
+) -> Option<crate::host::Heads<'a, E>> {
+    if let Some(rows) = heads_of::<E>(t) {
+        return Some(rows);
+    }
+    let copy: &'a FlexTensor = copy.insert(t.to_contiguous());
+    heads_of::<E>(copy)
+}
+
 /// [`attention`] with keys and values of element type `E` (checked by the caller).
 fn attention_typed<E: CacheElement>(
     q: &FlexTensor,
@@ -245,16 +258,9 @@ fn attention_typed<E: CacheElement>(
     {
         return None;
     }
-    // Queries where they are (a projection's output with its heads swapped in front), or a
-    // contiguous copy when their rows are not.
-    let contiguous;
-    let query = match heads_of::<f32>(q) {
-        Some(query) => query,
-        None => {
-            contiguous = q.to_contiguous();
-            heads_of::<f32>(&contiguous)?
-        }
-    };
+    // Queries where they are (a projection's output with its heads swapped in front).
+    let mut copy = None;
+    let query = heads_or_copy::<f32>(q, &mut copy)?;
     let mask = mask.to_contiguous();
     let out = crate::host::attention(query, keys, values, mask.as_slice()?, scale as f32);
     if queries == 1 || heads == 1 {
@@ -325,16 +331,9 @@ fn kv_append_typed<E: CacheElement>(
         return Err(cache);
     }
     // New positions and cached ones where they are (a strided view's rows copied one by one).
-    let contiguous;
-    let new_rows = match heads_of::<E>(new) {
-        Some(rows) => rows,
-        None => {
-            contiguous = new.to_contiguous();
-            match heads_of::<E>(&contiguous) {
-                Some(rows) => rows,
-                None => return Err(cache),
-            }
-        }
+    let mut new_copy = None;
+    let Some(new_rows) = heads_or_copy::<E>(new, &mut new_copy) else {
+        return Err(cache);
     };
     // The `len` positions of `rows` written from position `at` of each row (batch, head) of a
     // buffer with room for `capacity` positions per row.
@@ -360,16 +359,9 @@ fn kv_append_typed<E: CacheElement>(
         }
     }
     let capacity = (2 * (s + t)).max(KV_MIN_CAPACITY);
-    let cached_contiguous;
-    let cached_rows = match heads_of::<E>(&cache) {
-        Some(rows) => rows,
-        None => {
-            cached_contiguous = cache.to_contiguous();
-            match heads_of::<E>(&cached_contiguous) {
-                Some(rows) => rows,
-                None => return Err(cache),
-            }
-        }
+    let mut cached_copy = None;
+    let Some(cached_rows) = heads_or_copy::<E>(&cache, &mut cached_copy) else {
+        return Err(cache);
     };
     let mut buffer = vec![E::zeroed(); b * h * capacity * d];
     write(&mut buffer, capacity, 0, cached_rows);
