@@ -103,9 +103,8 @@ impl<B: LinearBackend + KvCacheBackend> Attention<B> {
         let (cos, sin) = rope;
         // Keys and values in the cache's precision while still contiguous (a cast of the
         // swapped view walks it element by element); the cache's own cast is then a no-op.
-        let dtype = cache.as_ref().and_then(|(cache, _)| cache.dtype());
-        let held = |t: Tensor<B, 4>| match dtype {
-            Some(dtype) => t.cast(dtype),
+        let held = |t: Tensor<B, 4>| match &cache {
+            Some((cache, _)) => cache.held(t),
             None => t,
         };
         let q = apply_rope_tokens_first(q, cos.clone(), sin.clone()).swap_dims(1, 2);

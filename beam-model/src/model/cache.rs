@@ -59,6 +59,17 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
+    /// `t` in the precision the cache holds keys and values in (as it is when the cache keeps
+    /// them as computed, or `t` has that dtype already: `cast` returns such a tensor as is).
+    /// Attention casts its keys and values with it while they are contiguous, which makes
+    /// [`Self::append`]'s own cast a no-op.
+    pub(crate) fn held(&self, t: Tensor<B, 4>) -> Tensor<B, 4> {
+        match self.dtype {
+            Some(dtype) => t.cast(dtype),
+            None => t,
+        }
+    }
+
     /// Appends `k`, `v` (`[B, kv_heads, T, head_dim]`, or MLA's latent and rotary key) to layer
     /// `layer` along the sequence dimension and returns all of that layer's entries (in the
     /// cache's precision), through [`KvCacheBackend::kv_append`] (in place on Flex: what is
@@ -72,12 +83,7 @@ impl<B: Backend> KvCache<B> {
     where
         B: KvCacheBackend,
     {
-        // `cast` returns a tensor of the same dtype as it is.
-        let held = |t: Tensor<B, 4>| match self.dtype {
-            Some(dtype) => t.cast(dtype),
-            None => t,
-        };
-        let (k, v) = (held(k), held(v));
+        let (k, v) = (self.held(k), self.held(v));
         let merged = match self.layers[layer].take() {
             Some((pk, pv)) => (kv_append(pk, k), kv_append(pv, v)),
             None => (k, v),
