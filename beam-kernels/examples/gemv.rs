@@ -4,7 +4,8 @@
 //!
 //! `cargo run --release -p beam-kernels --example gemv [-- --reps 200 --dtype bf16|f32|q8|q4 --rows 131072]`
 //! (default: all four); set `RAYON_NUM_THREADS` to compare one and two cores. The products
-//! run on a thread of rayon's pool (`host::on_pool`), as the CLI runs the model.
+//! run on a thread of rayon's pool (`host::on_pool`), as the CLI runs the model, and split
+//! over `beam_kernels::pool`'s threads.
 
 use std::time::Instant;
 

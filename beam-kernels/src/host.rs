@@ -14,14 +14,13 @@
 //!
 //! Steps 2–3 split each expert's weight rows into blocks ([`block_weights`]: a few per thread, of
 //! 64 K to 1 M elements) written into one output buffer, and run the blocks of all experts on
-//! rayon's pool above [`PARALLEL_MIN_WEIGHTS`]. This is the regime of
+//! [`crate::pool`]'s threads above [`PARALLEL_MIN_WEIGHTS`]. This is the regime of
 //! few tokens per expert (decode, or a prefill with most slots masked), where reading the weights is
 //! the cost; with hundreds of tokens per expert a cache-blocked GEMM (ndarray's `matmul`, used by
 //! the tensor-ops reference) is as fast or faster.
 
-use rayon::prelude::*;
-
 use crate::aligned::AlignedRows;
+use crate::pool;
 
 use crate::plan::{DispatchPlan, MoeDims};
 use crate::quant::{Q4Matrix, Q8Matrix};
@@ -880,13 +879,12 @@ fn pass_blocks(row_len: usize) -> (usize, usize) {
 }
 
 /// Fewest weight elements per parallel work item of dot passes (256 KiB of `f32`): below this,
-/// rayon's per-task cost is no longer noise.
+/// the per-item cost is no longer noise.
 pub const BLOCK_WEIGHTS: usize = 1 << 16;
 
 /// Most weight elements per parallel work item of dot passes (1 MiB of q8, 2 MiB of `bf16`).
 ///
-/// Each work item costs a fixed amount besides its reads (rayon's split and steal, the call and
-/// its set-up, the hardware prefetcher taking up a new stream), so items should be as large as
+/// Each work item costs a fixed amount besides its reads (taking it, the call and its set-up, the hardware prefetcher taking up a new stream), so items should be as large as
 /// the balance between threads allows: on one core of the Zen 4 VM of docs/BENCHMARKS.md,
 /// 1 M-element items decode the q8 OLMoE shape 12 % faster than 64 K-element ones (session 20).
 pub const MAX_BLOCK_WEIGHTS: usize = 1 << 20;
@@ -896,7 +894,8 @@ pub const MAX_BLOCK_WEIGHTS: usize = 1 << 20;
 pub const BLOCKS_PER_THREAD: usize = 8;
 
 /// Weight elements per work item of dot passes for a product of `weights` elements in all:
-/// [`BLOCKS_PER_THREAD`] items per thread of rayon's pool, within [`BLOCK_WEIGHTS`] and
+/// [`BLOCKS_PER_THREAD`] items per thread (rayon's thread count, which also sizes
+/// [`crate::pool`]), within [`BLOCK_WEIGHTS`] and
 /// [`MAX_BLOCK_WEIGHTS`].
 pub fn block_weights(weights: usize) -> usize {
     (weights / (BLOCKS_PER_THREAD * rayon::current_num_threads()))
@@ -908,19 +907,21 @@ pub fn block_weights(weights: usize) -> usize {
 /// widened `f32` tile, in L2/L3).
 pub const GEMM_BLOCK_WEIGHTS: usize = 1 << 19;
 
-/// Weight elements a call must read before its blocks go to rayon's pool: waking the pool costs
-/// tens of microseconds, about what reading 1 M `f32` elements from cache costs one core.
+/// Weight elements a call must read before its blocks go to [`crate::pool`]'s threads: handing
+/// work over costs microseconds (tens when a helper has parked), about what reading 1 M `f32`
+/// elements from cache costs one core.
 pub const PARALLEL_MIN_WEIGHTS: usize = 1 << 20;
 
 /// Runs `f` on a thread of rayon's global pool and returns its result (directly when the
 /// caller is one already).
 ///
-/// The host kernels split each product over the pool. Called from a thread outside it (a
-/// program's main thread), every parallel call sends its work to the pool and puts the caller
-/// to sleep until it is done: on a decode step that is a sleep and a wake-up per matrix, and one
-/// thread more than there are cores. Run from a worker, the caller takes part in the work and
-/// nothing sleeps between products (llama.cpp's threads work the same way). The CLI runs every
-/// command on the host backends this way; a program calling the model in a loop can do the same.
+/// burn-flex's own parallel ops (and the host kernels when [`crate::pool`]'s helpers are busy
+/// with another caller) run on rayon's pool. Called from a thread outside it (a program's main
+/// thread), each such op sends its work to the pool and puts the caller to sleep until it is
+/// done: a sleep and a wake-up per op, and one thread more than there are cores. Run from a
+/// worker, the caller takes part in the work. The CLI runs every command on the host backends
+/// this way; a program calling the model in a loop can do the same. (The host kernels' own
+/// products take the caller's thread and [`crate::pool`]'s helpers from any thread.)
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
@@ -1218,8 +1219,8 @@ impl<F> BlockOutputs<F> {
 }
 
 /// `f(block, out)` over `blocks` (of `row_len`-element weight rows), each writing its
-/// `[pairs, rows]` output into `out` (zeros), on rayon's pool when there is enough work to pay
-/// for waking it ([`PARALLEL_MIN_WEIGHTS`]). One buffer for all blocks: a decode step makes
+/// `[pairs, rows]` output into `out` (zeros), on [`crate::pool`]'s threads when there is enough
+/// work to pay for handing it over ([`PARALLEL_MIN_WEIGHTS`]). One buffer for all blocks: a decode step makes
 /// thousands of blocks, and an allocation each (freed on another thread) cost more than
 /// the products of the small ones.
 fn map_blocks<F: HostFloat>(
@@ -1233,24 +1234,16 @@ fn map_blocks<F: HostFloat>(
         offsets.push(offsets[offsets.len() - 1] + block.pairs.len() * block.rows.len());
     }
     let mut values = vec![F::ZERO; offsets[blocks.len()]];
-    let mut outs: Vec<&mut [F]> = Vec::with_capacity(blocks.len());
-    let mut rest = values.as_mut_slice();
-    for b in 0..blocks.len() {
-        let (out, tail) = rest.split_at_mut(offsets[b + 1] - offsets[b]);
-        outs.push(out);
-        rest = tail;
-    }
     let weights: usize = blocks.iter().map(|b| b.rows.len() * row_len).sum();
     if blocks.len() > 1 && weights >= PARALLEL_MIN_WEIGHTS {
-        blocks
-            .par_iter()
-            .zip(outs)
-            .for_each(|(block, out)| f(block, out));
+        pool::for_each_part_mut(&mut values, &offsets, |b, out| f(&blocks[b], out));
     } else {
-        blocks
-            .iter()
-            .zip(outs)
-            .for_each(|(block, out)| f(block, out));
+        let mut rest = values.as_mut_slice();
+        for (block, bounds) in blocks.iter().zip(offsets.windows(2)) {
+            let (out, tail) = rest.split_at_mut(bounds[1] - bounds[0]);
+            f(block, out);
+            rest = tail;
+        }
     }
     BlockOutputs { values, offsets }
 }
@@ -1378,7 +1371,7 @@ fn project_by_dots<F: HostFloat, M: HostMatrix<F>>(
 
 /// `x · Wᵀ` for a weight stored `[out, in]` (PyTorch / Hugging Face layout), reading each weight
 /// row once for all rows of `x` (up to [`TOKENS_PER_PASS`] per pass): the decode-time linear layer
-/// (router, attention projections, LM head). Row blocks run on rayon's pool above
+/// (router, attention projections, LM head). Row blocks run on [`crate::pool`]'s threads above
 /// [`PARALLEL_MIN_WEIGHTS`].
 ///
 /// # Shapes
@@ -1589,7 +1582,8 @@ impl<'a, E> Heads<'a, E> {
 /// `x[i − (D − D/2)]` after them, as [`crate::reference::rotate_half`]. The same operations in
 /// the same order (a product, a negated product, their sum; no fused multiply-add), so the same
 /// values as the reference, in one pass instead of six tensor ops. Rows of
-/// [`ROPE_PARALLEL_ELEMENTS`] or more elements in all go to rayon's pool a position at a time.
+/// [`ROPE_PARALLEL_ELEMENTS`] or more elements in all go to [`crate::pool`]'s threads a position
+/// at a time.
 ///
 /// # Shapes
 /// - `x`: `[B, T, H, D]` as `dims`; `cos`, `sin`: `[T, D]`; output: `[B, T, H, D]`
@@ -1624,11 +1618,9 @@ pub fn rope(x: &[f32], dims: [usize; 4], cos: &[f32], sin: &[f32]) -> Vec<f32> {
     };
     let row = heads * d;
     if x.len() >= ROPE_PARALLEL_ELEMENTS {
-        use rayon::prelude::*;
-        out.par_chunks_mut(row)
-            .zip(x.par_chunks(row))
-            .enumerate()
-            .for_each(|(index, (o, x))| position(index, o, x));
+        pool::for_each_chunk_mut(&mut out, row, |index, o| {
+            position(index, o, &x[index * row..(index + 1) * row])
+        });
     } else {
         for (index, (o, x)) in out.chunks_mut(row).zip(x.chunks(row)).enumerate() {
             position(index, o, x);
@@ -1637,7 +1629,7 @@ pub fn rope(x: &[f32], dims: [usize; 4], cos: &[f32], sin: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Elements of `x` from which [`rope`] spreads its positions over rayon's pool (a prefill's
+/// Elements of `x` from which [`rope`] spreads its positions over [`crate::pool`]'s threads (a prefill's
 /// queries; a decode step's few heads stay on the calling thread).
 pub const ROPE_PARALLEL_ELEMENTS: usize = 1 << 16;
 
@@ -1656,7 +1648,7 @@ pub const ROPE_PARALLEL_ELEMENTS: usize = 1 << 16;
 /// the rest weigh 0. On AVX-512 CPUs with key and value rows of whole 16-lane registers, four keys
 /// scored a step for every row of the tile and the weighted values summed in registers
 /// (`avx512::tile_scores`, `avx512::tile_values`); portable rows (widened one at a time)
-/// otherwise. Items run on rayon's pool when the keys and values read are at least
+/// otherwise. Items run on [`crate::pool`]'s threads when the keys and values read are at least
 /// [`ATTENTION_PARALLEL_MIN`] elements. Same formula as
 /// [`attention_reference`](crate::reference::attention_reference); the sums are `f32` in
 /// another order. A row its mask closes entirely gives NaN, as the reference's softmax.
@@ -1782,9 +1774,7 @@ pub fn attention<E: CacheValue>(
     let per_item = rows * value_dim;
     let reads = batch * heads * queries * positions * (dim + value_dim) / ATTENTION_TILE.min(rows);
     if reads >= ATTENTION_PARALLEL_MIN && batch * kv_heads > 1 {
-        out.par_chunks_mut(per_item)
-            .enumerate()
-            .for_each(|(index, out)| item(index, out));
+        pool::for_each_chunk_mut(&mut out, per_item, item);
     } else {
         out.chunks_mut(per_item)
             .enumerate()
@@ -1797,9 +1787,9 @@ pub fn attention<E: CacheValue>(
 pub const ATTENTION_TILE: usize = 4;
 
 /// Key and value elements a call of [`attention`] reads (for its tiles: once per tile of query
-/// rows) before its key/value heads go to rayon's pool. Lower than [`PARALLEL_MIN_WEIGHTS`]: a
-/// decode step's attention is one call per layer between two products that already woke the
-/// pool, so at a few hundred positions (16 heads of 128) its heads are worth splitting.
+/// rows) before its key/value heads go to [`crate::pool`]'s threads. Lower than
+/// [`PARALLEL_MIN_WEIGHTS`]: a decode step's attention is one call per layer between two
+/// products, with the helpers still spinning, so at a few hundred positions (16 heads of 128) its heads are worth splitting.
 pub const ATTENTION_PARALLEL_MIN: usize = 1 << 17;
 
 /// `scores` (logits, `−∞` where masked) replaced by `exp(score − max)`; returns

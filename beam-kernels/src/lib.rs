@@ -26,7 +26,8 @@
 //! | `fusion.rs` (feature `fusion`) | burn's `Fusion<B>`: the grouped experts as one custom fusion operation running `B`'s implementation |
 //! | `autodiff.rs` (feature `autodiff`) | burn's `Autodiff<B>`: the reference, differentiated by autodiff |
 //! | `kernel.rs` (feature `cubecl`) | the `#[cube]` kernels |
-//! | [`host`] | the CPU kernels (GEMVs on slices, AVX2+FMA when the CPU has them, rayon over row blocks) |
+//! | [`host`] | the CPU kernels (GEMVs on slices, AVX2+FMA when the CPU has them, row blocks on [`pool`]'s threads) |
+//! | [`pool`] | the host kernels' threads: work items on the caller and helpers that spin between products |
 //! | [`aligned`] | rows on cache-line boundaries: the activations the host kernels read |
 //!
 //! ## The kernels' pipeline
@@ -52,6 +53,7 @@ pub mod activation;
 pub mod aligned;
 pub mod host;
 pub mod plan;
+pub mod pool;
 pub mod quant;
 pub mod reference;
 
@@ -256,7 +258,7 @@ pub trait LinearBackend: Backend {
 ///
 /// | backend | `kv_append` | `kv_attention` | `kv_rope` |
 /// |---|---|---|---|
-/// | `Flex` (feature `flex`) | in place: the cache is a view of a buffer with room for more positions, the new ones are written after it (amortized: the buffer doubles when full), no copy of what is cached | [`host::attention`] on the cache's buffer in place (`f32`, `f16` or `bf16`; decode and prefill, each key and value row loaded once for up to 4 query rows, only the positions their masks let through), key/value heads on rayon's pool; the reference otherwise | [`host::rope`] in one pass over `f32` rows (the same operations as the reference, so the same values), rows on rayon's pool for a prefill; the reference otherwise |
+/// | `Flex` (feature `flex`) | in place: the cache is a view of a buffer with room for more positions, the new ones are written after it (amortized: the buffer doubles when full), no copy of what is cached | [`host::attention`] on the cache's buffer in place (`f32`, `f16` or `bf16`; decode and prefill, each key and value row loaded once for up to 4 query rows, only the positions their masks let through), key/value heads on [`pool`]'s threads; the reference otherwise | [`host::rope`] in one pass over `f32` rows (the same operations as the reference, so the same values), rows on [`pool`]'s threads for a prefill; the reference otherwise |
 /// | every other backend | the reference, `cat([cache, new], 2)` (a copy of the whole cache per step) | the reference | the reference |
 ///
 /// A custom backend opts in to the reference with an empty `impl KvCacheBackend for MyBackend {}`.
