@@ -20,8 +20,8 @@
 //!
 //! - attention over the key/value cache ([`attention`]): the host kernel for any number of
 //!   queries, on the cache's buffer in place (what [`kv_append`] keeps, in `f32`, `f16` or
-//!   `bf16`), key/value heads on [`crate::pool`]'s threads with their query rows in tiles of up to 4, each
-//!   tile reading only the positions its masks let through.
+//!   `bf16`), key/value heads on [`crate::pool`]'s threads with their query rows in tiles of up
+//!   to 4, each tile reading only the positions its masks let through.
 //!
 //! Anything else (activations in a 16-bit dtype, mixed activation dtypes) runs the reference,
 //! which widens 16-bit weights to the activations' dtype first.

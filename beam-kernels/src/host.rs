@@ -884,8 +884,9 @@ pub const BLOCK_WEIGHTS: usize = 1 << 16;
 
 /// Most weight elements per parallel work item of dot passes (1 MiB of q8, 2 MiB of `bf16`).
 ///
-/// Each work item costs a fixed amount besides its reads (taking it, the call and its set-up, the hardware prefetcher taking up a new stream), so items should be as large as
-/// the balance between threads allows: on one core of the Zen 4 VM of docs/BENCHMARKS.md,
+/// Each work item costs a fixed amount besides its reads (taking it, the call and its set-up,
+/// the hardware prefetcher taking up a new stream), so items should be as large as the balance
+/// between threads allows: on one core of the Zen 4 VM of docs/BENCHMARKS.md,
 /// 1 M-element items decode the q8 OLMoE shape 12 % faster than 64 K-element ones (session 20).
 pub const MAX_BLOCK_WEIGHTS: usize = 1 << 20;
 
@@ -1220,9 +1221,9 @@ impl<F> BlockOutputs<F> {
 
 /// `f(block, out)` over `blocks` (of `row_len`-element weight rows), each writing its
 /// `[pairs, rows]` output into `out` (zeros), on [`crate::pool`]'s threads when there is enough
-/// work to pay for handing it over ([`PARALLEL_MIN_WEIGHTS`]). One buffer for all blocks: a decode step makes
-/// thousands of blocks, and an allocation each (freed on another thread) cost more than
-/// the products of the small ones.
+/// work to pay for handing it over ([`PARALLEL_MIN_WEIGHTS`]). One buffer for all blocks: a
+/// decode step makes thousands of blocks, and an allocation each (freed on another thread) cost
+/// more than the products of the small ones.
 fn map_blocks<F: HostFloat>(
     blocks: &[RowBlock],
     row_len: usize,
@@ -1238,11 +1239,8 @@ fn map_blocks<F: HostFloat>(
     if blocks.len() > 1 && weights >= PARALLEL_MIN_WEIGHTS {
         pool::for_each_part_mut(&mut values, &offsets, |b, out| f(&blocks[b], out));
     } else {
-        let mut rest = values.as_mut_slice();
         for (block, bounds) in blocks.iter().zip(offsets.windows(2)) {
-            let (out, tail) = rest.split_at_mut(bounds[1] - bounds[0]);
-            f(block, out);
-            rest = tail;
+            f(block, &mut values[bounds[0]..bounds[1]]);
         }
     }
     BlockOutputs { values, offsets }
@@ -1629,8 +1627,8 @@ pub fn rope(x: &[f32], dims: [usize; 4], cos: &[f32], sin: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Elements of `x` from which [`rope`] spreads its positions over [`crate::pool`]'s threads (a prefill's
-/// queries; a decode step's few heads stay on the calling thread).
+/// Elements of `x` from which [`rope`] spreads its positions over [`crate::pool`]'s threads (a
+/// prefill's queries; a decode step's few heads stay on the calling thread).
 pub const ROPE_PARALLEL_ELEMENTS: usize = 1 << 16;
 
 /// Grouped-query scaled dot-product attention over cached keys and values (a decode step, or a

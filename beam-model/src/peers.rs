@@ -73,8 +73,12 @@ impl MaskRule {
     ) -> Tensor<B, 2> {
         let [_, experts] = scores.dims();
         let [_, top_k] = expert_ids.dims();
-        let probs = scores.clone() / scores.sum_dim(1);
-        let chosen = probs.clone().gather(1, expert_ids);
+        // The normalised scores and the chosen experts' shares, for the rules that read them.
+        let shares = || {
+            let probs = scores.clone() / scores.clone().sum_dim(1);
+            let chosen = probs.clone().gather(1, expert_ids.clone());
+            (probs, chosen)
+        };
         match *self {
             MaskRule::DynamicSkip { beta } => {
                 let first = weights.clone().max_dim(1);
@@ -82,6 +86,7 @@ impl MaskRule {
             }
             MaskRule::TopP { p } => {
                 // Mass of the slots ranked before each slot; keep while it is still short of p.
+                let (_, chosen) = shares();
                 let before = ranked_before(chosen.clone());
                 let mass_before = (before * chosen.unsqueeze_dim::<3>(1))
                     .sum_dim(2)
@@ -89,6 +94,7 @@ impl MaskRule {
                 mass_before.lower_elem(p).float()
             }
             MaskRule::EntropyK { alpha } => {
+                let (probs, chosen) = shares();
                 let entropy = (probs.clone() * probs.clamp_min(1e-30).log())
                     .sum_dim(1)
                     .neg();
