@@ -48,15 +48,25 @@ pub fn for_each_index(items: usize, run: &(dyn Fn(usize) + Sync)) {
         (0..items).for_each(run);
         return;
     }
-    let _caller = match pool.caller.try_lock() {
-        Ok(guard) => guard,
-        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+    match pool.caller.try_lock() {
+        Ok(caller) => on_helpers(pool, caller, items, run),
+        Err(TryLockError::Poisoned(poisoned)) => {
+            on_helpers(pool, poisoned.into_inner(), items, run)
+        }
         Err(TryLockError::WouldBlock) => {
             use rayon::prelude::*;
             (0..items).into_par_iter().for_each(run);
-            return;
         }
-    };
+    }
+}
+
+/// [`for_each_index`] on the caller and the helpers, for the holder of `pool.caller`.
+fn on_helpers(
+    pool: &Pool,
+    _caller: MutexGuard<'_, ()>,
+    items: usize,
+    run: &(dyn Fn(usize) + Sync),
+) {
     let run: *const (dyn Fn(usize) + Sync + '_) = run;
     // SAFETY: only the lifetime changes. The helpers reach `run` through `job`, and this
     // function returns only after every helper has acknowledged the job (below), after its
@@ -275,18 +285,37 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
 
+    /// A way to run `items` items (`for_each_index`'s signature).
+    type Runner = fn(usize, &(dyn Fn(usize) + Sync));
+
+    /// The ways [`for_each_index`] can run items: as callers get them (the helpers, or rayon's
+    /// pool while another test holds the helpers), and on the helpers for certain (waiting
+    /// for them; where there are any).
+    fn runners() -> Vec<Runner> {
+        let mut runners: Vec<Runner> = vec![for_each_index];
+        if pool().helpers > 0 {
+            runners.push(|items, run| {
+                let pool = pool();
+                on_helpers(pool, lock(&pool.caller), items, run)
+            });
+        }
+        runners
+    }
+
     /// Every index runs exactly once, for item counts around the thread count and far above.
     #[test]
     fn every_item_runs_once() {
-        for items in [0, 1, 2, 3, 7, 64, 1000] {
-            let counts: Vec<AtomicU32> = (0..items).map(|_| AtomicU32::new(0)).collect();
-            for_each_index(items, &|i| {
-                counts[i].fetch_add(1, Ordering::Relaxed);
-            });
-            assert!(
-                counts.iter().all(|c| c.load(Ordering::Relaxed) == 1),
-                "{items} items: each exactly once"
-            );
+        for runner in runners() {
+            for items in [0, 1, 2, 3, 7, 64, 1000] {
+                let counts: Vec<AtomicU32> = (0..items).map(|_| AtomicU32::new(0)).collect();
+                runner(items, &|i| {
+                    counts[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(
+                    counts.iter().all(|c| c.load(Ordering::Relaxed) == 1),
+                    "{items} items: each exactly once"
+                );
+            }
         }
     }
 
@@ -321,34 +350,38 @@ mod tests {
         if rayon::current_num_threads() < 2 {
             return;
         }
-        let caller = std::thread::current().id();
-        let elsewhere = AtomicU32::new(0);
-        for_each_index(32, &|_| {
-            std::thread::sleep(Duration::from_millis(1));
-            if std::thread::current().id() != caller {
-                elsewhere.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        assert!(elsewhere.load(Ordering::Relaxed) > 0);
+        for runner in runners() {
+            let caller = std::thread::current().id();
+            let elsewhere = AtomicU32::new(0);
+            runner(32, &|_| {
+                std::thread::sleep(Duration::from_millis(1));
+                if std::thread::current().id() != caller {
+                    elsewhere.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            assert!(elsewhere.load(Ordering::Relaxed) > 0);
+        }
     }
 
     /// A panicking item reaches the caller with its message; the pool works afterwards.
     #[test]
     fn a_panic_reaches_the_caller_and_the_pool_goes_on() {
-        let result = catch_unwind(|| {
-            for_each_index(16, &|i| {
-                if i == 5 {
-                    panic!("item five failed");
-                }
-            })
-        });
-        let payload = result.expect_err("the panic is raised on the caller");
-        assert_eq!(payload.downcast_ref::<&str>(), Some(&"item five failed"));
-        let sum = AtomicUsize::new(0);
-        for_each_index(100, &|i| {
-            sum.fetch_add(i, Ordering::Relaxed);
-        });
-        assert_eq!(sum.load(Ordering::Relaxed), 4950);
+        for runner in runners() {
+            let result = catch_unwind(|| {
+                runner(16, &|i| {
+                    if i == 5 {
+                        panic!("item five failed");
+                    }
+                })
+            });
+            let payload = result.expect_err("the panic is raised on the caller");
+            assert_eq!(payload.downcast_ref::<&str>(), Some(&"item five failed"));
+            let sum = AtomicUsize::new(0);
+            runner(100, &|i| {
+                sum.fetch_add(i, Ordering::Relaxed);
+            });
+            assert_eq!(sum.load(Ordering::Relaxed), 4950);
+        }
     }
 
     /// Calls from inside an item, from several threads at once, and after the helpers have
