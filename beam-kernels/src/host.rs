@@ -896,8 +896,7 @@ pub const BLOCKS_PER_THREAD: usize = 8;
 
 /// Weight elements per work item of dot passes for a product of `weights` elements in all:
 /// [`BLOCKS_PER_THREAD`] items per thread (rayon's thread count, which also sizes
-/// [`crate::pool`]), within [`BLOCK_WEIGHTS`] and
-/// [`MAX_BLOCK_WEIGHTS`].
+/// [`crate::pool`]), within [`BLOCK_WEIGHTS`] and [`MAX_BLOCK_WEIGHTS`].
 pub fn block_weights(weights: usize) -> usize {
     (weights / (BLOCKS_PER_THREAD * rayon::current_num_threads()))
         .clamp(BLOCK_WEIGHTS, MAX_BLOCK_WEIGHTS)
@@ -1787,7 +1786,8 @@ pub const ATTENTION_TILE: usize = 4;
 /// Key and value elements a call of [`attention`] reads (for its tiles: once per tile of query
 /// rows) before its key/value heads go to [`crate::pool`]'s threads. Lower than
 /// [`PARALLEL_MIN_WEIGHTS`]: a decode step's attention is one call per layer between two
-/// products, with the helpers still spinning, so at a few hundred positions (16 heads of 128) its heads are worth splitting.
+/// products, with the helpers still spinning, so at a few hundred positions (16 heads of 128)
+/// its heads are worth splitting.
 pub const ATTENTION_PARALLEL_MIN: usize = 1 << 17;
 
 /// `scores` (logits, `−∞` where masked) replaced by `exp(score − max)`; returns
